@@ -277,20 +277,29 @@ def build_processor(tokenizer):
     )
 
 
-def clear_margins(model, seed: int) -> None:
-    """Widen the output heads so greedy choices are far from ties.
+def shape_weights(model, seed: int) -> None:
+    """Scale two groups of random weights so that tests can tell right from wrong.
 
-    With the default 0.02 init every logit is near zero and the top two candidates can
-    differ by less than float32 noise; larger head weights spread the logits apart.
+    - Output heads (thinker lm_head, talker codec head, code predictor heads): with the
+      default 0.02 init every logit is near zero and the top two can differ by less than
+      float32 noise; unit-variance heads spread the logits so greedy choices are clear.
+    - code2wav: at 0.02 init its many layers shrink the signal to about 1e-7, which no
+      one could tell from silence; scaling each weight by 1/sqrt(fan_in) keeps unit gain
+      up to the last layer, which is turned down so the clamp to [-1, 1] never bites.
     """
     import torch
 
     generator = torch.Generator().manual_seed(seed + 1)
-    heads = [model.thinker.lm_head, model.talker.codec_head]
-    heads += list(model.talker.code_predictor.lm_head)
+    heads = [model.thinker.lm_head, model.talker.codec_head, *model.talker.code_predictor.lm_head]
     with torch.no_grad():
         for head in heads:
-            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 1.0)
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator))
+        for name, weight in model.code2wav.named_parameters():
+            if weight.ndim >= 2 and "code_embedding" not in name:
+                fan_in = weight[0].numel()
+                weight.copy_(torch.randn(weight.shape, generator=generator) / fan_in**0.5)
+        # The last convolution sets the loudness: about 0.15 RMS, well inside the [-1, 1] clamp.
+        model.code2wav.decoder[-1].conv.weight.mul_(0.01)
 
 
 def save_processor(processor, output: Path) -> None:
@@ -315,7 +324,7 @@ def build_checkpoint(output: Path, seed: int = 0) -> None:
     config = Qwen3OmniMoeConfig(**build_config(tokenizer))
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(config).eval()
-    clear_margins(model, seed)
+    shape_weights(model, seed)
     model.save_pretrained(output, safe_serialization=True)
     save_processor(build_processor(tokenizer), output)
     for name in ("generation_config.json",):  # carries library versions, not needed

@@ -1,0 +1,415 @@
+"""CPU implementations of the `mindspore.mint` kernels that MindSpore ships for Ascend only.
+
+mindone's Qwen3-Omni is written against `mindspore.mint`, whose kernels are registered
+for Ascend; on MindSpore's CPU backend many are missing ("The kernel Arange unregistered")
+and the model cannot even be built. `install_cpu_fallbacks()` puts a CPU implementation
+in place of each missing one, computed with the legacy `mindspore.ops` primitives (which
+have CPU kernels) or with numpy. Every replacement computes what the op it replaces
+computes, with the same dtypes, broadcasting and keyword arguments as mindone calls it.
+
+It is one step, called by the runtime setup only when the device is CPU; on Ascend the
+real kernels run. The list was found by running the thinker, the talker and code2wav
+with `pynative_synchronize=True` on MindSpore 2.7.1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import ops
+
+from .patching import PatchSet
+
+CPU_FALLBACKS = PatchSet("cpu fallbacks")
+replaces = CPU_FALLBACKS.replaces
+original = CPU_FALLBACKS.original
+
+
+def install_cpu_fallbacks() -> list[str]:
+    """Install every CPU fallback; returns the names of what was replaced. Idempotent."""
+    return CPU_FALLBACKS.install()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _np(x):
+    return x.asnumpy() if isinstance(x, ms.Tensor) else np.asarray(x)
+
+
+def _tensor(array: np.ndarray, dtype=None) -> ms.Tensor:
+    out = ms.Tensor(np.ascontiguousarray(array))
+    return out if dtype is None or out.dtype == dtype else out.astype(dtype)
+
+
+def _scalar(x):
+    return x.item() if isinstance(x, ms.Tensor) else x
+
+
+def _normalize_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+# ----------------------------------------------------------------------------- creation
+
+
+@replaces("mindspore.mint:arange")
+def arange(start=0, end=None, step=1, *, dtype=None):
+    start, end, step = _scalar(start), _scalar(end), _scalar(step)
+    if end is None:
+        start, end = 0, start
+    values = np.arange(start, end, step)
+    if dtype is None:  # integers give int64, any float gives float32, as in mint
+        integral = all(isinstance(v, (int, np.integer)) for v in (start, end, step))
+        dtype = ms.int64 if integral else ms.float32
+    return _tensor(values, dtype)
+
+
+@replaces("mindspore.mint:linspace")
+def linspace(start, end, steps, *, dtype=None):
+    values = np.linspace(_scalar(start), _scalar(end), int(_scalar(steps)), dtype=np.float64)
+    return _tensor(values.astype(np.float32), dtype or ms.float32)
+
+
+@replaces("mindspore.mint:empty")
+def empty(*size, dtype=None, device=None):
+    if len(size) == 1 and isinstance(size[0], (tuple, list)):
+        size = tuple(size[0])
+    return ops.zeros(size, dtype or ms.float32)
+
+
+@replaces("mindspore.mint:full")
+def full(size, fill_value, *, dtype=None):
+    fill_value = _scalar(fill_value)
+    if dtype is None:
+        dtype = ms.bool_ if isinstance(fill_value, bool) else ms.int64 if isinstance(fill_value, int) else ms.float32
+    return ops.fill(dtype, tuple(size), fill_value)
+
+
+@replaces("mindspore.mint:ones_like")
+def ones_like(input, *, dtype=None):
+    return ops.ones(input.shape, dtype or input.dtype)
+
+
+@replaces("mindspore.mint:zeros_like")
+def zeros_like(input, *, dtype=None):
+    return ops.zeros(input.shape, dtype or input.dtype)
+
+
+@replaces("mindspore.mint:full_like")
+def full_like(input, fill_value, *, dtype=None):
+    return ops.fill(dtype or input.dtype, input.shape, _scalar(fill_value))
+
+
+# ----------------------------------------------------------------------------- shape and indexing
+
+
+@replaces("mindspore.mint:stack")
+def stack(tensors, dim=0):
+    return ops.Stack(axis=dim)(list(tensors))
+
+
+_PROMOTION_ORDER = [ms.bool_, ms.uint8, ms.int8, ms.int16, ms.int32, ms.int64, ms.float16, ms.bfloat16, ms.float32]
+
+
+@replaces("mindspore.mint:cat", "mindspore.mint:concat")
+def cat(tensors, dim=0):
+    """mint.cat on CPU needs one dtype (mindone joins int32 ids with int64 ones): promote first."""
+    tensors = list(tensors)
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        target = max(dtypes, key=_PROMOTION_ORDER.index)
+        tensors = [t.astype(target) for t in tensors]
+    return original("mindspore.mint:cat")(tensors, dim)
+
+
+@replaces("mindspore.mint:repeat_interleave", "mindspore.mint.nn.functional:repeat_interleave")
+def repeat_interleave(input, repeats, dim=None, *, output_size=None):
+    values = _np(input)
+    if dim is None:
+        values, dim = values.reshape(-1), 0
+    return _tensor(np.repeat(values, _np(repeats), axis=dim), input.dtype)
+
+
+@replaces("mindspore.mint:index_select")
+def index_select(input, dim, index):
+    return ops.Gather()(input, index, _normalize_dim(dim, input.ndim))
+
+
+@replaces("mindspore.mint:outer")
+def outer(input, vec2):
+    return input.reshape(-1, 1) * vec2.reshape(1, -1)
+
+
+@replaces("mindspore.mint:where")
+def where(condition, input=None, other=None):
+    if input is None and other is None:  # the one-argument form is nonzero(as_tuple=True)
+        indices = np.nonzero(_np(condition))
+        return tuple(_tensor(i.astype(np.int64)) for i in indices)
+    return original("mindspore.mint:where")(condition, input, other)
+
+
+@replaces("mindspore.mint.nn.functional:pad", "mindspore.ops.function.nn_func:pad_ext")
+def pad(input, pad, mode="constant", value=None):
+    """Pad the last len(pad)//2 dimensions; `pad` lists (before, after) from the last dimension."""
+    pad = [int(_scalar(p)) for p in pad]
+    widths = [(0, 0)] * input.ndim
+    for i in range(len(pad) // 2):
+        widths[input.ndim - 1 - i] = (pad[2 * i], pad[2 * i + 1])
+    values = _np(input)
+    # Negative padding crops, as in torch.
+    crop = tuple(slice(-b if b < 0 else None, a if a < 0 else None) for b, a in widths)
+    values = values[crop]
+    widths = [(max(b, 0), max(a, 0)) for b, a in widths]
+    if mode == "constant":
+        out = np.pad(values, widths, mode="constant", constant_values=0 if value is None else value)
+    else:
+        out = np.pad(values, widths, mode={"reflect": "reflect", "replicate": "edge", "circular": "wrap"}[mode])
+    return _tensor(out, input.dtype)
+
+
+# ----------------------------------------------------------------------------- reductions and search
+
+
+@replaces("mindspore.mint:cumsum")
+def cumsum(input, dim, *, dtype=None):
+    if dtype is None and input.dtype in (ms.bool_, ms.int8, ms.int16, ms.int32, ms.uint8):
+        dtype = ms.int64  # integer inputs accumulate in int64, as in mint
+    x = input.astype(dtype) if dtype is not None else input
+    return ops.CumSum()(x, _normalize_dim(dim, x.ndim))
+
+
+@replaces("mindspore.mint:argmax")
+def argmax(input, dim=None, keepdim=False):
+    values = _np(input)
+    if dim is None:
+        return _tensor(np.asarray(values.argmax(), dtype=np.int64))
+    out = values.argmax(axis=dim)
+    if keepdim:
+        out = np.expand_dims(out, dim)
+    return _tensor(out.astype(np.int64))
+
+
+@replaces("mindspore.mint:topk")
+def topk(input, k, dim=-1, largest=True, sorted=True):
+    dim = _normalize_dim(dim, input.ndim)
+    last = input.ndim - 1
+    x = input if dim == last else input.swapaxes(dim, last)
+    values, indices = ops.TopK(sorted=True)(x if largest else -x, int(k))
+    if not largest:
+        values = -values
+    if dim != last:
+        values, indices = values.swapaxes(dim, last), indices.swapaxes(dim, last)
+    return values, indices.astype(ms.int64)
+
+
+@replaces("mindspore.mint:sort")
+def sort(input, dim=-1, descending=False, stable=False):
+    values = _np(input)
+    order = np.argsort(-values if descending else values, axis=dim, kind="stable")
+    return _tensor(np.take_along_axis(values, order, axis=dim), input.dtype), _tensor(order.astype(np.int64))
+
+
+@replaces("mindspore.mint:multinomial")
+def multinomial(input, num_samples, replacement=False, *, generator=None):
+    """Sample with MindSpore's seeded CPU kernel (its int32 result widened to int64, as in mint)."""
+    probs = input.astype(ms.float32)
+    samples = ops.multinomial(probs, int(num_samples), replacement=replacement)
+    return samples.astype(ms.int64)
+
+
+# ----------------------------------------------------------------------------- nn.functional
+
+
+@replaces("mindspore.mint.nn.functional:one_hot")
+def one_hot(tensor, num_classes=-1):
+    if num_classes == -1:
+        num_classes = int(_np(tensor).max()) + 1
+    on, off = ms.Tensor(1, ms.int64), ms.Tensor(0, ms.int64)
+    return ops.OneHot()(tensor.astype(ms.int64), int(num_classes), on, off)
+
+
+@replaces("mindspore.mint.nn.functional:gelu")
+def gelu(input, approximate="none"):
+    if approximate == "tanh":
+        inner = math.sqrt(2.0 / math.pi) * (input + 0.044715 * input * input * input)
+        return 0.5 * input * (1.0 + ops.tanh(inner))
+    return 0.5 * input * (1.0 + ops.erf(input / math.sqrt(2.0)))
+
+
+@replaces("mindspore.mint.nn.functional:dropout")
+def dropout(input, p=0.5, training=True, inplace=False):
+    if not training or p == 0:
+        return input
+    keep = np.random.random_sample(input.shape) >= p
+    return input * _tensor(keep.astype(np.float32), input.dtype) / (1.0 - p)
+
+
+@replaces("mindspore.ops:embedding")
+def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False):
+    """Look-up used by mint.nn.Embedding (inference: max_norm renormalisation not supported)."""
+    if max_norm is not None:
+        raise NotImplementedError("embedding with max_norm has no CPU fallback")
+    return ops.Gather()(weight, input, 0)
+
+
+@replaces("mindspore.ops:layer_norm")
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Layer norm used by mint.nn.LayerNorm, over the trailing `normalized_shape` dimensions."""
+    begin = input.ndim - len(tuple(normalized_shape))
+    weight = weight if weight is not None else ops.ones(tuple(normalized_shape), input.dtype)
+    bias = bias if bias is not None else ops.zeros(tuple(normalized_shape), input.dtype)
+    out, _, _ = ops.LayerNorm(begin_norm_axis=begin, begin_params_axis=begin, epsilon=eps)(input, weight, bias)
+    return out
+
+
+def _conv_padding(padding, kernel, dilation, spatial: int):
+    if isinstance(padding, str):
+        if padding == "valid":
+            return "valid", (0,) * (2 * spatial)
+        # "same": total padding dilation*(k-1), the extra one on the right, as in torch
+        pads = []
+        for k, d in zip(kernel, dilation):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return "pad", tuple(pads)
+    padding = (padding,) * spatial if isinstance(padding, int) else tuple(padding)
+    return "pad", tuple(p for p in padding for _ in range(2))
+
+
+def _tuple(value, n: int):
+    return (value,) * n if isinstance(value, int) else tuple(value)
+
+
+def _conv(input, weight, bias, stride, padding, dilation, groups, spatial: int):
+    kernel = tuple(weight.shape[2:])
+    stride, dilation = _tuple(stride, spatial), _tuple(dilation, spatial)
+    pad_mode, pads = _conv_padding(padding, kernel, dilation, spatial)
+    if spatial == 2:
+        primitive = ops.Conv2D(
+            weight.shape[0], kernel, pad_mode=pad_mode, pad=pads, stride=stride, dilation=dilation, group=groups
+        )
+    else:
+        primitive = ops.Conv3D(
+            weight.shape[0], kernel, pad_mode=pad_mode, pad=pads, stride=stride, dilation=dilation, group=groups
+        )
+    out = primitive(input, weight)
+    if bias is not None:
+        out = out + bias.reshape((1, -1) + (1,) * spatial)
+    return out
+
+
+@replaces(
+    "mindspore.mint.nn.functional:conv2d",
+    "mindspore.mint.nn.layer.conv:conv2d_ext_op",
+    "mindspore.mint.nn.layer.conv:conv2d_padding_op",
+)
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return _conv(input, weight, bias, stride, padding, dilation, groups, spatial=2)
+
+
+@replaces(
+    "mindspore.mint.nn.functional:conv3d",
+    "mindspore.mint.nn.layer.conv:conv3d_ext_op",
+    "mindspore.mint.nn.layer.conv:conv3d_padding_op",
+)
+def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return _conv(input, weight, bias, stride, padding, dilation, groups, spatial=3)
+
+
+@replaces(
+    "mindspore.mint.nn.functional:conv_transpose2d",
+    "mindspore.mint.nn.layer.conv:conv_transpose2d",
+    "mindone.transformers.mindspore_adapter._conv:conv_transpose2d",
+)
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """Transposed 2-D convolution (weight: in, out/groups, kH, kW), as the gradient of conv2d."""
+    if groups != 1:
+        raise NotImplementedError("conv_transpose2d with groups has no CPU fallback")
+    stride, padding = _tuple(stride, 2), _tuple(padding, 2)
+    output_padding, dilation = _tuple(output_padding, 2), _tuple(dilation, 2)
+    kernel = tuple(weight.shape[2:])
+    n, _, h, w = input.shape
+    out_h = (h - 1) * stride[0] - 2 * padding[0] + dilation[0] * (kernel[0] - 1) + output_padding[0] + 1
+    out_w = (w - 1) * stride[1] - 2 * padding[1] + dilation[1] * (kernel[1] - 1) + output_padding[1] + 1
+    pads = (padding[0], padding[0] + output_padding[0], padding[1], padding[1] + output_padding[1])
+    primitive = ops.Conv2DTranspose(
+        weight.shape[1], kernel, pad_mode="pad", pad=pads, stride=stride, dilation=dilation
+    )
+    out = primitive(input, weight, (n, weight.shape[1], out_h, out_w))
+    if bias is not None:
+        out = out + bias.reshape(1, -1, 1, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- Tensor methods
+
+
+@replaces("mindspore.common.tensor.Tensor:clone")
+def clone(self, *, memory_format=None):
+    return ops.Identity()(self)
+
+
+@replaces("mindspore.common.tensor.Tensor:masked_fill_")
+def masked_fill_(self, mask, value):
+    filled = ops.masked_fill(self, mask, ms.Tensor(_scalar(value), self.dtype))
+    self.assign_value(filled)
+    return self
+
+
+@replaces("mindspore.common.tensor.Tensor:index_add_")
+def index_add_(self, dim, index, source, *, alpha=1):
+    values = _np(self).copy()
+    moved = np.moveaxis(values, dim, 0)
+    np.add.at(moved, _np(index), np.moveaxis(_np(source) * alpha, dim, 0).astype(values.dtype))
+    self.assign_value(_tensor(values, self.dtype))
+    return self
+
+
+@replaces("mindspore.common.tensor.Tensor:ones_like")
+def tensor_ones_like(self, *, dtype=None):
+    return ops.ones(self.shape, dtype or self.dtype)
+
+
+@replaces("mindspore.common.tensor.Tensor:scatter_")
+def scatter_(self, dim, index, src=None, *, value=None, reduce=None):
+    """In-place scatter (src a tensor or a number), as the repetition penalty uses it."""
+    if reduce is not None:
+        raise NotImplementedError("scatter_ with reduce has no CPU fallback")
+    source = src if src is not None else value
+    if not isinstance(source, ms.Tensor):
+        source = ops.fill(self.dtype, index.shape, _scalar(source))
+    out = ops.tensor_scatter_elements(self, index.astype(ms.int64), source.astype(self.dtype), axis=dim)
+    self.assign_value(out)
+    return self
+
+
+@replaces("mindspore.common.tensor.Tensor:repeat")
+def tensor_repeat(self, *repeats):
+    """torch-style repeat: tile the tensor `repeats` times along each dimension."""
+    if len(repeats) == 1 and isinstance(repeats[0], (tuple, list)):
+        repeats = tuple(repeats[0])
+    return ops.tile(self, tuple(int(r) for r in repeats))
+
+
+def _is_full_slice(index) -> bool:
+    return isinstance(index, slice) and index == slice(None)
+
+
+@replaces("mindspore.common.tensor.Tensor:__getitem__")
+def tensor_getitem(self, index):
+    """`x[mask, :]` with a boolean mask of two or more dimensions gives a wrongly shaped result
+    on CPU ((6, 58) instead of (6, 64) for x (1, 58, 64)); trailing full slices add nothing,
+    so index with the mask alone."""
+    if (
+        isinstance(index, tuple)
+        and len(index) > 1
+        and isinstance(index[0], ms.Tensor)
+        and index[0].dtype == ms.bool_
+        and all(_is_full_slice(i) for i in index[1:])
+    ):
+        index = index[0]
+    return original("mindspore.common.tensor.Tensor:__getitem__")(self, index)

@@ -1,0 +1,74 @@
+"""Device, distributed and seed set-up shared by every script: one call, `setup_runtime`."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device_target: str
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0 prints and writes; the other ranks only compute."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_msrun() -> bool:
+    """msrun gives every worker MS_ROLE=MS_WORKER (and MS_WORKER_NUM); plain python does not."""
+    return os.environ.get("MS_ROLE") == "MS_WORKER"
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: with sampling on, ranks must take identical decoding steps."""
+    import mindspore as ms
+
+    random.seed(seed)
+    np.random.seed(seed)
+    ms.set_seed(seed)
+
+
+def setup_runtime(device_target: str = "Ascend", seed: int = 0, fast_paths: bool = True) -> Runtime:
+    """Select the device, join the msrun job if there is one, install what the device needs.
+
+    On CPU the CPU fallbacks for Ascend-only kernels are installed; on every device the
+    fixes for mindone's own bugs are installed, and the faster paths unless `fast_paths`
+    is False (the benchmark's stock variant).
+    """
+    import mindspore as ms
+
+    ms.set_device(device_target)
+    if device_target == "CPU":
+        from .cpu_fallbacks import install_cpu_fallbacks
+
+        install_cpu_fallbacks()
+    from .mindone_fixes import install_mindone_fixes
+
+    install_mindone_fixes()
+    if fast_paths:
+        from .fast_paths import install_fast_paths
+
+        install_fast_paths()
+
+    rank, world_size = 0, 1
+    if launched_by_msrun():
+        from mindspore.communication import get_group_size, get_rank, init
+
+        # HCCL on Ascend; on CPU init() picks MindSpore's own mccl backend.
+        init("hccl" if device_target == "Ascend" else None)
+        rank, world_size = get_rank(), get_group_size()
+        if world_size > 1:
+            ms.set_auto_parallel_context(parallel_mode="data_parallel")
+    seed_everything(seed)
+    return Runtime(device_target=device_target, rank=rank, world_size=world_size)

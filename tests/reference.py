@@ -1,0 +1,196 @@
+"""Run the same request through mindone (MindSpore CPU) and transformers (PyTorch CPU).
+
+Both models load the same tiny checkpoint in float32 with eager attention and take the
+same processor outputs, so any difference comes from the model code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omni_helpers.inputs import to_mindspore, videos_to_numpy
+
+
+def request_conversation(kind: str, media: dict[str, Path]) -> list[dict]:
+    """The three requests of the parity tests: text only, image + audio + text, video with its audio."""
+    question = {"type": "text", "text": "What can you see and hear? Answer in one short sentence."}
+    content = {
+        "text": [question],
+        "image_audio": [
+            {"type": "image", "image": str(media["image"])},
+            {"type": "audio", "audio": str(media["audio"])},
+            question,
+        ],
+        # Small frames keep the video's token count (and the test) small.
+        "video": [{"type": "video", "video": str(media["video"]), "min_pixels": 64 * 64, "max_pixels": 64 * 64}, question],
+    }[kind]
+    return [{"role": "user", "content": content}]
+
+
+def processor_inputs(checkpoint: Path, conversation: list[dict], use_audio_in_video: bool) -> dict[str, np.ndarray]:
+    """Template, media and mindone's processor, as the scripts do, with numpy outputs."""
+    from mindone.transformers import Qwen3OmniMoeProcessor
+    from qwen_omni_utils import process_mm_info
+
+    processor = Qwen3OmniMoeProcessor.from_pretrained(checkpoint)
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    audios, images, videos = process_mm_info(conversation, use_audio_in_video=use_audio_in_video)
+    inputs = processor(
+        text=text,
+        audio=audios,
+        images=images,
+        videos=videos_to_numpy(videos),
+        return_tensors="np",
+        padding=True,
+        use_audio_in_video=use_audio_in_video,
+    )
+    return dict(inputs)
+
+
+@dataclass
+class Generation:
+    tokens: np.ndarray  # new thinker token ids, (new,)
+    step_logits: np.ndarray  # thinker logits of every greedy step, (new, vocab)
+    codes: np.ndarray | None = None  # talker codec codes, (groups, frames)
+    wav: np.ndarray | None = None  # float waveform, 24 kHz
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Reference:
+    """transformers' Qwen3-Omni on PyTorch, with its code predictor made greedy.
+
+    In transformers the code predictor always samples (do_sample=True is hard-coded in the
+    talker's forward); mindone's decodes greedily, so codes can only be compared greedy.
+    """
+
+    def __init__(self, checkpoint: Path):
+        import torch
+        from transformers import Qwen3OmniMoeForConditionalGeneration
+
+        torch.manual_seed(0)
+        self.model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+            checkpoint, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        predictor = self.model.talker.code_predictor
+        sampling_generate = predictor.generate
+
+        def greedy_generate(*args, **kwargs):
+            kwargs.update(do_sample=False, top_k=None, top_p=None)
+            return sampling_generate(*args, **kwargs)
+
+        predictor.generate = greedy_generate
+        self.codes_seen: list[np.ndarray] = []
+        decode = self.model.code2wav.chunked_decode
+
+        def recording_decode(codes, *args, **kwargs):
+            self.codes_seen.append(codes[0].numpy().copy())
+            return decode(codes, *args, **kwargs)
+
+        self.model.code2wav.chunked_decode = recording_decode
+
+    def _torch_inputs(self, inputs):
+        import torch
+
+        out = {}
+        for key, value in inputs.items():
+            tensor = torch.from_numpy(np.asarray(value))
+            out[key] = tensor.float() if tensor.is_floating_point() else tensor.long()
+        return out
+
+    def prefill_logits(self, inputs, use_audio_in_video: bool) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            out = self.model.thinker(**self._torch_inputs(inputs), use_audio_in_video=use_audio_in_video)
+        return out.logits[0].float().numpy()
+
+    def generate(self, inputs, use_audio_in_video: bool, new_tokens: int, return_audio: bool, talker_new_tokens: int = 8):
+        import torch
+
+        self.codes_seen.clear()
+        eos = self.model.config.im_end_token_id
+        with torch.no_grad():
+            result, wav = self.model.generate(
+                **self._torch_inputs(inputs),
+                use_audio_in_video=use_audio_in_video,
+                return_audio=return_audio,
+                thinker_max_new_tokens=new_tokens,
+                thinker_eos_token_id=eos,
+                thinker_return_dict_in_generate=True,
+                thinker_output_logits=True,
+                thinker_do_sample=False,
+                talker_do_sample=False,
+                talker_max_new_tokens=talker_new_tokens,
+            )
+        prompt = inputs["input_ids"].shape[1]
+        return Generation(
+            tokens=result.sequences[0, prompt:].numpy(),
+            step_logits=torch.cat(result.logits, dim=0).float().numpy(),
+            codes=self.codes_seen[-1] if return_audio else None,
+            wav=None if wav is None else wav.reshape(-1).float().numpy(),
+        )
+
+
+class MindOne:
+    """mindone's Qwen3-Omni on MindSpore CPU, with the project's runtime set-up."""
+
+    def __init__(self, checkpoint: Path):
+        import mindspore as ms
+        from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
+
+        from omni_helpers.runtime import setup_runtime
+
+        setup_runtime("CPU", seed=0)
+        self.ms = ms
+        self.model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+            checkpoint, mindspore_dtype=ms.float32, attn_implementation="eager"
+        )
+        self.codes_seen: list[np.ndarray] = []
+        decode = self.model.code2wav.chunked_decode
+
+        def recording_decode(codes, *args, **kwargs):
+            self.codes_seen.append(codes[0].asnumpy().copy())
+            return decode(codes, *args, **kwargs)
+
+        self.model.code2wav.chunked_decode = recording_decode
+
+    def prefill_logits(self, inputs, use_audio_in_video: bool) -> np.ndarray:
+        out = self.model.thinker(**to_mindspore(inputs, self.ms.float32), use_audio_in_video=use_audio_in_video)
+        return out.logits[0].asnumpy()
+
+    def generate(self, inputs, use_audio_in_video: bool, new_tokens: int, return_audio: bool, talker_new_tokens: int = 8):
+        self.codes_seen.clear()
+        result, wav = self.model.generate(
+            **to_mindspore(inputs, self.ms.float32),
+            use_audio_in_video=use_audio_in_video,
+            return_audio=return_audio,
+            thinker_max_new_tokens=new_tokens,
+            thinker_eos_token_id=self.model.config.im_end_token_id,
+            thinker_return_dict_in_generate=True,
+            thinker_output_logits=True,
+            thinker_do_sample=False,
+            talker_do_sample=False,
+            talker_max_new_tokens=talker_new_tokens,
+        )
+        prompt = inputs["input_ids"].shape[1]
+        return Generation(
+            tokens=result.sequences[0, prompt:].asnumpy(),
+            step_logits=np.concatenate([logit.asnumpy() for logit in result.logits], axis=0),
+            codes=self.codes_seen[-1] if return_audio else None,
+            wav=None if wav is None else wav.reshape(-1).asnumpy(),
+        )
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Largest absolute difference, relative to the largest reference magnitude."""
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def top2_margins(step_logits: np.ndarray) -> np.ndarray:
+    """Gap between the best and second-best logit at every greedy step."""
+    top2 = np.sort(step_logits, axis=-1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
