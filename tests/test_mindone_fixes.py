@@ -1,0 +1,58 @@
+"""Each fix for a mindone bug: the bug shows without it, and the fix matches the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from omni_helpers.mindone_fixes import MINDONE_FIXES, conv_output_lengths, install_mindone_fixes, split_into_chunks
+
+
+def test_chunk_bookkeeping():
+    assert split_into_chunks(np.array([250]), 100) == [100, 100, 50]
+    assert split_into_chunks(np.array([100, 30]), 100) == [100, 30]
+    # The processor's own count of audio tokens (13 per full 100-frame chunk).
+    assert conv_output_lengths(np.array([100, 250, 7])).tolist() == [13, 13 * 2 + 7, 1]
+
+
+@pytest.fixture(scope="module")
+def audio_towers(tiny_checkpoint):
+    import mindspore as ms
+    import torch
+    from mindone.transformers import Qwen3OmniMoeForConditionalGeneration as MindoneModel
+    from transformers import Qwen3OmniMoeForConditionalGeneration as TorchModel
+
+    from omni_helpers.runtime import setup_runtime
+
+    setup_runtime("CPU")
+    mindone = MindoneModel.from_pretrained(tiny_checkpoint, mindspore_dtype=ms.float32, attn_implementation="eager")
+    reference = TorchModel.from_pretrained(tiny_checkpoint, dtype=torch.float32, attn_implementation="eager")
+    return mindone.thinker.audio_tower, reference.thinker.audio_tower
+
+
+def run_both(audio_towers, frames: int):
+    import mindspore as ms
+    import torch
+
+    mindone, reference = audio_towers
+    features = np.random.default_rng(0).standard_normal((128, frames)).astype(np.float32)
+    lengths = np.array([frames], np.int64)
+    expected = reference(torch.from_numpy(features), feature_lens=torch.from_numpy(lengths)).last_hidden_state
+    actual = mindone(ms.Tensor(features), feature_lens=ms.Tensor(lengths)).last_hidden_state
+    return actual.asnumpy(), expected.detach().numpy()
+
+
+def test_audio_longer_than_one_chunk_fails_without_the_fix(audio_towers):
+    MINDONE_FIXES.uninstall()
+    try:
+        with pytest.raises(Exception, match="TensorScatterUpdate|indices out of range|only one element"):
+            actual, _ = run_both(audio_towers, 250)
+    finally:
+        install_mindone_fixes()
+
+
+@pytest.mark.parametrize("frames", [60, 100, 250, 420])
+def test_audio_encoder_matches_reference_at_any_length(audio_towers, frames):
+    actual, expected = run_both(audio_towers, frames)
+    assert actual.shape == expected.shape == (conv_output_lengths(np.array([frames]))[0], expected.shape[1])
+    np.testing.assert_allclose(actual, expected, atol=1e-4 * np.abs(expected).max())
