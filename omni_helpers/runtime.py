@@ -26,8 +26,9 @@ class Runtime:
 
 
 def launched_by_msrun() -> bool:
-    """msrun gives every worker MS_ROLE=MS_WORKER (and MS_WORKER_NUM); plain python does not."""
-    return os.environ.get("MS_ROLE") == "MS_WORKER"
+    """msrun runs the script in its scheduler (MS_ROLE=MS_SCHED) and in every worker
+    (MS_ROLE=MS_WORKER); all of them must join the cluster. Plain python sets no role."""
+    return os.environ.get("MS_ROLE") in ("MS_SCHED", "MS_WORKER")
 
 
 def seed_everything(seed: int) -> None:

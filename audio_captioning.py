@@ -1,0 +1,94 @@
+"""Caption audio with Qwen3-Omni-30B-A3B-Captioner: one detailed caption per audio file, no prompt needed.
+
+On Ascend, two NPUs, the model sharded with ZeRO-3:
+
+    msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=msrun_log \
+        --join=True --cluster_time_out=300 audio_captioning.py \
+        --model_name Qwen/Qwen3-Omni-30B-A3B-Captioner \
+        --audio street.wav --audio kitchen.wav
+
+One process (CPU, the tiny test checkpoint):
+
+    python audio_captioning.py --device_target CPU --model_name tiny_ckpt \
+        --audio sample_media/audio.wav --max_new_tokens 16
+
+Rank 0 prints each caption and writes OUTPUT_DIR/result.json with `text` a list, one
+caption per audio, in the order given. The Captioner speaks no answer: text only.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from omni_helpers.cli import add_common_args, add_media_args, resolve_precision
+from omni_helpers.conversation import load_conversation, user_turn, with_system_prompt
+from omni_helpers.generation import generation_kwargs, new_tokens, progress_to_stderr
+from omni_helpers.inputs import to_mindspore
+from omni_helpers.loading import load_model, load_processor, shard_zero3
+from omni_helpers.outputs import save_outputs
+from omni_helpers.runtime import setup_runtime
+
+DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Captioner"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, DEFAULT_MODEL)
+    add_media_args(parser, image=False, video=False)
+    return resolve_precision(parser.parse_args(argv))
+
+
+def build_conversations(args: argparse.Namespace) -> list[list[dict]]:
+    """One conversation per audio: the Captioner takes the audio alone (a prompt is optional)."""
+    if args.conversation:
+        return [load_conversation(args.conversation)]
+    return [with_system_prompt([user_turn(args.prompt, audios=[audio])], args.system_prompt) for audio in args.audio]
+
+
+def main(args: argparse.Namespace) -> dict:
+    from qwen_omni_utils import process_mm_info
+
+    # 1. Device, msrun ranks, and the CPU kernels if the device is CPU
+    runtime = setup_runtime(args.device_target, args.seed)
+
+    # 2. The requests: one per audio
+    conversations = build_conversations(args)
+
+    # 3. Load the processor and the model (text only: no talker); shard under msrun
+    processor = load_processor(args.model_name, args.min_pixels, args.max_pixels)
+    model = load_model(args, with_talker=False)
+    if runtime.distributed:
+        model = shard_zero3(model)
+
+    captions = []
+    for conversation in conversations:
+        # 4. Chat template, audio, processor
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        audios, _, _ = process_mm_info(conversation, use_audio_in_video=False)
+        inputs = processor(text=text, audio=audios, return_tensors="np", padding=True)
+        inputs = to_mindspore(inputs, model.dtype)
+
+        # 5. Generate
+        with progress_to_stderr():
+            text_ids, _ = model.generate(**inputs, **generation_kwargs(args, model.config, return_audio=False))
+
+        # 6. Decode
+        caption = processor.batch_decode(
+            new_tokens(text_ids.sequences, inputs["input_ids"].shape[1]),
+            skip_special_tokens=True,
+            clean_up_tokenization_spaces=False,
+        )[0]
+        captions.append(caption)
+        if runtime.is_main_process:
+            print(caption, flush=True)
+
+    result = {"model": args.model_name, "inputs": {"audio": list(args.audio), "conversations": conversations}, "text": captions}
+
+    # 7. Save (rank 0 only)
+    if runtime.is_main_process:
+        result = save_outputs(args.output_dir, result, None)
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,106 @@
+"""Ask Qwen3-Omni about any mix of images, audio, video and text; get text, and speech if asked.
+
+On Ascend, two NPUs, the model sharded with ZeRO-3:
+
+    msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=msrun_log \
+        --join=True --cluster_time_out=300 omni_understanding.py \
+        --model_name Qwen/Qwen3-Omni-30B-A3B-Instruct \
+        --image cars.jpg --audio cough.wav \
+        --prompt "What can you see and hear? Answer in one short sentence." \
+        --return_audio
+
+One process (CPU, the tiny test checkpoint):
+
+    python omni_understanding.py --device_target CPU --model_name tiny_ckpt \
+        --image sample_media/image.png --prompt "What is this?" --max_new_tokens 16
+
+Rank 0 prints the answer and writes OUTPUT_DIR/result.json (and output.wav with
+--return_audio). The Thinking checkpoint works too, for text only (it has no talker).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from omni_helpers.cli import add_audio_in_video_arg, add_common_args, add_media_args, add_speech_args, resolve_precision
+from omni_helpers.conversation import load_conversation, media_in, user_turn, with_system_prompt
+from omni_helpers.generation import generation_kwargs, new_tokens, progress_to_stderr
+from omni_helpers.inputs import to_mindspore, videos_to_numpy
+from omni_helpers.loading import load_model, load_processor, shard_zero3
+from omni_helpers.outputs import save_outputs
+from omni_helpers.runtime import setup_runtime
+
+DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, DEFAULT_MODEL)
+    add_media_args(parser)
+    add_speech_args(parser)
+    add_audio_in_video_arg(parser)
+    return resolve_precision(parser.parse_args(argv))
+
+
+def build_conversation(args: argparse.Namespace) -> list[dict]:
+    if args.conversation:
+        return load_conversation(args.conversation)
+    turn = user_turn(args.prompt, images=args.image, audios=args.audio, videos=args.video)
+    return with_system_prompt([turn], args.system_prompt)
+
+
+def main(args: argparse.Namespace) -> dict:
+    from qwen_omni_utils import process_mm_info
+
+    # 1. Device, msrun ranks, and the CPU kernels if the device is CPU
+    runtime = setup_runtime(args.device_target, args.seed)
+
+    # 2. The request
+    conversation = build_conversation(args)
+
+    # 3. Load the processor and the model; shard the model when msrun started several workers
+    processor = load_processor(args.model_name, args.min_pixels, args.max_pixels)
+    model = load_model(args, with_talker=args.return_audio)
+    if runtime.distributed:
+        model = shard_zero3(model)
+
+    # 4. Chat template, media, processor
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    audios, images, videos = process_mm_info(conversation, use_audio_in_video=args.use_audio_in_video)
+    inputs = processor(
+        text=text,
+        audio=audios,
+        images=images,
+        videos=videos_to_numpy(videos),
+        return_tensors="np",
+        padding=True,
+        use_audio_in_video=args.use_audio_in_video,
+    )
+    inputs = to_mindspore(inputs, model.dtype)
+
+    # 5. Generate text (thinker), and speech (talker + code2wav) if asked
+    with progress_to_stderr():
+        text_ids, waveform = model.generate(
+            **inputs,
+            use_audio_in_video=args.use_audio_in_video,
+            **generation_kwargs(args, model.config, return_audio=args.return_audio),
+        )
+
+    # 6. Decode
+    answer = processor.batch_decode(
+        new_tokens(text_ids.sequences, inputs["input_ids"].shape[1]),
+        skip_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+    )[0]
+    result = {"model": args.model_name, "inputs": {"conversation": conversation, **media_in(conversation)}, "text": answer}
+
+    # 7. Save (rank 0 only)
+    if runtime.is_main_process:
+        print(answer, flush=True)
+        wav = None if waveform is None else waveform.reshape(-1).float().asnumpy()
+        result = save_outputs(args.output_dir, result, wav)
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())
