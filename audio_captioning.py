@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 
 from omni_helpers.cli import add_common_args, add_media_args, resolve_precision
-from omni_helpers.conversation import load_conversation, user_turn, with_system_prompt
+from omni_helpers.conversation import user_turn, with_system_prompt
 from omni_helpers.generation import generation_kwargs, new_tokens, progress_to_stderr
 from omni_helpers.inputs import to_mindspore
 from omni_helpers.loading import load_model, load_processor, shard_zero3
 from omni_helpers.outputs import save_outputs
-from omni_helpers.runtime import setup_runtime
+from omni_helpers.runtime import log, setup_runtime
+from omni_helpers.validation import RequestError, check_request, exit_on_bad_request, load_conversation_file
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Captioner"
 
@@ -41,18 +42,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_conversations(args: argparse.Namespace) -> list[list[dict]]:
     """One conversation per audio: the Captioner takes the audio alone (a prompt is optional)."""
     if args.conversation:
-        return [load_conversation(args.conversation)]
+        return [load_conversation_file(args.conversation)]
     return [with_system_prompt([user_turn(args.prompt, audios=[audio])], args.system_prompt) for audio in args.audio]
+
+
+def checked_requests(args: argparse.Namespace) -> list[list[dict]]:
+    conversations = build_conversations(args)
+    if not conversations:
+        raise RequestError("no audio: give one or more --audio files (or --conversation)")
+    check_request(args, conversations, needs="audio file")
+    return conversations
 
 
 def main(args: argparse.Namespace) -> dict:
     from qwen_omni_utils import process_mm_info
 
-    # 1. Device, msrun ranks, and the CPU kernels if the device is CPU
-    runtime = setup_runtime(args.device_target, args.seed)
+    # 1. The requests, one per audio, checked before anything heavy (bad ones exit with code 2 on every rank)
+    conversations = exit_on_bad_request(lambda: checked_requests(args))
 
-    # 2. The requests: one per audio
-    conversations = build_conversations(args)
+    # 2. Device, msrun ranks, and the CPU kernels if the device is CPU
+    runtime = setup_runtime(args.device_target, args.seed)
 
     # 3. Load the processor and the model (text only: no talker); shard under msrun
     processor = load_processor(args.model_name, args.min_pixels, args.max_pixels)
@@ -79,6 +88,7 @@ def main(args: argparse.Namespace) -> dict:
             clean_up_tokenization_spaces=False,
         )[0]
         captions.append(caption)
+        log(runtime, f"text: {caption!r}")
         if runtime.is_main_process:
             print(caption, flush=True)
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 
 from omni_helpers.cli import add_audio_in_video_arg, add_common_args, add_media_args, add_speech_args, resolve_precision
-from omni_helpers.conversation import load_conversation, media_in, user_turn, with_system_prompt
+from omni_helpers.conversation import media_in, user_turn, with_system_prompt
 from omni_helpers.generation import generation_kwargs, new_tokens, progress_to_stderr
 from omni_helpers.inputs import to_mindspore, videos_to_numpy
 from omni_helpers.loading import load_model, load_processor, shard_zero3
-from omni_helpers.outputs import save_outputs
-from omni_helpers.runtime import setup_runtime
+from omni_helpers.outputs import save_outputs, speech_digest
+from omni_helpers.runtime import log, setup_runtime
+from omni_helpers.validation import check_request, exit_on_bad_request, load_conversation_file
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 
@@ -44,19 +45,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_conversation(args: argparse.Namespace) -> list[dict]:
     if args.conversation:
-        return load_conversation(args.conversation)
+        return load_conversation_file(args.conversation)
     turn = user_turn(args.prompt, images=args.image, audios=args.audio, videos=args.video)
     return with_system_prompt([turn], args.system_prompt)
+
+
+def checked_request(args: argparse.Namespace) -> list[dict]:
+    conversation = build_conversation(args)
+    check_request(args, [conversation])
+    return conversation
 
 
 def main(args: argparse.Namespace) -> dict:
     from qwen_omni_utils import process_mm_info
 
-    # 1. Device, msrun ranks, and the CPU kernels if the device is CPU
-    runtime = setup_runtime(args.device_target, args.seed)
+    # 1. The request, checked before anything heavy (a bad one exits with code 2 on every rank)
+    conversation = exit_on_bad_request(lambda: checked_request(args))
 
-    # 2. The request
-    conversation = build_conversation(args)
+    # 2. Device, msrun ranks, and the CPU kernels if the device is CPU
+    runtime = setup_runtime(args.device_target, args.seed)
 
     # 3. Load the processor and the model; shard the model when msrun started several workers
     processor = load_processor(args.model_name, args.min_pixels, args.max_pixels)
@@ -94,10 +101,12 @@ def main(args: argparse.Namespace) -> dict:
     )[0]
     result = {"model": args.model_name, "inputs": {"conversation": conversation, **media_in(conversation)}, "text": answer}
 
+    wav = None if waveform is None else waveform.reshape(-1).float().asnumpy()
+    log(runtime, f"text: {answer!r}; speech: {speech_digest(wav)}")
+
     # 7. Save (rank 0 only)
     if runtime.is_main_process:
         print(answer, flush=True)
-        wav = None if waveform is None else waveform.reshape(-1).float().asnumpy()
         result = save_outputs(args.output_dir, result, wav)
     return result
 

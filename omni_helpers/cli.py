@@ -32,6 +32,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_model: str) -> argp
     group.add_argument("--attn_implementation", choices=["flash_attention_2", "eager"], default=None,
                        help="attention kernel (default flash_attention_2 on Ascend, eager on CPU)")
     group.add_argument("--output_dir", default="outputs", help="where rank 0 writes result.json (and output.wav)")
+    group.add_argument("--allow_pickle_weights", action="store_true",
+                       help="also load .bin/.pt/.ckpt weights (unpickling runs code from the file; safetensors only by default)")
     return group
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -38,11 +37,6 @@ def with_system_prompt(conversation: Conversation, system_prompt: Optional[str])
     if not system_prompt:
         return conversation
     return [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}, *conversation]
-
-
-def load_conversation(path: str) -> Conversation:
-    """Read a conversation file: JSON only, never evaluated."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def media_in(conversation: Conversation) -> dict[str, list[str]]:

@@ -20,6 +20,7 @@ def load_model(args: argparse.Namespace, with_talker: bool):
         args.model_name,
         dtype=getattr(ms, args.dtype),
         attn_implementation=args.attn_implementation,
+        use_safetensors=not args.allow_pickle_weights,
     )
     if not with_talker and model.has_talker:
         model.disable_talker()

@@ -51,3 +51,13 @@ def save_outputs(output_dir: str, result: dict[str, Any], waveform: Optional[np.
         result["audio"] = str(wav_path)
     write_json(out / RESULT_FILE, result)
     return result
+
+
+def speech_digest(waveform: Optional[np.ndarray]) -> str:
+    """Length and a hash of the 16-bit samples: what each rank logs so that ranks can be compared."""
+    import hashlib
+
+    if waveform is None:
+        return "none"
+    pcm = np.clip(np.round(waveform * 32767), -32768, 32767).astype("<i2")
+    return f"{len(pcm)} samples sha1 {hashlib.sha1(pcm.tobytes()).hexdigest()[:16]}"

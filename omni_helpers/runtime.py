@@ -73,3 +73,10 @@ def setup_runtime(device_target: str = "Ascend", seed: int = 0, fast_paths: bool
             ms.set_auto_parallel_context(parallel_mode="data_parallel")
     seed_everything(seed)
     return Runtime(device_target=device_target, rank=rank, world_size=world_size)
+
+
+def log(runtime: Runtime, message: str) -> None:
+    """A line on stderr tagged with the rank: under msrun it lands in that worker's log."""
+    import sys
+
+    print(f"[rank {runtime.rank}/{runtime.world_size}] {message}", file=sys.stderr, flush=True)

@@ -28,3 +28,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def sample_media(tmp_path_factory) -> dict[str, Path]:
     paths = build_media(tmp_path_factory.mktemp("media"))
     return {name.split(".")[0]: path for name, path in paths.items()}
+
+
+@pytest.fixture(scope="session")
+def runtime_cpu():
+    """The project's CPU runtime in the test process (mindone's processor needs its kernels too)."""
+    from omni_helpers.runtime import setup_runtime
+
+    return setup_runtime("CPU", seed=0)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_checkpoint):
+    """transformers' PyTorch model on the tiny checkpoint: the yardstick."""
+    from tests.reference import Reference
+
+    return Reference(tiny_checkpoint)

@@ -31,12 +31,14 @@ def request_conversation(kind: str, media: dict[str, Path]) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def processor_inputs(checkpoint: Path, conversation: list[dict], use_audio_in_video: bool) -> dict[str, np.ndarray]:
+def processor_inputs(
+    checkpoint: Path, conversation: list[dict], use_audio_in_video: bool, **processor_kwargs
+) -> dict[str, np.ndarray]:
     """Template, media and mindone's processor, as the scripts do, with numpy outputs."""
     from mindone.transformers import Qwen3OmniMoeProcessor
     from qwen_omni_utils import process_mm_info
 
-    processor = Qwen3OmniMoeProcessor.from_pretrained(checkpoint)
+    processor = Qwen3OmniMoeProcessor.from_pretrained(checkpoint, **processor_kwargs)
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     audios, images, videos = process_mm_info(conversation, use_audio_in_video=use_audio_in_video)
     inputs = processor(

@@ -10,17 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.reference import MindOne, Reference, processor_inputs, relative_error, request_conversation, top2_margins
+from tests.reference import MindOne, processor_inputs, relative_error, request_conversation, top2_margins
 
 NEW_TOKENS = 16
 LOGIT_TOLERANCE = 1e-4  # relative
 WAV_TOLERANCE = 1e-3  # absolute
 KINDS = ["text", "image_audio", "video"]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
-    return Reference(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

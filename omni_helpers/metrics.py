@@ -1,0 +1,137 @@
+"""How long each stage took and how fast each generated token came: what every script reports.
+
+`StageClock` times named phases (load, preprocessing); `count_forwards` wraps the
+thinker's and the talker's forward so that the first call of a `generate` (the prefill)
+and the following ones (one per decoded token or codec frame) are timed apart, without
+touching mindone's code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ForwardTimes:
+    """Seconds of each forward call of one module during one generate."""
+
+    calls: list[float] = field(default_factory=list)
+
+    @property
+    def prefill_seconds(self) -> float:
+        return self.calls[0] if self.calls else 0.0
+
+    @property
+    def decode_steps(self) -> int:
+        return max(len(self.calls) - 1, 0)
+
+    @property
+    def decode_seconds(self) -> float:
+        return sum(self.calls[1:])
+
+
+@contextlib.contextmanager
+def count_forwards(module):
+    """Time every forward of `module` (a mindone Cell) while the context is open."""
+    times = ForwardTimes()
+    if module is None:
+        yield times
+        return
+    construct = module.construct
+
+    def timed_construct(*args, **kwargs):
+        start = time.perf_counter()
+        out = construct(*args, **kwargs)
+        times.calls.append(time.perf_counter() - start)
+        return out
+
+    module.construct = timed_construct
+    try:
+        yield times
+    finally:
+        del module.construct  # back to the class's method
+
+
+class StageClock:
+    """Named wall-clock phases: `with clock("load"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def peak_host_memory_mb() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def peak_device_memory_mb(device_target: str) -> Optional[float]:
+    """Peak device memory MindSpore allocated, where the device reports it (Ascend); None on CPU."""
+    if device_target == "CPU":
+        return None
+    try:
+        import mindspore as ms
+
+        return round(ms.runtime.max_memory_allocated() / 2**20, 1)
+    except Exception:  # older MindSpore or a device without the counter
+        return None
+
+
+def _rate(count: float, seconds: float) -> Optional[float]:
+    return round(count / seconds, 3) if seconds > 0 and count else None
+
+
+def generation_metrics(
+    clock: StageClock,
+    prompt_tokens: int,
+    thinker: ForwardTimes,
+    talker: ForwardTimes,
+    audio_seconds: float,
+    device_target: str,
+) -> dict[str, Any]:
+    """The `metrics` object of result.json."""
+    talker_seconds = talker.prefill_seconds + talker.decode_seconds
+    return {
+        "load_seconds": round(clock.seconds.get("load", 0.0), 3),
+        "preprocessing_seconds": round(clock.seconds.get("preprocessing", 0.0), 3),
+        "generate_seconds": round(clock.seconds.get("generate", 0.0), 3),
+        "prompt_tokens": prompt_tokens,
+        "prefill_seconds": round(thinker.prefill_seconds, 3),
+        "thinker_new_tokens": len(thinker.calls),
+        "thinker_decode_tokens_per_second": _rate(thinker.decode_steps, thinker.decode_seconds),
+        "talker_codec_frames": len(talker.calls),
+        "talker_frames_per_second": _rate(len(talker.calls), talker_seconds),
+        "audio_seconds": round(audio_seconds, 3),
+        "real_time_factor": round(clock.seconds.get("generate", 0.0) / audio_seconds, 3) if audio_seconds else None,
+        "peak_host_memory_mb": peak_host_memory_mb(),
+        "peak_device_memory_mb": peak_device_memory_mb(device_target),
+    }
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """One human line for rank 0's stderr."""
+    parts = [
+        f"load {metrics['load_seconds']}s",
+        f"prompt {metrics['prompt_tokens']} tokens, prefill {metrics['prefill_seconds']}s",
+        f"thinker {metrics['thinker_new_tokens']} tokens at {metrics['thinker_decode_tokens_per_second']} tokens/s",
+    ]
+    if metrics["talker_codec_frames"]:
+        parts.append(
+            f"talker {metrics['talker_codec_frames']} frames at {metrics['talker_frames_per_second']} frames/s, "
+            f"{metrics['audio_seconds']}s of speech (RTF {metrics['real_time_factor']})"
+        )
+    parts.append(f"peak host memory {metrics['peak_host_memory_mb']} MB")
+    return "metrics: " + "; ".join(parts)

@@ -1,0 +1,115 @@
+"""Run the example scripts as users do: `python script.py ...` and `msrun --worker_num=2 ... script.py ...`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 900
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    output_dir: Path
+    log_dir: Optional[Path] = None
+
+    @property
+    def result(self) -> dict:
+        return json.loads((self.output_dir / "result.json").read_text())
+
+    def worker_log(self, rank: int) -> str:
+        return (self.log_dir / f"worker_{rank}.log").read_bytes().decode("utf-8", errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _text(output: bytes) -> str:
+    """Decode without newline translation: random-weight answers can contain a bare carriage return."""
+    return output.decode("utf-8", errors="replace")
+
+
+def script_env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+
+
+def run_single(script: str, args: list[str], output_dir: Path) -> Run:
+    command = [sys.executable, str(ROOT / script), *args, "--output_dir", str(output_dir)]
+    done = subprocess.run(command, capture_output=True, timeout=TIMEOUT, env=script_env(), cwd=output_dir.parent)
+    return Run(done.returncode, _text(done.stdout), _text(done.stderr), output_dir)
+
+
+def msrun_command(script: str, args: list[str], log_dir: Path, workers: int = 2, cluster_time_out: int = 300) -> list[str]:
+    msrun = str(Path(sys.executable).with_name("msrun"))
+    return [
+        msrun, f"--worker_num={workers}", f"--local_worker_num={workers}", f"--master_port={free_port()}",
+        f"--log_dir={log_dir}", "--join=True", f"--cluster_time_out={cluster_time_out}",
+        str(ROOT / script), *args,
+    ]  # fmt: skip
+
+
+def run_msrun(script: str, args: list[str], output_dir: Path, workers: int = 2, cluster_time_out: int = 300) -> Run:
+    log_dir = output_dir.parent / f"{output_dir.name}_msrun_log"
+    command = msrun_command(script, [*args, "--output_dir", str(output_dir)], log_dir, workers, cluster_time_out)
+    done = subprocess.run(command, capture_output=True, timeout=TIMEOUT, env=script_env(), cwd=output_dir.parent)
+    return Run(done.returncode, _text(done.stdout), _text(done.stderr), output_dir, log_dir)
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int, int]:
+    """Samples as float, sample rate, channels."""
+    import soundfile as sf
+
+    info = sf.info(str(path))
+    samples, rate = sf.read(str(path), dtype="float32")
+    return samples, rate, info.channels
+
+
+def decode(checkpoint: Path, tokens: np.ndarray) -> str:
+    """The reference's tokens as the scripts decode them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def check_run(run: Run, expected_text, expected_wav: Optional[np.ndarray]) -> None:
+    """What every script run must show: exit 0, the answer printed and saved, the speech (if any) whole."""
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = run.worker_log(0) if run.log_dir else run.stdout
+    answers = expected_text if isinstance(expected_text, list) else [expected_text]
+    for answer in answers:
+        assert answer + "\n" in printed
+    result = run.result
+    assert result["text"] == expected_text
+    expected_files = {"result.json"} | ({"output.wav"} if expected_wav is not None else set())
+    assert {p.name for p in run.output_dir.iterdir()} == expected_files  # nothing partial, nothing else
+    if expected_wav is None:
+        assert result["audio"] is None
+        return
+    assert result["audio"] == str(run.output_dir / "output.wav")
+    samples, rate, channels = read_wav(run.output_dir / "output.wav")
+    assert (rate, channels) == (24000, 1)
+    assert samples.shape == expected_wav.shape
+    assert np.sqrt(np.mean(samples**2)) > 0.01
+    assert np.abs(samples - expected_wav).max() <= 1e-3  # 16-bit PCM rounding is 1.5e-5
+
+
+def check_both_ranks_ran(run: Run) -> None:
+    """Each worker decoded (mindone logs every step); only rank 0 printed the answer."""
+    for rank in (0, 1):
+        assert "==> sampling, step: 0" in run.worker_log(rank)
