@@ -24,6 +24,7 @@ from omni_helpers.cli import add_common_args, add_media_args, resolve_precision
 from omni_helpers.conversation import user_turn, with_system_prompt
 from omni_helpers.generation import generation_kwargs, new_tokens, progress_to_stderr
 from omni_helpers.inputs import to_mindspore
+from omni_helpers.metrics import ForwardTimes, StageClock, count_forwards, generation_metrics, summary_line
 from omni_helpers.loading import load_model, load_processor, shard_zero3
 from omni_helpers.outputs import save_outputs
 from omni_helpers.runtime import log, setup_runtime
@@ -64,21 +65,25 @@ def main(args: argparse.Namespace) -> dict:
     runtime = setup_runtime(args.device_target, args.seed)
 
     # 3. Load the processor and the model (text only: no talker); shard under msrun
-    processor = load_processor(args.model_name, args.min_pixels, args.max_pixels)
-    model = load_model(args, with_talker=False)
-    if runtime.distributed:
-        model = shard_zero3(model)
+    clock = StageClock()
+    with clock("load"):
+        processor = load_processor(args.model_name, args.min_pixels, args.max_pixels)
+        model = load_model(args, with_talker=False)
+        if runtime.distributed:
+            model = shard_zero3(model)
 
-    captions = []
+    captions, prompt_tokens, thinker_times = [], 0, ForwardTimes()
     for conversation in conversations:
         # 4. Chat template, audio, processor
-        text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        audios, _, _ = process_mm_info(conversation, use_audio_in_video=False)
-        inputs = processor(text=text, audio=audios, return_tensors="np", padding=True)
-        inputs = to_mindspore(inputs, model.dtype)
+        with clock("preprocessing"):
+            text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            audios, _, _ = process_mm_info(conversation, use_audio_in_video=False)
+            inputs = processor(text=text, audio=audios, return_tensors="np", padding=True)
+            inputs = to_mindspore(inputs, model.dtype)
+        prompt_tokens += inputs["input_ids"].shape[1]
 
         # 5. Generate
-        with progress_to_stderr():
+        with clock("generate"), progress_to_stderr(), count_forwards(model.thinker, thinker_times):
             text_ids, _ = model.generate(**inputs, **generation_kwargs(args, model.config, return_audio=False))
 
         # 6. Decode
@@ -93,9 +98,13 @@ def main(args: argparse.Namespace) -> dict:
             print(caption, flush=True)
 
     result = {"model": args.model_name, "inputs": {"audio": list(args.audio), "conversations": conversations}, "text": captions}
+    result["metrics"] = generation_metrics(
+        clock, prompt_tokens, thinker_times, ForwardTimes(), audio_seconds=0.0, device_target=args.device_target
+    )
 
     # 7. Save (rank 0 only)
     if runtime.is_main_process:
+        log(runtime, summary_line(result["metrics"]))
         result = save_outputs(args.output_dir, result, None)
     return result
 

@@ -25,8 +25,9 @@ from omni_helpers.cli import add_audio_in_video_arg, add_common_args, add_media_
 from omni_helpers.conversation import media_in, user_turn, with_system_prompt
 from omni_helpers.generation import generation_kwargs, new_tokens, progress_to_stderr
 from omni_helpers.inputs import to_mindspore, videos_to_numpy
+from omni_helpers.metrics import StageClock, count_forwards, generation_metrics, summary_line
 from omni_helpers.loading import load_model, load_processor, shard_zero3
-from omni_helpers.outputs import save_outputs, speech_digest
+from omni_helpers.outputs import SPEECH_SAMPLE_RATE, save_outputs, speech_digest
 from omni_helpers.runtime import log, setup_runtime
 from omni_helpers.validation import RequestError, check_request, exit_on_bad_request, load_conversation_file, media_items
 
@@ -82,27 +83,31 @@ def main(args: argparse.Namespace) -> dict:
     runtime = setup_runtime(args.device_target, args.seed)
 
     # 3. Load the processor and the model; shard the model when msrun started several workers
-    processor = load_processor(args.model_name, args.min_pixels, args.max_pixels)
-    model = load_model(args, with_talker=args.return_audio)
-    if runtime.distributed:
-        model = shard_zero3(model)
+    clock = StageClock()
+    with clock("load"):
+        processor = load_processor(args.model_name, args.min_pixels, args.max_pixels)
+        model = load_model(args, with_talker=args.return_audio)
+        if runtime.distributed:
+            model = shard_zero3(model)
 
     # 4. Chat template, frames and soundtrack, processor
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    audios, images, videos = process_mm_info(conversation, use_audio_in_video=args.use_audio_in_video)
-    inputs = processor(
-        text=text,
-        audio=audios,
-        images=images,
-        videos=videos_to_numpy(videos),
-        return_tensors="np",
-        padding=True,
-        use_audio_in_video=args.use_audio_in_video,
-    )
-    inputs = to_mindspore(inputs, model.dtype)
+    with clock("preprocessing"):
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        audios, images, videos = process_mm_info(conversation, use_audio_in_video=args.use_audio_in_video)
+        inputs = processor(
+            text=text,
+            audio=audios,
+            images=images,
+            videos=videos_to_numpy(videos),
+            return_tensors="np",
+            padding=True,
+            use_audio_in_video=args.use_audio_in_video,
+        )
+        inputs = to_mindspore(inputs, model.dtype)
 
     # 5. Generate text (thinker), and speech (talker + code2wav) if asked
-    with progress_to_stderr():
+    with clock("generate"), progress_to_stderr(), count_forwards(model.thinker) as thinker_times, \
+            count_forwards(getattr(model, "talker", None)) as talker_times:  # fmt: skip
         text_ids, waveform = model.generate(
             **inputs,
             use_audio_in_video=args.use_audio_in_video,
@@ -123,10 +128,15 @@ def main(args: argparse.Namespace) -> dict:
 
     wav = None if waveform is None else waveform.reshape(-1).float().asnumpy()
     log(runtime, f"text: {answer!r}; speech: {speech_digest(wav)}")
+    result["metrics"] = generation_metrics(
+        clock, inputs["input_ids"].shape[1], thinker_times, talker_times,
+        audio_seconds=0.0 if wav is None else len(wav) / SPEECH_SAMPLE_RATE, device_target=args.device_target,
+    )  # fmt: skip
 
     # 7. Save (rank 0 only)
     if runtime.is_main_process:
         print(answer, flush=True)
+        log(runtime, summary_line(result["metrics"]))
         result = save_outputs(args.output_dir, result, wav)
     return result
 

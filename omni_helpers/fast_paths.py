@@ -7,6 +7,8 @@ with them installed and tests/test_fast_paths.py compares them with mindone's ow
   every forward: decode cost grows with the context through host work alone. Mask
   functions are elementwise in their four index arguments, so one call with broadcast
   index tensors gives the whole mask in a constant number of operations.
+- MoE dispatch. mindone's sparse MoE blocks (thinker and talker) loop over experts with
+  two host synchronisations each; `dispatch_experts` reads the routing once.
 """
 
 from __future__ import annotations
@@ -36,3 +38,80 @@ def broadcast_mask(mask_function, batch_arange, head_arange, cache_position, kv_
         return mask.broadcast_to((batch, heads, q_len, kv_len))
     mask = mask_function(batch_arange, head_arange, cache_position.reshape(-1, 1), kv_arange.reshape(1, -1))
     return mask.broadcast_to((q_len, kv_len))
+
+
+# ----------------------------------------------------------------------------- MoE dispatch
+
+MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
+
+
+def _route(block, hidden_states):
+    """Router logits, the top-k weights (renormalised if configured) and the chosen experts, as mindone computes them."""
+    import mindspore as ms
+    from mindspore import mint
+
+    router_logits = block.gate(hidden_states)
+    weights = mint.nn.functional.softmax(router_logits, dim=1, dtype=ms.float32)
+    weights, selected = mint.topk(weights, block.top_k, dim=-1)
+    if block.norm_topk_prob:
+        weights /= weights.sum(dim=-1, keepdim=True)
+    return router_logits, weights.to(hidden_states.dtype), selected
+
+
+def dispatch_experts(block, hidden_states, weights, selected):
+    """Run every chosen expert once on its tokens and combine the results.
+
+    mindone loops over experts with two host synchronisations each (`.item()` and a
+    nonzero) and accumulates with `index_add_`. Here the routing is read to the host
+    once; the rest is gathers and adds whose indices come from that one read. Each
+    token's contributions are added in ascending expert order, the order mindone's
+    accumulation adds them, so results match to the last bit.
+    """
+    import numpy as np
+
+    import mindspore as ms
+    from mindspore import mint
+
+    chosen = selected.asnumpy()  # (tokens, k): the one host synchronisation
+    tokens, k = chosen.shape
+    slots = chosen.reshape(-1)
+    by_expert = np.argsort(slots, kind="stable")  # slot numbers grouped by expert, tokens in order
+    experts, starts = np.unique(slots[by_expert], return_index=True)
+    ends = [*starts[1:], len(by_expert)]
+    flat_weights = weights.reshape(-1)
+    outputs = []
+    for expert, start, end in zip(experts.tolist(), starts.tolist(), ends):
+        group = by_expert[start:end]
+        rows = ms.Tensor((group // k).astype(np.int64))
+        outputs.append(block.experts[expert](hidden_states[rows]) * flat_weights[ms.Tensor(group.astype(np.int64))][:, None])
+    stacked = mint.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    row_of_slot = np.empty_like(by_expert)
+    row_of_slot[by_expert] = np.arange(len(by_expert))
+    ascending = np.argsort(chosen, axis=1, kind="stable")
+    rows = np.take_along_axis(row_of_slot.reshape(tokens, k), ascending, axis=1)  # (tokens, k)
+    contributions = stacked[ms.Tensor(rows.T.reshape(-1).astype(np.int64))].reshape(k, tokens, -1)
+    combined = contributions[0]
+    for i in range(1, k):
+        combined = combined + contributions[i]
+    return combined
+
+
+@FAST_PATHS.replaces(f"{MODELING}.Qwen3OmniMoeThinkerTextSparseMoeBlock:construct")
+def thinker_moe_construct(self, hidden_states):
+    batch, length, hidden = hidden_states.shape
+    flat = hidden_states.view(-1, hidden)
+    router_logits, weights, selected = _route(self, flat)
+    return dispatch_experts(self, flat, weights, selected).reshape(batch, length, hidden), router_logits
+
+
+@FAST_PATHS.replaces(f"{MODELING}.Qwen3OmniMoeTalkerTextSparseMoeBlock:construct")
+def talker_moe_construct(self, hidden_states):
+    from mindspore import mint
+
+    batch, length, hidden = hidden_states.shape
+    flat = hidden_states.view(-1, hidden)
+    router_logits, weights, selected = _route(self, flat)
+    routed = dispatch_experts(self, flat, weights, selected)
+    shared = mint.nn.functional.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+    return (routed + shared).reshape(batch, length, hidden), router_logits

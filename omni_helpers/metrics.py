@@ -9,6 +9,7 @@ touching mindone's code.
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import sys
 import time
@@ -18,36 +19,50 @@ from typing import Any, Optional
 
 @dataclass
 class ForwardTimes:
-    """Seconds of each forward call of one module during one generate."""
+    """Seconds of each forward call of one module, grouped by `generate` (the first call of each is its prefill)."""
 
-    calls: list[float] = field(default_factory=list)
+    runs: list[list[float]] = field(default_factory=lambda: [[]])
+
+    @property
+    def calls(self) -> list[float]:
+        return [seconds for run in self.runs for seconds in run]
+
+    def record(self, seconds: float) -> None:
+        self.runs[-1].append(seconds)
+
+    def next_generate(self) -> None:
+        if self.runs[-1]:
+            self.runs.append([])
 
     @property
     def prefill_seconds(self) -> float:
-        return self.calls[0] if self.calls else 0.0
+        return sum(run[0] for run in self.runs if run)
 
     @property
     def decode_steps(self) -> int:
-        return max(len(self.calls) - 1, 0)
+        return sum(max(len(run) - 1, 0) for run in self.runs)
 
     @property
     def decode_seconds(self) -> float:
-        return sum(self.calls[1:])
+        return sum(sum(run[1:]) for run in self.runs)
 
 
 @contextlib.contextmanager
-def count_forwards(module):
-    """Time every forward of `module` (a mindone Cell) while the context is open."""
-    times = ForwardTimes()
+def count_forwards(module, times: Optional[ForwardTimes] = None):
+    """Time every forward of `module` (a mindone Cell) while the context is open; pass `times`
+    to keep adding to it over several `generate` calls."""
+    times = times if times is not None else ForwardTimes()
+    times.next_generate()
     if module is None:
         yield times
         return
     construct = module.construct
 
+    @functools.wraps(construct)  # generate() reads the forward's signature
     def timed_construct(*args, **kwargs):
         start = time.perf_counter()
         out = construct(*args, **kwargs)
-        times.calls.append(time.perf_counter() - start)
+        times.record(time.perf_counter() - start)
         return out
 
     module.construct = timed_construct

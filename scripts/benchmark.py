@@ -109,7 +109,7 @@ class count_forwards_torch:
             self.start = time.perf_counter()
 
         def after(*_):
-            self.times.calls.append(time.perf_counter() - self.start)
+            self.times.record(time.perf_counter() - self.start)
 
         self.handles = [self.module.register_forward_pre_hook(before), self.module.register_forward_hook(after)]
         return self.times

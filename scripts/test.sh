@@ -8,3 +8,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh" "$ROOT/requirements-test.txt"
 cd "$ROOT"
 python -m pytest "$@"
+
+# The benchmark in a short configuration: figures printed for the log, never asserted.
+echo "== benchmark (short configuration; figures depend on the machine)"
+python scripts/benchmark.py --model_name "$TINY_CKPT" --device_target CPU --media_dir "$SAMPLE_MEDIA" \
+  --prompt_tokens 32 128 --new_tokens 8 --repeats 1 --variant all --json "${TMPDIR:-/tmp}/benchmark_ci.json" 2>/dev/null

@@ -113,3 +113,18 @@ def check_both_ranks_ran(run: Run) -> None:
     """Each worker decoded (mindone logs every step); only rank 0 printed the answer."""
     for rank in (0, 1):
         assert "==> sampling, step: 0" in run.worker_log(rank)
+
+
+def check_metrics(run: Run, new_tokens: int, speech: bool) -> None:
+    """The metrics object every run writes: the counts exact, the timings present and positive."""
+    metrics = run.result["metrics"]
+    assert metrics["prompt_tokens"] > 0 and metrics["thinker_new_tokens"] == new_tokens
+    for key in ("load_seconds", "preprocessing_seconds", "prefill_seconds", "thinker_decode_tokens_per_second", "peak_host_memory_mb"):
+        assert metrics[key] > 0, key
+    assert metrics["peak_device_memory_mb"] is None  # CPU reports none
+    if speech:
+        samples, rate, _ = read_wav(run.output_dir / "output.wav")
+        assert metrics["talker_codec_frames"] > 0 and metrics["talker_frames_per_second"] > 0
+        assert metrics["audio_seconds"] == round(len(samples) / rate, 3) and metrics["real_time_factor"] > 0
+    else:
+        assert metrics["talker_codec_frames"] == 0 and metrics["audio_seconds"] == 0

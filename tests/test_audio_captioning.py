@@ -6,7 +6,7 @@ import pytest
 
 import audio_captioning
 from tests.reference import processor_inputs
-from tests.script_runs import check_both_ranks_ran, check_run, decode, run_msrun, run_single
+from tests.script_runs import check_both_ranks_ran, check_metrics, check_run, decode, run_msrun, run_single
 
 NEW_TOKENS = 16
 
@@ -43,6 +43,7 @@ def test_each_audio_gets_its_own_audio_only_conversation(argv):
 def test_single_process_matches_reference(argv, expected, tmp_path):
     run = run_single("audio_captioning.py", argv, tmp_path / "out")
     check_run(run, expected, None)
+    check_metrics(run, 2 * NEW_TOKENS, speech=False)
     assert len(run.result["inputs"]["audio"]) == 2
 
 

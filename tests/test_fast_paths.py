@@ -37,3 +37,28 @@ def test_broadcast_mask_equals_mindone_loop(name, q_start, q_len):
     actual = broadcast_mask(function, batch, heads, cache_position, kv).asnumpy()
     assert actual.shape == expected.shape == (2, 1, q_len, 6)
     np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.fixture(scope="module")
+def moe_blocks(tiny_checkpoint):
+    from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
+
+    from omni_helpers.runtime import setup_runtime
+
+    setup_runtime("CPU")
+    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=ms.float32, attn_implementation="eager")
+    return {"thinker": model.thinker.model.layers[0].mlp, "talker": model.talker.model.layers[0].mlp}
+
+
+@pytest.mark.parametrize("which", ["thinker", "talker"])
+@pytest.mark.parametrize("tokens", [1, 7, 40])
+def test_moe_dispatch_equals_mindone_loop(moe_blocks, which, tokens):
+    block = moe_blocks[which]
+    hidden = block.gate.weight.shape[1]
+    x = ms.Tensor(np.random.default_rng(tokens).standard_normal((1, tokens, hidden)).astype(np.float32))
+    stock = FAST_PATHS.original(f"{type(block).__module__}.{type(block).__name__}:construct")
+    expected, expected_logits = stock(block, x)
+    actual, logits = type(block).construct(block, x)  # the installed fast path
+    assert type(block).construct is not stock
+    np.testing.assert_array_equal(logits.asnumpy(), expected_logits.asnumpy())
+    np.testing.assert_allclose(actual.asnumpy(), expected.asnumpy(), rtol=1e-6, atol=1e-7)

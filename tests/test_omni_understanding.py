@@ -6,7 +6,7 @@ import pytest
 
 import omni_understanding
 from tests.reference import processor_inputs
-from tests.script_runs import check_both_ranks_ran, check_run, decode, run_msrun, run_single
+from tests.script_runs import check_both_ranks_ran, check_metrics, check_run, decode, run_msrun, run_single
 
 NEW_TOKENS, TALKER_FRAMES = 16, 8
 
@@ -42,6 +42,7 @@ def test_conversation_puts_media_before_the_question(argv, sample_media):
 def test_single_process_matches_reference(argv, expected, tmp_path):
     run = run_single("omni_understanding.py", argv, tmp_path / "out")
     check_run(run, *expected)
+    check_metrics(run, NEW_TOKENS, speech=True)
     assert run.result["inputs"]["image"] and run.result["inputs"]["audio"]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 import video_understanding
 from tests.reference import processor_inputs
-from tests.script_runs import check_both_ranks_ran, check_run, decode, run_msrun, run_single
+from tests.script_runs import check_both_ranks_ran, check_metrics, check_run, decode, run_msrun, run_single
 
 NEW_TOKENS, TALKER_FRAMES = 16, 6
 
@@ -43,6 +43,7 @@ def test_time_range_and_audio_switch_reach_the_video_item(argv):
 def test_single_process_matches_reference(argv, expected, tmp_path):
     run = run_single("video_understanding.py", argv, tmp_path / "out")
     check_run(run, *expected)
+    check_metrics(run, NEW_TOKENS, speech=True)
     assert run.result["inputs"]["use_audio_in_video"] is True
 
 
