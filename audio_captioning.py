@@ -22,12 +22,12 @@ import argparse
 
 from omni_helpers.cli import add_common_args, add_media_args, resolve_precision
 from omni_helpers.conversation import user_turn, with_system_prompt
-from omni_helpers.generation import generation_kwargs, new_tokens, progress_to_stderr
+from omni_helpers.generation import decode_answer, generation_kwargs, progress_to_stderr
 from omni_helpers.inputs import to_mindspore
-from omni_helpers.metrics import ForwardTimes, StageClock, count_forwards, generation_metrics, summary_line
+from omni_helpers.metrics import ForwardTimes, StageClock, count_forwards, generation_metrics
 from omni_helpers.loading import load_model, load_processor, shard_zero3
-from omni_helpers.outputs import save_outputs
-from omni_helpers.runtime import log, setup_runtime
+from omni_helpers.outputs import publish
+from omni_helpers.runtime import setup_runtime
 from omni_helpers.validation import RequestError, check_request, exit_on_bad_request, load_conversation_file
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Captioner"
@@ -87,26 +87,15 @@ def main(args: argparse.Namespace) -> dict:
             text_ids, _ = model.generate(**inputs, **generation_kwargs(args, model.config, return_audio=False))
 
         # 6. Decode
-        caption = processor.batch_decode(
-            new_tokens(text_ids.sequences, inputs["input_ids"].shape[1]),
-            skip_special_tokens=True,
-            clean_up_tokenization_spaces=False,
-        )[0]
-        captions.append(caption)
-        log(runtime, f"text: {caption!r}")
-        if runtime.is_main_process:
-            print(caption, flush=True)
+        captions.append(decode_answer(processor, text_ids, inputs["input_ids"].shape[1]))
 
     result = {"model": args.model_name, "inputs": {"audio": list(args.audio), "conversations": conversations}, "text": captions}
     result["metrics"] = generation_metrics(
         clock, prompt_tokens, thinker_times, ForwardTimes(), audio_seconds=0.0, device_target=args.device_target
     )
 
-    # 7. Save (rank 0 only)
-    if runtime.is_main_process:
-        log(runtime, summary_line(result["metrics"]))
-        result = save_outputs(args.output_dir, result, None)
-    return result
+    # 7. Print and save (rank 0 only)
+    return publish(runtime, args.output_dir, result, None)
 
 
 if __name__ == "__main__":

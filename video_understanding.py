@@ -23,12 +23,12 @@ import argparse
 
 from omni_helpers.cli import add_audio_in_video_arg, add_common_args, add_media_args, add_speech_args, resolve_precision
 from omni_helpers.conversation import media_in, user_turn, with_system_prompt
-from omni_helpers.generation import generation_kwargs, new_tokens, progress_to_stderr
+from omni_helpers.generation import decode_answer, generation_kwargs, progress_to_stderr, waveform_to_numpy
 from omni_helpers.inputs import to_mindspore, videos_to_numpy
-from omni_helpers.metrics import StageClock, count_forwards, generation_metrics, summary_line
+from omni_helpers.metrics import StageClock, count_forwards, generation_metrics
 from omni_helpers.loading import load_model, load_processor, shard_zero3
-from omni_helpers.outputs import SPEECH_SAMPLE_RATE, save_outputs, speech_digest
-from omni_helpers.runtime import log, setup_runtime
+from omni_helpers.outputs import SPEECH_SAMPLE_RATE, publish
+from omni_helpers.runtime import setup_runtime
 from omni_helpers.validation import RequestError, check_request, exit_on_bad_request, load_conversation_file, media_items
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
@@ -115,30 +115,21 @@ def main(args: argparse.Namespace) -> dict:
         )
 
     # 6. Decode
-    answer = processor.batch_decode(
-        new_tokens(text_ids.sequences, inputs["input_ids"].shape[1]),
-        skip_special_tokens=True,
-        clean_up_tokenization_spaces=False,
-    )[0]
+    answer = decode_answer(processor, text_ids, inputs["input_ids"].shape[1])
     result = {
         "model": args.model_name,
         "inputs": {"conversation": conversation, "use_audio_in_video": args.use_audio_in_video, **media_in(conversation)},
         "text": answer,
     }
 
-    wav = None if waveform is None else waveform.reshape(-1).float().asnumpy()
-    log(runtime, f"text: {answer!r}; speech: {speech_digest(wav)}")
+    wav = waveform_to_numpy(waveform)
     result["metrics"] = generation_metrics(
         clock, inputs["input_ids"].shape[1], thinker_times, talker_times,
         audio_seconds=0.0 if wav is None else len(wav) / SPEECH_SAMPLE_RATE, device_target=args.device_target,
     )  # fmt: skip
 
-    # 7. Save (rank 0 only)
-    if runtime.is_main_process:
-        print(answer, flush=True)
-        log(runtime, summary_line(result["metrics"]))
-        result = save_outputs(args.output_dir, result, wav)
-    return result
+    # 7. Print and save (rank 0 only)
+    return publish(runtime, args.output_dir, result, wav)
 
 
 if __name__ == "__main__":

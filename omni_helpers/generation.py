@@ -43,3 +43,15 @@ def progress_to_stderr():
 def new_tokens(sequences, prompt_length: int):
     """The generated part of `sequences` (batch, prompt + new)."""
     return sequences[:, prompt_length:]
+
+
+def decode_answer(processor, text_ids, prompt_length: int) -> str:
+    """The text of the first (only) sequence's new tokens."""
+    return processor.batch_decode(
+        new_tokens(text_ids.sequences, prompt_length), skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )[0]
+
+
+def waveform_to_numpy(waveform):
+    """generate()'s speech (a Tensor, or None without a talker) as a flat float32 array."""
+    return None if waveform is None else waveform.reshape(-1).float().asnumpy()

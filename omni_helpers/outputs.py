@@ -61,3 +61,18 @@ def speech_digest(waveform: Optional[np.ndarray]) -> str:
         return "none"
     pcm = np.clip(np.round(waveform * 32767), -32768, 32767).astype("<i2")
     return f"{len(pcm)} samples sha1 {hashlib.sha1(pcm.tobytes()).hexdigest()[:16]}"
+
+
+def publish(runtime, output_dir: str, result: dict[str, Any], waveform: Optional[np.ndarray]) -> dict[str, Any]:
+    """Every rank logs what it generated (so ranks can be compared); rank 0 prints the answer(s),
+    a metrics summary, and saves. Returns the result as saved."""
+    from .metrics import summary_line
+    from .runtime import log
+
+    log(runtime, f"text: {result['text']!r}; speech: {speech_digest(waveform)}")
+    if not runtime.is_main_process:
+        return result
+    for answer in result["text"] if isinstance(result["text"], list) else [result["text"]]:
+        print(answer, flush=True)
+    log(runtime, summary_line(result["metrics"]))
+    return save_outputs(output_dir, result, waveform)

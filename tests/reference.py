@@ -53,6 +53,19 @@ def processor_inputs(
     return dict(inputs)
 
 
+def record_codes(code2wav, to_numpy) -> list[np.ndarray]:
+    """Keep a copy of the codec codes (groups, frames) each time code2wav decodes speech."""
+    seen: list[np.ndarray] = []
+    decode = code2wav.chunked_decode
+
+    def recording_decode(codes, *args, **kwargs):
+        seen.append(to_numpy(codes[0]).copy())
+        return decode(codes, *args, **kwargs)
+
+    code2wav.chunked_decode = recording_decode
+    return seen
+
+
 @dataclass
 class Generation:
     tokens: np.ndarray  # new thinker token ids, (new,)
@@ -85,14 +98,7 @@ class Reference:
             return sampling_generate(*args, **kwargs)
 
         predictor.generate = greedy_generate
-        self.codes_seen: list[np.ndarray] = []
-        decode = self.model.code2wav.chunked_decode
-
-        def recording_decode(codes, *args, **kwargs):
-            self.codes_seen.append(codes[0].numpy().copy())
-            return decode(codes, *args, **kwargs)
-
-        self.model.code2wav.chunked_decode = recording_decode
+        self.codes_seen = record_codes(self.model.code2wav, lambda codes: codes.numpy())
 
     def _torch_inputs(self, inputs):
         import torch
@@ -151,14 +157,7 @@ class MindOne:
         self.model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
             checkpoint, mindspore_dtype=ms.float32, attn_implementation="eager"
         )
-        self.codes_seen: list[np.ndarray] = []
-        decode = self.model.code2wav.chunked_decode
-
-        def recording_decode(codes, *args, **kwargs):
-            self.codes_seen.append(codes[0].asnumpy().copy())
-            return decode(codes, *args, **kwargs)
-
-        self.model.code2wav.chunked_decode = recording_decode
+        self.codes_seen = record_codes(self.model.code2wav, lambda codes: codes.asnumpy())
 
     def prefill_logits(self, inputs, use_audio_in_video: bool) -> np.ndarray:
         out = self.model.thinker(**to_mindspore(inputs, self.ms.float32), use_audio_in_video=use_audio_in_video)

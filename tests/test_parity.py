@@ -69,3 +69,20 @@ def test_greedy_text_and_speech_match_reference(kind, requests, reference, mindo
     assert actual.wav.shape == expected.wav.shape
     assert np.sqrt(np.mean(expected.wav**2)) > 0.01  # speech, not silence
     assert np.abs(actual.wav - expected.wav).max() <= WAV_TOLERANCE
+
+
+def test_fast_paths_change_nothing_but_speed(requests, mindone):
+    """Stock mindone (fast paths removed) and the installed fast paths: same tokens, codes and speech."""
+    from omni_helpers.fast_paths import FAST_PATHS
+
+    inputs = requests["image_audio"]
+    fast = mindone.generate(inputs, False, NEW_TOKENS, return_audio=True)
+    FAST_PATHS.uninstall()
+    try:
+        stock = mindone.generate(inputs, False, NEW_TOKENS, return_audio=True)
+    finally:
+        FAST_PATHS.install()
+    np.testing.assert_array_equal(fast.tokens, stock.tokens)
+    assert relative_error(fast.step_logits, stock.step_logits) <= 1e-5
+    np.testing.assert_array_equal(fast.codes, stock.codes)
+    assert np.abs(fast.wav - stock.wav).max() <= 1e-5
