@@ -66,6 +66,21 @@ def record_codes(code2wav, to_numpy) -> list[np.ndarray]:
     return seen
 
 
+def greedy_settings(config, use_audio_in_video: bool, new_tokens: int, return_audio: bool, talker_new_tokens: int) -> dict:
+    """The same greedy `generate` keywords for both implementations, with the thinker's logits kept."""
+    return {
+        "use_audio_in_video": use_audio_in_video,
+        "return_audio": return_audio,
+        "thinker_max_new_tokens": new_tokens,
+        "thinker_eos_token_id": config.im_end_token_id,
+        "thinker_return_dict_in_generate": True,
+        "thinker_output_logits": True,
+        "thinker_do_sample": False,
+        "talker_do_sample": False,
+        "talker_max_new_tokens": talker_new_tokens,
+    }
+
+
 @dataclass
 class Generation:
     tokens: np.ndarray  # new thinker token ids, (new,)
@@ -120,20 +135,9 @@ class Reference:
         import torch
 
         self.codes_seen.clear()
-        eos = self.model.config.im_end_token_id
+        settings = greedy_settings(self.model.config, use_audio_in_video, new_tokens, return_audio, talker_new_tokens)
         with torch.no_grad():
-            result, wav = self.model.generate(
-                **self._torch_inputs(inputs),
-                use_audio_in_video=use_audio_in_video,
-                return_audio=return_audio,
-                thinker_max_new_tokens=new_tokens,
-                thinker_eos_token_id=eos,
-                thinker_return_dict_in_generate=True,
-                thinker_output_logits=True,
-                thinker_do_sample=False,
-                talker_do_sample=False,
-                talker_max_new_tokens=talker_new_tokens,
-            )
+            result, wav = self.model.generate(**self._torch_inputs(inputs), **settings)
         prompt = inputs["input_ids"].shape[1]
         return Generation(
             tokens=result.sequences[0, prompt:].numpy(),
@@ -155,7 +159,7 @@ class MindOne:
         setup_runtime("CPU", seed=0)
         self.ms = ms
         self.model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-            checkpoint, mindspore_dtype=ms.float32, attn_implementation="eager"
+            checkpoint, dtype=ms.float32, attn_implementation="eager"
         )
         self.codes_seen = record_codes(self.model.code2wav, lambda codes: codes.asnumpy())
 
@@ -165,18 +169,8 @@ class MindOne:
 
     def generate(self, inputs, use_audio_in_video: bool, new_tokens: int, return_audio: bool, talker_new_tokens: int = 8):
         self.codes_seen.clear()
-        result, wav = self.model.generate(
-            **to_mindspore(inputs, self.ms.float32),
-            use_audio_in_video=use_audio_in_video,
-            return_audio=return_audio,
-            thinker_max_new_tokens=new_tokens,
-            thinker_eos_token_id=self.model.config.im_end_token_id,
-            thinker_return_dict_in_generate=True,
-            thinker_output_logits=True,
-            thinker_do_sample=False,
-            talker_do_sample=False,
-            talker_max_new_tokens=talker_new_tokens,
-        )
+        settings = greedy_settings(self.model.config, use_audio_in_video, new_tokens, return_audio, talker_new_tokens)
+        result, wav = self.model.generate(**to_mindspore(inputs, self.ms.float32), **settings)
         prompt = inputs["input_ids"].shape[1]
         return Generation(
             tokens=result.sequences[0, prompt:].asnumpy(),

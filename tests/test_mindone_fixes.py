@@ -25,7 +25,7 @@ def audio_towers(tiny_checkpoint):
     from omni_helpers.runtime import setup_runtime
 
     setup_runtime("CPU")
-    mindone = MindoneModel.from_pretrained(tiny_checkpoint, mindspore_dtype=ms.float32, attn_implementation="eager")
+    mindone = MindoneModel.from_pretrained(tiny_checkpoint, dtype=ms.float32, attn_implementation="eager")
     reference = TorchModel.from_pretrained(tiny_checkpoint, dtype=torch.float32, attn_implementation="eager")
     return mindone.thinker.audio_tower, reference.thinker.audio_tower
 
