@@ -6,7 +6,10 @@ and against the transformers (PyTorch) reference, in one process and one run.
 
 Workloads (fixed seed, greedy): text only at each --prompt_tokens length, and image +
 audio + question with speech output. For each variant it reports medians over the
-repeats: thinker prefill seconds, thinker decode tokens/s, talker frames/s. With
+repeats: thinker prefill seconds, thinker decode tokens/s, talker frames/s, and for the
+MindSpore variants on text workloads the operations launched per decoded token (counted by
+MindSpore's profiler: ops of a run of N tokens minus those of the prefill alone, over N-1;
+CPU only). With
 `--variant all` it also prints the ratios optimized/stock and optimized/reference
 measured in this run. On Ascend with a real checkpoint the reference is skipped.
 Figures are printed, never asserted: they depend on the machine.
@@ -119,6 +122,30 @@ class count_forwards_torch:
             handle.remove()
 
 
+def launched_ops(run) -> int:
+    """Operations MindSpore launched while `run()` ran, counted from its profiler's CPU op timeline."""
+    from mindspore.profiler import Profiler
+
+    with tempfile.TemporaryDirectory() as folder:
+        profiler = Profiler(output_path=folder)
+        run()
+        profiler.stop()
+        profiler.analyse()
+        total = 0
+        for timeline in Path(folder).glob("**/FRAMEWORK/cpu_op_execute_timestamp_*.txt"):
+            for line in timeline.read_text().splitlines():
+                fields = line.split(";")
+                total += len(fields[2].split()) if len(fields) >= 3 else 0  # one timestamp per launch
+    return total
+
+
+def ops_per_decoded_token(model, inputs, new_tokens: int) -> float:
+    """(ops for prefill + new_tokens-1 decode steps - ops for prefill alone) / (new_tokens - 1)."""
+    with_decode = launched_ops(lambda: mindspore_run(model, inputs, new_tokens, False, 0))
+    prefill_only = launched_ops(lambda: mindspore_run(model, inputs, 1, False, 0))
+    return round((with_decode - prefill_only) / (new_tokens - 1), 1)
+
+
 def summarize(thinker, talker) -> dict:
     talker_seconds = talker.prefill_seconds + talker.decode_seconds
     return {
@@ -144,6 +171,8 @@ def parse_args(argv=None):
     parser.add_argument("--variant", choices=["stock", "optimized", "reference", "all"], default="all")
     parser.add_argument("--media_dir", default=None, help="sample media (built in a temporary folder if not given)")
     parser.add_argument("--json", required=True, help="where to write the figures")
+    parser.add_argument("--no-count_ops", dest="count_ops", action="store_false",
+                        help="skip counting operations per decoded token (two extra profiled runs per workload)")
     return parser.parse_args(argv)
 
 
@@ -203,6 +232,8 @@ def main(argv=None) -> dict:
                 else:
                     runs.append(mindspore_run(ms_model, inputs, args.new_tokens, speech, args.talker_frames))
             row[variant] = {key: median([r[key] for r in runs]) for key in runs[0]}
+            if args.count_ops and args.device_target == "CPU" and variant != "reference" and not speech:
+                row[variant]["ops_per_decoded_token"] = ops_per_decoded_token(ms_model, inputs, args.new_tokens)
             print(f"{name:>20} {variant:>9}: {row[variant]}", flush=True)
         if "stock" in row and "optimized" in row:
             row["optimized_over_stock"] = ratio(row["optimized"], row["stock"])
@@ -216,11 +247,12 @@ def main(argv=None) -> dict:
 
 
 def ratio(a: dict, b: dict) -> dict:
-    """a/b for speeds, b/a for prefill seconds: above 1 means `a` is faster."""
+    """a/b for speeds, b/a for seconds and operation counts: above 1 means `a` is better."""
     out = {}
-    for key in a:
+    for key in a.keys() & b.keys():
         if a[key] and b[key]:
-            out[key] = round(b[key] / a[key] if key.endswith("seconds") else a[key] / b[key], 3)
+            lower_is_better = key.endswith("seconds") or key.startswith("ops_")
+            out[key] = round(b[key] / a[key] if lower_is_better else a[key] / b[key], 3)
     return out
 
 
