@@ -52,7 +52,7 @@ def read_checkpoint_config(model_name: str, allow_pickle_weights: bool = False) 
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise RequestError(f"--model_name {model_name}: config.json is unreadable ({error}); re-download the checkpoint")
+        raise RequestError(f"--model_name {model_name}: config.json is unreadable ({error}); re-download the checkpoint") from error
     if config.get("model_type") != "qwen3_omni_moe":
         raise RequestError(
             f"--model_name {model_name}: model_type is {config.get('model_type')!r}, not 'qwen3_omni_moe'; "
@@ -110,7 +110,7 @@ def _check_readable(kind: str, reference: str) -> Optional[Path]:
         with open(path, "rb") as handle:
             handle.read(1)
     except OSError as error:
-        raise RequestError(f"{kind} {reference}: cannot be read ({error.strerror}); check its permissions")
+        raise RequestError(f"{kind} {reference}: cannot be read ({error.strerror}); check its permissions") from error
     return path
 
 
@@ -124,7 +124,7 @@ def check_image(reference: str) -> None:
         with Image.open(path) as image:
             image.load()
     except Exception as error:  # PIL raises many kinds for broken files
-        raise RequestError(f"image {reference}: not a readable image ({type(error).__name__}); give a PNG/JPEG file")
+        raise RequestError(f"image {reference}: not a readable image ({type(error).__name__}); give a PNG/JPEG file") from error
 
 
 def check_audio(reference: str) -> None:
@@ -177,7 +177,7 @@ def load_conversation_file(path: str) -> list:
     try:
         conversation = json.loads(file.read_text(encoding="utf-8"))
     except ValueError as error:
-        raise RequestError(f"--conversation {path}: not valid JSON ({error}); fix the file")
+        raise RequestError(f"--conversation {path}: not valid JSON ({error}); fix the file") from error
     if isinstance(conversation, list) and conversation and all(isinstance(c, list) for c in conversation):
         raise RequestError(f"--conversation {path}: holds several conversations; give one per run")
     check_conversation(conversation, f"--conversation {path}")
