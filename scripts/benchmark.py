@@ -57,12 +57,10 @@ def media_conversation(media: dict[str, Path]) -> list[dict]:
 
 
 def mindspore_run(model, inputs, new_tokens: int, return_audio: bool, talker_frames: int) -> dict:
-    import mindspore as ms
-
     from omni_helpers.generation import progress_to_stderr
     from omni_helpers.inputs import to_mindspore
 
-    ms_inputs = to_mindspore(inputs, ms.float32 if model.dtype == ms.float32 else model.dtype)
+    ms_inputs = to_mindspore(inputs, model.dtype)
     with count_forwards(model.thinker) as thinker, count_forwards(getattr(model, "talker", None)) as talker:
         with progress_to_stderr():
             model.generate(
