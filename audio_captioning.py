@@ -1,6 +1,7 @@
 """Caption audio with Qwen3-Omni-30B-A3B-Captioner: one detailed caption per audio file, no prompt needed.
 
-On Ascend, two NPUs, the model sharded with ZeRO-3:
+On Ascend, two NPUs, the model sharded with ZeRO-3 (add `--parallel expert` to give each NPU
+half of the experts instead, with far less traffic per token; see the README):
 
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=msrun_log \
         --join=True --cluster_time_out=300 audio_captioning.py \
@@ -25,7 +26,8 @@ from omni_helpers.conversation import user_turn, with_system_prompt
 from omni_helpers.generation import decode_answer, generation_kwargs, progress_to_stderr
 from omni_helpers.inputs import to_mindspore
 from omni_helpers.metrics import ForwardTimes, StageClock, count_forwards, generation_metrics
-from omni_helpers.loading import load_model, load_processor, shard_zero3
+from omni_helpers.loading import load_model, load_processor
+from omni_helpers.parallel import shard_model
 from omni_helpers.outputs import publish
 from omni_helpers.runtime import setup_runtime
 from omni_helpers.validation import RequestError, check_request, exit_on_bad_request, load_conversation_file
@@ -62,15 +64,14 @@ def main(args: argparse.Namespace) -> dict:
     conversations = exit_on_bad_request(lambda: checked_requests(args))
 
     # 2. Device, msrun ranks, and the CPU kernels if the device is CPU
-    runtime = setup_runtime(args.device_target, args.seed)
+    runtime = setup_runtime(args.device_target, args.seed, parallel=args.parallel)
 
-    # 3. Load the processor and the model (text only: no talker); shard under msrun
+    # 3. Load the processor and the model (text only: no talker); spread it as --parallel says
     clock = StageClock()
     with clock("load"):
         processor = load_processor(args.model_name, args.min_pixels, args.max_pixels)
         model = load_model(args, with_talker=False)
-        if runtime.distributed:
-            model = shard_zero3(model)
+        model = shard_model(model, runtime)  # --parallel: ZeRO-3, a share of the experts, or whole
 
     captions, prompt_tokens, thinker_times = [], 0, ForwardTimes()
     for conversation in conversations:
@@ -91,7 +92,7 @@ def main(args: argparse.Namespace) -> dict:
 
     result = {"model": args.model_name, "inputs": {"audio": list(args.audio), "conversations": conversations}, "text": captions}
     result["metrics"] = generation_metrics(
-        clock, prompt_tokens, thinker_times, ForwardTimes(), audio_seconds=0.0, device_target=args.device_target
+        clock, prompt_tokens, thinker_times, ForwardTimes(), audio_seconds=0.0, runtime=runtime, model=model
     )
 
     # 7. Print and save (rank 0 only)

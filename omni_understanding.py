@@ -1,6 +1,7 @@
 """Ask Qwen3-Omni about any mix of images, audio, video and text; get text, and speech if asked.
 
-On Ascend, two NPUs, the model sharded with ZeRO-3:
+On Ascend, two NPUs, the model sharded with ZeRO-3 (add `--parallel expert` to give each NPU
+half of the experts instead, with far less traffic per token; see the README):
 
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=msrun_log \
         --join=True --cluster_time_out=300 omni_understanding.py \
@@ -27,7 +28,8 @@ from omni_helpers.conversation import media_in, user_turn, with_system_prompt
 from omni_helpers.generation import decode_answer, generation_kwargs, progress_to_stderr, waveform_to_numpy
 from omni_helpers.inputs import to_mindspore, videos_to_numpy
 from omni_helpers.metrics import StageClock, count_forwards, generation_metrics
-from omni_helpers.loading import load_model, load_processor, shard_zero3
+from omni_helpers.loading import load_model, load_processor
+from omni_helpers.parallel import shard_model
 from omni_helpers.outputs import SPEECH_SAMPLE_RATE, publish
 from omni_helpers.runtime import setup_runtime
 from omni_helpers.validation import check_request, exit_on_bad_request, load_conversation_file
@@ -64,15 +66,14 @@ def main(args: argparse.Namespace) -> dict:
     conversation = exit_on_bad_request(lambda: checked_request(args))
 
     # 2. Device, msrun ranks, and the CPU kernels if the device is CPU
-    runtime = setup_runtime(args.device_target, args.seed)
+    runtime = setup_runtime(args.device_target, args.seed, parallel=args.parallel)
 
-    # 3. Load the processor and the model; shard the model when msrun started several workers
+    # 3. Load the processor and the model; spread it over msrun's workers as --parallel says
     clock = StageClock()
     with clock("load"):
         processor = load_processor(args.model_name, args.min_pixels, args.max_pixels)
         model = load_model(args, with_talker=args.return_audio)
-        if runtime.distributed:
-            model = shard_zero3(model)
+        model = shard_model(model, runtime)  # --parallel: ZeRO-3, a share of the experts, or whole
 
     # 4. Chat template, media, processor
     with clock("preprocessing"):
@@ -105,7 +106,7 @@ def main(args: argparse.Namespace) -> dict:
     wav = waveform_to_numpy(waveform)
     result["metrics"] = generation_metrics(
         clock, inputs["input_ids"].shape[1], thinker_times, talker_times,
-        audio_seconds=0.0 if wav is None else len(wav) / SPEECH_SAMPLE_RATE, device_target=args.device_target,
+        audio_seconds=0.0 if wav is None else len(wav) / SPEECH_SAMPLE_RATE, runtime=runtime, model=model,
     )  # fmt: skip
 
     # 7. Print and save (rank 0 only)

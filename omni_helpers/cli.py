@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .parallel import PARALLEL_MODES
+
 # The seed's processor limits (about 4 and 768 merged 28x28 patches); lower max_pixels if memory is short.
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 14 * 14 * 768
@@ -31,6 +33,9 @@ def add_common_args(parser: argparse.ArgumentParser, default_model: str) -> argp
                        help="weights dtype (default bfloat16 on Ascend, float32 on CPU)")
     group.add_argument("--attn_implementation", choices=["flash_attention_2", "eager"], default=None,
                        help="attention kernel (default flash_attention_2 on Ascend, eager on CPU)")
+    group.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
+                       help="how msrun's workers share the model: ZeRO-3 weight sharding, a share of the experts "
+                            "each, or a whole copy each (default zero3 with several workers, none otherwise)")
     group.add_argument("--output_dir", default="outputs", help="where rank 0 writes result.json (and output.wav)")
     group.add_argument("--allow_pickle_weights", action="store_true",
                        help="also load .bin/.pt/.ckpt weights (unpickling runs code from the file; safetensors only by default)")

@@ -45,7 +45,7 @@ def broadcast_mask(mask_function, batch_arange, head_arange, cache_position, kv_
 MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
 
 
-def _route(block, hidden_states):
+def route(block, hidden_states):
     """Router logits, the top-k weights (renormalised if configured) and the chosen experts, as mindone computes them."""
     import mindspore as ms
     from mindspore import mint
@@ -58,13 +58,15 @@ def _route(block, hidden_states):
     return router_logits, weights.to(hidden_states.dtype), selected
 
 
-def dispatch_experts(block, hidden_states, weights, selected):
+def dispatch_experts(experts, hidden_states, weights, selected, first_expert: int = 0):
     """Run every chosen expert once on its tokens and combine the results.
 
-    mindone loops over experts with two host synchronisations each (`.item()` and a
-    nonzero) and accumulates with `index_add_`. Here the routing is read to the host
-    once; the rest is gathers and adds whose indices come from that one read. Each
-    token's contributions are added in ascending expert order, the order mindone's
+    `experts` are a block's experts numbered from `first_expert`: all of them, or one
+    rank's share under expert parallelism, where slots routed to other ranks' experts
+    contribute zeros. mindone loops over experts with two host synchronisations each
+    (`.item()` and a nonzero) and accumulates with `index_add_`. Here the routing is read
+    to the host once; the rest is gathers and adds whose indices come from that one read.
+    Each token's contributions are added in ascending expert order, the order mindone's
     accumulation adds them, so results match to the last bit.
     """
     import numpy as np
@@ -74,19 +76,25 @@ def dispatch_experts(block, hidden_states, weights, selected):
 
     chosen = selected.asnumpy()  # (tokens, k): the one host synchronisation
     tokens, k = chosen.shape
-    slots = chosen.reshape(-1)
-    by_expert = np.argsort(slots, kind="stable")  # slot numbers grouped by expert, tokens in order
-    experts, starts = np.unique(slots[by_expert], return_index=True)
+    slots = chosen.reshape(-1) - first_expert
+    local_slots = np.flatnonzero((slots >= 0) & (slots < len(experts)))
+    if len(local_slots) == 0:
+        return mint.zeros((tokens, hidden_states.shape[-1]), dtype=hidden_states.dtype)
+    by_expert = local_slots[np.argsort(slots[local_slots], kind="stable")]  # grouped by expert, tokens in order
+    local_experts, starts = np.unique(slots[by_expert], return_index=True)
     ends = [*starts[1:], len(by_expert)]
     flat_weights = weights.reshape(-1)
     outputs = []
-    for expert, start, end in zip(experts.tolist(), starts.tolist(), ends):
+    for expert, start, end in zip(local_experts.tolist(), starts.tolist(), ends):
         group = by_expert[start:end]
         rows = ms.Tensor((group // k).astype(np.int64))
-        outputs.append(block.experts[expert](hidden_states[rows]) * flat_weights[ms.Tensor(group.astype(np.int64))][:, None])
+        outputs.append(experts[expert](hidden_states[rows]) * flat_weights[ms.Tensor(group.astype(np.int64))][:, None])
+    zero_row = len(by_expert)
+    if zero_row < tokens * k:  # some slots belong to other ranks: they read a row of zeros
+        outputs.append(mint.zeros((1, hidden_states.shape[-1]), dtype=hidden_states.dtype))
     stacked = mint.cat(outputs) if len(outputs) > 1 else outputs[0]
 
-    row_of_slot = np.empty_like(by_expert)
+    row_of_slot = np.full(tokens * k, zero_row)
     row_of_slot[by_expert] = np.arange(len(by_expert))
     ascending = np.argsort(chosen, axis=1, kind="stable")
     rows = np.take_along_axis(row_of_slot.reshape(tokens, k), ascending, axis=1)  # (tokens, k)
@@ -101,8 +109,8 @@ def dispatch_experts(block, hidden_states, weights, selected):
 def thinker_moe_construct(self, hidden_states):
     batch, length, hidden = hidden_states.shape
     flat = hidden_states.view(-1, hidden)
-    router_logits, weights, selected = _route(self, flat)
-    return dispatch_experts(self, flat, weights, selected).reshape(batch, length, hidden), router_logits
+    router_logits, weights, selected = route(self, flat)
+    return dispatch_experts(self.experts, flat, weights, selected).reshape(batch, length, hidden), router_logits
 
 
 @FAST_PATHS.replaces(f"{MODELING}.Qwen3OmniMoeTalkerTextSparseMoeBlock:construct")
@@ -111,7 +119,7 @@ def talker_moe_construct(self, hidden_states):
 
     batch, length, hidden = hidden_states.shape
     flat = hidden_states.view(-1, hidden)
-    router_logits, weights, selected = _route(self, flat)
-    routed = dispatch_experts(self, flat, weights, selected)
+    router_logits, weights, selected = route(self, flat)
+    routed = dispatch_experts(self.experts, flat, weights, selected)
     shared = mint.nn.functional.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
     return (routed + shared).reshape(batch, length, hidden), router_logits

@@ -1,4 +1,4 @@
-"""Loading the processor and the model, and sharding the model across msrun workers."""
+"""Loading the processor and the model (omni_helpers.parallel spreads it over msrun's workers)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,3 @@ def load_model(args: argparse.Namespace, with_talker: bool):
     if not with_talker and model.has_talker:
         model.disable_talker()
     return model
-
-
-def shard_zero3(model):
-    """ZeRO-3 across the msrun workers: each rank keeps 1/N of every weight and gathers it when used."""
-    from mindspore.communication import GlobalComm
-
-    from mindone.trainers.zero import prepare_network
-
-    return prepare_network(model, zero_stage=3, optimizer_parallel_group=GlobalComm.WORLD_COMM_GROUP)

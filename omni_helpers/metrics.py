@@ -3,7 +3,8 @@
 `StageClock` times named phases (load, preprocessing); `count_forwards` wraps the
 thinker's and the talker's forward so that the first call of a `generate` (the prefill)
 and the following ones (one per decoded token or codec frame) are timed apart, without
-touching mindone's code.
+touching mindone's code. It also notes the bytes MindSpore's collectives moved during
+each forward (`COLLECTIVE_COUNTERS`), which is what sets the two msrun modes apart.
 """
 
 from __future__ import annotations
@@ -14,25 +15,79 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+from .patching import PatchSet
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+
+# ----------------------------------------------------------------------------- collectives
+
+COMMUNICATION_OPS = "mindspore.ops.operations.comm_ops"
+COLLECTIVE_COUNTERS = PatchSet("collective counters")
+
+
+@dataclass
+class Traffic:
+    """Bytes this rank has sent plus received in MindSpore's collectives since the counters were installed."""
+
+    bytes: float = 0.0
+
+
+TRAFFIC = Traffic()
+
+
+def collective_bytes(kind: str, input_bytes: float, world_size: int) -> float:
+    """Bytes one rank sends plus receives in one collective over `world_size` ranks, as the
+    ring algorithms move them. all_gather of an input (shard) of b bytes: (N-1)*b out and
+    (N-1)*b in. all_reduce of b bytes: 2(N-1)/N*b out and as many in."""
+    if kind == "all_gather":
+        return 2 * (world_size - 1) * input_bytes
+    if kind == "all_reduce":
+        return 2 * 2 * (world_size - 1) / world_size * input_bytes
+    raise ValueError(f"unknown collective {kind!r}")
+
+
+def _counting(kind: str, target: str):
+    def counted_call(primitive, *args, **kwargs):
+        from mindspore.communication import get_group_size
+
+        TRAFFIC.bytes += collective_bytes(kind, args[0].nbytes, get_group_size(primitive.group))
+        return COLLECTIVE_COUNTERS.original(target)(primitive, *args, **kwargs)
+
+    return counted_call
+
+
+for _kind, _class in (("all_gather", "AllGather"), ("all_reduce", "AllReduce")):
+    _target = f"{COMMUNICATION_OPS}.{_class}:__call__"
+    COLLECTIVE_COUNTERS.replaces(_target)(_counting(_kind, _target))
+
+
+# ----------------------------------------------------------------------------- forwards
 
 
 @dataclass
 class ForwardTimes:
-    """Seconds of each forward call of one module, grouped by `generate` (the first call of each is its prefill)."""
+    """Seconds (and collective bytes) of each forward call of one module, grouped by
+    `generate`: the first call of each is its prefill."""
 
     runs: list[list[float]] = field(default_factory=lambda: [[]])
+    traffic: list[list[float]] = field(default_factory=lambda: [[]])
 
     @property
     def calls(self) -> list[float]:
         return [seconds for run in self.runs for seconds in run]
 
-    def record(self, seconds: float) -> None:
+    def record(self, seconds: float, communicated_bytes: float = 0.0) -> None:
         self.runs[-1].append(seconds)
+        self.traffic[-1].append(communicated_bytes)
 
     def next_generate(self) -> None:
         if self.runs[-1]:
             self.runs.append([])
+            self.traffic.append([])
 
     @property
     def prefill_seconds(self) -> float:
@@ -46,11 +101,18 @@ class ForwardTimes:
     def decode_seconds(self) -> float:
         return sum(sum(run[1:]) for run in self.runs)
 
+    @property
+    def decode_bytes(self) -> float:
+        """Bytes the collectives moved during the decode steps (sent plus received by this rank)."""
+        return sum(sum(run[1:]) for run in self.traffic)
+
 
 @contextlib.contextmanager
 def count_forwards(module, times: Optional[ForwardTimes] = None):
-    """Time every forward of `module` (a mindone Cell) while the context is open; pass `times`
-    to keep adding to it over several `generate` calls."""
+    """Time every forward of `module` (a mindone Cell) while the context is open, and count
+    the bytes of the collectives it ran; pass `times` to keep adding to it over several
+    `generate` calls."""
+    COLLECTIVE_COUNTERS.install()  # only counts; idempotent
     times = times if times is not None else ForwardTimes()
     times.next_generate()
     if module is None:
@@ -60,9 +122,9 @@ def count_forwards(module, times: Optional[ForwardTimes] = None):
 
     @functools.wraps(construct)  # generate() reads the forward's signature
     def timed_construct(*args, **kwargs):
-        start = time.perf_counter()
+        start, sent_and_received = time.perf_counter(), TRAFFIC.bytes
         out = construct(*args, **kwargs)
-        times.record(time.perf_counter() - start)
+        times.record(time.perf_counter() - start, TRAFFIC.bytes - sent_and_received)
         return out
 
     module.construct = timed_construct
@@ -109,15 +171,22 @@ def _rate(count: float, seconds: float) -> Optional[float]:
     return round(count / seconds, 3) if seconds > 0 and count else None
 
 
+def parameter_bytes(model) -> int:
+    """Bytes of the parameters this rank holds (after ZeRO-3 or expert sharding, its share)."""
+    unique = {id(param): param for param in model.get_parameters()}
+    return int(sum(param.nbytes for param in unique.values()))
+
+
 def generation_metrics(
     clock: StageClock,
     prompt_tokens: int,
     thinker: ForwardTimes,
     talker: ForwardTimes,
     audio_seconds: float,
-    device_target: str,
+    runtime: "Runtime",
+    model,
 ) -> dict[str, Any]:
-    """The `metrics` object of result.json."""
+    """The `metrics` object of result.json (rank 0's figures)."""
     talker_seconds = talker.prefill_seconds + talker.decode_seconds
     return {
         "load_seconds": round(clock.seconds.get("load", 0.0), 3),
@@ -132,7 +201,13 @@ def generation_metrics(
         "audio_seconds": round(audio_seconds, 3),
         "real_time_factor": round(clock.seconds.get("generate", 0.0) / audio_seconds, 3) if audio_seconds else None,
         "peak_host_memory_mb": peak_host_memory_mb(),
-        "peak_device_memory_mb": peak_device_memory_mb(device_target),
+        "peak_device_memory_mb": peak_device_memory_mb(runtime.device_target),
+        "parallel": runtime.parallel,
+        "world_size": runtime.world_size,
+        "parameter_bytes": parameter_bytes(model),
+        "communicated_bytes_per_decoded_token": (
+            round(thinker.decode_bytes / thinker.decode_steps) if thinker.decode_steps else None
+        ),
     }
 
 
@@ -147,6 +222,12 @@ def summary_line(metrics: dict[str, Any]) -> str:
         parts.append(
             f"talker {metrics['talker_codec_frames']} frames at {metrics['talker_frames_per_second']} frames/s, "
             f"{metrics['audio_seconds']}s of speech (RTF {metrics['real_time_factor']})"
+        )
+    if metrics["world_size"] > 1:
+        parts.append(
+            f"--parallel {metrics['parallel']} over {metrics['world_size']} ranks: "
+            f"{metrics['parameter_bytes'] / 2**20:.1f} MiB of parameters here, "
+            f"{metrics['communicated_bytes_per_decoded_token']} bytes communicated per decoded token"
         )
     parts.append(f"peak host memory {metrics['peak_host_memory_mb']} MB")
     return "metrics: " + "; ".join(parts)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+
+from .parallel import resolve_parallel
 
 
 @dataclass(frozen=True)
@@ -14,6 +17,7 @@ class Runtime:
     device_target: str
     rank: int = 0
     world_size: int = 1
+    parallel: str = "none"  # how the model is spread over the ranks: zero3, expert or none
 
     @property
     def is_main_process(self) -> bool:
@@ -40,8 +44,12 @@ def seed_everything(seed: int) -> None:
     ms.set_seed(seed)
 
 
-def setup_runtime(device_target: str = "Ascend", seed: int = 0, fast_paths: bool = True) -> Runtime:
+def setup_runtime(
+    device_target: str = "Ascend", seed: int = 0, fast_paths: bool = True, parallel: Optional[str] = None
+) -> Runtime:
     """Select the device, join the msrun job if there is one, install what the device needs.
+
+    `parallel` is the --parallel flag (None: zero3 with several msrun workers, none otherwise).
 
     On CPU the CPU fallbacks for Ascend-only kernels are installed; on every device the
     fixes for mindone's own bugs are installed, and the faster paths unless `fast_paths`
@@ -69,10 +77,14 @@ def setup_runtime(device_target: str = "Ascend", seed: int = 0, fast_paths: bool
         # HCCL on Ascend; on CPU init() picks MindSpore's own mccl backend.
         init("hccl" if device_target == "Ascend" else None)
         rank, world_size = get_rank(), get_group_size()
-        if world_size > 1:
-            ms.set_auto_parallel_context(parallel_mode="data_parallel")
+    mode = resolve_parallel(parallel, world_size)
+    if mode == "zero3":
+        ms.set_auto_parallel_context(parallel_mode="data_parallel")  # without it prepare_network changes nothing
     seed_everything(seed)
-    return Runtime(device_target=device_target, rank=rank, world_size=world_size)
+    runtime = Runtime(device_target=device_target, rank=rank, world_size=world_size, parallel=mode)
+    if parallel not in (None, mode):
+        log(runtime, f"--parallel {parallel} needs msrun with more than one worker; this process holds the whole model")
+    return runtime
 
 
 def log(runtime: Runtime, message: str) -> None:

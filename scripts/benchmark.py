@@ -1,8 +1,11 @@
 """Measure the cost of each generated token, stock mindone against this project's faster path
-and against the transformers (PyTorch) reference, in one process and one run.
+and against the transformers (PyTorch) reference, in one process and one run; or, under
+msrun, the two ways of spreading the model over the workers.
 
     python scripts/benchmark.py --model_name tiny_ckpt --device_target CPU \
         --prompt_tokens 64 256 --new_tokens 16 --repeats 3 --variant all --json bench.json
+    msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=bench_log --join=True \
+        scripts/benchmark.py --model_name tiny_ckpt --device_target CPU --variant zero3 expert --json bench.json
 
 Workloads (fixed seed, greedy): text only at each --prompt_tokens length, and image +
 audio + question with speech output. For each variant it reports medians over the
@@ -12,12 +15,18 @@ MindSpore's profiler: ops of a run of N tokens minus those of the prefill alone,
 CPU only). With
 `--variant all` it also prints the ratios optimized/stock and optimized/reference
 measured in this run. On Ascend with a real checkpoint the reference is skipped.
+
+`zero3` and `expert` (the scripts' `--parallel` modes, with the faster path) need msrun
+with two or more workers; for them it also reports each rank's parameter bytes and the
+bytes each rank sent plus received in the collectives per decoded token, and with both
+the ratios expert/zero3. Rank 0 prints and writes the figures.
 Figures are printed, never asserted: they depend on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -54,6 +63,11 @@ def media_conversation(media: dict[str, Path]) -> list[dict]:
             ],
         }
     ]
+
+
+SINGLE_PROCESS = ["stock", "optimized", "reference"]
+DISTRIBUTED = ["zero3", "expert"]
+LOWER_IS_BETTER = ("prefill_seconds", "ops_per_decoded_token", "communicated_bytes_per_decoded_token", "parameter_bytes")
 
 
 def mindspore_run(model, inputs, new_tokens: int, return_audio: bool, talker_frames: int) -> dict:
@@ -150,6 +164,7 @@ def summarize(thinker, talker) -> dict:
         "prefill_seconds": thinker.prefill_seconds,
         "decode_tokens_per_second": thinker.decode_steps / thinker.decode_seconds if thinker.decode_seconds else None,
         "talker_frames_per_second": len(talker.calls) / talker_seconds if talker_seconds else None,
+        "communicated_bytes_per_decoded_token": thinker.decode_bytes / thinker.decode_steps if thinker.decode_steps else None,
     }
 
 
@@ -166,7 +181,8 @@ def parse_args(argv=None):
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--talker_frames", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variant", choices=["stock", "optimized", "reference", "all"], default="all")
+    parser.add_argument("--variant", nargs="+", choices=[*SINGLE_PROCESS, *DISTRIBUTED, "all"], default=["all"],
+                        help="all: stock optimized reference; zero3 and expert need msrun with 2+ workers")
     parser.add_argument("--media_dir", default=None, help="sample media (built in a temporary folder if not given)")
     parser.add_argument("--json", required=True, help="where to write the figures")
     parser.add_argument("--no-count_ops", dest="count_ops", action="store_false",
@@ -174,21 +190,43 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def chosen_variants(args, world_size: int) -> list[str]:
+    variants = list(dict.fromkeys(v for chosen in args.variant for v in (SINGLE_PROCESS if chosen == "all" else [chosen])))
+    if args.device_target != "CPU" and "reference" in variants:
+        variants.remove("reference")  # the PyTorch reference runs on CPU only here
+    if world_size == 1 and set(variants) & set(DISTRIBUTED):
+        sys.exit("error: --variant zero3/expert spread the model over msrun's workers; "
+                 "run the benchmark under msrun --worker_num=2 (or more)")  # fmt: skip
+    return variants
+
+
+def load_mindspore_model(model_name: str, device_target: str, runtime, parallel: str):
+    """The model as the scripts load it (float32 + eager attention on CPU), spread over the ranks as `parallel` says."""
+    import mindspore as ms
+    from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
+
+    from omni_helpers.parallel import shard_model
+
+    dtype, attention = (ms.float32, "eager") if device_target == "CPU" else (ms.bfloat16, "flash_attention_2")
+    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(model_name, dtype=dtype, attn_implementation=attention)
+    return shard_model(model, dataclasses.replace(runtime, parallel=parallel))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import mindspore as ms
-    from mindone.transformers import Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeProcessor
+    from mindone.transformers import Qwen3OmniMoeProcessor
 
     from omni_helpers.fast_paths import FAST_PATHS
+    from omni_helpers.metrics import parameter_bytes
     from omni_helpers.runtime import setup_runtime
     from scripts.make_sample_media import build_media
     from tests.reference import processor_inputs
 
-    setup_runtime(args.device_target, seed=0)
-    variants = ["stock", "optimized", "reference"] if args.variant == "all" else [args.variant]
-    if args.device_target != "CPU" and "reference" in variants:
-        variants.remove("reference")  # the PyTorch reference runs on CPU only here
+    # zero3 needs MindSpore's data-parallel context; expert and none run the same with it set
+    runtime = setup_runtime(args.device_target, seed=0, parallel="zero3" if "zero3" in args.variant else None)
+    variants = chosen_variants(args, runtime.world_size)
+    say = print if runtime.is_main_process else (lambda *_, **__: None)
     media_dir = Path(args.media_dir) if args.media_dir else Path(tempfile.mkdtemp())
     if not (media_dir / "audio.wav").exists():
         build_media(media_dir)
@@ -199,19 +237,21 @@ def main(argv=None) -> dict:
     workloads["image_audio_speech"] = (media_conversation(media), True)
     prepared = {name: (processor_inputs(args.model_name, conv, False), speech) for name, (conv, speech) in workloads.items()}
 
-    dtype = ms.float32 if args.device_target == "CPU" else ms.bfloat16
-    attention = "eager" if args.device_target == "CPU" else "flash_attention_2"
-    ms_model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(args.model_name, dtype=dtype, attn_implementation=attention)
-    torch_model = None
+    models = {}  # stock and optimized share one unsharded model; zero3 and expert have their own
+    for variant in variants:
+        parallel = variant if variant in DISTRIBUTED else "none"
+        if variant != "reference" and parallel not in models:
+            models[parallel] = load_mindspore_model(args.model_name, args.device_target, runtime, parallel)
     if "reference" in variants:
         import torch
         from transformers import Qwen3OmniMoeForConditionalGeneration as TorchModel
 
-        torch_model = TorchModel.from_pretrained(args.model_name, dtype=torch.float32, attn_implementation="eager").eval()
+        models["reference"] = TorchModel.from_pretrained(args.model_name, dtype=torch.float32, attn_implementation="eager").eval()
 
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "device_target": args.device_target,
+        "world_size": runtime.world_size,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "workloads": {},
@@ -221,35 +261,35 @@ def main(argv=None) -> dict:
         for variant in variants:
             if variant == "stock":
                 FAST_PATHS.uninstall()
-            elif variant == "optimized":
+            else:
                 FAST_PATHS.install()
-            runs = []
-            for _ in range(args.repeats):
-                if variant == "reference":
-                    runs.append(reference_run(torch_model, inputs, args.new_tokens, speech, args.talker_frames))
-                else:
-                    runs.append(mindspore_run(ms_model, inputs, args.new_tokens, speech, args.talker_frames))
+            model = models["reference" if variant == "reference" else variant if variant in DISTRIBUTED else "none"]
+            run = reference_run if variant == "reference" else mindspore_run
+            runs = [run(model, inputs, args.new_tokens, speech, args.talker_frames) for _ in range(args.repeats)]
             row[variant] = {key: median([r[key] for r in runs]) for key in runs[0]}
-            if args.count_ops and args.device_target == "CPU" and variant != "reference" and not speech:
-                row[variant]["ops_per_decoded_token"] = ops_per_decoded_token(ms_model, inputs, args.new_tokens)
-            print(f"{name:>20} {variant:>9}: {row[variant]}", flush=True)
-        if "stock" in row and "optimized" in row:
-            row["optimized_over_stock"] = ratio(row["optimized"], row["stock"])
-        if "reference" in row and "optimized" in row:
-            row["optimized_over_reference"] = ratio(row["optimized"], row["reference"])
+            if variant in DISTRIBUTED:
+                row[variant]["parameter_bytes"] = parameter_bytes(model)
+            elif args.count_ops and args.device_target == "CPU" and variant != "reference" and not speech:
+                row[variant]["ops_per_decoded_token"] = ops_per_decoded_token(model, inputs, args.new_tokens)
+            say(f"{name:>20} {variant:>9}: {row[variant]}", flush=True)
+        for better, baseline in (("optimized", "stock"), ("optimized", "reference"), ("expert", "zero3")):
+            if better in row and baseline in row:
+                row[f"{better}_over_{baseline}"] = ratio(row[better], row[baseline])
         report["workloads"][name] = row
     FAST_PATHS.install()
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: {r: v[r] for r in v if r.startswith("optimized_over")} for k, v in report["workloads"].items()}, indent=2))
+    if runtime.is_main_process:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        ratios = {k: {r: v[r] for r in v if "_over_" in r} for k, v in report["workloads"].items()}
+        print(json.dumps(ratios, indent=2))
     return report
 
 
 def ratio(a: dict, b: dict) -> dict:
-    """a/b for speeds, b/a for seconds and operation counts: above 1 means `a` is better."""
+    """a/b for speeds, b/a for seconds, counts and bytes: above 1 means `a` is better."""
     out = {}
     for key in a.keys() & b.keys():
         if a[key] and b[key]:
-            lower_is_better = key.endswith("seconds") or key.startswith("ops_")
+            lower_is_better = key in LOWER_IS_BETTER
             out[key] = round(b[key] / a[key] if lower_is_better else a[key] / b[key], 3)
     return out
 

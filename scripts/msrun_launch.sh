@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Launch one example script on N workers with msrun (ZeRO-3 across them).
+# Launch one example script on N workers with msrun (the model spread over them as --parallel
+# says: ZeRO-3 by default).
 # Settings come from the environment; every other argument goes to the script.
 #
 #   WORKER_NUM=2 MASTER_PORT=8118 LOG_DIR=msrun_log CLUSTER_TIME_OUT=300 \

@@ -13,5 +13,14 @@ echo "== benchmark (short configuration; figures depend on the machine)"
 python scripts/benchmark.py --model_name "$TINY_CKPT" --device_target CPU --media_dir "$SAMPLE_MEDIA" \
   --prompt_tokens 32 128 --new_tokens 8 --repeats 1 --variant all --json "${TMPDIR:-/tmp}/benchmark_ci.json" 2>/dev/null
 
+echo "== benchmark under msrun, 2 CPU workers: --parallel zero3 against expert (rank 0's figures)"
+BENCH_LOG="${TMPDIR:-/tmp}/benchmark_msrun_log"
+WORKER_NUM=2 BIND_CORE=False LOG_DIR="$BENCH_LOG" \
+  MASTER_PORT="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
+  bash scripts/msrun_launch.sh scripts/benchmark.py --model_name "$TINY_CKPT" --device_target CPU \
+  --media_dir "$SAMPLE_MEDIA" --prompt_tokens 32 --new_tokens 8 --repeats 1 --variant zero3 expert \
+  --json "${TMPDIR:-/tmp}/benchmark_msrun_ci.json" >/dev/null
+cat "${TMPDIR:-/tmp}/benchmark_msrun_ci.json"
+
 echo "== tests"
 python -m pytest "$@"

@@ -44,3 +44,20 @@ def reference(tiny_checkpoint):
     from tests.reference import Reference
 
     return Reference(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def mindone_model(tiny_checkpoint, runtime_cpu):
+    """mindone's model on the tiny checkpoint (fp32, eager), for tests that only read it."""
+    import mindspore as ms
+    from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
+
+    return Qwen3OmniMoeForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=ms.float32, attn_implementation="eager")
+
+
+@pytest.fixture(scope="session")
+def tiny_plan(tiny_checkpoint, runtime_cpu):
+    """scripts/plan_memory.py's plan for the tiny checkpoint on 2 ranks, in the tests' float32."""
+    from scripts.plan_memory import plan
+
+    return plan(str(tiny_checkpoint), world_size=2, dtype="float32")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -128,3 +129,54 @@ def check_metrics(run: Run, new_tokens: int, speech: bool) -> None:
         assert metrics["audio_seconds"] == round(len(samples) / rate, 3) and metrics["real_time_factor"] > 0
     else:
         assert metrics["talker_codec_frames"] == 0 and metrics["audio_seconds"] == 0
+
+
+def check_parallel(run: Run, plan, mode: str, with_talker: bool) -> None:
+    """Rank 0's parameter bytes and its bytes communicated per decoded token, as measured
+    in the run, are the planner's figures for `mode` (computed from the config alone)."""
+    metrics = run.result["metrics"]
+    assert (metrics["parallel"], metrics["world_size"]) == (mode, 1 if mode == "none" else plan.world_size)
+    assert metrics["parameter_bytes"] == plan.parameter_bytes_per_rank[mode]["whole" if with_talker else "without_talker"]
+    assert metrics["communicated_bytes_per_decoded_token"] == round(plan.communicated_bytes_per_decoded_token[mode])
+
+
+# Sampling on, thinker and talker, hot enough that a difference in logits or in the random
+# stream would show. Every rank (and a single process) seeds the same, so all give the same output.
+SAMPLING = ["--do_sample", "--temperature", "1.5", "--top_k", "50", "--top_p", "1.0", "--seed", "7"]
+TALKER_SAMPLING = ["--talker_do_sample"]
+RANK_LINE = re.compile(r"^\[rank (\d)/\d\] (text: .*)$", re.MULTILINE)
+
+
+def rank_lines(run: Run, rank: int) -> list[str]:
+    """What rank `rank` logged about its output: its text and a hash of its speech."""
+    return [line for r, line in RANK_LINE.findall(run.worker_log(rank)) if int(r) == rank]
+
+
+def check_ranks_agree(run: Run) -> None:
+    """Both ranks finished with the same text and the same speech samples (each logs a hash of them)."""
+    first, second = rank_lines(run, 0), rank_lines(run, 1)
+    assert first and first == second
+
+
+def check_same_output(run: Run, other: Run) -> None:
+    """Identical answers and bit-identical speech (so identical codec codes) from two runs."""
+    assert run.result["text"] == other.result["text"]
+    if other.result["audio"] is None:
+        assert run.result["audio"] is None
+        return
+    samples, _, _ = read_wav(run.output_dir / "output.wav")
+    expected, _, _ = read_wav(other.output_dir / "output.wav")
+    assert samples.shape == expected.shape and np.array_equal(samples, expected)
+
+
+def check_expert_parallel_as_one_process(script: str, argv: list[str], plan, with_talker: bool, tmp_path: Path) -> None:
+    """`script` with `argv` in one process (every expert) and under msrun with --parallel expert
+    (half the experts each): the same output on both ranks as in the one process, and the
+    planner's bytes held and sent."""
+    single = run_single(script, argv, tmp_path / "single")
+    run = run_msrun(script, argv + ["--parallel", "expert"], tmp_path / "out")
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[-3000:]
+    check_same_output(run, single)
+    check_ranks_agree(run)
+    check_parallel(run, plan, "expert", with_talker)

@@ -6,9 +6,12 @@ import pytest
 
 import audio_captioning
 from tests.reference import processor_inputs
-from tests.script_runs import check_both_ranks_ran, check_metrics, check_run, decode, run_msrun, run_single
+from tests.script_runs import (
+    SAMPLING, check_both_ranks_ran, check_expert_parallel_as_one_process, check_metrics, check_parallel, check_run,
+    decode, run_msrun, run_single,
+)
 
-NEW_TOKENS = 16
+NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +43,21 @@ def test_each_audio_gets_its_own_audio_only_conversation(argv):
     assert [[item["type"] for item in c[0]["content"]] for c in conversations] == [["audio"], ["audio"]]
 
 
-def test_single_process_matches_reference(argv, expected, tmp_path):
+def test_single_process_matches_reference(argv, expected, tiny_plan, tmp_path):
     run = run_single("audio_captioning.py", argv, tmp_path / "out")
     check_run(run, expected, None)
     check_metrics(run, 2 * NEW_TOKENS, speech=False)
+    check_parallel(run, tiny_plan, "none", with_talker=False)
     assert len(run.result["inputs"]["audio"]) == 2
 
 
-def test_msrun_two_workers_matches_reference(argv, expected, tmp_path):
+def test_msrun_two_workers_matches_reference(argv, expected, tiny_plan, tmp_path):
     run = run_msrun("audio_captioning.py", argv, tmp_path / "out")
     check_run(run, expected, None)
     check_both_ranks_ran(run)
+    check_parallel(run, tiny_plan, "zero3", with_talker=False)  # the default under msrun
+
+
+def test_msrun_expert_parallel_samples_exactly_as_one_process(argv, tiny_plan, tmp_path):
+    """Sampling on: the same logits and the same random stream must give the same tokens and codec codes."""
+    check_expert_parallel_as_one_process("audio_captioning.py", argv + SAMPLING, tiny_plan, False, tmp_path)

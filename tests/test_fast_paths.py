@@ -40,14 +40,8 @@ def test_broadcast_mask_equals_mindone_loop(name, q_start, q_len):
 
 
 @pytest.fixture(scope="module")
-def moe_blocks(tiny_checkpoint):
-    from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
-
-    from omni_helpers.runtime import setup_runtime
-
-    setup_runtime("CPU")
-    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=ms.float32, attn_implementation="eager")
-    return {"thinker": model.thinker.model.layers[0].mlp, "talker": model.talker.model.layers[0].mlp}
+def moe_blocks(mindone_model):
+    return {"thinker": mindone_model.thinker.model.layers[0].mlp, "talker": mindone_model.talker.model.layers[0].mlp}
 
 
 @pytest.mark.parametrize("which", ["thinker", "talker"])

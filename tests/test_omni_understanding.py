@@ -6,9 +6,12 @@ import pytest
 
 import omni_understanding
 from tests.reference import processor_inputs
-from tests.script_runs import check_both_ranks_ran, check_metrics, check_run, decode, run_msrun, run_single
+from tests.script_runs import (
+    SAMPLING, TALKER_SAMPLING, check_both_ranks_ran, check_expert_parallel_as_one_process, check_metrics, check_parallel, check_run,
+    decode, run_msrun, run_single,
+)
 
-NEW_TOKENS, TALKER_FRAMES = 16, 8
+NEW_TOKENS, TALKER_FRAMES = 8, 4
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +42,21 @@ def test_conversation_puts_media_before_the_question(argv, sample_media):
     assert conversation[1]["content"][0]["image"] == str(sample_media["image"].resolve())
 
 
-def test_single_process_matches_reference(argv, expected, tmp_path):
+def test_single_process_matches_reference(argv, expected, tiny_plan, tmp_path):
     run = run_single("omni_understanding.py", argv, tmp_path / "out")
     check_run(run, *expected)
     check_metrics(run, NEW_TOKENS, speech=True)
+    check_parallel(run, tiny_plan, "none", with_talker=True)
     assert run.result["inputs"]["image"] and run.result["inputs"]["audio"]
 
 
-def test_msrun_two_workers_matches_reference(argv, expected, tmp_path):
+def test_msrun_two_workers_matches_reference(argv, expected, tiny_plan, tmp_path):
     run = run_msrun("omni_understanding.py", argv, tmp_path / "out")
     check_run(run, *expected)
     check_both_ranks_ran(run)
+    check_parallel(run, tiny_plan, "zero3", with_talker=True)  # the default under msrun
+
+
+def test_msrun_expert_parallel_samples_exactly_as_one_process(argv, tiny_plan, tmp_path):
+    """Sampling on: the same logits and the same random stream must give the same tokens and codec codes."""
+    check_expert_parallel_as_one_process("omni_understanding.py", argv + SAMPLING + TALKER_SAMPLING, tiny_plan, True, tmp_path)

@@ -6,9 +6,12 @@ import pytest
 
 import video_understanding
 from tests.reference import processor_inputs
-from tests.script_runs import check_both_ranks_ran, check_metrics, check_run, decode, run_msrun, run_single
+from tests.script_runs import (
+    SAMPLING, TALKER_SAMPLING, check_both_ranks_ran, check_expert_parallel_as_one_process, check_metrics, check_parallel, check_run,
+    decode, run_msrun, run_single,
+)
 
-NEW_TOKENS, TALKER_FRAMES = 16, 6
+NEW_TOKENS, TALKER_FRAMES = 8, 4
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +43,21 @@ def test_time_range_and_audio_switch_reach_the_video_item(argv):
     assert args.use_audio_in_video is False
 
 
-def test_single_process_matches_reference(argv, expected, tmp_path):
+def test_single_process_matches_reference(argv, expected, tiny_plan, tmp_path):
     run = run_single("video_understanding.py", argv, tmp_path / "out")
     check_run(run, *expected)
     check_metrics(run, NEW_TOKENS, speech=True)
+    check_parallel(run, tiny_plan, "none", with_talker=True)
     assert run.result["inputs"]["use_audio_in_video"] is True
 
 
-def test_msrun_two_workers_matches_reference(argv, expected, tmp_path):
+def test_msrun_two_workers_matches_reference(argv, expected, tiny_plan, tmp_path):
     run = run_msrun("video_understanding.py", argv, tmp_path / "out")
     check_run(run, *expected)
     check_both_ranks_ran(run)
+    check_parallel(run, tiny_plan, "zero3", with_talker=True)  # the default under msrun
+
+
+def test_msrun_expert_parallel_samples_exactly_as_one_process(argv, tiny_plan, tmp_path):
+    """Sampling on: the same logits and the same random stream must give the same tokens and codec codes."""
+    check_expert_parallel_as_one_process("video_understanding.py", argv + SAMPLING + TALKER_SAMPLING, tiny_plan, True, tmp_path)

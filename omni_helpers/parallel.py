@@ -1,0 +1,54 @@
+"""How the model is spread over msrun's workers: `--parallel {zero3,expert,none}`.
+
+- zero3: mindone's ZeRO-3 (`prepare_network`). Each Linear and Conv weight is split in N
+  along its first dimension and all-gathered every time it is used, so every forward
+  receives the weights it touches from the other ranks. For one decoded token that is
+  every attention and router weight, the chosen experts and the LM head: about 3 GB per
+  rank at full size in bf16 (scripts/plan_memory.py prints the figures).
+- expert: each rank keeps the shared parts (embeddings, attention, routers, encoders,
+  code2wav) and 1/N of the experts of every MoE layer, thinker and talker. A MoE layer
+  adds up the ranks' partial outputs with one all-reduce of its hidden states: a few
+  kilobytes per token and layer. Every rank runs the same generation.
+- none: the whole model in every process.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+PARALLEL_MODES = ("zero3", "expert", "none")
+
+
+
+def resolve_parallel(requested: Optional[str], world_size: int) -> str:
+    """The mode to run: ZeRO-3 by default under msrun with several workers; one process has nothing to split."""
+    if world_size == 1:
+        return "none"
+    return requested or "zero3"
+
+
+def expert_range(num_experts: int, rank: int, world_size: int) -> range:
+    """The contiguous block of experts rank `rank` keeps (the first ranks take one more when N does not divide)."""
+    share, extra = divmod(num_experts, world_size)
+    start = rank * share + min(rank, extra)
+    return range(start, start + share + (rank < extra))
+
+
+def shard_model(model, runtime):
+    """Apply `runtime.parallel` to a freshly loaded model, before its first forward."""
+    if runtime.parallel == "zero3":
+        return shard_zero3(model)
+    if runtime.parallel == "expert":
+        from .expert_parallel import keep_local_experts
+
+        keep_local_experts(model, runtime.rank, runtime.world_size)
+    return model
+
+
+def shard_zero3(model):
+    """ZeRO-3 across the msrun workers: each rank keeps 1/N of every weight and gathers it when used."""
+    from mindspore.communication import GlobalComm
+
+    from mindone.trainers.zero import prepare_network
+
+    return prepare_network(model, zero_stage=3, optimizer_parallel_group=GlobalComm.WORLD_COMM_GROUP)
