@@ -68,7 +68,7 @@ def setup_runtime(
     if fast_paths:
         from .fast_paths import install_fast_paths
 
-        install_fast_paths()
+        install_fast_paths(device_target)
 
     rank, world_size = 0, 1
     if launched_by_msrun():

@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mindone.transformers import Qwen3OmniMoeProcessor
 
-    from omni_helpers.fast_paths import FAST_PATHS
+    from omni_helpers.fast_paths import install_fast_paths, uninstall_fast_paths
     from omni_helpers.metrics import parameter_bytes
     from omni_helpers.runtime import setup_runtime
     from scripts.make_sample_media import build_media
@@ -260,9 +260,9 @@ def main(argv=None) -> dict:
         row = {"prompt_tokens": int(inputs["input_ids"].shape[1])}
         for variant in variants:
             if variant == "stock":
-                FAST_PATHS.uninstall()
+                uninstall_fast_paths()
             else:
-                FAST_PATHS.install()
+                install_fast_paths(args.device_target)
             model = models["reference" if variant == "reference" else variant if variant in DISTRIBUTED else "none"]
             run = reference_run if variant == "reference" else mindspore_run
             runs = [run(model, inputs, args.new_tokens, speech, args.talker_frames) for _ in range(args.repeats)]
@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
             if better in row and baseline in row:
                 row[f"{better}_over_{baseline}"] = ratio(row[better], row[baseline])
         report["workloads"][name] = row
-    FAST_PATHS.install()
+    install_fast_paths(args.device_target)
     if runtime.is_main_process:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         ratios = {k: {r: v[r] for r in v if "_over_" in r} for k, v in report["workloads"].items()}

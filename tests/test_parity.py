@@ -73,15 +73,15 @@ def test_greedy_text_and_speech_match_reference(kind, requests, reference, mindo
 
 def test_fast_paths_change_nothing_but_speed(requests, mindone):
     """Stock mindone (fast paths removed) and the installed fast paths: same tokens, codes and speech."""
-    from omni_helpers.fast_paths import FAST_PATHS
+    from omni_helpers.fast_paths import install_fast_paths, uninstall_fast_paths
 
     inputs = requests["image_audio"]
     fast = mindone.generate(inputs, False, NEW_TOKENS, return_audio=True)
-    FAST_PATHS.uninstall()
+    uninstall_fast_paths()
     try:
         stock = mindone.generate(inputs, False, NEW_TOKENS, return_audio=True)
     finally:
-        FAST_PATHS.install()
+        install_fast_paths("CPU")
     np.testing.assert_array_equal(fast.tokens, stock.tokens)
     assert relative_error(fast.step_logits, stock.step_logits) <= 1e-5
     np.testing.assert_array_equal(fast.codes, stock.codes)
