@@ -3,12 +3,12 @@
 - zero3: mindone's ZeRO-3 (`prepare_network`). Each Linear and Conv weight is split in N
   along its first dimension and all-gathered every time it is used, so every forward
   receives the weights it touches from the other ranks. For one decoded token that is
-  every attention and router weight, the chosen experts and the LM head: about 3 GB per
-  rank at full size in bf16 (scripts/plan_memory.py prints the figures).
+  every attention and router weight, the chosen experts and the LM head: 5.67 GiB sent
+  plus received per rank at full size in bf16, on 2 ranks (scripts/plan_memory.py).
 - expert: each rank keeps the shared parts (embeddings, attention, routers, encoders,
   code2wav) and 1/N of the experts of every MoE layer, thinker and talker. A MoE layer
-  adds up the ranks' partial outputs with one all-reduce of its hidden states: a few
-  kilobytes per token and layer. Every rank runs the same generation.
+  adds up the ranks' partial outputs with one all-reduce of its hidden states: 8 KiB per
+  token and layer at full size (384 KiB per token). Every rank runs the same generation.
 - none: the whole model in every process.
 """
 

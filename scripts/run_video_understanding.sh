@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# video_understanding.py on Ascend with msrun: 2 workers, ZeRO-3. Extra arguments go to the script, e.g.
+# video_understanding.py on Ascend with msrun: 2 workers, ZeRO-3 (or --parallel expert).
+# Extra arguments go to the script, e.g.
 #   bash scripts/run_video_understanding.sh --video v.mp4 --prompt "What happens?"
 # WORKER_NUM, MASTER_PORT, LOG_DIR and CLUSTER_TIME_OUT override the launch (see msrun_launch.sh).
 MODEL_NAME="${MODEL_NAME:-Qwen/Qwen3-Omni-30B-A3B-Instruct}"
