@@ -1,4 +1,4 @@
-"""Caption audio with Qwen3-Omni-30B-A3B-Captioner: one detailed caption per audio file, no prompt needed.
+r"""Caption audio with Qwen3-Omni-30B-A3B-Captioner: one detailed caption per audio file, no prompt needed.
 
 On Ascend, two NPUs, the model sharded with ZeRO-3 (add `--parallel expert` to give each NPU
 half of the experts instead, with far less traffic per token; see the README):

@@ -1,4 +1,4 @@
-"""Ask Qwen3-Omni about any mix of images, audio, video and text; get text, and speech if asked.
+r"""Ask Qwen3-Omni about any mix of images, audio, video and text; get text, and speech if asked.
 
 On Ascend, two NPUs, the model sharded with ZeRO-3 (add `--parallel expert` to give each NPU
 half of the experts instead, with far less traffic per token; see the README):

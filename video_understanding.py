@@ -1,4 +1,4 @@
-"""Ask Qwen3-Omni about a video, watching its frames and (by default) listening to its audio track.
+r"""Ask Qwen3-Omni about a video, watching its frames and (by default) listening to its audio track.
 
 On Ascend, two NPUs, the model sharded with ZeRO-3 (add `--parallel expert` to give each NPU
 half of the experts instead, with far less traffic per token; see the README):

@@ -114,9 +114,13 @@ def test_bad_request_exits_2_with_one_line_before_loading(script, template, word
     assert not out.exists()  # nothing written
 
 
-def test_every_msrun_rank_exits_2(media, checkpoints, tmp_path):
+def test_under_msrun_the_first_rank_to_check_ends_the_job_with_code_2(media, checkpoints, tmp_path):
     run = run_msrun(OMNI, ["--device_target", "CPU", "--model_name", checkpoints["no_load"], "--image", media["broken"]], tmp_path / "out")
     assert run.returncode != 0
-    for rank in (0, 1):
-        log = run.worker_log(rank)
-        assert "error: image" in log and "not a readable image" in log and "Traceback" not in log
+    # Every rank checks the request first. msrun stops the other workers as soon as one exits
+    # non-zero, so a slower rank may be stopped before it prints: the first to finish must have
+    # exited with code 2 and the one-line error, and no rank may show a traceback.
+    assert "exit with exception. Error code: 2." in run.stderr + run.stdout
+    logs = [run.worker_log(rank) for rank in (0, 1)]
+    assert any("error: image" in log and "not a readable image" in log for log in logs)
+    assert all("Traceback" not in log for log in logs)
