@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import gc
 
-from mindspore import mint, nn, ops
+from mindspore import nn, ops
 
-from .fast_paths import dispatch_experts, route
+from .fast_paths import sparse_moe_forward
 from .parallel import expert_range
 
 SPARSE_MOE_BLOCKS = ("Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTalkerTextSparseMoeBlock")
@@ -31,14 +31,7 @@ class ExpertParallelMoeBlock(nn.Cell):
         self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
 
     def construct(self, hidden_states):
-        batch, length, hidden = hidden_states.shape
-        flat = hidden_states.view(-1, hidden)
-        router_logits, weights, selected = route(self, flat)
-        partial = dispatch_experts(self.experts, flat, weights, selected, first_expert=self.local_experts.start)
-        routed = self.all_reduce(partial)
-        if self.shared_expert is not None:
-            routed = routed + mint.nn.functional.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-        return routed.reshape(batch, length, hidden), router_logits
+        return sparse_moe_forward(self, hidden_states, self.local_experts.start, self.all_reduce)
 
 
 def keep_local_experts(model: nn.Cell, rank: int, world_size: int) -> int:

@@ -125,21 +125,28 @@ def dispatch_experts(experts, hidden_states, weights, selected, first_expert: in
     return combined
 
 
-@FAST_PATHS.replaces(f"{MODELING}.Qwen3OmniMoeThinkerTextSparseMoeBlock:construct")
-def thinker_moe_construct(self, hidden_states):
-    batch, length, hidden = hidden_states.shape
-    flat = hidden_states.view(-1, hidden)
-    router_logits, weights, selected = route(self, flat)
-    return dispatch_experts(self.experts, flat, weights, selected).reshape(batch, length, hidden), router_logits
-
-
-@FAST_PATHS.replaces(f"{MODELING}.Qwen3OmniMoeTalkerTextSparseMoeBlock:construct")
-def talker_moe_construct(self, hidden_states):
+def sparse_moe_forward(block, hidden_states, first_expert: int = 0, all_reduce=None):
+    """A sparse MoE block's forward (the thinker's, or the talker's with its shared expert)
+    through `dispatch_experts`. Under expert parallelism `block.experts` are this rank's
+    share, numbered from `first_expert`, and `all_reduce` adds up the ranks' partial
+    outputs before the replicated shared expert is added, once."""
     from mindspore import mint
 
     batch, length, hidden = hidden_states.shape
     flat = hidden_states.view(-1, hidden)
-    router_logits, weights, selected = route(self, flat)
-    routed = dispatch_experts(self.experts, flat, weights, selected)
-    shared = mint.nn.functional.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-    return (routed + shared).reshape(batch, length, hidden), router_logits
+    router_logits, weights, selected = route(block, flat)
+    routed = dispatch_experts(block.experts, flat, weights, selected, first_expert)
+    if all_reduce is not None:
+        routed = all_reduce(routed)
+    shared_expert = getattr(block, "shared_expert", None)  # the talker's; the thinker has none
+    if shared_expert is not None:
+        routed = routed + mint.nn.functional.sigmoid(block.shared_expert_gate(flat)) * shared_expert(flat)
+    return routed.reshape(batch, length, hidden), router_logits
+
+
+@FAST_PATHS.replaces(
+    f"{MODELING}.Qwen3OmniMoeThinkerTextSparseMoeBlock:construct",
+    f"{MODELING}.Qwen3OmniMoeTalkerTextSparseMoeBlock:construct",
+)
+def sparse_moe_construct(self, hidden_states):
+    return sparse_moe_forward(self, hidden_states)

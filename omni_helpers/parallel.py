@@ -19,7 +19,6 @@ from typing import Optional
 PARALLEL_MODES = ("zero3", "expert", "none")
 
 
-
 def resolve_parallel(requested: Optional[str], world_size: int) -> str:
     """The mode to run: ZeRO-3 by default under msrun with several workers; one process has nothing to split."""
     if world_size == 1:

@@ -200,16 +200,27 @@ def chosen_variants(args, world_size: int) -> list[str]:
     return variants
 
 
-def load_mindspore_model(model_name: str, device_target: str, runtime, parallel: str):
-    """The model as the scripts load it (float32 + eager attention on CPU), spread over the ranks as `parallel` says."""
-    import mindspore as ms
-    from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
+def model_for(variant: str) -> str:
+    """Which loaded model a variant runs: stock and optimized share the unsharded one ("none")."""
+    return variant if variant in ("reference", *DISTRIBUTED) else "none"
 
+
+def load_model_for(key: str, model_name: str, device_target: str, runtime):
+    """The PyTorch reference, or mindone's model loaded as the scripts load it and spread over the ranks as `key` says."""
+    if key == "reference":
+        import torch
+        from transformers import Qwen3OmniMoeForConditionalGeneration as TorchModel
+
+        return TorchModel.from_pretrained(model_name, dtype=torch.float32, attn_implementation="eager").eval()
+    from omni_helpers.cli import resolve_precision
+    from omni_helpers.loading import load_model
     from omni_helpers.parallel import shard_model
 
-    dtype, attention = (ms.float32, "eager") if device_target == "CPU" else (ms.bfloat16, "flash_attention_2")
-    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(model_name, dtype=dtype, attn_implementation=attention)
-    return shard_model(model, dataclasses.replace(runtime, parallel=parallel))
+    settings = argparse.Namespace(
+        model_name=model_name, device_target=device_target, dtype=None, attn_implementation=None, allow_pickle_weights=False
+    )
+    model = load_model(resolve_precision(settings), with_talker=True)
+    return shard_model(model, dataclasses.replace(runtime, parallel=key))
 
 
 def main(argv=None) -> dict:
@@ -237,16 +248,8 @@ def main(argv=None) -> dict:
     workloads["image_audio_speech"] = (media_conversation(media), True)
     prepared = {name: (processor_inputs(args.model_name, conv, False), speech) for name, (conv, speech) in workloads.items()}
 
-    models = {}  # stock and optimized share one unsharded model; zero3 and expert have their own
-    for variant in variants:
-        parallel = variant if variant in DISTRIBUTED else "none"
-        if variant != "reference" and parallel not in models:
-            models[parallel] = load_mindspore_model(args.model_name, args.device_target, runtime, parallel)
-    if "reference" in variants:
-        import torch
-        from transformers import Qwen3OmniMoeForConditionalGeneration as TorchModel
-
-        models["reference"] = TorchModel.from_pretrained(args.model_name, dtype=torch.float32, attn_implementation="eager").eval()
+    keys = dict.fromkeys(map(model_for, variants))  # each model loaded once, in order
+    models = {key: load_model_for(key, args.model_name, args.device_target, runtime) for key in keys}
 
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
@@ -263,7 +266,7 @@ def main(argv=None) -> dict:
                 uninstall_fast_paths()
             else:
                 install_fast_paths(args.device_target)
-            model = models["reference" if variant == "reference" else variant if variant in DISTRIBUTED else "none"]
+            model = models[model_for(variant)]
             run = reference_run if variant == "reference" else mindspore_run
             runs = [run(model, inputs, args.new_tokens, speech, args.talker_frames) for _ in range(args.repeats)]
             row[variant] = {key: median([r[key] for r in runs]) for key in runs[0]}

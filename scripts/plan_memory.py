@@ -40,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 from omni_helpers.metrics import collective_bytes  # noqa: E402
 from omni_helpers.parallel import PARALLEL_MODES, expert_range  # noqa: E402
 
-SPARSE_MOE_BLOCKS = ("Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTalkerTextSparseMoeBlock")
 GiB = 2**30
 
 
@@ -93,6 +92,7 @@ def model_skeleton(model_name: str, dtype: str):
 def parameter_table(model, world_size: int) -> list[Parameter]:
     """Every parameter once, with what the modes need to know about it."""
     from mindone.models.modules.parallel import PARALLEL_MODULES
+    from omni_helpers.expert_parallel import SPARSE_MOE_BLOCKS
 
     experts = {}  # id(cell) -> (expert number, its block)
     for _, cell in model.cells_and_names():
