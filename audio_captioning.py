@@ -1,102 +1,127 @@
 r"""Caption audio with Qwen3-Omni-30B-A3B-Captioner: one detailed caption per audio file, no prompt needed.
 
 On Ascend, two NPUs, the model sharded with ZeRO-3 (add `--parallel expert` to give each NPU
-half of the experts instead, with far less traffic per token; see the README):
+half of the experts instead, with far less traffic per token; see the README), 8 files at a time:
 
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=msrun_log \
         --join=True --cluster_time_out=300 audio_captioning.py \
-        --model_name Qwen/Qwen3-Omni-30B-A3B-Captioner \
-        --audio street.wav --audio kitchen.wav
+        --model_name Qwen3-Omni-30B-A3B-Captioner \
+        --audio street.wav --audio kitchen.wav --batch_size 8
 
 One process (CPU, the tiny test checkpoint):
 
     python audio_captioning.py --device_target CPU --model_name tiny_ckpt \
         --audio sample_media/audio.wav --max_new_tokens 16
 
-Rank 0 prints each caption and writes OUTPUT_DIR/result.json with `text` a list, one
-caption per audio, in the order given. The Captioner speaks no answer: text only.
+Rank 0 prints one line per file, `<file>: <caption>`, and writes each caption to
+OUTPUT_DIR/results.jsonl as its batch finishes (`--resume` skips files already there),
+then OUTPUT_DIR/result.json with `text` a list, one caption per audio, in the order given.
+The Captioner takes the audio alone; with an Instruct or Thinking checkpoint, --prompt
+asks for what you want to know about each file. Captions are text only.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
-from omni_helpers.cli import add_common_args, add_media_args, resolve_precision
-from omni_helpers.conversation import user_turn, with_system_prompt
-from omni_helpers.generation import decode_answer, generation_kwargs, progress_to_stderr
-from omni_helpers.inputs import to_mindspore
-from omni_helpers.metrics import ForwardTimes, StageClock, count_forwards, generation_metrics
-from omni_helpers.loading import load_model, load_processor
-from omni_helpers.parallel import shard_model
-from omni_helpers.outputs import publish
-from omni_helpers.runtime import setup_runtime
-from omni_helpers.validation import RequestError, check_request, exit_on_bad_request, load_conversation_file
+from omni_helpers.checkpoint import Checkpoint, resolve_checkpoint
+from omni_helpers.cli import (
+    HelpFormatter, add_generation_args, add_media_args, add_model_args, add_output_args, add_request_args,
+    check_common_flags, exit_for, generation_settings, resolve_precision,
+)  # fmt: skip
+from omni_helpers.conversation import resolve_paths, user_turn, with_system_prompt
+from omni_helpers.errors import RequestError
+from omni_helpers.requests import Request
+from omni_helpers.settings import GenerationSettings
+from omni_helpers.validation import check_device, check_requests, check_settings
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Captioner"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, DEFAULT_MODEL)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_model_args(parser, DEFAULT_MODEL)
+    add_request_args(parser, conversation=False)
     add_media_args(parser, image=False, video=False)
-    return resolve_precision(parser.parse_args(argv))
+    add_generation_args(parser)
+    add_output_args(parser)
+    return parser.parse_args(argv)
 
 
-def build_conversations(args: argparse.Namespace) -> list[list[dict]]:
-    """One conversation per audio: the Captioner takes the audio alone (a prompt is optional)."""
-    if args.conversation:
-        return [load_conversation_file(args.conversation)]
-    return [with_system_prompt([user_turn(args.prompt, audios=[audio])], args.system_prompt) for audio in args.audio]
+def build_requests(args: argparse.Namespace) -> list[Request]:
+    """One conversation per audio file, filed under the file as given."""
+    if not args.audio:
+        raise RequestError("no audio: give one or more --audio files")
+    repeated = sorted({a for a in args.audio if args.audio.count(a) > 1})
+    if repeated:
+        raise RequestError(f"--audio {repeated[0]} is given twice; give each file once")
+    return [
+        Request(audio, resolve_paths(with_system_prompt([user_turn(args.prompt, audios=[audio])], args.system_prompt), Path.cwd()))
+        for audio in args.audio
+    ]
 
 
-def checked_requests(args: argparse.Namespace) -> list[list[dict]]:
-    conversations = build_conversations(args)
-    if not conversations:
-        raise RequestError("no audio: give one or more --audio files (or --conversation)")
-    check_request(args, conversations, needs="audio file")
-    return conversations
+def check(args: argparse.Namespace, requests: list[Request], media_folder: Path) -> tuple[Checkpoint, list[Request], GenerationSettings]:
+    """Everything about the request that can be wrong, checked with small reads only."""
+    check_common_flags(args)
+    check_device(args.device_target)
+    settings = generation_settings(args)
+    checkpoint = resolve_checkpoint(args.model_name, args.allow_pickle_weights)
+    check_settings(settings, checkpoint, args.batch_size)
+    return checkpoint, check_requests(requests, checkpoint, settings, media_folder, needs="an audio file"), settings
 
 
 def main(args: argparse.Namespace) -> dict:
-    from qwen_omni_utils import process_mm_info
-
     # 1. The requests, one per audio, checked before anything heavy (bad ones exit with code 2 on every rank)
-    conversations = exit_on_bad_request(lambda: checked_requests(args))
+    media_folder = tempfile.TemporaryDirectory(prefix="omni_media_")
+    try:
+        checkpoint, requests, settings = check(args, build_requests(args), Path(media_folder.name))
+    except RequestError as error:
+        exit_for(error)
 
-    # 2. Device, msrun ranks, and the CPU kernels if the device is CPU
-    runtime = setup_runtime(args.device_target, args.seed, parallel=args.parallel)
+    # MindSpore, mindone and torch are imported only now, so that --help and bad requests answer at once.
+    from omni_helpers.answering import Output, answer_in_batches
+    from omni_helpers.loading import load_model, load_processor, shard_model
+    from omni_helpers.metrics import StageClock, combined, run_metrics, summary_line
+    from omni_helpers.outputs import RESULT_FILE, write_json
+    from omni_helpers.patches import install_patches
+    from omni_helpers.runtime import log, setup_runtime
 
-    # 3. Load the processor and the model (text only: no talker); spread it as --parallel says
+    # 2. Device, msrun ranks, seeds
+    runtime = setup_runtime(args.device_target, args.seed, args.parallel)
+
+    # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths
+    install_patches(args.device_target)
+
+    # 4. Load the processor and the model (text only: no talker); spread it as --parallel says
     clock = StageClock()
+    dtype, attn_implementation = resolve_precision(args.device_target, args.dtype, args.attn_implementation)
     with clock("load"):
-        processor = load_processor(args.model_name, args.min_pixels, args.max_pixels)
-        model = load_model(args, with_talker=False)
-        model = shard_model(model, runtime)  # --parallel: ZeRO-3, a share of the experts, or whole
+        processor = load_processor(checkpoint.path)  # audio only: no image limits
+        model = shard_model(load_model(checkpoint.path, dtype, attn_implementation, False, args.allow_pickle_weights), runtime)
 
-    captions, prompt_tokens, thinker_times = [], 0, ForwardTimes()
-    for conversation in conversations:
-        # 4. Chat template, audio, processor
-        with clock("preprocessing"):
-            text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-            audios, _, _ = process_mm_info(conversation, use_audio_in_video=False)
-            inputs = processor(text=text, audio=audios, return_tensors="np", padding=True)
-            inputs = to_mindspore(inputs, model.dtype)
-        prompt_tokens += inputs["input_ids"].shape[1]
+    # 5. Caption, --batch_size files at a time (template, audio, processor, generate, decode:
+    #    omni_helpers/core.py); rank 0 prints and files each caption as its batch finishes
+    output = Output(runtime, args.output_dir, args.stream, labelled=True,
+                    run_metrics=lambda: run_metrics(clock, runtime, model))  # fmt: skip
+    lines = answer_in_batches(model, processor, requests, settings, output, args.batch_size, args.resume)
 
-        # 5. Generate
-        with clock("generate"), progress_to_stderr(), count_forwards(model.thinker, thinker_times):
-            text_ids, _ = model.generate(**inputs, **generation_kwargs(args, model.config, return_audio=False))
-
-        # 6. Decode
-        captions.append(decode_answer(processor, text_ids, inputs["input_ids"].shape[1]))
-
-    result = {"model": args.model_name, "inputs": {"audio": list(args.audio), "conversations": conversations}, "text": captions}
-    result["metrics"] = generation_metrics(
-        clock, prompt_tokens, thinker_times, ForwardTimes(), audio_seconds=0.0, runtime=runtime, model=model
-    )
-
-    # 7. Print and save (rank 0 only)
-    return publish(runtime, args.output_dir, result, None)
+    # 6. Every caption in one result.json (rank 0)
+    answered = [line["metrics"] for line in lines if line.get("metrics")]
+    result = {
+        "model": args.model_name,
+        "inputs": {"audio": list(args.audio), "prompt": args.prompt},
+        "text": [line["text"] for line in lines],
+        "audio": None,
+        "metrics": combined(answered) if answered else None,
+    }
+    if runtime.is_main_process:
+        if answered:
+            log(runtime, summary_line(result["metrics"]))
+        write_json(Path(args.output_dir) / RESULT_FILE, result)
+    return result
 
 
 if __name__ == "__main__":

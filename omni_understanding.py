@@ -5,112 +5,130 @@ half of the experts instead, with far less traffic per token; see the README):
 
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=msrun_log \
         --join=True --cluster_time_out=300 omni_understanding.py \
-        --model_name Qwen/Qwen3-Omni-30B-A3B-Instruct \
+        --model_name Qwen3-Omni-30B-A3B-Instruct \
         --image cars.jpg --audio cough.wav \
         --prompt "What can you see and hear? Answer in one short sentence." \
         --return_audio
 
+Many requests through one loaded model, 4 at a time (one JSON object per line,
+{"id": ..., "conversation": [...]}); answers go to OUTPUT_DIR/results.jsonl:
+
+    python omni_understanding.py --model_name Qwen3-Omni-30B-A3B-Instruct \
+        --requests questions.jsonl --batch_size 4 [--resume]
+
 One process (CPU, the tiny test checkpoint):
 
     python omni_understanding.py --device_target CPU --model_name tiny_ckpt \
-        --image sample_media/image.png --prompt "What is this?" --max_new_tokens 16
+        --image sample_media/image.png --prompt "What is this?" --max_new_tokens 16 --stream
 
 Rank 0 prints the answer and writes OUTPUT_DIR/result.json (and output.wav with
---return_audio). The Thinking checkpoint works too, for text only (it has no talker).
+--return_audio). Instruct and Thinking checkpoints (Thinking has no talker: text only).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
-from omni_helpers.cli import add_audio_in_video_arg, add_common_args, add_media_args, add_speech_args, resolve_precision
-from omni_helpers.conversation import media_in, user_turn, with_system_prompt
-from omni_helpers.generation import decode_answer, generation_kwargs, progress_to_stderr, waveform_to_numpy
-from omni_helpers.inputs import to_mindspore, videos_to_numpy
-from omni_helpers.metrics import StageClock, count_forwards, generation_metrics
-from omni_helpers.loading import load_model, load_processor
-from omni_helpers.parallel import shard_model
-from omni_helpers.outputs import SPEECH_SAMPLE_RATE, publish
-from omni_helpers.runtime import setup_runtime
-from omni_helpers.validation import check_request, exit_on_bad_request, load_conversation_file
+from omni_helpers.checkpoint import Checkpoint, resolve_checkpoint
+from omni_helpers.cli import (
+    HelpFormatter, add_audio_in_video_arg, add_generation_args, add_media_args, add_model_args, add_output_args,
+    add_pixel_args, add_request_args, add_speech_args, check_common_flags, exit_for, generation_settings,
+    resolve_precision,
+)  # fmt: skip
+from omni_helpers.conversation import media_in, resolve_paths, user_turn, with_system_prompt
+from omni_helpers.errors import RequestError
+from omni_helpers.requests import Request, load_conversation_file, load_requests_file
+from omni_helpers.settings import GenerationSettings
+from omni_helpers.validation import check_device, check_requests, check_settings
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, DEFAULT_MODEL)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_model_args(parser, DEFAULT_MODEL)
+    add_request_args(parser)
+    parser.add_argument("--requests", default=None, metavar="FILE.jsonl",
+                        help='many requests, one JSON object per line: {"id": ..., "conversation": [...]}')
     add_media_args(parser)
+    add_pixel_args(parser)
+    add_generation_args(parser)
     add_speech_args(parser)
     add_audio_in_video_arg(parser)
-    return resolve_precision(parser.parse_args(argv))
+    add_output_args(parser)
+    return parser.parse_args(argv)
 
 
-def build_conversation(args: argparse.Namespace) -> list[dict]:
+def build_requests(args: argparse.Namespace) -> list[Request]:
+    """The requests: a --requests file, a --conversation file, or one built from the flags."""
+    flags = [name for name, value in (("--prompt", args.prompt), ("--system_prompt", args.system_prompt),
+             ("--image", args.image), ("--audio", args.audio), ("--video", args.video)) if value]  # fmt: skip
+    if args.requests and args.conversation:
+        raise RequestError("--requests and --conversation: give one or the other")
+    if (args.requests or args.conversation) and flags:
+        source = "--requests" if args.requests else "--conversation"
+        raise RequestError(f"{source} replaces {', '.join(flags)}: give the file or the flags, not both")
+    if args.requests:
+        return load_requests_file(args.requests)
     if args.conversation:
-        return load_conversation_file(args.conversation)
+        return [Request("1", load_conversation_file(args.conversation))]
     turn = user_turn(args.prompt, images=args.image, audios=args.audio, videos=args.video)
-    return with_system_prompt([turn], args.system_prompt)
+    return [Request("1", resolve_paths(with_system_prompt([turn], args.system_prompt), Path.cwd()))]
 
 
-def checked_request(args: argparse.Namespace) -> list[dict]:
-    conversation = build_conversation(args)
-    check_request(args, [conversation])
-    return conversation
+def check(args: argparse.Namespace, requests: list[Request], media_folder: Path) -> tuple[Checkpoint, list[Request], GenerationSettings]:
+    """Everything about the request that can be wrong, checked with small reads only; returns
+    the checkpoint, the requests as they will run (URLs fetched into `media_folder`), the settings."""
+    check_common_flags(args)
+    check_device(args.device_target)
+    settings = generation_settings(args)
+    checkpoint = resolve_checkpoint(args.model_name, args.allow_pickle_weights)
+    check_settings(settings, checkpoint, args.batch_size)
+    return checkpoint, check_requests(requests, checkpoint, settings, media_folder), settings
 
 
-def main(args: argparse.Namespace) -> dict:
-    from qwen_omni_utils import process_mm_info
+def main(args: argparse.Namespace):
+    # 1. The request, checked before anything heavy (a bad one exits with code 2 on every rank).
+    #    URLs are fetched into a folder that lives as long as the run.
+    media_folder = tempfile.TemporaryDirectory(prefix="omni_media_")
+    try:
+        given = build_requests(args)
+        checkpoint, requests, settings = check(args, given, Path(media_folder.name))
+    except RequestError as error:
+        exit_for(error)
 
-    # 1. The request, checked before anything heavy (a bad one exits with code 2 on every rank)
-    conversation = exit_on_bad_request(lambda: checked_request(args))
+    # MindSpore, mindone and torch are imported only now, so that --help and bad requests answer at once.
+    from omni_helpers.answering import Output, answer_in_batches, answer_one
+    from omni_helpers.loading import load_model, load_processor, shard_model
+    from omni_helpers.metrics import StageClock, run_metrics
+    from omni_helpers.patches import install_patches
+    from omni_helpers.runtime import setup_runtime
 
-    # 2. Device, msrun ranks, and the CPU kernels if the device is CPU
-    runtime = setup_runtime(args.device_target, args.seed, parallel=args.parallel)
+    # 2. Device, msrun ranks, seeds
+    runtime = setup_runtime(args.device_target, args.seed, args.parallel)
 
-    # 3. Load the processor and the model; spread it over msrun's workers as --parallel says
+    # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths
+    install_patches(args.device_target)
+
+    # 4. Load the processor and the model; spread the model over msrun's workers as --parallel says
     clock = StageClock()
+    dtype, attn_implementation = resolve_precision(args.device_target, args.dtype, args.attn_implementation)
     with clock("load"):
-        processor = load_processor(args.model_name, args.min_pixels, args.max_pixels)
-        model = load_model(args, with_talker=args.return_audio)
-        model = shard_model(model, runtime)  # --parallel: ZeRO-3, a share of the experts, or whole
+        processor = load_processor(checkpoint.path, args.min_pixels, args.max_pixels)
+        model = load_model(checkpoint.path, dtype, attn_implementation, settings.return_audio, args.allow_pickle_weights)
+        model = shard_model(model, runtime)
 
-    # 4. Chat template, media, processor
-    with clock("preprocessing"):
-        text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        audios, images, videos = process_mm_info(conversation, use_audio_in_video=args.use_audio_in_video)
-        inputs = processor(
-            text=text,
-            audio=audios,
-            images=images,
-            videos=videos_to_numpy(videos),
-            return_tensors="np",
-            padding=True,
-            use_audio_in_video=args.use_audio_in_video,
-        )
-        inputs = to_mindspore(inputs, model.dtype)
-
-    # 5. Generate text (thinker), and speech (talker + code2wav) if asked
-    with clock("generate"), progress_to_stderr(), count_forwards(model.thinker) as thinker_times, \
-            count_forwards(getattr(model, "talker", None)) as talker_times:  # fmt: skip
-        text_ids, waveform = model.generate(
-            **inputs,
-            use_audio_in_video=args.use_audio_in_video,
-            **generation_kwargs(args, model.config, return_audio=args.return_audio),
-        )
-
-    # 6. Decode
-    answer = decode_answer(processor, text_ids, inputs["input_ids"].shape[1])
-    result = {"model": args.model_name, "inputs": {"conversation": conversation, **media_in(conversation)}, "text": answer}
-
-    wav = waveform_to_numpy(waveform)
-    result["metrics"] = generation_metrics(
-        clock, inputs["input_ids"].shape[1], thinker_times, talker_times,
-        audio_seconds=0.0 if wav is None else len(wav) / SPEECH_SAMPLE_RATE, runtime=runtime, model=model,
-    )  # fmt: skip
-
-    # 7. Print and save (rank 0 only)
-    return publish(runtime, args.output_dir, result, wav)
+    # 5. Generate (template, media, processor, generate, decode: omni_helpers/core.py) and
+    # 6. print and save on rank 0: result.json for one request, results.jsonl for --requests
+    output = Output(runtime, args.output_dir, args.stream, labelled=bool(args.requests),
+                    run_metrics=lambda: run_metrics(clock, runtime, model))  # fmt: skip
+    if args.requests:
+        return answer_in_batches(model, processor, requests, settings, output, args.batch_size, args.resume)
+    conversation = given[0].conversation  # as the user gave it, URLs and all
+    inputs = {"conversation": conversation, "use_audio_in_video": settings.use_audio_in_video, **media_in(conversation)}
+    return answer_one(model, processor, requests[0], settings, output, inputs, args.model_name)
 
 
 if __name__ == "__main__":

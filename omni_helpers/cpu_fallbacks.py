@@ -23,7 +23,7 @@ from mindspore import ops
 
 from .patching import PatchSet
 
-CPU_FALLBACKS = PatchSet("cpu fallbacks")
+CPU_FALLBACKS = PatchSet("CPU fallbacks", package="mindspore", written_for="2.7.1")
 replaces = CPU_FALLBACKS.replaces
 original = CPU_FALLBACKS.original
 
@@ -41,7 +41,8 @@ def _np(x):
 
 
 def _tensor(array: np.ndarray, dtype=None) -> ms.Tensor:
-    out = ms.Tensor(np.ascontiguousarray(array))
+    array = np.asarray(array)
+    out = ms.Tensor(np.ascontiguousarray(array) if array.ndim else array)  # ascontiguousarray makes 0-d 1-d
     return out if dtype is None or out.dtype == dtype else out.astype(dtype)
 
 
@@ -126,7 +127,7 @@ def cat(tensors, dim=0):
     return original("mindspore.mint:cat")(tensors, dim)
 
 
-@replaces("mindspore.mint:repeat_interleave", "mindspore.mint.nn.functional:repeat_interleave")
+@replaces("mindspore.mint:repeat_interleave")
 def repeat_interleave(input, repeats, dim=None, *, output_size=None):
     values = _np(input)
     if dim is None:
@@ -172,6 +173,35 @@ def pad(input, pad, mode="constant", value=None):
 
 
 # ----------------------------------------------------------------------------- reductions and search
+
+
+def _sum_of_nothing(input, dim, keepdim: bool, dtype):
+    """A sum over zero elements: zeros. MindSpore 2.7.1's CPU ReduceSum leaves its output
+    uninitialised for an empty input (0, 1 or 16777216 seen for the same call), and mindone
+    counts images with such a sum for a batch row that has none."""
+    array = np.zeros(tuple(input.shape), dtype=np.int64 if input.dtype in _INTEGRAL else _np(input).dtype)
+    axis = None if dim is None else tuple(dim) if isinstance(dim, (tuple, list)) else dim
+    out = _tensor(np.asarray(array.sum(axis=axis, keepdims=keepdim)), ms.int64 if input.dtype in _INTEGRAL else input.dtype)
+    return out if dtype is None else out.astype(dtype)
+
+
+_INTEGRAL = (ms.bool_, ms.int8, ms.int16, ms.int32, ms.int64, ms.uint8)
+
+
+@replaces("mindspore.mint:sum")
+def mint_sum(input, dim=None, keepdim=False, *, dtype=None):
+    if input.size == 0:
+        return _sum_of_nothing(input, dim, keepdim, dtype)
+    return original("mindspore.mint:sum")(input, dim, keepdim, dtype=dtype)
+
+
+@replaces("mindspore.common.tensor.Tensor:sum")
+def tensor_sum(self, *args, **kwargs):
+    if self.size == 0:
+        dim = args[0] if args else kwargs.get("dim", kwargs.get("axis"))
+        keepdim = kwargs.get("keepdim", kwargs.get("keepdims", False))
+        return _sum_of_nothing(self, dim, keepdim, kwargs.get("dtype"))
+    return original("mindspore.common.tensor.Tensor:sum")(self, *args, **kwargs)
 
 
 @replaces("mindspore.mint:cumsum")
@@ -367,11 +397,6 @@ def index_add_(self, dim, index, source, *, alpha=1):
     np.add.at(moved, _np(index), np.moveaxis(_np(source) * alpha, dim, 0).astype(values.dtype))
     self.assign_value(_tensor(values, self.dtype))
     return self
-
-
-@replaces("mindspore.common.tensor.Tensor:ones_like")
-def tensor_ones_like(self, *, dtype=None):
-    return ops.ones(self.shape, dtype or self.dtype)
 
 
 @replaces("mindspore.common.tensor.Tensor:scatter_")

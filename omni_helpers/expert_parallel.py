@@ -6,8 +6,8 @@ import gc
 
 from mindspore import nn, ops
 
-from .fast_paths import sparse_moe_forward
 from .parallel import expert_range
+from .sparse_moe import sparse_moe_forward
 
 SPARSE_MOE_BLOCKS = ("Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTalkerTextSparseMoeBlock")
 

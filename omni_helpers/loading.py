@@ -1,27 +1,54 @@
-"""Loading the processor and the model (omni_helpers.parallel spreads it over msrun's workers)."""
+"""Loading the processor and the model, and spreading the model over msrun's workers.
+
+mindone is imported inside the functions: by then `patches.install_patches` has quieted
+the libraries it drags in (see quiet.py).
+"""
 
 from __future__ import annotations
 
-import argparse
+from pathlib import Path
+from typing import Optional
+
+import mindspore as ms
+
+from .expert_parallel import keep_local_experts
 
 
-def load_processor(model_name: str, min_pixels: int, max_pixels: int):
+def load_processor(path: Path, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):
+    """The checkpoint's processor (with image limits, if given), padding on the left so that
+    batched prompts end together."""
     from mindone.transformers import Qwen3OmniMoeProcessor
 
-    return Qwen3OmniMoeProcessor.from_pretrained(model_name, min_pixels=min_pixels, max_pixels=max_pixels)
+    limits = {} if min_pixels is None else {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    processor = Qwen3OmniMoeProcessor.from_pretrained(path, **limits)
+    processor.tokenizer.padding_side = "left"
+    return processor
 
 
-def load_model(args: argparse.Namespace, with_talker: bool):
-    """Load the checkpoint in `args.dtype`; drop the talker (about 10 GB at full size) unless speech is wanted."""
-    import mindspore as ms
+def load_model(path: Path, dtype: str, attn_implementation: str, with_talker: bool, allow_pickle_weights: bool = False):
+    """Load the checkpoint in `dtype`; drop the talker (about 10 GB at full size) unless speech is wanted."""
     from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
 
     model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-        args.model_name,
-        dtype=getattr(ms, args.dtype),
-        attn_implementation=args.attn_implementation,
-        use_safetensors=not args.allow_pickle_weights,
+        path,
+        dtype=getattr(ms, dtype),
+        attn_implementation=attn_implementation,
+        use_safetensors=not allow_pickle_weights,
     )
     if not with_talker and model.has_talker:
         model.disable_talker()
+    return model
+
+
+def shard_model(model, runtime):
+    """Apply `runtime.parallel` to a freshly loaded model, before its first forward."""
+    if runtime.parallel == "zero3":
+        from mindspore.communication import GlobalComm
+
+        from mindone.trainers.zero import prepare_network
+
+        # each rank keeps 1/N of every weight and gathers it when used
+        return prepare_network(model, zero_stage=3, optimizer_parallel_group=GlobalComm.WORLD_COMM_GROUP)
+    if runtime.parallel == "expert":
+        keep_local_experts(model, runtime.rank, runtime.world_size)
     return model

@@ -11,9 +11,19 @@ disagree because mindone is wrong; each has a test that fails without it
   MindSpore 2.7.1, TypeError on 2.10); it then splits with `.item()` of a
   many-element tensor and keeps the padded frames of the last chunk. The replacement
   does the chunk bookkeeping on the host, as the reference does with Python lists.
+- A video whose soundtrack is not used (`use_audio_in_video=False`, every silent or muted
+  clip). `get_rope_index` times each video's seconds-per-grid with
+  `second_per_grids[i].cpu()`, a PyTorch idiom: MindSpore tensors have no `.cpu()`, so
+  the request fails after the model has loaded, on any device. The replacement hands
+  mindone's own function a sequence whose items answer `.cpu()` with the same tensor.
+- The generation loop prints a progress line per decoding step on stdout, which the
+  scripts keep for the answer; the lines go to stderr instead (under msrun both land in
+  the worker's log).
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 
@@ -22,8 +32,11 @@ from mindspore import mint
 
 from .patching import PatchSet
 
-MINDONE_FIXES = PatchSet("mindone fixes")
-AUDIO_ENCODER = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe.Qwen3OmniMoeAudioEncoder"
+MINDONE_FIXES = PatchSet("mindone fixes", package="mindone", written_for="0.5.0")
+MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
+AUDIO_ENCODER = f"{MODELING}.Qwen3OmniMoeAudioEncoder"
+ROPE_OWNER = f"{MODELING}.Qwen3OmniMoePreTrainedModelForConditionalGeneration"
+GENERATION_LOOP = "mindone.transformers.generation.utils"
 
 
 def install_mindone_fixes() -> list[str]:
@@ -97,3 +110,36 @@ def audio_encoder_construct(self, input_features, feature_lens=None, aftercnn_le
     hidden_states = self.ln_post(hidden_states)
     hidden_states = self.proj2(self.act(self.proj1(hidden_states)))
     return BaseModelOutput(last_hidden_state=hidden_states)
+
+
+class _HostSeconds:
+    """One video's seconds per temporal grid, as mindone's rope code reads it: `.cpu()` (a
+    PyTorch idiom) gives the MindSpore tensor back, `.float()` converts as a tensor does."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def cpu(self):
+        return self.seconds
+
+    def float(self):
+        return self.seconds.float()
+
+
+@MINDONE_FIXES.replaces(f"{ROPE_OWNER}:get_rope_index")
+def get_rope_index(self, input_ids=None, image_grid_thw=None, video_grid_thw=None, attention_mask=None,
+                   use_audio_in_video=False, audio_seqlens=None, second_per_grids=None):  # fmt: skip
+    """mindone's own 3-D rope index, given seconds per grid it can call `.cpu()` on.
+    (The talker's get_rope_index calls this class's function by name, so it is fixed too.)"""
+    if second_per_grids is not None:
+        second_per_grids = [_HostSeconds(second_per_grids[i]) for i in range(second_per_grids.shape[0])]
+    stock = MINDONE_FIXES.original(f"{ROPE_OWNER}:get_rope_index")
+    return stock(self, input_ids, image_grid_thw, video_grid_thw, attention_mask,
+                 use_audio_in_video, audio_seqlens, second_per_grids)  # fmt: skip
+
+
+@MINDONE_FIXES.adds(f"{GENERATION_LOOP}:print")
+def progress_to_stderr(*args, **kwargs):
+    """The generation loop's `print` (one line per decoding step): to stderr, keeping stdout for answers."""
+    kwargs.setdefault("file", sys.stderr)
+    print(*args, **kwargs)

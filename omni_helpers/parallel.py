@@ -10,6 +10,9 @@
   adds up the ranks' partial outputs with one all-reduce of its hidden states: 8 KiB per
   token and layer at full size (384 KiB per token). Every rank runs the same generation.
 - none: the whole model in every process.
+
+This module is the bookkeeping only (no MindSpore import, so flags can name the modes);
+`loading.shard_model` applies a mode to a loaded model.
 """
 
 from __future__ import annotations
@@ -31,23 +34,3 @@ def expert_range(num_experts: int, rank: int, world_size: int) -> range:
     share, extra = divmod(num_experts, world_size)
     start = rank * share + min(rank, extra)
     return range(start, start + share + (rank < extra))
-
-
-def shard_model(model, runtime):
-    """Apply `runtime.parallel` to a freshly loaded model, before its first forward."""
-    if runtime.parallel == "zero3":
-        return shard_zero3(model)
-    if runtime.parallel == "expert":
-        from .expert_parallel import keep_local_experts
-
-        keep_local_experts(model, runtime.rank, runtime.world_size)
-    return model
-
-
-def shard_zero3(model):
-    """ZeRO-3 across the msrun workers: each rank keeps 1/N of every weight and gathers it when used."""
-    from mindspore.communication import GlobalComm
-
-    from mindone.trainers.zero import prepare_network
-
-    return prepare_network(model, zero_stage=3, optimizer_parallel_group=GlobalComm.WORLD_COMM_GROUP)

@@ -4,12 +4,23 @@ The project never edits installed files. What changes how mindone runs (CPU fall
 fixes for mindone's bugs, faster paths) is a `PatchSet`: a named list of
 `module:attribute` targets and their replacements, installed in one call and
 removable again (tests remove a set to show that it is needed).
+
+A patch is written against one version of its package. Installing it where its target
+no longer exists is an error naming the target (a silent no-op would leave the bug or
+the slow path in place while claiming otherwise); on another version of the package it
+still installs, with one warning.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+import importlib.metadata
+import sys
+from typing import Callable, Optional
+
+
+class PatchTargetMissing(RuntimeError):
+    """A patch's target is not where its PatchSet expects it (another version of the package?)."""
 
 
 def resolve_owner(path: str):
@@ -22,18 +33,33 @@ def resolve_owner(path: str):
 
 
 class PatchSet:
-    def __init__(self, name: str):
-        self.name = name
+    """Replacements for attributes of one package, written for one version of it."""
+
+    def __init__(self, name: str, package: str, written_for: str):
+        self.name, self.package, self.written_for = name, package, written_for
         self._replacements: dict[tuple[str, str], Callable] = {}
+        self._new: set[tuple[str, str]] = set()  # targets that do not exist until installed
         self._originals: dict[tuple[str, str], object] = {}
+        self._version_checked = False
 
     def replaces(self, *targets: str):
-        """Decorator: the function replaces each `module:attribute` target when the set is installed."""
+        """Decorator: the function replaces each existing `module:attribute` target when the set is installed."""
 
         def register(fn):
             for target in targets:
                 module, attr = target.split(":")
                 self._replacements[(module, attr)] = fn
+            return fn
+
+        return register
+
+    def adds(self, target: str):
+        """Decorator: the function becomes a new attribute (a module global shadowing a builtin)."""
+
+        def register(fn):
+            module, attr = target.split(":")
+            self._replacements[(module, attr)] = fn
+            self._new.add((module, attr))
             return fn
 
         return register
@@ -52,20 +78,48 @@ class PatchSet:
     def targets(self) -> list[str]:
         return sorted(f"{module}.{attr}" for module, attr in self._replacements)
 
+    def installed_version(self) -> Optional[str]:
+        try:
+            return importlib.metadata.version(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def _warn_once_on_another_version(self) -> None:
+        if self._version_checked:
+            return
+        self._version_checked = True
+        version = self.installed_version()
+        if version != self.written_for:
+            print(f"warning: the {self.name} were written for {self.package} {self.written_for}, "
+                  f"this is {version}; the parity tests tell whether they still hold", file=sys.stderr)  # fmt: skip
+
+    def _owner_of(self, module: str, attr: str):
+        try:
+            owner = resolve_owner(module)
+        except (ImportError, AttributeError) as error:
+            raise PatchTargetMissing(f"{self.name}: cannot patch {module}.{attr}: {module} is missing ({error})") from error
+        if (module, attr) not in self._new and not hasattr(owner, attr):
+            raise PatchTargetMissing(
+                f"{self.name}: cannot patch {module}.{attr}: it does not exist in {self.package} "
+                f"{self.installed_version()} (written for {self.written_for})"
+            )
+        return owner
+
     def install(self) -> list[str]:
         """Put every replacement in place (idempotent); returns the targets replaced."""
+        self._warn_once_on_another_version()
+        owners = {key: self._owner_of(*key) for key in self._replacements}  # every target checked before any change
         for (module, attr), fn in self._replacements.items():
-            owner = resolve_owner(module)
             if (module, attr) not in self._originals:
-                self._originals[(module, attr)] = getattr(owner, attr, None)
-            setattr(owner, attr, fn)
+                self._originals[(module, attr)] = getattr(owners[(module, attr)], attr, None)
+            setattr(owners[(module, attr)], attr, fn)
         return self.targets()
 
     def uninstall(self) -> None:
         """Put back what was there before `install`."""
         for (module, attr), previous in self._originals.items():
             owner = resolve_owner(module)
-            if previous is None:
+            if (module, attr) in self._new:
                 delattr(owner, attr)
             else:
                 setattr(owner, attr, previous)

@@ -1,9 +1,10 @@
-"""Device, distributed and seed set-up shared by every script: one call, `setup_runtime`."""
+"""Device, msrun ranks and seeds, in one call: `setup_runtime`."""
 
 from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,32 +45,14 @@ def seed_everything(seed: int) -> None:
     ms.set_seed(seed)
 
 
-def setup_runtime(
-    device_target: str = "Ascend", seed: int = 0, fast_paths: bool = True, parallel: Optional[str] = None
-) -> Runtime:
-    """Select the device, join the msrun job if there is one, install what the device needs.
+def setup_runtime(device_target: str = "Ascend", seed: int = 0, parallel: Optional[str] = None) -> Runtime:
+    """Select the device, join the msrun job if there is one, seed every random stream.
 
     `parallel` is the --parallel flag (None: zero3 with several msrun workers, none otherwise).
-
-    On CPU the CPU fallbacks for Ascend-only kernels are installed; on every device the
-    fixes for mindone's own bugs are installed, and the faster paths unless `fast_paths`
-    is False (the benchmark's stock variant).
     """
     import mindspore as ms
 
     ms.set_device(device_target)
-    if device_target == "CPU":
-        from .cpu_fallbacks import install_cpu_fallbacks
-
-        install_cpu_fallbacks()
-    from .mindone_fixes import install_mindone_fixes
-
-    install_mindone_fixes()
-    if fast_paths:
-        from .fast_paths import install_fast_paths
-
-        install_fast_paths(device_target)
-
     rank, world_size = 0, 1
     if launched_by_msrun():
         from mindspore.communication import get_group_size, get_rank, init
@@ -89,6 +72,4 @@ def setup_runtime(
 
 def log(runtime: Runtime, message: str) -> None:
     """A line on stderr tagged with the rank: under msrun it lands in that worker's log."""
-    import sys
-
     print(f"[rank {runtime.rank}/{runtime.world_size}] {message}", file=sys.stderr, flush=True)

@@ -4,6 +4,9 @@
 # Random weights give meaningless words: this shows the pipeline runs, not what the model knows.
 #
 #   bash scripts/demo.sh
+#
+# stdout: the answer and where the files are. Set-up progress goes to stderr; msrun's console
+# (both workers' logs) to LOG_DIR/msrun_console.log, shown on stderr only if the run fails.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
@@ -11,9 +14,10 @@ source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 OUTPUT_DIR="${OUTPUT_DIR:-$ROOT/outputs/demo}"
 LOG_DIR="${LOG_DIR:-$ROOT/outputs/demo_msrun_log}"
+mkdir -p "$LOG_DIR"
 
-echo "== running omni_understanding.py on 2 CPU workers (msrun), tiny random checkpoint"
-WORKER_NUM=2 BIND_CORE=False LOG_DIR="$LOG_DIR" MASTER_PORT="${MASTER_PORT:-8118}" \
+echo "== running omni_understanding.py on 2 CPU workers (msrun), tiny random checkpoint; logs in $LOG_DIR" >&2
+if ! WORKER_NUM=2 BIND_CORE=False LOG_DIR="$LOG_DIR" MASTER_PORT="${MASTER_PORT:-8118}" \
   bash scripts/msrun_launch.sh omni_understanding.py \
   --device_target CPU \
   --model_name "$TINY_CKPT" \
@@ -23,7 +27,11 @@ WORKER_NUM=2 BIND_CORE=False LOG_DIR="$LOG_DIR" MASTER_PORT="${MASTER_PORT:-8118
   --max_new_tokens 16 \
   --return_audio \
   --talker_max_new_tokens 16 \
-  --output_dir "$OUTPUT_DIR"
+  --output_dir "$OUTPUT_DIR" >"$LOG_DIR/msrun_console.log" 2>&1; then
+  tail -n 30 "$LOG_DIR/msrun_console.log" >&2
+  echo "error: the demo failed; the workers' logs are in $LOG_DIR" >&2
+  exit 1
+fi
 
 python - "$OUTPUT_DIR/result.json" <<'PY'
 import json, sys
@@ -32,4 +40,4 @@ print("answer (tiny random weights, so meaningless words):", repr(result["text"]
 print("speech:", result["audio"])
 print("result:", sys.argv[1])
 PY
-echo "For real answers run the released checkpoint on Ascend: bash scripts/run_omni_understanding.sh --image ... --prompt ... (see README)."
+echo "For real answers run a released checkpoint on Ascend: bash scripts/run_omni_understanding.sh --image ... --prompt ... (see README)." >&2

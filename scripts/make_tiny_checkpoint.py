@@ -6,8 +6,14 @@ so that mindone's model and the transformers reference can run it on a CPU in se
 Random weights speak nonsense: this exists for tests and the demo, not for answers.
 
     python scripts/make_tiny_checkpoint.py --output tiny_ckpt [--seed 0]
+    python scripts/make_tiny_checkpoint.py --output tiny_thinking --variant thinking
+    python scripts/make_tiny_checkpoint.py --output tiny_captioner --variant captioner
 
-Same seed, same bytes.
+Variants, like the released checkpoints: instruct has the talker and code2wav (speech);
+thinking and captioner have neither (`enable_audio_output` false, no talker weights).
+The released configs do not name their kind, their names do: keep "captioner" in the
+folder name of a Captioner, which takes one audio and no prompt. Each variant draws its
+own random weights. Same seed and variant, same bytes.
 """
 
 from __future__ import annotations
@@ -108,7 +114,11 @@ def build_tokenizer():
     return fast
 
 
-def build_config(tokenizer) -> dict:
+VARIANTS = ("instruct", "thinking", "captioner")
+VARIANT_SEED_OFFSET = {"instruct": 0, "thinking": 100, "captioner": 200}  # each variant its own weights
+
+
+def build_config(tokenizer, variant: str = "instruct") -> dict:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS + ["system", "user", "assistant"]}
     vocab_size = len(tokenizer)
     media_ids = {
@@ -128,7 +138,7 @@ def build_config(tokenizer) -> dict:
     return {
         "architectures": ["Qwen3OmniMoeForConditionalGeneration"],
         "model_type": "qwen3_omni_moe",
-        "enable_audio_output": True,
+        "enable_audio_output": variant == "instruct",
         "im_start_token_id": ids["<|im_start|>"],
         "im_end_token_id": ids["<|im_end|>"],
         "system_token_id": ids["system"],
@@ -290,10 +300,14 @@ def shape_weights(model, seed: int) -> None:
     import torch
 
     generator = torch.Generator().manual_seed(seed + 1)
-    heads = [model.thinker.lm_head, model.talker.codec_head, *model.talker.code_predictor.lm_head]
+    heads = [model.thinker.lm_head]
+    if model.has_talker:
+        heads += [model.talker.codec_head, *model.talker.code_predictor.lm_head]
     with torch.no_grad():
         for head in heads:
             head.weight.copy_(torch.randn(head.weight.shape, generator=generator))
+        if not model.has_talker:
+            return
         for name, weight in model.code2wav.named_parameters():
             if weight.ndim >= 2 and "code_embedding" not in name:
                 fan_in = weight[0].numel()
@@ -315,13 +329,14 @@ def save_processor(processor, output: Path) -> None:
     (output / "preprocessor_config.json").write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
 
 
-def build_checkpoint(output: Path, seed: int = 0) -> None:
+def build_checkpoint(output: Path, seed: int = 0, variant: str = "instruct") -> None:
     import torch
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = Qwen3OmniMoeConfig(**build_config(tokenizer))
+    config = Qwen3OmniMoeConfig(**build_config(tokenizer, variant))
+    seed += VARIANT_SEED_OFFSET[variant]
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(config).eval()
     shape_weights(model, seed)
@@ -335,6 +350,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="directory to write the checkpoint into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--variant", choices=VARIANTS, default="instruct",
+                        help="instruct speaks; thinking and captioner have no talker, like the released ones")
     return parser.parse_args(argv)
 
 
@@ -342,8 +359,8 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     output = Path(args.output)
-    build_checkpoint(output, args.seed)
-    print(f"tiny checkpoint written to {output}")
+    build_checkpoint(output, args.seed, args.variant)
+    print(f"tiny {args.variant} checkpoint written to {output}")
     return output
 
 

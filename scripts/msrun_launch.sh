@@ -7,6 +7,11 @@
 #     bash scripts/msrun_launch.sh omni_understanding.py --model_name ... --image ...
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ $# -lt 1 ] || [ ! -f "$ROOT/$1" ]; then
+  echo "usage: [WORKER_NUM=2 MASTER_PORT=8118 LOG_DIR=msrun_log CLUSTER_TIME_OUT=300 BIND_CORE=True] \\" >&2
+  echo "  bash scripts/msrun_launch.sh SCRIPT.py [script arguments]   (SCRIPT.py relative to $ROOT)" >&2
+  exit 2
+fi
 SCRIPT="$1"; shift
 
 WORKER_NUM="${WORKER_NUM:-2}"
@@ -15,6 +20,9 @@ LOG_DIR="${LOG_DIR:-msrun_log}"
 CLUSTER_TIME_OUT="${CLUSTER_TIME_OUT:-300}"
 # BIND_CORE=False on machines where binding workers to cores is not wanted (the CPU demo).
 # On Ascend, choose the cards: export ASCEND_RT_VISIBLE_DEVICES=0,1
+# MindSpore's C++ logs at error level only: its start-up warnings (dozens of "Failed to connect
+# to the meta server" retries while the workers find each other) are normal. GLOG_v=2 shows them.
+export GLOG_v="${GLOG_v:-3}"
 
 msrun \
   --bind_core="${BIND_CORE:-True}" \

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from omni_helpers.metrics import collective_bytes  # noqa: E402
+from omni_helpers.collectives import collective_bytes  # noqa: E402
 from omni_helpers.parallel import PARALLEL_MODES, expert_range  # noqa: E402
 
 GiB = 2**30
@@ -80,10 +80,13 @@ def model_skeleton(model_name: str, dtype: str):
     from mindspore.nn.utils import no_init_parameters
     from transformers import Qwen3OmniMoeConfig
 
-    from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
+    from omni_helpers.patches import install_patches
     from omni_helpers.runtime import setup_runtime
 
     setup_runtime("CPU")  # the host builds the skeleton; construction uses ops with no CPU kernel of their own
+    install_patches("CPU")  # also quiets the libraries mindone imports
+    from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
+
     config = Qwen3OmniMoeConfig.from_pretrained(model_name)
     with no_init_parameters():
         return Qwen3OmniMoeForConditionalGeneration._from_config(config, dtype=getattr(ms, dtype))

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # audio_captioning.py on Ascend with msrun: 2 workers, ZeRO-3 (or --parallel expert).
 # Extra arguments go to the script, e.g.
-#   bash scripts/run_audio_captioning.sh --audio a.wav
-# WORKER_NUM, MASTER_PORT, LOG_DIR and CLUSTER_TIME_OUT override the launch (see msrun_launch.sh).
+#   bash scripts/run_audio_captioning.sh --audio street.wav --audio kitchen.wav
+# WORKER_NUM, MASTER_PORT, LOG_DIR, CLUSTER_TIME_OUT and MODEL_NAME override the launch (see msrun_launch.sh).
+set -euo pipefail
+if [ $# -eq 0 ]; then
+  echo "usage: bash scripts/run_audio_captioning.sh --audio street.wav --audio kitchen.wav  (python audio_captioning.py --help lists every flag)" >&2
+  exit 2
+fi
 MODEL_NAME="${MODEL_NAME:-Qwen/Qwen3-Omni-30B-A3B-Captioner}"
 exec bash "$(dirname "$0")/msrun_launch.sh" audio_captioning.py --model_name "$MODEL_NAME" "$@"

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # video_understanding.py on Ascend with msrun: 2 workers, ZeRO-3 (or --parallel expert).
 # Extra arguments go to the script, e.g.
-#   bash scripts/run_video_understanding.sh --video v.mp4 --prompt "What happens?"
-# WORKER_NUM, MASTER_PORT, LOG_DIR and CLUSTER_TIME_OUT override the launch (see msrun_launch.sh).
+#   bash scripts/run_video_understanding.sh --video talk.mp4 --prompt "What happens?"
+# WORKER_NUM, MASTER_PORT, LOG_DIR, CLUSTER_TIME_OUT and MODEL_NAME override the launch (see msrun_launch.sh).
+set -euo pipefail
+if [ $# -eq 0 ]; then
+  echo "usage: bash scripts/run_video_understanding.sh --video talk.mp4 --prompt "What happens?"  (python video_understanding.py --help lists every flag)" >&2
+  exit 2
+fi
 MODEL_NAME="${MODEL_NAME:-Qwen/Qwen3-Omni-30B-A3B-Instruct}"
 exec bash "$(dirname "$0")/msrun_launch.sh" video_understanding.py --model_name "$MODEL_NAME" "$@"

@@ -25,34 +25,76 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_thinking(tmp_path_factory) -> Path:
+    """Like the released Thinking checkpoint: no talker, no code2wav."""
+    path = tmp_path_factory.mktemp("tiny_thinking")
+    build_checkpoint(path, seed=0, variant="thinking")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(tmp_path_factory) -> Path:
+    """Like the released Captioner: no talker; its folder names it, as the released one's does."""
+    path = tmp_path_factory.mktemp("tiny_captioner")
+    build_checkpoint(path, seed=0, variant="captioner")
+    return path
+
+
+@pytest.fixture(scope="session")
 def sample_media(tmp_path_factory) -> dict[str, Path]:
     paths = build_media(tmp_path_factory.mktemp("media"))
     return {name.split(".")[0]: path for name, path in paths.items()}
 
 
 @pytest.fixture(scope="session")
-def runtime_cpu():
-    """The project's CPU runtime in the test process (mindone's processor needs its kernels too)."""
-    from omni_helpers.runtime import setup_runtime
+def short_audio(sample_media, tmp_path_factory) -> Path:
+    """The first 0.75 s of the sample audio: one encoder chunk, where the sample has three."""
+    import soundfile as sf
 
-    return setup_runtime("CPU", seed=0)
+    wave, rate = sf.read(sample_media["audio"])
+    path = tmp_path_factory.mktemp("short") / "short.wav"
+    sf.write(path, wave[: rate * 3 // 4], rate)
+    return path
 
 
 @pytest.fixture(scope="session")
-def reference(tiny_checkpoint):
-    """transformers' PyTorch model on the tiny checkpoint: the yardstick."""
+def runtime_cpu():
+    """The project's CPU runtime and patches in the test process (mindone's processor needs the kernels too)."""
+    from omni_helpers.patches import install_patches
+    from omni_helpers.runtime import setup_runtime
+
+    runtime = setup_runtime("CPU", seed=0)
+    install_patches("CPU")
+    return runtime
+
+
+@pytest.fixture(scope="session")
+def references():
+    """transformers' PyTorch model on a checkpoint, loaded once per checkpoint: the yardstick."""
     from tests.reference import Reference
 
-    return Reference(tiny_checkpoint)
+    loaded = {}
+
+    def reference_for(checkpoint: Path):
+        if checkpoint not in loaded:
+            loaded[checkpoint] = Reference(checkpoint)
+        return loaded[checkpoint]
+
+    return reference_for
+
+
+@pytest.fixture(scope="session")
+def reference(references, tiny_checkpoint):
+    """The reference on the tiny (Instruct-shaped) checkpoint."""
+    return references(tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")
 def mindone_model(tiny_checkpoint, runtime_cpu):
     """mindone's model on the tiny checkpoint (fp32, eager), for tests that only read it."""
-    import mindspore as ms
-    from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
+    from omni_helpers.loading import load_model
 
-    return Qwen3OmniMoeForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=ms.float32, attn_implementation="eager")
+    return load_model(tiny_checkpoint, "float32", "eager", with_talker=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Run the same request through mindone (MindSpore CPU) and transformers (PyTorch CPU).
 
 Both models load the same tiny checkpoint in float32 with eager attention and take the
-same processor outputs, so any difference comes from the model code.
+same processor outputs (the project's core prepares them), so any difference comes from
+the model code. mindone runs through the core's generation call, as the scripts do.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from omni_helpers.inputs import to_mindspore, videos_to_numpy
+from omni_helpers.settings import GenerationSettings
 
 
 def request_conversation(kind: str, media: dict[str, Path]) -> list[dict]:
@@ -34,23 +35,17 @@ def request_conversation(kind: str, media: dict[str, Path]) -> list[dict]:
 def processor_inputs(
     checkpoint: Path, conversation: list[dict], use_audio_in_video: bool, **processor_kwargs
 ) -> dict[str, np.ndarray]:
-    """Template, media and mindone's processor, as the scripts do, with numpy outputs."""
-    from mindone.transformers import Qwen3OmniMoeProcessor
-    from qwen_omni_utils import process_mm_info
+    """Template, media and mindone's processor, through the core as the scripts do, with numpy outputs."""
+    return batch_inputs(checkpoint, [conversation], use_audio_in_video, **processor_kwargs)
 
-    processor = Qwen3OmniMoeProcessor.from_pretrained(checkpoint, **processor_kwargs)
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    audios, images, videos = process_mm_info(conversation, use_audio_in_video=use_audio_in_video)
-    inputs = processor(
-        text=text,
-        audio=audios,
-        images=images,
-        videos=videos_to_numpy(videos),
-        return_tensors="np",
-        padding=True,
-        use_audio_in_video=use_audio_in_video,
-    )
-    return dict(inputs)
+
+def batch_inputs(checkpoint: Path, conversations: list[list[dict]], use_audio_in_video: bool, **processor_kwargs):
+    """Several conversations in one left-padded batch."""
+    from omni_helpers.core import prepare_inputs
+    from omni_helpers.loading import load_processor
+
+    processor = load_processor(checkpoint, **processor_kwargs)
+    return prepare_inputs(processor, conversations, GenerationSettings(use_audio_in_video=use_audio_in_video))
 
 
 def record_codes(code2wav, to_numpy) -> list[np.ndarray]:
@@ -105,6 +100,9 @@ class Reference:
         self.model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
             checkpoint, dtype=torch.float32, attn_implementation="eager"
         ).eval()
+        self.codes_seen: list[np.ndarray] = []
+        if not self.model.has_talker:  # Thinking and Captioner
+            return
         predictor = self.model.talker.code_predictor
         sampling_generate = predictor.generate
 
@@ -148,35 +146,40 @@ class Reference:
 
 
 class MindOne:
-    """mindone's Qwen3-Omni on MindSpore CPU, with the project's runtime set-up."""
+    """mindone's Qwen3-Omni on MindSpore CPU, set up and called as the scripts do."""
 
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, attn_implementation: str = "eager"):
         import mindspore as ms
-        from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
 
+        from omni_helpers.loading import load_model, load_processor
+        from omni_helpers.patches import install_patches
         from omni_helpers.runtime import setup_runtime
 
         setup_runtime("CPU", seed=0)
+        install_patches("CPU")
         self.ms = ms
-        self.model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-            checkpoint, dtype=ms.float32, attn_implementation="eager"
-        )
-        self.codes_seen = record_codes(self.model.code2wav, lambda codes: codes.asnumpy())
+        self.model = load_model(checkpoint, "float32", attn_implementation, with_talker=True)
+        self.processor = load_processor(checkpoint)
+        self.codes_seen = record_codes(self.model.code2wav, lambda codes: codes.asnumpy()) if self.model.has_talker else []
 
     def prefill_logits(self, inputs, use_audio_in_video: bool) -> np.ndarray:
+        from omni_helpers.inputs import to_mindspore
+
         out = self.model.thinker(**to_mindspore(inputs, self.ms.float32), use_audio_in_video=use_audio_in_video)
         return out.logits[0].asnumpy()
 
     def generate(self, inputs, use_audio_in_video: bool, new_tokens: int, return_audio: bool, talker_new_tokens: int = 8):
+        from omni_helpers.core import generate_from_inputs
+
         self.codes_seen.clear()
-        settings = greedy_settings(self.model.config, use_audio_in_video, new_tokens, return_audio, talker_new_tokens)
-        result, wav = self.model.generate(**to_mindspore(inputs, self.ms.float32), **settings)
-        prompt = inputs["input_ids"].shape[1]
+        settings = GenerationSettings(max_new_tokens=new_tokens, return_audio=return_audio,
+                                      talker_max_new_tokens=talker_new_tokens, use_audio_in_video=use_audio_in_video)  # fmt: skip
+        answer = generate_from_inputs(self.model, self.processor, inputs, settings, keep_logits=True)[0]
         return Generation(
-            tokens=result.sequences[0, prompt:].asnumpy(),
-            step_logits=np.concatenate([logit.asnumpy() for logit in result.logits], axis=0),
+            tokens=np.array(answer.token_ids),
+            step_logits=answer.step_logits,
             codes=self.codes_seen[-1] if return_audio else None,
-            wav=None if wav is None else wav.reshape(-1).asnumpy(),
+            wav=answer.waveform,
         )
 
 

@@ -45,13 +45,17 @@ def _text(output: bytes) -> str:
     return output.decode("utf-8", errors="replace")
 
 
-def script_env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+def script_env(**extra: str) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT), **extra}
 
 
-def run_single(script: str, args: list[str], output_dir: Path) -> Run:
-    command = [sys.executable, str(ROOT / script), *args, "--output_dir", str(output_dir)]
-    done = subprocess.run(command, capture_output=True, timeout=TIMEOUT, env=script_env(), cwd=output_dir.parent)
+def script_command(script: str, args: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / script), *args]
+
+
+def run_single(script: str, args: list[str], output_dir: Path, **env: str) -> Run:
+    command = script_command(script, [*args, "--output_dir", str(output_dir)])
+    done = subprocess.run(command, capture_output=True, timeout=TIMEOUT, env=script_env(**env), cwd=output_dir.parent)
     return Run(done.returncode, _text(done.stdout), _text(done.stderr), output_dir)
 
 
@@ -88,7 +92,20 @@ def decode(checkpoint: Path, tokens: np.ndarray) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def check_run(run: Run, expected_text, expected_wav: Optional[np.ndarray]) -> None:
+def expected_answer(reference, checkpoint: Path, conversation: list[dict], new_tokens: int, talker_frames: int = 0,
+                    use_audio_in_video: bool = True) -> tuple[str, Optional[np.ndarray]]:  # fmt: skip
+    """The reference's greedy answer (text, and speech if `talker_frames`) to one conversation,
+    preprocessed as the scripts do by default."""
+    from omni_helpers.cli import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+    from tests.reference import processor_inputs
+
+    inputs = processor_inputs(checkpoint, conversation, use_audio_in_video,
+                              min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS)  # fmt: skip
+    generation = reference.generate(inputs, use_audio_in_video, new_tokens, bool(talker_frames), talker_frames or 8)
+    return decode(checkpoint, generation.tokens), generation.wav
+
+
+def check_run(run: Run, expected_text, expected_wav: Optional[np.ndarray], extra_files: frozenset = frozenset()) -> None:
     """What every script run must show: exit 0, the answer printed and saved, the speech (if any) whole."""
     assert run.returncode == 0, run.stderr[-3000:]
     printed = run.worker_log(0) if run.log_dir else run.stdout
@@ -97,7 +114,7 @@ def check_run(run: Run, expected_text, expected_wav: Optional[np.ndarray]) -> No
         assert answer + "\n" in printed
     result = run.result
     assert result["text"] == expected_text
-    expected_files = {"result.json"} | ({"output.wav"} if expected_wav is not None else set())
+    expected_files = {"result.json", *extra_files} | ({"output.wav"} if expected_wav is not None else set())
     assert {p.name for p in run.output_dir.iterdir()} == expected_files  # nothing partial, nothing else
     if expected_wav is None:
         assert result["audio"] is None

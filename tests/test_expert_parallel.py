@@ -11,7 +11,7 @@ import mindspore as ms
 from mindspore import nn
 
 from omni_helpers.expert_parallel import keep_local_experts
-from omni_helpers.fast_paths import dispatch_experts, route
+from omni_helpers.sparse_moe import dispatch_experts, route
 from omni_helpers.metrics import parameter_bytes
 from omni_helpers.parallel import expert_range
 

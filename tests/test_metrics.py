@@ -1,32 +1,60 @@
-"""The timing helpers behind result.json's metrics."""
+"""The figures behind every answer's metrics: streamer timings, batch totals, collective bytes."""
 
 from __future__ import annotations
 
-import time
+import numpy as np
+import pytest
 
-import mindspore as ms
-from mindspore import nn
-
-from omni_helpers.metrics import ForwardTimes, StageClock, collective_bytes, count_forwards, generation_metrics
-from omni_helpers.runtime import Runtime
-
-
-def test_forward_times_split_prefill_from_decode_per_generate():
-    times = ForwardTimes()
-    for seconds in (1.0, 0.1, 0.1):
-        times.record(seconds)
-    times.next_generate()
-    for seconds in (2.0, 0.2):
-        times.record(seconds)
-    assert times.prefill_seconds == 3.0 and times.decode_steps == 3
-    assert abs(times.decode_seconds - 0.4) < 1e-9 and len(times.calls) == 5
+from omni_helpers.collectives import COMMUNICATION_OPS, collective_bytes, counting_collectives
+from omni_helpers.core import answer_metrics
+from omni_helpers.metrics import combined
+from omni_helpers.streaming import StepStream
 
 
-def test_forward_times_count_only_the_decode_steps_bytes():
-    times = ForwardTimes()
-    for seconds, sent_and_received in ((1.0, 5000.0), (0.1, 100.0), (0.1, 100.0)):
-        times.record(seconds, sent_and_received)
-    assert times.decode_bytes == 200.0 and times.decode_steps == 2
+def stream_with(times: list[float], tokens: list[list[int]], eos: int = 9, byte_counts=None) -> StepStream:
+    """A stream that saw a prompt and then `tokens` (one list per step, a token per row) at `times`."""
+    stream = StepStream(rows=len(tokens[0]) if tokens else 1, eos_token_id=eos)
+    stream.put(np.zeros((stream.rows, 3)))
+    for step in tokens:
+        stream.put(np.array(step))
+    stream.times = list(times)
+    stream.bytes = list(byte_counts or [0.0] * len(times))
+    return stream
+
+
+def test_prefill_is_the_prompt_to_the_first_token_and_decode_the_rest():
+    stream = stream_with([10.0, 10.5, 10.75, 11.0], [[1], [2], [3]])
+    assert stream.steps == 3 and stream.prefill_seconds == 0.5 and stream.decode_seconds == 0.5
+    assert stream.tokens == [[1, 2, 3]]
+
+
+def test_rows_stop_collecting_at_their_end_token():
+    stream = stream_with([0, 1, 2, 3], [[4, 9], [9, 9], [9, 9]])  # row 1 ends at once; row 0 at step 2
+    assert stream.tokens == [[4, 9], [9]] and stream.finished == [True, True]
+
+
+def test_answer_metrics_count_tokens_frames_and_decode_traffic():
+    thinker = stream_with([0.0, 1.0, 1.25, 1.5], [[5, 6], [9, 7], [9, 8]], byte_counts=[0, 100, 300, 500])
+    talker = stream_with([2.0, 2.5, 3.0, 3.5, 4.0], [[1], [2], [3], [4]])
+    metrics = answer_metrics(thinker, talker, row=0, prompt_tokens=40, preprocessing_seconds=0.5,
+                             generate_seconds=4.0, time_to_first_token=1.5, audio_seconds=0.24)  # fmt: skip
+    assert metrics["thinker_new_tokens"] == 2  # its end token included, the padding after it not
+    assert metrics["decoded_tokens"] == 2 and metrics["thinker_decode_tokens_per_second"] == 4.0
+    assert metrics["talker_codec_frames"] == 3  # the talker's last choice never becomes a frame
+    assert metrics["talker_frames_per_second"] == 1.5
+    assert metrics["communicated_bytes_per_decoded_token"] == 200  # decode steps only, not the prefill's 100
+    assert metrics["batch_size"] == 2 and metrics["real_time_factor"] == round(4.0 / 0.24, 3)
+
+
+def test_batch_times_are_counted_once_per_batch():
+    row = {"prompt_tokens": 10, "thinker_new_tokens": 4, "decoded_tokens": 3, "talker_codec_frames": 0,
+           "audio_seconds": 0.0, "preprocessing_seconds": 1.0, "generate_seconds": 2.0, "prefill_seconds": 0.5,
+           "decode_seconds": 1.5, "batch_size": 2}  # fmt: skip
+    alone = dict(row, batch_size=1, generate_seconds=1.0, decode_seconds=0.75, decoded_tokens=3)
+    total = combined([row, row, alone])  # a batch of two, then one alone
+    assert total["requests"] == 3 and total["prompt_tokens"] == 30 and total["decoded_tokens"] == 9
+    assert total["generate_seconds"] == 3.0 and total["decode_seconds"] == 2.25
+    assert total["thinker_decode_tokens_per_second"] == 4.0
 
 
 def test_collective_bytes_follow_the_ring_algorithms():
@@ -34,36 +62,15 @@ def test_collective_bytes_follow_the_ring_algorithms():
     assert collective_bytes("all_gather", 100, world_size=2) == 200 and collective_bytes("all_gather", 100, 4) == 600
     # all-reduce: reduce-scatter then all-gather, 2(N-1)/N of the buffer each way
     assert collective_bytes("all_reduce", 100, world_size=2) == 200 and collective_bytes("all_reduce", 100, 4) == 300
+    with pytest.raises(ValueError):
+        collective_bytes("broadcast", 1, 2)
 
 
-class Double(nn.Cell):
-    def construct(self, x):
-        return x * 2
+def test_collective_counters_are_installed_only_inside_the_block():
+    import importlib
 
-
-def test_count_forwards_times_each_call_and_restores_the_cell():
-    cell = Double()
-    with count_forwards(cell) as times:
-        cell(ms.Tensor([1.0]))
-        out = cell(ms.Tensor([2.0]))
-    assert len(times.calls) == 2 and out.asnumpy().tolist() == [4.0]
-    assert "construct" not in cell.__dict__  # the class's forward is back
-
-
-def test_generation_metrics_rates():
-    clock = StageClock()
-    with clock("generate"):
-        time.sleep(0.01)
-    thinker, talker = ForwardTimes(), ForwardTimes()
-    for seconds in (0.5, 0.25, 0.25):
-        thinker.record(seconds)
-    for seconds in (0.1, 0.1):
-        talker.record(seconds)
-    model = nn.Dense(3, 2)  # 8 float32 parameters
-    metrics = generation_metrics(clock, 40, thinker, talker, audio_seconds=0.16, runtime=Runtime("CPU"), model=model)
-    assert metrics["thinker_new_tokens"] == 3 and metrics["thinker_decode_tokens_per_second"] == 4.0
-    assert metrics["talker_codec_frames"] == 2 and metrics["talker_frames_per_second"] == 10.0
-    assert metrics["prefill_seconds"] == 0.5 and metrics["prompt_tokens"] == 40
-    assert metrics["peak_device_memory_mb"] is None and metrics["real_time_factor"] > 0
-    assert (metrics["parallel"], metrics["world_size"], metrics["parameter_bytes"]) == ("none", 1, 32)
-    assert metrics["communicated_bytes_per_decoded_token"] == 0
+    comm_ops = importlib.import_module(COMMUNICATION_OPS)
+    before = comm_ops.AllReduce.__call__, comm_ops.AllGather.__call__
+    with counting_collectives() as traffic:
+        assert comm_ops.AllReduce.__call__ is not before[0] and traffic.bytes == 0.0
+    assert (comm_ops.AllReduce.__call__, comm_ops.AllGather.__call__) == before

@@ -22,9 +22,11 @@ def audio_towers(tiny_checkpoint):
     from mindone.transformers import Qwen3OmniMoeForConditionalGeneration as MindoneModel
     from transformers import Qwen3OmniMoeForConditionalGeneration as TorchModel
 
+    from omni_helpers.patches import install_patches
     from omni_helpers.runtime import setup_runtime
 
     setup_runtime("CPU")
+    install_patches("CPU")
     mindone = MindoneModel.from_pretrained(tiny_checkpoint, dtype=ms.float32, attn_implementation="eager")
     reference = TorchModel.from_pretrained(tiny_checkpoint, dtype=torch.float32, attn_implementation="eager")
     return mindone.thinker.audio_tower, reference.thinker.audio_tower

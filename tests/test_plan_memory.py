@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from omni_helpers.metrics import collective_bytes, parameter_bytes
+from omni_helpers.collectives import collective_bytes
+from omni_helpers.metrics import parameter_bytes
 from scripts.plan_memory import GiB, main, plan
 
 RELEASED_INSTRUCT_CONFIG = Path(__file__).parent / "data" / "qwen3_omni_30b_a3b_instruct_config.json"

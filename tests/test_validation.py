@@ -1,7 +1,8 @@
 """Bad requests: one line on stderr naming the input and the fix, exit code 2, before any weights load.
 
 The scripts point at a copy of the tiny checkpoint whose weights file is garbage: had any
-script tried to load weights, it would fail with a traceback instead of the message.
+script tried to load weights, it would fail with a traceback instead of the message. A
+rejected request must not even import MindSpore: it answers in about a second.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ def media(sample_media, tmp_path_factory):
     (folder / "missing_field.json").write_text(json.dumps([{"role": "user", "content": [{"type": "image"}]}]))
     (folder / "no_role.json").write_text(json.dumps([{"content": "hi"}]))
     (folder / "batch.json").write_text(json.dumps([[{"role": "user", "content": "hi"}], [{"role": "user", "content": "yo"}]]))
+    (folder / "twice.jsonl").write_text('{"id": "a", "conversation": [{"role": "user", "content": "hi"}]}\n' * 2)
+    (folder / "bad_line.jsonl").write_text('{"id": "a", "conversation": [{"role": "user", "content": "hi"}]}\n{"id": \n')
+    (folder / "empty.jsonl").write_text("\n")
+    (folder / "two.jsonl").write_text('{"id": "a", "conversation": [{"role": "user", "content": "hi"}]}\n'
+                                      '{"id": "b", "conversation": [{"role": "user", "content": "yo"}]}\n')
+    (folder / "url.json").write_text(json.dumps([{"role": "user", "content": [{"type": "image", "image": "http://127.0.0.1:9/cars.jpg"}]}]))
+    (folder / "bad_data.json").write_text(json.dumps([{"role": "user", "content": [{"type": "audio", "audio": "data:audio/wav;base64,@@@"}]}]))
     paths.update({p.stem: str(p) for p in folder.iterdir()})
     paths["folder"] = str(folder)
     return paths
@@ -56,8 +64,11 @@ def checkpoints(tiny_checkpoint, tmp_path_factory):
     (pickle_only / "model.safetensors").rename(pickle_only / "pytorch_model.bin")
     no_config = copy("no_config")
     (no_config / "config.json").unlink()
+    captioner = copy("no_load_captioner")  # named as the released Captioner is
+    config["enable_audio_output"] = False
+    (captioner / "config.json").write_text(json.dumps(config))
     return {"no_load": str(no_load), "no_talker": str(no_talker), "pickle_only": str(pickle_only),
-            "no_config": str(no_config), "missing": str(root / "does_not_exist")}  # fmt: skip
+            "no_config": str(no_config), "captioner": str(captioner), "missing": str(root / "does_not_exist")}  # fmt: skip
 
 
 OMNI, CAPTION, VIDEO = "omni_understanding.py", "audio_captioning.py", "video_understanding.py"
@@ -72,26 +83,61 @@ CASES = [
     ("unknown speaker", OMNI, "--prompt hi --return_audio --speaker Bob", ["--speaker Bob", "aiden, chelsie, ethan"]),
     ("audio from a model without talker", OMNI, "--model_name {no_talker} --prompt hi --return_audio", ["no talker", "drop --return_audio"]),
     ("min above max pixels", OMNI, "--prompt hi --min_pixels 5000 --max_pixels 100", ["--min_pixels 5000", "--max_pixels 100"]),
-    ("zero new tokens", OMNI, "--prompt hi --max_new_tokens 0", ["--max_new_tokens 0", "positive"]),
-    ("negative talker tokens", OMNI, "--prompt hi --return_audio --talker_max_new_tokens -1", ["--talker_max_new_tokens -1"]),
+    ("zero new tokens", OMNI, "--prompt hi --max_new_tokens 0", ["max_new_tokens 0", "positive"]),
+    ("negative talker tokens", OMNI, "--prompt hi --return_audio --talker_max_new_tokens -1", ["talker_max_new_tokens -1"]),
     ("model dir missing", OMNI, "--model_name {missing} --prompt hi", ["does_not_exist", "no such directory"]),
     ("model dir without config", OMNI, "--model_name {no_config} --prompt hi", ["no config.json"]),
     ("pickle weights", OMNI, "--model_name {pickle_only} --prompt hi", ["pytorch_model.bin", "--allow_pickle_weights"]),
+    ("hub id not downloaded", OMNI, "--model_name Qwen/Qwen3-Omni-30B-A3B-Instruct --prompt hi",
+     ["not in the local cache", "huggingface-cli download Qwen/Qwen3-Omni-30B-A3B-Instruct", "modelscope download"]),
+    ("no NPU here", OMNI, "--device_target Ascend --prompt hi", ["no Ascend NPU", "--device_target CPU"]),
     ("conversation not JSON", OMNI, "--conversation {bad}", ["bad.json", "not valid JSON"]),
     ("conversation unknown type", OMNI, "--conversation {unknown_type}", ["unknown type 'smell'"]),
     ("conversation item without field", OMNI, "--conversation {missing_field}", ["image item without its 'image' field"]),
     ("conversation message without role", OMNI, "--conversation {no_role}", ["needs a 'role'"]),
-    ("several conversations at once", OMNI, "--conversation {batch} --return_audio", ["several conversations"]),
+    ("several conversations at once", OMNI, "--conversation {batch}", ["several conversations", "--requests"]),
     ("conversation file missing", OMNI, "--conversation {folder}/none.json", ["none.json", "no such file"]),
+    ("images and videos together", OMNI, "--image {image} --video {video} --prompt hi", ["images and videos in one request", "separate requests"]),
+    ("conversation and flags", OMNI, "--conversation {missing_field} --prompt hi --image {image}",
+     ["--conversation replaces --prompt, --image", "not both"]),
+    ("unreachable URL", OMNI, "--conversation {url}", ["http://127.0.0.1:9/cars.jpg", "cannot be fetched"]),
+    ("corrupt data URL", OMNI, "--conversation {bad_data}", ["base64 data is corrupt"]),
+    ("requests with a repeated id", OMNI, "--requests {twice}", ["twice.jsonl line 2", "id 'a' is used twice"]),
+    ("requests line not JSON", OMNI, "--requests {bad_line}", ["bad_line.jsonl line 2", "not valid JSON"]),
+    ("requests file empty", OMNI, "--requests {empty}", ["no requests"]),
+    ("speech for a batch", OMNI, "--requests {two} --return_audio --batch_size 2", ["--batch_size 2", "one request at a time"]),
+    ("streaming a batch", OMNI, "--prompt hi --stream --batch_size 3", ["--stream", "--batch_size 1"]),
     ("captioning without audio", CAPTION, "", ["no audio", "--audio"]),
     ("captioning a missing file", CAPTION, "--audio {folder}/gone.wav", ["gone.wav", "no such file"]),
     ("captioning a broken file", CAPTION, "--audio {audio} --audio {broken_wav}", ["broken_wav.wav"]),
-    ("captioning zero tokens", CAPTION, "--audio {audio} --max_new_tokens -3", ["--max_new_tokens -3"]),
+    ("captioning zero tokens", CAPTION, "--audio {audio} --max_new_tokens -3", ["max_new_tokens -3"]),
+    ("captioning a file twice", CAPTION, "--audio {audio} --audio {audio}", ["given twice"]),
+    ("Captioner with a prompt", CAPTION, "--model_name {captioner} --audio {audio} --prompt hi", ["is the Captioner", "without --prompt"]),
+    ("Captioner asked about an image", OMNI, "--model_name {captioner} --image {image}", ["is the Captioner", "exactly one audio"]),
     ("video without audio track", VIDEO, "--video {silent} --prompt hi", ["silent.mp4", "no audio track", "--no-use_audio_in_video"]),
     ("video script without video", VIDEO, "--prompt hi", ["no video", "--video"]),
     ("video missing", VIDEO, "--video {folder}/gone.mp4 --prompt hi", ["gone.mp4", "no such file"]),
     ("video with unknown speaker", VIDEO, "--video {video} --prompt hi --return_audio --speaker Zed", ["--speaker Zed"]),
+    ("video range backwards", VIDEO, "--video {video} --prompt hi --video_start 5 --video_end 2", ["video_end 2.0 is not after video_start 5.0"]),
+    ("video start past its end", VIDEO, "--video {video} --prompt hi --video_start 5", ["video_start 5.0 is past the end of the clip (2.00 s)"]),
+    ("video start negative", VIDEO, "--video {video} --prompt hi --video_start -1", ["video_start -1.0 is negative"]),
+    ("video fps zero", VIDEO, "--video {video} --prompt hi --fps 0", ["fps 0.0 must be positive"]),
+    ("video range under two frames", VIDEO, "--video {video} --prompt hi --video_start 1 --video_end 1.1", ["fewer than 2 frames"]),
+    ("video conversation and flags", VIDEO, "--conversation {missing_field} --video {video}", ["--conversation replaces --video"]),
 ]
+
+
+@pytest.fixture(scope="module")
+def heavy_imports_fail(tmp_path_factory) -> str:
+    """A PYTHONPATH under which importing MindSpore, mindone, torch or torchvision raises:
+    a request rejected before those imports (so in about a second, not tens) never notices."""
+    from tests.script_runs import ROOT
+
+    folder = tmp_path_factory.mktemp("heavy_imports_fail")
+    for package in ("mindspore", "mindone", "torch", "torchvision"):
+        (folder / package).mkdir()
+        (folder / package / "__init__.py").write_text(f"raise ImportError('{package} imported before the request was checked')\n")
+    return f"{folder}:{ROOT}"
 
 
 def expand(template: str, media: dict, checkpoints: dict) -> list[str]:
@@ -100,18 +146,40 @@ def expand(template: str, media: dict, checkpoints: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("script,template,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_request_exits_2_with_one_line_before_loading(script, template, words, media, checkpoints, tmp_path):
+def test_bad_request_exits_2_with_one_line_before_loading(script, template, words, media, checkpoints, heavy_imports_fail, tmp_path):
     args = expand(template, media, checkpoints)
     if "--model_name" not in args:
         args = ["--model_name", checkpoints["no_load"], *args]
+    if "--device_target" not in args:
+        args = ["--device_target", "CPU", *args]
     out = tmp_path / "out"
-    run = run_single(script, ["--device_target", "CPU", *args], out)
+    run = run_single(script, args, out, PYTHONPATH=heavy_imports_fail)
     assert run.returncode == 2, run.stderr[-2000:]
     lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "Traceback" not in run.stderr
     for word in words:
         assert word in lines[0]
     assert not out.exists()  # nothing written
+
+
+def test_relative_media_paths_in_a_conversation_file_are_taken_from_its_folder(sample_media, tmp_path):
+    import omni_understanding
+
+    folder = tmp_path / "request"
+    folder.mkdir()
+    shutil.copy(sample_media["image"], folder / "photo.png")
+    (folder / "ask.json").write_text(json.dumps([{"role": "user", "content": [{"type": "image", "image": "photo.png"}]}]))
+    args = omni_understanding.parse_args(["--conversation", str(folder / "ask.json")])
+    (request,) = omni_understanding.build_requests(args)  # built from another working directory
+    assert request.conversation[0]["content"][0]["image"] == str((folder / "photo.png").resolve())
+
+
+@pytest.mark.parametrize("launcher", ["msrun_launch.sh", "run_omni_understanding.sh", "run_audio_captioning.sh", "run_video_understanding.sh"])
+def test_launchers_without_arguments_print_their_usage_and_exit_2(launcher):
+    from tests.script_runs import ROOT
+
+    done = subprocess.run(["bash", str(ROOT / "scripts" / launcher)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith("usage: ") and "Traceback" not in done.stderr
 
 
 def test_under_msrun_the_first_rank_to_check_ends_the_job_with_code_2(media, checkpoints, tmp_path):

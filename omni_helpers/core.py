@@ -1,0 +1,180 @@
+"""The one generation call every entry point makes: conversations and settings in, answers out.
+
+    answers = generate_answers(model, processor, conversations, settings, on_text=print_piece)
+
+It is the seed's five steps, for a batch: the chat template, `process_mm_info` for the
+media, the processor (left-padded, so that every row's prompt ends at the same place),
+mindone's `generate` with the `thinker_*` / `talker_*` keywords written out below, and
+the decoding of every row. The server runs the first three on rank 0 only
+(`prepare_inputs`) and the rest on every rank (`generate_from_inputs`).
+
+Request errors raise `RequestError`; metrics come back in each `Answer`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from .collectives import counting_collectives
+from .conversation import Conversation
+from .errors import RequestError
+from .inputs import to_mindspore, videos_to_numpy
+from .metrics import rate
+from .outputs import SPEECH_SAMPLE_RATE
+from .runtime import seed_everything
+from .settings import GenerationSettings
+from .streaming import StepStream, TextCallback
+
+
+@dataclass
+class Answer:
+    text: str
+    waveform: Optional[np.ndarray]  # float32 in [-1, 1], 24 kHz mono; None without speech
+    token_ids: list[int]  # the new tokens, up to and with the end-of-turn token
+    metrics: dict[str, Any] = field(default_factory=dict)
+    step_logits: Optional[np.ndarray] = None  # (tokens, vocab), with keep_logits=True
+
+
+# ----------------------------------------------------------------------------- steps 1-3
+
+
+def read_media(conversation: Conversation, use_audio_in_video: bool) -> tuple[list, list, list]:
+    """One conversation's audio, images and video frames, decoded by qwen_omni_utils."""
+    from qwen_omni_utils import process_mm_info
+
+    try:
+        audios, images, videos = process_mm_info(conversation, use_audio_in_video=use_audio_in_video)
+    except Exception as error:  # any decoder's error: the media were checked, so this is rare
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RequestError(f"the media could not be decoded ({first_line}); check the files") from error
+    return audios or [], images or [], videos or []
+
+
+def prepare_inputs(processor, conversations: list[Conversation], settings: GenerationSettings) -> dict[str, np.ndarray]:
+    """Chat template, media and processor for a batch: numpy arrays, one left-padded row per conversation."""
+    texts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    audios, images, videos = [], [], []
+    for conversation in conversations:  # the processor takes each kind of media in the order of the texts
+        found = read_media(conversation, settings.use_audio_in_video)
+        audios, images, videos = audios + found[0], images + found[1], videos + found[2]
+    inputs = processor(
+        text=texts,
+        audio=audios or None,
+        images=images or None,
+        videos=videos_to_numpy(videos) or None,
+        return_tensors="np",
+        padding=True,
+        use_audio_in_video=settings.use_audio_in_video,
+    )
+    return dict(inputs)
+
+
+# ----------------------------------------------------------------------------- steps 4-5
+
+
+def generate_keywords(settings: GenerationSettings, config, thinker: StepStream, talker: StepStream) -> dict[str, Any]:
+    """mindone's `generate` keywords: `thinker_*` and `talker_*` go to each stage (a bare
+    `max_new_tokens` would not reach the thinker). The thinker's end-of-turn id comes from
+    the checkpoint; mindone hard-codes the released one (151645)."""
+    keywords: dict[str, Any] = {
+        "use_audio_in_video": settings.use_audio_in_video,
+        "return_audio": settings.return_audio,
+        "thinker_max_new_tokens": settings.max_new_tokens,
+        "thinker_eos_token_id": config.im_end_token_id,
+        "thinker_do_sample": settings.do_sample,
+        "thinker_return_dict_in_generate": True,
+        "thinker_streamer": thinker,
+    }
+    if settings.do_sample:
+        keywords.update(thinker_temperature=settings.temperature, thinker_top_p=settings.top_p, thinker_top_k=settings.top_k)
+    if settings.return_audio:
+        keywords.update(
+            speaker=settings.speaker,
+            talker_max_new_tokens=settings.talker_max_new_tokens,
+            talker_do_sample=settings.talker_do_sample,
+            talker_streamer=talker,
+        )
+    return keywords
+
+
+def generate_from_inputs(
+    model,
+    processor,
+    inputs: dict[str, np.ndarray],
+    settings: GenerationSettings,
+    on_text: Optional[TextCallback] = None,
+    keep_logits: bool = False,
+    started: Optional[float] = None,
+) -> list[Answer]:
+    """Generate for prepared inputs (every msrun rank calls this with the same inputs and settings)."""
+    started = time.perf_counter() if started is None else started
+    if settings.seed is not None:
+        seed_everything(settings.seed)
+    rows, prompt_length = inputs["input_ids"].shape
+    eos = model.config.im_end_token_id
+    generating = time.perf_counter()
+    with counting_collectives() as traffic:
+        thinker = StepStream(rows, eos, traffic, processor.tokenizer, on_text)
+        talker = StepStream(1, traffic=traffic)
+        keywords = generate_keywords(settings, model.config, thinker, talker)
+        if keep_logits:
+            keywords["thinker_output_logits"] = True
+        result, waveform = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
+    generate_seconds = time.perf_counter() - generating
+
+    new_tokens = result.sequences.asnumpy()[:, prompt_length:]
+    texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    wav = None if waveform is None else waveform.reshape(-1).float().asnumpy()
+    logits = np.stack([logit.asnumpy() for logit in result.logits], axis=1) if keep_logits else None
+
+    answers = []
+    for row in range(rows):
+        metrics = answer_metrics(
+            thinker, talker, row, prompt_tokens=int(inputs["attention_mask"][row].sum()),
+            preprocessing_seconds=generating - started, generate_seconds=generate_seconds,
+            time_to_first_token=(thinker.times[1] - started) if len(thinker.times) > 1 else None,
+            audio_seconds=0.0 if wav is None else len(wav) / SPEECH_SAMPLE_RATE,
+        )  # fmt: skip
+        answers.append(Answer(texts[row], wav, thinker.tokens[row], metrics, None if logits is None else logits[row]))
+    return answers
+
+
+def generate_answers(
+    model, processor, conversations: list[Conversation], settings: GenerationSettings,
+    on_text: Optional[TextCallback] = None, keep_logits: bool = False,
+) -> list[Answer]:  # fmt: skip
+    """The whole flow for a batch of conversations: one `Answer` per conversation, in order."""
+    started = time.perf_counter()
+    inputs = prepare_inputs(processor, conversations, settings)
+    return generate_from_inputs(model, processor, inputs, settings, on_text, keep_logits, started)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def answer_metrics(thinker: StepStream, talker: StepStream, row: int, prompt_tokens: int, preprocessing_seconds: float,
+                   generate_seconds: float, time_to_first_token: Optional[float], audio_seconds: float) -> dict[str, Any]:  # fmt: skip
+    """One answer's figures. Decode rates are per row: a batch of B rows decodes B times as many tokens."""
+    decoded = max(thinker.steps - 1, 0)  # steps after the first token
+    frames = max(talker.steps - 1, 0)  # the last token the talker chooses never becomes a frame
+    return {
+        "prompt_tokens": prompt_tokens,
+        "batch_size": thinker.rows,
+        "preprocessing_seconds": round(preprocessing_seconds, 3),
+        "generate_seconds": round(generate_seconds, 3),
+        "time_to_first_token_seconds": None if time_to_first_token is None else round(time_to_first_token, 3),
+        "prefill_seconds": round(thinker.prefill_seconds, 3),
+        "thinker_new_tokens": len(thinker.tokens[row]),
+        "decoded_tokens": decoded,
+        "decode_seconds": round(thinker.decode_seconds, 3),
+        "thinker_decode_tokens_per_second": rate(decoded, thinker.decode_seconds),
+        "talker_codec_frames": frames,
+        "talker_frames_per_second": rate(frames, talker.seconds),
+        "audio_seconds": round(audio_seconds, 3),
+        "real_time_factor": round(generate_seconds / audio_seconds, 3) if audio_seconds else None,
+        "communicated_bytes_per_decoded_token": round(thinker.decode_bytes / decoded) if decoded else None,
+    }
