@@ -1,25 +1,28 @@
-"""Measure the cost of each generated token, stock mindone against this project's faster path
-and against the transformers (PyTorch) reference, in one process and one run; or, under
-msrun, the two ways of spreading the model over the workers.
+"""Measure the cost of each generated token: stock mindone against this project's faster paths
+and against the transformers (PyTorch) reference, in one process and one run; batches of
+captions at several batch sizes; or, under msrun, the two ways of spreading the model.
 
     python scripts/benchmark.py --model_name tiny_ckpt --device_target CPU \
-        --prompt_tokens 64 256 --new_tokens 16 --repeats 3 --variant all --json bench.json
+        --prompt_tokens 250 1000 --new_tokens 16 --repeats 3 --variant all --batch_sizes 1 4 8 --json bench.json
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=bench_log --join=True \
         scripts/benchmark.py --model_name tiny_ckpt --device_target CPU --variant zero3 expert --json bench.json
 
-Workloads (fixed seed, greedy): text only at each --prompt_tokens length, and image +
-audio + question with speech output. For each variant it reports medians over the
-repeats: thinker prefill seconds, thinker decode tokens/s, talker frames/s, and for the
-MindSpore variants on text workloads the operations launched per decoded token (counted by
-MindSpore's profiler: ops of a run of N tokens minus those of the prefill alone, over N-1;
-CPU only). With
-`--variant all` it also prints the ratios optimized/stock and optimized/reference
-measured in this run. On Ascend with a real checkpoint the reference is skipped.
+The MindSpore variants run through the core (`omni_helpers.core.generate_answers`), as the
+scripts do, and their figures are the answers' own metrics. Workloads (fixed seed, greedy):
+text only at each --prompt_tokens length, and image + audio + question with speech. For
+each variant: medians over the repeats of the thinker's prefill seconds and decode
+tokens/s, the talker's frames/s, and for the MindSpore variants on text workloads the
+operations launched per decoded token (MindSpore's profiler: ops of a run of N tokens
+minus those of the prefill alone, over N-1; CPU only). With `--variant all` it also prints
+the ratios optimized/stock and optimized/reference measured in this run.
 
-`zero3` and `expert` (the scripts' `--parallel` modes, with the faster path) need msrun
-with two or more workers; for them it also reports each rank's parameter bytes and the
-bytes each rank sent plus received in the collectives per decoded token, and with both
-the ratios expert/zero3. Rank 0 prints and writes the figures.
+`--batch_sizes` captions the same set of recordings (8 lengths of the sample audio) at each
+batch size with the faster paths, and reports decode tokens/s summed over the rows of a
+batch and requests/s, with the ratios to batch size 1.
+
+`zero3` and `expert` (the scripts' `--parallel` modes) need msrun with two or more workers;
+for them it also reports each rank's parameter bytes and bytes sent plus received in the
+collectives per decoded token, and the ratios expert/zero3. Rank 0 prints and writes.
 Figures are printed, never asserted: they depend on the machine.
 """
 
@@ -39,9 +42,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from omni_helpers.metrics import count_forwards  # noqa: E402
-
 FILLER = " the sound of a short sentence and the image"
+SINGLE_PROCESS = ["stock", "optimized", "reference"]
+DISTRIBUTED = ["zero3", "expert"]
+LOWER_IS_BETTER = ("prefill_seconds", "ops_per_decoded_token", "communicated_bytes_per_decoded_token", "parameter_bytes")
+
+
+# ----------------------------------------------------------------------------- workloads
 
 
 def text_conversation(tokenizer, prompt_tokens: int) -> list[dict]:
@@ -52,86 +59,77 @@ def text_conversation(tokenizer, prompt_tokens: int) -> list[dict]:
     return [{"role": "user", "content": [{"type": "text", "text": text}]}]
 
 
-def media_conversation(media: dict[str, Path]) -> list[dict]:
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image", "image": str(media["image"])},
-                {"type": "audio", "audio": str(media["audio"])},
-                {"type": "text", "text": "What can you see and hear?"},
-            ],
-        }
-    ]
+def media_conversation(media_dir: Path) -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "image", "image": str(media_dir / "image.png")},
+        {"type": "audio", "audio": str(media_dir / "audio.wav")},
+        {"type": "text", "text": "What can you see and hear?"},
+    ]}]  # fmt: skip
 
 
-SINGLE_PROCESS = ["stock", "optimized", "reference"]
-DISTRIBUTED = ["zero3", "expert"]
-LOWER_IS_BETTER = ("prefill_seconds", "ops_per_decoded_token", "communicated_bytes_per_decoded_token", "parameter_bytes")
+def caption_conversations(media_dir: Path, count: int = 8) -> list[list[dict]]:
+    """`count` recordings of different lengths (cuts of the sample audio), each alone, as the Captioner takes them."""
+    import soundfile as sf
+
+    wave, rate = sf.read(media_dir / "audio.wav")
+    folder = Path(tempfile.mkdtemp(prefix="captions_"))
+    conversations = []
+    for i in range(count):
+        path = folder / f"cut_{i}.wav"
+        sf.write(path, wave[: int(rate * (0.5 + 2.0 * (i + 1) / count))], rate)
+        conversations.append([{"role": "user", "content": [{"type": "audio", "audio": str(path)}]}])
+    return conversations
 
 
-def mindspore_run(model, inputs, new_tokens: int, return_audio: bool, talker_frames: int) -> dict:
-    from omni_helpers.generation import progress_to_stderr
-    from omni_helpers.inputs import to_mindspore
-
-    ms_inputs = to_mindspore(inputs, model.dtype)
-    with count_forwards(model.thinker) as thinker, count_forwards(getattr(model, "talker", None)) as talker:
-        with progress_to_stderr():
-            model.generate(
-                **ms_inputs,
-                return_audio=return_audio,
-                thinker_max_new_tokens=new_tokens,
-                thinker_eos_token_id=model.config.im_end_token_id,
-                thinker_return_dict_in_generate=True,
-                talker_do_sample=False,
-                talker_max_new_tokens=talker_frames,
-            )
-    return summarize(thinker, talker)
+# ----------------------------------------------------------------------------- runs
 
 
-def reference_run(model, inputs, new_tokens: int, return_audio: bool, talker_frames: int) -> dict:
+def settings_for(new_tokens: int, speech: bool, talker_frames: int):
+    from omni_helpers.settings import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=new_tokens, return_audio=speech, talker_max_new_tokens=talker_frames,
+                              use_audio_in_video=False)  # fmt: skip
+
+
+def mindspore_run(model, processor, inputs, new_tokens: int, speech: bool, talker_frames: int) -> dict:
+    from omni_helpers.core import generate_from_inputs
+
+    metrics = generate_from_inputs(model, processor, inputs, settings_for(new_tokens, speech, talker_frames))[0].metrics
+    return {
+        "prefill_seconds": metrics["prefill_seconds"],
+        "decode_tokens_per_second": metrics["thinker_decode_tokens_per_second"],
+        "talker_frames_per_second": metrics["talker_frames_per_second"],
+        "communicated_bytes_per_decoded_token": metrics["communicated_bytes_per_decoded_token"],
+    }
+
+
+def reference_run(model, processor, inputs, new_tokens: int, speech: bool, talker_frames: int) -> dict:
+    """The PyTorch reference, timed by forward hooks (its own streamers would do as well)."""
     import torch
 
-    torch_inputs = {}
-    for key, value in inputs.items():
-        tensor = torch.from_numpy(value)
-        torch_inputs[key] = tensor.float() if tensor.is_floating_point() else tensor.long()
-    with count_forwards_torch(model.thinker) as thinker, count_forwards_torch(model.talker) as talker:
+    times = {"thinker": [], "talker": []}
+    handles = []
+    for name in times:
+        module = getattr(model, name)
+        handles.append(module.register_forward_pre_hook(lambda *_, n=name: times[n].append([time.perf_counter()])))
+        handles.append(module.register_forward_hook(lambda *_, n=name: times[n][-1].append(time.perf_counter())))
+    torch_inputs = {k: (torch.from_numpy(v).float() if v.dtype.kind == "f" else torch.from_numpy(v).long()) for k, v in inputs.items()}
+    try:
         with torch.no_grad():
-            model.generate(
-                **torch_inputs,
-                return_audio=return_audio,
-                thinker_max_new_tokens=new_tokens,
-                thinker_eos_token_id=model.config.im_end_token_id,
-                thinker_return_dict_in_generate=True,
-                thinker_do_sample=False,
-                talker_do_sample=False,
-                talker_max_new_tokens=talker_frames,
-            )
-    return summarize(thinker, talker)
-
-
-class count_forwards_torch:
-    """`count_forwards` for a torch module, through a forward pre/post hook pair."""
-
-    def __init__(self, module):
-        from omni_helpers.metrics import ForwardTimes
-
-        self.module, self.times, self.handles, self.start = module, ForwardTimes(), [], 0.0
-
-    def __enter__(self):
-        def before(*_):
-            self.start = time.perf_counter()
-
-        def after(*_):
-            self.times.record(time.perf_counter() - self.start)
-
-        self.handles = [self.module.register_forward_pre_hook(before), self.module.register_forward_hook(after)]
-        return self.times
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
+            model.generate(**torch_inputs, return_audio=speech, thinker_max_new_tokens=new_tokens,
+                           thinker_eos_token_id=model.config.im_end_token_id, thinker_do_sample=False,
+                           talker_do_sample=False, talker_max_new_tokens=talker_frames)  # fmt: skip
+    finally:
+        for handle in handles:
             handle.remove()
+    thinker = [end - start for start, end in times["thinker"]]
+    talker_seconds = sum(end - start for start, end in times["talker"])
+    return {
+        "prefill_seconds": thinker[0],
+        "decode_tokens_per_second": (len(thinker) - 1) / sum(thinker[1:]) if len(thinker) > 1 else None,
+        "talker_frames_per_second": (len(times["talker"]) - 1) / talker_seconds if talker_seconds else None,
+        "communicated_bytes_per_decoded_token": None,
+    }
 
 
 def launched_ops(run) -> int:
@@ -151,26 +149,44 @@ def launched_ops(run) -> int:
     return total
 
 
-def ops_per_decoded_token(model, inputs, new_tokens: int) -> float:
+def ops_per_decoded_token(model, processor, inputs, new_tokens: int) -> float:
     """(ops for prefill + new_tokens-1 decode steps - ops for prefill alone) / (new_tokens - 1)."""
-    with_decode = launched_ops(lambda: mindspore_run(model, inputs, new_tokens, False, 0))
-    prefill_only = launched_ops(lambda: mindspore_run(model, inputs, 1, False, 0))
+    with_decode = launched_ops(lambda: mindspore_run(model, processor, inputs, new_tokens, False, 0))
+    prefill_only = launched_ops(lambda: mindspore_run(model, processor, inputs, 1, False, 0))
     return round((with_decode - prefill_only) / (new_tokens - 1), 1)
 
 
-def summarize(thinker, talker) -> dict:
-    talker_seconds = talker.prefill_seconds + talker.decode_seconds
+def batch_run(model, processor, conversations, batch_size: int, new_tokens: int) -> dict:
+    """Caption every conversation, `batch_size` at a time: decode tokens/s summed over a batch's rows, requests/s."""
+    from omni_helpers.core import generate_answers
+
+    decoded, decode_seconds, started = 0, 0.0, time.perf_counter()
+    for start in range(0, len(conversations), batch_size):
+        answers = generate_answers(model, processor, conversations[start : start + batch_size], settings_for(new_tokens, False, 0))
+        decoded += sum(a.metrics["decoded_tokens"] for a in answers)
+        decode_seconds += answers[0].metrics["decode_seconds"]  # the batch's, carried by every row
     return {
-        "prefill_seconds": thinker.prefill_seconds,
-        "decode_tokens_per_second": thinker.decode_steps / thinker.decode_seconds if thinker.decode_seconds else None,
-        "talker_frames_per_second": len(talker.calls) / talker_seconds if talker_seconds else None,
-        "communicated_bytes_per_decoded_token": thinker.decode_bytes / thinker.decode_steps if thinker.decode_steps else None,
+        "decode_tokens_per_second": decoded / decode_seconds if decode_seconds else None,
+        "requests_per_second": len(conversations) / (time.perf_counter() - started),
     }
 
 
 def median(values):
     values = [v for v in values if v is not None]
     return round(statistics.median(values), 4) if values else None
+
+
+def ratio(a: dict, b: dict) -> dict:
+    """a/b for speeds, b/a for seconds, counts and bytes: above 1 means `a` is better."""
+    out = {}
+    for key in a.keys() & b.keys():
+        if a[key] and b[key]:
+            lower_is_better = key in LOWER_IS_BETTER
+            out[key] = round(b[key] / a[key] if lower_is_better else a[key] / b[key], 3)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def parse_args(argv=None):
@@ -183,6 +199,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variant", nargs="+", choices=[*SINGLE_PROCESS, *DISTRIBUTED, "all"], default=["all"],
                         help="all: stock optimized reference; zero3 and expert need msrun with 2+ workers")
+    parser.add_argument("--batch_sizes", type=int, nargs="*", default=[],
+                        help="also caption 8 recordings at each of these batch sizes (faster paths)")
     parser.add_argument("--media_dir", default=None, help="sample media (built in a temporary folder if not given)")
     parser.add_argument("--json", required=True, help="where to write the figures")
     parser.add_argument("--no-count_ops", dest="count_ops", action="store_false",
@@ -205,51 +223,51 @@ def model_for(variant: str) -> str:
     return variant if variant in ("reference", *DISTRIBUTED) else "none"
 
 
-def load_model_for(key: str, model_name: str, device_target: str, runtime):
+def load_model_for(key: str, model_path: Path, device_target: str, runtime):
     """The PyTorch reference, or mindone's model loaded as the scripts load it and spread over the ranks as `key` says."""
     if key == "reference":
         import torch
         from transformers import Qwen3OmniMoeForConditionalGeneration as TorchModel
 
-        return TorchModel.from_pretrained(model_name, dtype=torch.float32, attn_implementation="eager").eval()
+        return TorchModel.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager").eval()
     from omni_helpers.cli import resolve_precision
-    from omni_helpers.loading import load_model
-    from omni_helpers.parallel import shard_model
+    from omni_helpers.loading import load_model, shard_model
 
-    settings = argparse.Namespace(
-        model_name=model_name, device_target=device_target, dtype=None, attn_implementation=None, allow_pickle_weights=False
-    )
-    model = load_model(resolve_precision(settings), with_talker=True)
+    dtype, attn_implementation = resolve_precision(device_target, None, None)
+    model = load_model(model_path, dtype, attn_implementation, with_talker=True)
     return shard_model(model, dataclasses.replace(runtime, parallel=key))
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from mindone.transformers import Qwen3OmniMoeProcessor
-
-    from omni_helpers.fast_paths import install_fast_paths, uninstall_fast_paths
-    from omni_helpers.metrics import parameter_bytes
+    from omni_helpers.checkpoint import resolve_checkpoint
+    from omni_helpers.patches import install_patches
     from omni_helpers.runtime import setup_runtime
-    from scripts.make_sample_media import build_media
-    from tests.reference import processor_inputs
 
+    checkpoint = resolve_checkpoint(args.model_name)
     # zero3 needs MindSpore's data-parallel context; expert and none run the same with it set
     runtime = setup_runtime(args.device_target, seed=0, parallel="zero3" if "zero3" in args.variant else None)
+    install_patches(args.device_target)
+    from omni_helpers.core import prepare_inputs
+    from omni_helpers.loading import load_processor
+    from omni_helpers.metrics import parameter_bytes
+    from scripts.make_sample_media import build_media
+
     variants = chosen_variants(args, runtime.world_size)
     say = print if runtime.is_main_process else (lambda *_, **__: None)
     media_dir = Path(args.media_dir) if args.media_dir else Path(tempfile.mkdtemp())
     if not (media_dir / "audio.wav").exists():
         build_media(media_dir)
-    media = {name: media_dir / f"{name}.{ext}" for name, ext in (("image", "png"), ("audio", "wav"))}
 
-    processor = Qwen3OmniMoeProcessor.from_pretrained(args.model_name)
+    processor = load_processor(checkpoint.path)
     workloads = {f"text_{n}": (text_conversation(processor.tokenizer, n), False) for n in args.prompt_tokens}
-    workloads["image_audio_speech"] = (media_conversation(media), True)
-    prepared = {name: (processor_inputs(args.model_name, conv, False), speech) for name, (conv, speech) in workloads.items()}
+    workloads["image_audio_speech"] = (media_conversation(media_dir), True)
+    no_video = settings_for(1, False, 0)
+    prepared = {name: (prepare_inputs(processor, [conv], no_video), speech) for name, (conv, speech) in workloads.items()}
 
     keys = dict.fromkeys(map(model_for, variants))  # each model loaded once, in order
-    models = {key: load_model_for(key, args.model_name, args.device_target, runtime) for key in keys}
+    models = {key: load_model_for(key, checkpoint.path, args.device_target, runtime) for key in keys}
 
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
@@ -262,39 +280,40 @@ def main(argv=None) -> dict:
     for name, (inputs, speech) in prepared.items():
         row = {"prompt_tokens": int(inputs["input_ids"].shape[1])}
         for variant in variants:
-            if variant == "stock":
-                uninstall_fast_paths()
-            else:
-                install_fast_paths(args.device_target)
+            install_patches(args.device_target, fast_paths=variant != "stock")
             model = models[model_for(variant)]
             run = reference_run if variant == "reference" else mindspore_run
-            runs = [run(model, inputs, args.new_tokens, speech, args.talker_frames) for _ in range(args.repeats)]
+            runs = [run(model, processor, inputs, args.new_tokens, speech, args.talker_frames) for _ in range(args.repeats)]
             row[variant] = {key: median([r[key] for r in runs]) for key in runs[0]}
             if variant in DISTRIBUTED:
                 row[variant]["parameter_bytes"] = parameter_bytes(model)
             elif args.count_ops and args.device_target == "CPU" and variant != "reference" and not speech:
-                row[variant]["ops_per_decoded_token"] = ops_per_decoded_token(model, inputs, args.new_tokens)
+                row[variant]["ops_per_decoded_token"] = ops_per_decoded_token(model, processor, inputs, args.new_tokens)
             say(f"{name:>20} {variant:>9}: {row[variant]}", flush=True)
         for better, baseline in (("optimized", "stock"), ("optimized", "reference"), ("expert", "zero3")):
             if better in row and baseline in row:
                 row[f"{better}_over_{baseline}"] = ratio(row[better], row[baseline])
         report["workloads"][name] = row
-    install_fast_paths(args.device_target)
+    install_patches(args.device_target)
+
+    if args.batch_sizes:
+        model = models[next(key for key in models if key != "reference")]
+        conversations = caption_conversations(media_dir)
+        batches = {}
+        for batch_size in args.batch_sizes:
+            runs = [batch_run(model, processor, conversations, batch_size, args.new_tokens) for _ in range(args.repeats)]
+            batches[batch_size] = {key: median([r[key] for r in runs]) for key in runs[0]}
+            say(f"{'captions':>20} batch {batch_size:>3}: {batches[batch_size]}", flush=True)
+        first = batches[args.batch_sizes[0]]
+        for figures in batches.values():
+            figures[f"over_batch_{args.batch_sizes[0]}"] = ratio(figures, first)
+        report["captioning_batches"] = {"requests": len(conversations), **{str(b): f for b, f in batches.items()}}
+
     if runtime.is_main_process:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         ratios = {k: {r: v[r] for r in v if "_over_" in r} for k, v in report["workloads"].items()}
         print(json.dumps(ratios, indent=2))
     return report
-
-
-def ratio(a: dict, b: dict) -> dict:
-    """a/b for speeds, b/a for seconds, counts and bytes: above 1 means `a` is better."""
-    out = {}
-    for key in a.keys() & b.keys():
-        if a[key] and b[key]:
-            lower_is_better = key in LOWER_IS_BETTER
-            out[key] = round(b[key] / a[key] if lower_is_better else a[key] / b[key], 3)
-    return out
 
 
 if __name__ == "__main__":

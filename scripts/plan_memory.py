@@ -138,15 +138,20 @@ def bytes_on_rank(table: list[Parameter], mode: str, world_size: int, rank: int 
     return total
 
 
+STOP_FLAG_BYTES = 4  # mindone's generation loop all-reduces a float32 "all ranks done?" flag every step
+
+
 def decode_traffic(table: list[Parameter], mode: str, world_size: int, hidden_bytes: int) -> float:
-    """Bytes one rank sends plus receives in the collectives of one decoded thinker token."""
+    """Bytes one rank sends plus receives in the collectives of one decoded thinker token,
+    the generation loop's stop flag included (mindone syncs it whenever there are several ranks)."""
     if mode == "none" or world_size == 1:
         return 0.0
+    stop_flag = collective_bytes("all_reduce", STOP_FLAG_BYTES, world_size)
     thinker = [p for p in table if p.decoder_layer_of_thinker or p.name.startswith("thinker.lm_head.")]
     if mode == "expert":
         moe_layers = {p.name.split(".mlp.")[0] for p in thinker if p.expert >= 0}
-        return len(moe_layers) * collective_bytes("all_reduce", hidden_bytes, world_size)
-    traffic = 0.0
+        return stop_flag + len(moe_layers) * collective_bytes("all_reduce", hidden_bytes, world_size)
+    traffic = stop_flag
     for p in thinker:
         if not p.zero3_split:
             continue

@@ -17,7 +17,8 @@ from omni_helpers.settings import GenerationSettings
 
 
 def request_conversation(kind: str, media: dict[str, Path]) -> list[dict]:
-    """The three requests of the parity tests: text only, image + audio + text, video with its audio."""
+    """The requests of the parity tests: text only, image + audio + text, a video (heard with its
+    soundtrack or not, as the caller's use_audio_in_video says: "silent_video" is the same clip)."""
     question = {"type": "text", "text": "What can you see and hear? Answer in one short sentence."}
     content = {
         "text": [question],
@@ -28,7 +29,7 @@ def request_conversation(kind: str, media: dict[str, Path]) -> list[dict]:
         ],
         # Small frames keep the video's token count (and the test) small.
         "video": [{"type": "video", "video": str(media["video"]), "min_pixels": 64 * 64, "max_pixels": 64 * 64}, question],
-    }[kind]
+    }[kind.replace("silent_", "")]
     return [{"role": "user", "content": content}]
 
 

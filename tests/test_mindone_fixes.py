@@ -58,3 +58,41 @@ def test_audio_encoder_matches_reference_at_any_length(audio_towers, frames):
     actual, expected = run_both(audio_towers, frames)
     assert actual.shape == expected.shape == (conv_output_lengths(np.array([frames]))[0], expected.shape[1])
     np.testing.assert_allclose(actual, expected, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.fixture(scope="module")
+def silent_video_inputs(tiny_checkpoint, sample_media, runtime_cpu):
+    from tests.reference import processor_inputs, request_conversation
+
+    return processor_inputs(tiny_checkpoint, request_conversation("silent_video", sample_media), use_audio_in_video=False)
+
+
+def test_a_video_watched_without_its_soundtrack_fails_without_the_fix(audio_towers, silent_video_inputs, mindone_model):
+    """mindone's get_rope_index calls `.cpu()` on a MindSpore tensor (a PyTorch idiom)."""
+    import mindspore as ms
+
+    from omni_helpers.inputs import to_mindspore
+
+    inputs = to_mindspore(silent_video_inputs, ms.float32)
+    MINDONE_FIXES.uninstall()
+    try:
+        with pytest.raises(AttributeError, match="cpu"):
+            mindone_model.thinker(**inputs, use_audio_in_video=False)
+    finally:
+        install_mindone_fixes()
+    logits = mindone_model.thinker(**inputs, use_audio_in_video=False).logits  # the parity tests compare these
+    assert logits.shape[1] == silent_video_inputs["input_ids"].shape[1]
+
+
+def test_the_generation_loop_reports_progress_on_stderr(capsys, runtime_cpu):
+    import importlib
+
+    loop = importlib.import_module("mindone.transformers.generation.utils")
+    loop.print("==> sampling, step: 0")
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "==> sampling, step: 0\n"
+    MINDONE_FIXES.uninstall()
+    try:
+        assert not hasattr(loop, "print")  # without the fix, the builtin: stdout
+    finally:
+        install_mindone_fixes()

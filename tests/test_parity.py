@@ -1,8 +1,10 @@
 """mindone on MindSpore CPU against transformers on PyTorch CPU, same tiny checkpoint, fp32.
 
-For each request (text only; image + audio + text; video with its audio track) the
-thinker's logits must agree, greedy generation must give the same tokens, and the talker
-(greedy) must give the same codec codes and the same waveform.
+For each request (text only; image + audio + text; video with its audio track; video
+watched without it) the thinker's logits must agree, greedy generation must give the same
+tokens, and the talker (greedy) must give the same codec codes and the same waveform.
+Batches: every row answers as its conversation does alone. Streaming: pieces arrive while
+the thinker is still decoding and join to the answer.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.reference import MindOne, processor_inputs, relative_error, request_conversation, top2_margins
+from tests.reference import MindOne, batch_inputs, processor_inputs, relative_error, request_conversation, top2_margins
 
 NEW_TOKENS = 16
 LOGIT_TOLERANCE = 1e-4  # relative
 WAV_TOLERANCE = 1e-3  # absolute
-KINDS = ["text", "image_audio", "video"]
+KINDS = ["text", "image_audio", "video", "silent_video"]
+
+
+def uses_audio_in_video(kind: str) -> bool:
+    return kind == "video"  # "silent_video": the same clip, its soundtrack not used
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +32,7 @@ def mindone(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def requests(tiny_checkpoint, sample_media, mindone):  # mindone: runtime set up first
     return {
-        kind: processor_inputs(tiny_checkpoint, request_conversation(kind, sample_media), kind == "video")
+        kind: processor_inputs(tiny_checkpoint, request_conversation(kind, sample_media), uses_audio_in_video(kind))
         for kind in KINDS
     }
 
@@ -34,6 +40,7 @@ def requests(tiny_checkpoint, sample_media, mindone):  # mindone: runtime set up
 def test_requests_exercise_every_input(requests):
     assert "pixel_values" in requests["image_audio"] and "input_features" in requests["image_audio"]
     assert "pixel_values_videos" in requests["video"] and "input_features" in requests["video"]
+    assert "pixel_values_videos" in requests["silent_video"] and "input_features" not in requests["silent_video"]
     # Audio longer than one 100-frame encoder chunk: the case mindone 0.5.0 gets wrong.
     assert requests["image_audio"]["feature_attention_mask"].sum() > 100
     assert requests["video"]["feature_attention_mask"].sum() > 100
@@ -41,18 +48,16 @@ def test_requests_exercise_every_input(requests):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_thinker_logits_match_reference(kind, requests, reference, mindone):
-    use_audio_in_video = kind == "video"
-    expected = reference.prefill_logits(requests[kind], use_audio_in_video)
-    actual = mindone.prefill_logits(requests[kind], use_audio_in_video)
+    expected = reference.prefill_logits(requests[kind], uses_audio_in_video(kind))
+    actual = mindone.prefill_logits(requests[kind], uses_audio_in_video(kind))
     assert actual.shape == expected.shape
     assert relative_error(actual, expected) <= LOGIT_TOLERANCE
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_text_and_speech_match_reference(kind, requests, reference, mindone):
-    use_audio_in_video = kind == "video"
-    expected = reference.generate(requests[kind], use_audio_in_video, NEW_TOKENS, return_audio=True)
-    actual = mindone.generate(requests[kind], use_audio_in_video, NEW_TOKENS, return_audio=True)
+    expected = reference.generate(requests[kind], uses_audio_in_video(kind), NEW_TOKENS, return_audio=True)
+    actual = mindone.generate(requests[kind], uses_audio_in_video(kind), NEW_TOKENS, return_audio=True)
 
     # Every greedy choice is clear: flipping one would take an error of half the top-2 gap,
     # five times what the tolerance allows (and the measured error is far below that).
@@ -86,3 +91,62 @@ def test_fast_paths_change_nothing_but_speed(requests, mindone):
     assert relative_error(fast.step_logits, stock.step_logits) <= 1e-5
     np.testing.assert_array_equal(fast.codes, stock.codes)
     assert np.abs(fast.wav - stock.wav).max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def batch_of(kinds, media, short_audio) -> list[list[dict]]:
+    question = {"type": "text", "text": "What can you see and hear? Answer in one short sentence."}
+    conversations = {
+        "short_audio": [{"role": "user", "content": [{"type": "audio", "audio": str(short_audio)}, question]}],
+        "plain": [{"role": "user", "content": "Describe the sound of a short sentence."}],
+    }
+    return [conversations[k] if k in conversations else request_conversation(k, media) for k in kinds]
+
+
+@pytest.mark.parametrize("kinds", [
+    ["text", "image_audio", "short_audio", "plain"],  # images, audio of two lengths, text: four prompt lengths
+    ["video", "short_audio", "text"],  # a video with its soundtrack beside audio and text
+], ids=["images", "video"])  # fmt: skip
+def test_every_row_of_a_batch_answers_as_its_conversation_alone(kinds, tiny_checkpoint, sample_media, short_audio,
+                                                                 reference, mindone):  # fmt: skip
+    from omni_helpers.core import generate_from_inputs
+    from omni_helpers.settings import GenerationSettings
+
+    conversations = batch_of(kinds, sample_media, short_audio)
+    use_audio_in_video = "video" in kinds
+    batch = batch_inputs(tiny_checkpoint, conversations, use_audio_in_video)
+    assert len(set(batch["attention_mask"].sum(axis=1))) == len(kinds)  # every row a different length: padding
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, use_audio_in_video=use_audio_in_video)
+    answers = generate_from_inputs(mindone.model, mindone.processor, batch, settings)
+    for conversation, answer in zip(conversations, answers):
+        alone = processor_inputs(tiny_checkpoint, conversation, use_audio_in_video)
+        expected = reference.generate(alone, use_audio_in_video, NEW_TOKENS, return_audio=False)
+        single = generate_from_inputs(mindone.model, mindone.processor, alone, settings)[0]
+        np.testing.assert_array_equal(np.array(answer.token_ids), expected.tokens)
+        assert answer.token_ids == single.token_ids and answer.text == single.text
+        assert answer.metrics["batch_size"] == len(kinds) and answer.metrics["thinker_new_tokens"] == len(answer.token_ids)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def test_streamed_pieces_arrive_while_the_thinker_decodes_and_join_to_the_answer(requests, mindone):
+    """Order of events, not timings: each piece records how many thinker forwards had run."""
+    from omni_helpers.core import generate_from_inputs
+    from omni_helpers.settings import GenerationSettings
+
+    forwards = []
+    handle = mindone.model.thinker.register_forward_hook(lambda *_: forwards.append(1))
+    pieces = []
+    try:
+        answer = generate_from_inputs(mindone.model, mindone.processor, requests["text"],
+                                      GenerationSettings(max_new_tokens=NEW_TOKENS),
+                                      on_text=lambda row, piece: pieces.append((len(forwards), row, piece)))[0]  # fmt: skip
+    finally:
+        handle.remove()
+    assert "".join(piece for _, _, piece in pieces) == answer.text and len(pieces) > 1
+    assert {row for _, row, _ in pieces} == {0}
+    assert pieces[0][0] < len(forwards) == NEW_TOKENS  # the first piece left before the last forward ran
+    assert [count for count, _, _ in pieces] == sorted(count for count, _, _ in pieces)

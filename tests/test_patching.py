@@ -1,0 +1,51 @@
+"""Patches fail loudly: a target that is not there is an error at install time, naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+from omni_helpers.patching import PatchSet, PatchTargetMissing
+
+
+def test_a_missing_attribute_is_an_error_naming_it_and_nothing_is_half_installed():
+    import json
+
+    patches = PatchSet("test patches", package="numpy", written_for="1.26.4")
+    patches.replaces("json:dumps")(lambda *a, **k: "patched")
+    patches.replaces("json:no_such_function")(lambda: None)
+    with pytest.raises(PatchTargetMissing, match=r"json\.no_such_function: it does not exist in numpy"):
+        patches.install()
+    assert json.dumps({}) == "{}" and not patches.installed  # checked before anything changed
+
+
+def test_a_missing_module_is_an_error_naming_it():
+    patches = PatchSet("test patches", package="numpy", written_for="1.26.4")
+    patches.replaces("no_such_package.module:thing")(lambda: None)
+    with pytest.raises(PatchTargetMissing, match="no_such_package.module.thing"):
+        patches.install()
+
+
+def test_install_and_uninstall_put_back_what_was_there(capsys):
+    import json
+
+    original = json.dumps
+    patches = PatchSet("test patches", package="numpy", written_for="0.0.1")  # another version: one warning
+    patches.replaces("json:dumps")(lambda *a, **k: "patched")
+    patches.adds("json:brand_new")(lambda: "new")
+    patches.install()
+    patches.install()  # idempotent, and warns only once
+    try:
+        assert json.dumps({}) == "patched" and json.brand_new() == "new" and patches.original("json:dumps") is original
+    finally:
+        patches.uninstall()
+    assert json.dumps is original and not hasattr(json, "brand_new")
+    assert capsys.readouterr().err.count("written for numpy 0.0.1") == 1
+
+
+def test_the_projects_patches_are_written_for_the_installed_versions():
+    from omni_helpers.cpu_fallbacks import CPU_FALLBACKS
+    from omni_helpers.fast_paths import FAST_PATHS
+    from omni_helpers.mindone_fixes import MINDONE_FIXES
+
+    for patches in (CPU_FALLBACKS, FAST_PATHS, MINDONE_FIXES):
+        assert patches.installed_version() == patches.written_for, patches.name
