@@ -26,16 +26,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from omni_helpers.checkpoint import Checkpoint, resolve_checkpoint
 from omni_helpers.cli import (
     HelpFormatter, add_generation_args, add_media_args, add_model_args, add_output_args, add_request_args,
-    check_common_flags, exit_for, generation_settings, resolve_precision,
+    check_request, exit_for, resolve_precision,
 )  # fmt: skip
 from omni_helpers.conversation import resolve_paths, user_turn, with_system_prompt
 from omni_helpers.errors import RequestError
 from omni_helpers.requests import Request
-from omni_helpers.settings import GenerationSettings
-from omni_helpers.validation import check_device, check_requests, check_settings
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Captioner"
 
@@ -63,21 +60,11 @@ def build_requests(args: argparse.Namespace) -> list[Request]:
     ]
 
 
-def check(args: argparse.Namespace, requests: list[Request], media_folder: Path) -> tuple[Checkpoint, list[Request], GenerationSettings]:
-    """Everything about the request that can be wrong, checked with small reads only."""
-    check_common_flags(args)
-    check_device(args.device_target)
-    settings = generation_settings(args)
-    checkpoint = resolve_checkpoint(args.model_name, args.allow_pickle_weights)
-    check_settings(settings, checkpoint, args.batch_size)
-    return checkpoint, check_requests(requests, checkpoint, settings, media_folder, needs="an audio file"), settings
-
-
 def main(args: argparse.Namespace) -> dict:
     # 1. The requests, one per audio, checked before anything heavy (bad ones exit with code 2 on every rank)
     media_folder = tempfile.TemporaryDirectory(prefix="omni_media_")
     try:
-        checkpoint, requests, settings = check(args, build_requests(args), Path(media_folder.name))
+        checkpoint, requests, settings = check_request(args, build_requests(args), Path(media_folder.name), "an audio file")
     except RequestError as error:
         exit_for(error)
 

@@ -31,17 +31,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from omni_helpers.checkpoint import Checkpoint, resolve_checkpoint
 from omni_helpers.cli import (
     HelpFormatter, add_audio_in_video_arg, add_generation_args, add_media_args, add_model_args, add_output_args,
-    add_pixel_args, add_request_args, add_speech_args, check_common_flags, exit_for, generation_settings,
+    add_pixel_args, add_request_args, add_speech_args, check_request, exit_for,
     resolve_precision,
 )  # fmt: skip
 from omni_helpers.conversation import media_in, resolve_paths, user_turn, with_system_prompt
 from omni_helpers.errors import RequestError
 from omni_helpers.requests import Request, load_conversation_file, load_requests_file
-from omni_helpers.settings import GenerationSettings
-from omni_helpers.validation import check_device, check_requests, check_settings
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 
@@ -78,24 +75,13 @@ def build_requests(args: argparse.Namespace) -> list[Request]:
     return [Request("1", resolve_paths(with_system_prompt([turn], args.system_prompt), Path.cwd()))]
 
 
-def check(args: argparse.Namespace, requests: list[Request], media_folder: Path) -> tuple[Checkpoint, list[Request], GenerationSettings]:
-    """Everything about the request that can be wrong, checked with small reads only; returns
-    the checkpoint, the requests as they will run (URLs fetched into `media_folder`), the settings."""
-    check_common_flags(args)
-    check_device(args.device_target)
-    settings = generation_settings(args)
-    checkpoint = resolve_checkpoint(args.model_name, args.allow_pickle_weights)
-    check_settings(settings, checkpoint, args.batch_size)
-    return checkpoint, check_requests(requests, checkpoint, settings, media_folder), settings
-
-
 def main(args: argparse.Namespace):
     # 1. The request, checked before anything heavy (a bad one exits with code 2 on every rank).
     #    URLs are fetched into a folder that lives as long as the run.
     media_folder = tempfile.TemporaryDirectory(prefix="omni_media_")
     try:
         given = build_requests(args)
-        checkpoint, requests, settings = check(args, given, Path(media_folder.name))
+        checkpoint, requests, settings = check_request(args, given, Path(media_folder.name))
     except RequestError as error:
         exit_for(error)
 

@@ -8,9 +8,14 @@ import argparse
 import sys
 from typing import NoReturn
 
+from pathlib import Path
+
+from .checkpoint import Checkpoint, resolve_checkpoint
 from .errors import RequestError
 from .parallel import PARALLEL_MODES
+from .requests import Request
 from .settings import DEFAULT_SPEAKER, GenerationSettings
+from .validation import check_device, check_requests, check_settings
 
 # The seed's processor limits (about 4 and 768 merged 28x28 patches); lower max_pixels if memory is short.
 DEFAULT_MIN_PIXELS = 56 * 56
@@ -127,6 +132,19 @@ def check_common_flags(args: argparse.Namespace) -> None:
         raise RequestError(f"--batch_size {batch_size}: must be at least 1")
     if args.stream and batch_size > 1:
         raise RequestError(f"--stream with --batch_size {batch_size}: streaming prints one answer at a time; use --batch_size 1")
+
+
+def check_request(args: argparse.Namespace, requests: list[Request], media_folder: Path,
+                  needs: str = "a prompt or media") -> tuple[Checkpoint, list[Request], GenerationSettings]:  # fmt: skip
+    """Everything about a script's request that can be wrong, checked with small reads only.
+    Returns the checkpoint, the requests as they will run (URLs fetched into `media_folder`)
+    and the settings; raises RequestError."""
+    check_common_flags(args)
+    check_device(args.device_target)
+    settings = generation_settings(args)
+    checkpoint = resolve_checkpoint(args.model_name, args.allow_pickle_weights)
+    check_settings(settings, checkpoint, getattr(args, "batch_size", 1))
+    return checkpoint, check_requests(requests, checkpoint, settings, media_folder, needs), settings
 
 
 def resolve_precision(device_target: str, dtype, attn_implementation) -> tuple[str, str]:

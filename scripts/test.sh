@@ -2,7 +2,7 @@
 # The full test suite on a fresh machine: set-up, the benchmark in a short configuration
 # (figures printed for the log, never asserted), then pytest. CI runs exactly this.
 #
-#   bash scripts/test.sh [pytest arguments]
+#   bash scripts/test.sh [pytest arguments]      (e.g. -m "not slow": the fast tests alone, a few minutes)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
@@ -11,7 +11,8 @@ cd "$ROOT"
 
 echo "== benchmark (short configuration; figures depend on the machine)"
 python scripts/benchmark.py --model_name "$TINY_CKPT" --device_target CPU --media_dir "$SAMPLE_MEDIA" \
-  --prompt_tokens 32 128 --new_tokens 8 --repeats 1 --variant all --json "${TMPDIR:-/tmp}/benchmark_ci.json" 2>/dev/null
+  --prompt_tokens 32 128 --new_tokens 8 --repeats 1 --variant all --batch_sizes 1 4 8 \
+  --json "${TMPDIR:-/tmp}/benchmark_ci.json" 2>/dev/null
 
 echo "== benchmark under msrun, 2 CPU workers: --parallel zero3 against expert (rank 0's figures)"
 BENCH_LOG="${TMPDIR:-/tmp}/benchmark_msrun_log"

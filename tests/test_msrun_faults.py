@@ -25,6 +25,7 @@ def _worker(msrun: psutil.Process, rank: int) -> psutil.Process | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_dead_worker_ends_the_job_and_leaves_outputs_untouched(tiny_checkpoint, sample_media, tmp_path):
     out, log_dir = tmp_path / "out", tmp_path / "log"
     out.mkdir()

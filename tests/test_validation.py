@@ -182,6 +182,7 @@ def test_launchers_without_arguments_print_their_usage_and_exit_2(launcher):
     assert done.returncode == 2 and done.stderr.startswith("usage: ") and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_under_msrun_the_first_rank_to_check_ends_the_job_with_code_2(media, checkpoints, tmp_path):
     run = run_msrun(OMNI, ["--device_target", "CPU", "--model_name", checkpoints["no_load"], "--image", media["broken"]], tmp_path / "out")
     assert run.returncode != 0
