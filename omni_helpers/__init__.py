@@ -1,10 +1,14 @@
-"""What every Qwen3-Omni example script needs, one module per concern.
+"""What every Qwen3-Omni example script needs, one module per idea.
 
-- runtime: device, msrun ranks, seeds; installs what the device needs (`setup_runtime`)
-- cpu_fallbacks / mindone_fixes / fast_paths: how mindone runs, each a `patching.PatchSet`
-- cli, conversation, validation: flags, the request, and checking it before loading
-- loading: processor and model
-- parallel / expert_parallel: --parallel zero3 | expert | none, how msrun's workers share the model
-- inputs, generation: processor outputs to `ms.Tensor`, `generate` keywords, decoding
-- metrics, outputs: timings, and rank-0 output written whole or not at all
+Request (imports nothing heavy, so --help and bad requests answer at once):
+- cli: the shared flags; settings: GenerationSettings; errors: RequestError
+- conversation, requests, media, checkpoint, validation: building a request and checking it
+
+Model (MindSpore and mindone):
+- runtime: device, msrun ranks, seeds
+- patches: install_patches, the one step that changes how mindone runs, from three PatchSets
+  (patching): cpu_fallbacks (CPU only), mindone_fixes and fast_paths (every device)
+- loading, parallel, expert_parallel, sparse_moe: loading, and --parallel zero3 | expert | none
+- core: the one generation call, generate_answers; inputs, streaming, collectives, metrics
+- answering, outputs: printing, streaming and filing answers; quiet: library chatter off stdout
 """
