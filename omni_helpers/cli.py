@@ -33,11 +33,11 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     group.add_argument("--model_name", default=default_model,
                        help="local checkpoint directory, or a hub id already downloaded to the local cache")
     group.add_argument("--device_target", choices=["Ascend", "CPU"], default="Ascend",
-                       help="CPU installs CPU kernels for Ascend-only ops and uses float32")
+                       help="CPU installs CPU kernels for Ascend-only ops (flash attention's included) and uses float32")
     group.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                        help="weights dtype (None: bfloat16 on Ascend, float32 on CPU)")
     group.add_argument("--attn_implementation", choices=["flash_attention_2", "eager"], default=None,
-                       help="attention kernel (None: flash_attention_2 on Ascend, eager on CPU)")
+                       help="attention kernel (None: flash_attention_2, what Ascend runs, on CPU too)")
     group.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
                        help="how msrun's workers share the model: ZeRO-3 weight sharding, a share of the experts "
                             "each, or a whole copy each (None: zero3 with several workers, none otherwise)")
@@ -148,11 +148,13 @@ def check_request(args: argparse.Namespace, requests: list[Request], media_folde
 
 
 def resolve_precision(device_target: str, dtype, attn_implementation) -> tuple[str, str]:
-    """The device-dependent defaults: bf16 + flash attention on Ascend, fp32 + eager on CPU
-    (MindSpore's CPU backend has no bfloat16 matmul)."""
+    """The device-dependent defaults: bfloat16 on Ascend, float32 on CPU (MindSpore's CPU
+    backend has no bfloat16 matmul); flash attention on both, so that the CPU runs the code
+    Ascend runs (mindone itself casts attention's inputs to float16). eager on request."""
+    attn_implementation = attn_implementation or "flash_attention_2"
     if device_target == "CPU":
-        return "float32", "eager"
-    return dtype or "bfloat16", attn_implementation or "flash_attention_2"
+        return "float32", attn_implementation
+    return dtype or "bfloat16", attn_implementation
 
 
 def exit_for(error: RequestError) -> NoReturn:

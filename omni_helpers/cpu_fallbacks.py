@@ -296,6 +296,56 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     return out
 
 
+# ----------------------------------------------------------------------------- attention
+
+
+_FLASH_DEFAULTS = {"real_shift": None, "drop_mask": None, "padding_mask": None, "prefix": None,
+                   "actual_seq_qlen": None, "actual_seq_kvlen": None, "keep_prob": 1.0,
+                   "pre_tokens": 2147483647, "next_tokens": 2147483647, "sparse_mode": 0}  # fmt: skip
+
+
+@replaces("mindspore.ops:flash_attention_score")
+def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mask=None, padding_mask=None,
+                          attn_mask=None, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, keep_prob=1.0,
+                          scalar_value=1.0, pre_tokens=2147483647, next_tokens=2147483647, inner_precise=0,
+                          input_layout="BSH", sparse_mode=0):  # fmt: skip
+    """Ascend's fused attention, computed plainly: softmax(Q K^T * scale, masked) V in float32.
+
+    Layouts BSND and BNSD (what mindone passes); `attn_mask` True (or 1) where a query must not see a key,
+    shaped (S_q, S_k), (B, 1, S_q, S_k) or (B, N, S_q, S_k); fewer key/value heads than query
+    heads (grouped-query attention). Returns the query's dtype. What mindone's Qwen3-Omni
+    never passes (dropout, sparse modes, variable lengths, positional shifts) raises.
+    """
+    given = {"real_shift": real_shift, "drop_mask": drop_mask, "padding_mask": padding_mask, "prefix": prefix,
+             "actual_seq_qlen": actual_seq_qlen, "actual_seq_kvlen": actual_seq_kvlen, "keep_prob": keep_prob,
+             "pre_tokens": pre_tokens, "next_tokens": next_tokens, "sparse_mode": sparse_mode}  # fmt: skip
+    unsupported = [name for name, value in given.items() if not _is_default(value, _FLASH_DEFAULTS[name])]
+    if unsupported:
+        raise NotImplementedError(f"the CPU flash_attention_score does not support {', '.join(unsupported)}")
+    if input_layout not in ("BSND", "BNSD"):
+        raise NotImplementedError(f"the CPU flash_attention_score does not support input_layout {input_layout!r}")
+
+    def heads_first(x):  # -> (B, N, S, D) float32
+        return (x.transpose(0, 2, 1, 3) if input_layout == "BSND" else x).astype(ms.float32)
+
+    q, k, v = heads_first(query), heads_first(key), heads_first(value)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves several query heads
+        groups = q.shape[1] // k.shape[1]
+        k, v = (ops.repeat_interleave(x, groups, axis=1) for x in (k, v))
+    scores = ops.BatchMatMul(transpose_b=True)(q, k) * scalar_value
+    if attn_mask is not None:
+        mask = attn_mask.astype(ms.bool_)
+        scores = ops.masked_fill(scores, mask.broadcast_to(scores.shape), float(np.finfo(np.float32).min))
+    out = ops.BatchMatMul()(ops.softmax(scores, axis=-1), v)
+    if input_layout == "BSND":
+        out = out.transpose(0, 2, 1, 3)
+    return out.astype(query.dtype)
+
+
+def _is_default(value, default) -> bool:
+    return value is None if default is None else (not isinstance(value, ms.Tensor) and value == default)
+
+
 def _conv_padding(padding, kernel, dilation, spatial: int):
     if isinstance(padding, str):
         if padding == "valid":

@@ -16,6 +16,22 @@ disagree because mindone is wrong; each has a test that fails without it
   `second_per_grids[i].cpu()`, a PyTorch idiom: MindSpore tensors have no `.cpu()`, so
   the request fails after the model has loaded, on any device. The replacement hands
   mindone's own function a sequence whose items answer `.cpu()` with the same tensor.
+- Flash attention (`attn_implementation="flash_attention_2"`, what Ascend runs) drops three
+  masks that eager attention keeps, so that the two paths compute different things:
+  - the text models' mask (thinker, talker, code predictor, code2wav): mindone's
+    flash mask function returns the 2-D padding mask or None, which its flash wrapper
+    then treats as a (query, key) matrix. A left-padded batch gets wrong (or refused)
+    masks and code2wav's sliding window (72 frames) is lost: speech longer than 5.8 s
+    differs. The fix gives flash attention the same boolean mask eager attention gets
+    (causal, padding, sliding window), with rows that see nothing opened up (padding
+    queries), so that no row's softmax is undefined.
+  - the vision encoder's per-image and per-frame blocks (`cu_seqlens`): its flash branch
+    attends across all images and frames of a request. The fix passes the block-diagonal
+    mask.
+  - the audio encoder's attention windows (`n_window_infer` mel frames, 8 s in the
+    released config): the replacement encoder above passes them as a mask on every path,
+    which is what transformers' flash path computes (its eager path, never calling
+    `_prepare_attention_mask`, attends across the whole audio).
 - The generation loop prints a progress line per decoding step on stdout, which the
   scripts keep for the answer; the lines go to stderr instead (under msrun both land in
   the worker's log).
@@ -37,6 +53,7 @@ MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
 AUDIO_ENCODER = f"{MODELING}.Qwen3OmniMoeAudioEncoder"
 ROPE_OWNER = f"{MODELING}.Qwen3OmniMoePreTrainedModelForConditionalGeneration"
 GENERATION_LOOP = "mindone.transformers.generation.utils"
+MASKING = "mindone.transformers.masking_utils"
 
 
 def install_mindone_fixes() -> list[str]:
@@ -58,6 +75,36 @@ def split_into_chunks(feature_lens: np.ndarray, chunk: int) -> list[int]:
         whole, rest = divmod(int(total), chunk)
         lengths += [chunk] * whole + ([rest] if rest else [])
     return lengths
+
+
+def attention_windows(audio_tokens: np.ndarray, tokens_per_chunk: int, chunks_per_window: int) -> list[int]:
+    """Token counts of the audio encoder's attention windows, audio after audio: whole windows
+    of `tokens_per_chunk * chunks_per_window` tokens, then each audio's remainder (as the
+    reference computes them: `tokens_per_chunk` is the longest chunk's count after the convolutions)."""
+    window = tokens_per_chunk * chunks_per_window
+    lengths = []
+    for tokens in audio_tokens.tolist():
+        lengths += [window] * (tokens // window) + ([tokens % window] if tokens % window else [])
+    return lengths
+
+
+def within_blocks(cu_seqlens: np.ndarray) -> np.ndarray:
+    """(1, 1, T, T) boolean: True where query and key lie in the same block [cu[i], cu[i+1])."""
+    block = np.repeat(np.arange(len(cu_seqlens) - 1), np.diff(cu_seqlens))
+    return (block[:, None] == block[None, :])[None, None]
+
+
+def window_mask(cu_seqlens: np.ndarray, attn_implementation: str, dtype):
+    """The attention mask keeping each token within its window, as the attention path wants it:
+    a boolean "may see" mask for flash attention, an additive one (0 or the most negative
+    value) for eager; None for a single window."""
+    if len(cu_seqlens) <= 2:
+        return None
+    keep = within_blocks(cu_seqlens)
+    if attn_implementation == "flash_attention_2":
+        return ms.Tensor(keep)
+    minimum = float(np.finfo(np.float32).min) if dtype == ms.float32 else -65504.0
+    return ms.Tensor(np.where(keep, 0.0, minimum).astype(np.float32)).astype(dtype)
 
 
 @MINDONE_FIXES.replaces(f"{AUDIO_ENCODER}:construct")
@@ -99,14 +146,13 @@ def audio_encoder_construct(self, input_features, feature_lens=None, aftercnn_le
     hidden_states = x.reshape(b * t, -1)[ms.Tensor(valid.astype(np.int64))]
 
     # Attention windows: n_window_infer frames' worth of tokens, per audio.
-    window = t * (self.n_window_infer // chunk)
-    boundaries = [0]
-    for tokens in conv_output_lengths(feature_lens_np).tolist():
-        boundaries += [window] * (tokens // window) + ([tokens % window] if tokens % window else [])
-    cu_seqlens = ms.Tensor(np.cumsum(boundaries).astype(np.int32))
+    boundaries = [0] + attention_windows(conv_output_lengths(feature_lens_np), t, self.n_window_infer // chunk)
+    cu_seqlens_np = np.cumsum(boundaries).astype(np.int32)
+    cu_seqlens = ms.Tensor(cu_seqlens_np)
+    mask = window_mask(cu_seqlens_np, self.config._attn_implementation, hidden_states.dtype)
 
     for layer in self.layers:
-        hidden_states = layer(hidden_states, cu_seqlens)[0]
+        hidden_states = layer(hidden_states, cu_seqlens, attention_mask=mask)[0]
     hidden_states = self.ln_post(hidden_states)
     hidden_states = self.proj2(self.act(self.proj1(hidden_states)))
     return BaseModelOutput(last_hidden_state=hidden_states)
@@ -143,3 +189,39 @@ def progress_to_stderr(*args, **kwargs):
     """The generation loop's `print` (one line per decoding step): to stderr, keeping stdout for answers."""
     kwargs.setdefault("file", sys.stderr)
     print(*args, **kwargs)
+
+
+@MINDONE_FIXES.replaces_entry(f"{MASKING}.AttentionMaskInterface:_global_mapping", "flash_attention_2")
+def flash_attention_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_function=None,
+                         attention_mask=None, **kwargs):  # fmt: skip
+    """The boolean (batch, 1, query, key) mask eager attention would use, for flash attention."""
+    from mindone.transformers import masking_utils
+
+    kwargs.pop("allow_is_causal_skip", None)
+    mask = masking_utils.sdpa_mask(
+        batch_size, cache_position, kv_length, kv_offset, mask_function or masking_utils.causal_mask_function,
+        attention_mask, allow_is_causal_skip=False, **kwargs,
+    )  # fmt: skip
+    sees_nothing = ~mask.any(axis=-1, keep_dims=True)  # a padding query: let it see all (its output is never read)
+    return mask | sees_nothing
+
+
+@MINDONE_FIXES.replaces(f"{MODELING}.Qwen3OmniMoeVisionAttention:construct")
+def vision_attention_construct(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None, **kwargs):
+    """mindone's vision attention; with flash attention, each image or frame block attends within itself."""
+    if self.config._attn_implementation != "flash_attention_2":
+        stock = MINDONE_FIXES.original(f"{MODELING}.Qwen3OmniMoeVisionAttention:construct")
+        return stock(self, hidden_states, cu_seqlens, rotary_pos_emb, position_embeddings, **kwargs)
+    from mindone.transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import apply_rotary_pos_emb_vision
+
+    seq_length = hidden_states.shape[0]
+    query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
+    query, key, value = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+    blocks = ms.Tensor(within_blocks(cu_seqlens.asnumpy()))
+    attn_output, _ = ALL_ATTENTION_FUNCTIONS["flash_attention_2"](
+        self, query, key, value, attention_mask=blocks, scaling=self.scaling, dropout=0.0, is_causal=False, **kwargs
+    )
+    return self.proj(attn_output.reshape(seq_length, -1).contiguous())

@@ -39,6 +39,8 @@ class PatchSet:
         self.name, self.package, self.written_for = name, package, written_for
         self._replacements: dict[tuple[str, str], Callable] = {}
         self._new: set[tuple[str, str]] = set()  # targets that do not exist until installed
+        self._entries: dict[tuple[str, str, str], Callable] = {}  # (owner, dict attribute, key) -> value
+        self._original_entries: dict[tuple[str, str, str], object] = {}
         self._originals: dict[tuple[str, str], object] = {}
         self._version_checked = False
 
@@ -64,6 +66,17 @@ class PatchSet:
 
         return register
 
+    def replaces_entry(self, target: str, key: str):
+        """Decorator: the function replaces `key` of the dict at `module:attribute` (a registry
+        such as mindone's attention-mask interface, which looks its functions up by name)."""
+
+        def register(fn):
+            module, attr = target.split(":")
+            self._entries[(module, attr, key)] = fn
+            return fn
+
+        return register
+
     def original(self, target: str):
         """What `target` was before this set was installed (the current value if it is not)."""
         module, attr = target.split(":")
@@ -73,10 +86,11 @@ class PatchSet:
 
     @property
     def installed(self) -> bool:
-        return bool(self._originals)
+        return bool(self._originals or self._original_entries)
 
     def targets(self) -> list[str]:
-        return sorted(f"{module}.{attr}" for module, attr in self._replacements)
+        return sorted([f"{module}.{attr}" for module, attr in self._replacements]
+                      + [f"{module}.{attr}[{key!r}]" for module, attr, key in self._entries])  # fmt: skip
 
     def installed_version(self) -> Optional[str]:
         try:
@@ -105,14 +119,25 @@ class PatchSet:
             )
         return owner
 
+    def _registry_of(self, module: str, attr: str, key: str) -> dict:
+        registry = getattr(self._owner_of(module, attr), attr)
+        if not isinstance(registry, dict) or key not in registry:
+            raise PatchTargetMissing(f"{self.name}: cannot patch {module}.{attr}[{key!r}]: no such entry in "
+                                     f"{self.package} {self.installed_version()} (written for {self.written_for})")  # fmt: skip
+        return registry
+
     def install(self) -> list[str]:
         """Put every replacement in place (idempotent); returns the targets replaced."""
         self._warn_once_on_another_version()
         owners = {key: self._owner_of(*key) for key in self._replacements}  # every target checked before any change
+        registries = {key: self._registry_of(*key) for key in self._entries}
         for (module, attr), fn in self._replacements.items():
             if (module, attr) not in self._originals:
                 self._originals[(module, attr)] = getattr(owners[(module, attr)], attr, None)
             setattr(owners[(module, attr)], attr, fn)
+        for entry, fn in self._entries.items():
+            self._original_entries.setdefault(entry, registries[entry][entry[2]])
+            registries[entry][entry[2]] = fn
         return self.targets()
 
     def uninstall(self) -> None:
@@ -123,4 +148,7 @@ class PatchSet:
                 delattr(owner, attr)
             else:
                 setattr(owner, attr, previous)
+        for (module, attr, key), previous in self._original_entries.items():
+            getattr(resolve_owner(module), attr)[key] = previous
         self._originals.clear()
+        self._original_entries.clear()

@@ -52,7 +52,8 @@ def setup_runtime(device_target: str = "Ascend", seed: int = 0, parallel: Option
     """
     import mindspore as ms
 
-    ms.set_device(device_target)
+    if ms.get_context("device_target") != device_target:  # MindSpore refuses a second set-up once kernels ran
+        ms.set_device(device_target)
     rank, world_size = 0, 1
     if launched_by_msrun():
         from mindspore.communication import get_group_size, get_rank, init

@@ -91,9 +91,13 @@ class Reference:
 
     In transformers the code predictor always samples (do_sample=True is hard-coded in the
     talker's forward); mindone's decodes greedily, so codes can only be compared greedy.
+
+    With `audio_windows`, the audio encoder attends within its windows (`n_window_infer` mel
+    frames) in eager mode too, as transformers' own flash path does: its eager path builds
+    the block-diagonal mask (`_prepare_attention_mask`) but never passes it to the layers.
     """
 
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, audio_windows: bool = False):
         import torch
         from transformers import Qwen3OmniMoeForConditionalGeneration
 
@@ -101,6 +105,15 @@ class Reference:
         self.model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
             checkpoint, dtype=torch.float32, attn_implementation="eager"
         ).eval()
+        if audio_windows:
+            audio_tower = self.model.thinker.audio_tower
+
+            def pass_the_window_mask(layer, args, kwargs):
+                hidden_states, cu_seqlens = args[0], args[1]
+                return args, {**kwargs, "attention_mask": audio_tower._prepare_attention_mask(hidden_states, cu_seqlens)}
+
+            for layer in audio_tower.layers:
+                layer.register_forward_pre_hook(pass_the_window_mask, with_kwargs=True)
         self.codes_seen: list[np.ndarray] = []
         if not self.model.has_talker:  # Thinking and Captioner
             return

@@ -105,7 +105,14 @@ def expected_answer(reference, checkpoint: Path, conversation: list[dict], new_t
     return decode(checkpoint, generation.tokens), generation.wav
 
 
-def check_run(run: Run, expected_text, expected_wav: Optional[np.ndarray], extra_files: frozenset = frozenset()) -> None:
+# Speech against the reference's: the scripts run flash attention by default (what Ascend runs),
+# whose float16 attention inside code2wav moves samples by up to 4e-3 (tests/test_flash_attention.py);
+# with --attn_implementation eager, 1e-3 (16-bit PCM rounding is 1.5e-5).
+WAV_TOLERANCE_FLASH, WAV_TOLERANCE_EAGER = 1e-2, 1e-3
+
+
+def check_run(run: Run, expected_text, expected_wav: Optional[np.ndarray], extra_files: frozenset = frozenset(),
+              wav_tolerance: float = WAV_TOLERANCE_FLASH) -> None:  # fmt: skip
     """What every script run must show: exit 0, the answer printed and saved, the speech (if any) whole."""
     assert run.returncode == 0, run.stderr[-3000:]
     printed = run.worker_log(0) if run.log_dir else run.stdout
@@ -124,7 +131,7 @@ def check_run(run: Run, expected_text, expected_wav: Optional[np.ndarray], extra
     assert (rate, channels) == (24000, 1)
     assert samples.shape == expected_wav.shape
     assert np.sqrt(np.mean(samples**2)) > 0.01
-    assert np.abs(samples - expected_wav).max() <= 1e-3  # 16-bit PCM rounding is 1.5e-5
+    assert np.abs(samples - expected_wav).max() <= wav_tolerance
 
 
 def check_both_ranks_ran(run: Run) -> None:

@@ -12,7 +12,8 @@ import pytest
 import omni_understanding
 from tests.script_runs import (
     SAMPLING, TALKER_SAMPLING, check_both_ranks_ran, check_expert_parallel_as_one_process, check_metrics, check_parallel,
-    check_run, expected_answer, run_msrun, run_single, script_command, script_env,
+    WAV_TOLERANCE_EAGER, WAV_TOLERANCE_FLASH, check_run, expected_answer, run_msrun, run_single, script_command,
+    script_env,
 )  # fmt: skip
 
 NEW_TOKENS, TALKER_FRAMES = 8, 4
@@ -43,9 +44,10 @@ def test_conversation_puts_media_before_the_question(argv, sample_media):
 
 
 @pytest.mark.slow
-def test_single_process_streams_the_reference_answer_and_nothing_else(argv, expected, tiny_plan, tmp_path):
-    run = run_single("omni_understanding.py", argv + ["--stream"], tmp_path / "out")
-    check_run(run, *expected)
+@pytest.mark.parametrize("attention", ["flash_attention_2", "eager"])  # the default (Ascend's path), and eager
+def test_single_process_streams_the_reference_answer_and_nothing_else(attention, argv, expected, tiny_plan, tmp_path):
+    run = run_single("omni_understanding.py", argv + ["--stream", "--attn_implementation", attention], tmp_path / "out")
+    check_run(run, *expected, wav_tolerance=WAV_TOLERANCE_FLASH if attention == "flash_attention_2" else WAV_TOLERANCE_EAGER)
     assert run.stdout == expected[0] + "\n"  # stdout is the answer only, streamed piece by piece
     check_metrics(run, NEW_TOKENS, speech=True)
     check_parallel(run, tiny_plan, "none", with_talker=True)
