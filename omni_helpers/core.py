@@ -27,6 +27,7 @@ from .metrics import rate
 from .outputs import SPEECH_SAMPLE_RATE
 from .runtime import seed_everything
 from .settings import GenerationSettings
+from .speech_stream import AudioCallback, SpeechStream
 from .streaming import StepStream, TextCallback
 
 
@@ -109,8 +110,10 @@ def generate_from_inputs(
     on_text: Optional[TextCallback] = None,
     keep_logits: bool = False,
     started: Optional[float] = None,
+    on_audio: Optional[AudioCallback] = None,
 ) -> list[Answer]:
-    """Generate for prepared inputs (every msrun rank calls this with the same inputs and settings)."""
+    """Generate for prepared inputs (every msrun rank calls this with the same inputs and settings,
+    and with `on_audio` on all of them or none: streamed speech runs code2wav as the talker goes)."""
     started = time.perf_counter() if started is None else started
     if settings.seed is not None:
         seed_everything(settings.seed)
@@ -123,12 +126,20 @@ def generate_from_inputs(
         keywords = generate_keywords(settings, model.config, thinker, talker)
         if keep_logits:
             keywords["thinker_output_logits"] = True
-        result, waveform = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
+        speech = SpeechStream(model.code2wav, on_audio) if on_audio and settings.return_audio else None
+        hook = model.talker.register_forward_hook(speech.hook) if speech else None
+        try:
+            result, waveform = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
+        finally:
+            if hook is not None:
+                hook.remove()
+    wav = None if waveform is None else waveform.reshape(-1).float().asnumpy()
+    if speech:
+        speech.finish(wav)
     generate_seconds = time.perf_counter() - generating
 
     new_tokens = result.sequences.asnumpy()[:, prompt_length:]
     texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    wav = None if waveform is None else waveform.reshape(-1).float().asnumpy()
     logits = np.stack([logit.asnumpy() for logit in result.logits], axis=1) if keep_logits else None
 
     answers = []
@@ -139,18 +150,31 @@ def generate_from_inputs(
             time_to_first_token=(thinker.times[1] - started) if len(thinker.times) > 1 else None,
             audio_seconds=0.0 if wav is None else len(wav) / SPEECH_SAMPLE_RATE,
         )  # fmt: skip
+        metrics.update(streaming_metrics(thinker, speech, started))
         answers.append(Answer(texts[row], wav, thinker.tokens[row], metrics, None if logits is None else logits[row]))
     return answers
 
 
+def streaming_metrics(thinker: StepStream, speech: Optional[SpeechStream], started: float) -> dict[str, Any]:
+    """When the first text and speech went out, in decoding steps (order of events) and seconds."""
+    figures: dict[str, Any] = {"thinker_steps": thinker.steps, "first_text_step": thinker.first_piece_step}
+    if speech is not None:
+        figures.update(
+            talker_steps=speech.steps,
+            first_audio_step=speech.first_audio_step,
+            time_to_first_audio_seconds=None if speech.first_audio_time is None else round(speech.first_audio_time - started, 3),
+        )
+    return figures
+
+
 def generate_answers(
     model, processor, conversations: list[Conversation], settings: GenerationSettings,
-    on_text: Optional[TextCallback] = None, keep_logits: bool = False,
+    on_text: Optional[TextCallback] = None, keep_logits: bool = False, on_audio: Optional[AudioCallback] = None,
 ) -> list[Answer]:  # fmt: skip
     """The whole flow for a batch of conversations: one `Answer` per conversation, in order."""
     started = time.perf_counter()
     inputs = prepare_inputs(processor, conversations, settings)
-    return generate_from_inputs(model, processor, inputs, settings, on_text, keep_logits, started)
+    return generate_from_inputs(model, processor, inputs, settings, on_text, keep_logits, started, on_audio)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -53,7 +53,14 @@ class StepStream:
         self.bytes: list[float] = []  # collective bytes counted so far, at each put
         self.tokens: list[list[int]] = [[] for _ in range(rows)]  # each row's tokens up to and with its end token
         self.finished = [False] * rows
-        self.pieces = [TextPieces(tokenizer, row, on_text) for row in range(rows)] if on_text else []
+        self.on_text = on_text
+        self.first_piece_step: Optional[int] = None  # the decoding step at which text first went out
+        self.pieces = [TextPieces(tokenizer, row, self._hand_out) for row in range(rows)] if on_text else []
+
+    def _hand_out(self, row: int, piece: str) -> None:
+        if self.first_piece_step is None:
+            self.first_piece_step = self.steps
+        self.on_text(row, piece)
 
     def put(self, value) -> None:
         self.times.append(time.perf_counter())
