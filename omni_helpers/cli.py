@@ -81,10 +81,11 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top_k", type=int, default=DEFAULTS.top_k, help="top-k sampling")
 
 
-def add_speech_args(parser: argparse.ArgumentParser) -> None:
-    """Spoken output (Instruct checkpoints, which have a talker)."""
+def add_speech_args(parser: argparse.ArgumentParser, return_audio: bool = True) -> None:
+    """Spoken output (Instruct checkpoints, which have a talker); the server lets each request ask for it."""
     group = parser.add_argument_group("speech output (the talker)")
-    group.add_argument("--return_audio", action="store_true", help="also speak the answer (24 kHz mono WAV)")
+    if return_audio:
+        group.add_argument("--return_audio", action="store_true", help="also speak the answer (24 kHz mono WAV)")
     group.add_argument("--speaker", default=DEFAULT_SPEAKER, help="voice of the spoken answer (Ethan, Chelsie, Aiden)")
     group.add_argument("--talker_max_new_tokens", type=int, default=DEFAULTS.talker_max_new_tokens,
                        help="codec frames to generate at most (one frame is 80 ms of speech)")

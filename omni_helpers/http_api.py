@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
+from fastapi import Request as HttpRequest  # at module level: FastAPI reads the route's annotations from here
 
 from .checkpoint import Checkpoint
 from .errors import RequestError
-from .openai_api import chunk, completion, error_body, new_id, parse_chat_request, usage
+from .openai_api import API_NAMES, chunk, completion, error_body, new_id, parse_chat_request, usage
 from .outputs import wav_bytes
 from .requests import Request
 from .serving import Engine, Job, QueueFull
@@ -46,7 +47,7 @@ class ChatCompletions:
         folder = self.media_root / uuid.uuid4().hex
         try:
             chat = parse_chat_request(body, self.defaults, folder, self.allowed_local)
-            check_settings(chat.settings, self.checkpoint)
+            check_settings(chat.settings, self.checkpoint, names=API_NAMES)
             (request,) = check_requests([Request("http", chat.conversation)], self.checkpoint, chat.settings, folder)
             job = self.engine.submit(request.conversation, chat.settings, stream_audio=chat.stream and chat.settings.return_audio)
         except BaseException:
@@ -95,7 +96,7 @@ class ChatCompletions:
 
 def build_api(chat: ChatCompletions, health: dict[str, Any]):
     """The FastAPI app with the three routes (the browser UI is mounted on it by web_demo.py)."""
-    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, StreamingResponse
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 STOP = {"kind": "stop"}
+IDLE = {"kind": "idle"}  # nothing to do yet: sent now and then, so that no rank waits in a collective for long
 
 
 def pack(job: dict[str, Any]) -> bytes:

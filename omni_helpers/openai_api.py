@@ -23,6 +23,10 @@ from .errors import RequestError
 from .settings import GenerationSettings
 
 AUDIO_FORMATS = ("wav", "mp3")
+# How each generation setting is spelled in a Chat Completions request (errors name these).
+API_NAMES = {"max_new_tokens": "max_tokens", "talker_max_new_tokens": "talker_max_new_tokens", "temperature": "temperature",
+             "top_p": "top_p", "top_k": "top_k", "speaker": "audio.voice", "return_audio": 'modalities ["text", "audio"]',
+             "batch_size": "n"}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,12 @@ from typing import Any, Optional
 from .conversation import Conversation
 from .core import Answer, generate_from_inputs, prepare_inputs
 from .errors import RequestError
-from .lockstep import STOP, Lockstep
+from .lockstep import IDLE, STOP, Lockstep
 from .settings import GenerationSettings
+
+
+HEARTBEAT_SECONDS = 5  # an idle rank 0 tells the others so this often: a rank waiting in a collective
+# times out (after 30 s with MindSpore's mccl on CPU; HCCL_EXEC_TIMEOUT, 30 min by default, on Ascend)
 
 
 class QueueFull(Exception):
@@ -65,7 +69,11 @@ class Engine:
     def serve_forever(self) -> None:
         """Rank 0's main thread: answer jobs in arrival order until `stop`."""
         while True:
-            job = self.jobs.get()
+            try:
+                job = self.jobs.get(timeout=HEARTBEAT_SECONDS)
+            except queue.Empty:
+                self.lockstep.send(IDLE)  # the other ranks wait inside a broadcast: keep it short
+                continue
             if job is None:
                 self.lockstep.send(STOP)
                 return
@@ -108,6 +116,8 @@ def follow(model, processor, lockstep: Lockstep) -> None:
         job = lockstep.receive()
         if job["kind"] == STOP["kind"]:
             return
+        if job["kind"] == IDLE["kind"]:
+            continue
         settings = GenerationSettings(**job["settings"])
         on_audio = (lambda samples: None) if job["stream_audio"] else None  # code2wav in step with rank 0
         generate_from_inputs(model, processor, job["inputs"], settings, on_audio=on_audio)

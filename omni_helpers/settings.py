@@ -14,6 +14,10 @@ from typing import Optional
 from .errors import RequestError
 
 DEFAULT_SPEAKER = "Ethan"
+# How each setting is spelled where the user gave it, so that an error names what they typed.
+FLAG_NAMES = {"max_new_tokens": "--max_new_tokens", "talker_max_new_tokens": "--talker_max_new_tokens",
+              "temperature": "--temperature", "top_p": "--top_p", "top_k": "--top_k", "speaker": "--speaker",
+              "return_audio": "--return_audio", "batch_size": "--batch_size"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -37,18 +41,19 @@ class GenerationSettings:
     def replace(self, **changes) -> "GenerationSettings":
         return dataclasses.replace(self, **changes)
 
-    def check(self) -> None:
-        """Raise RequestError for values no checkpoint could accept."""
+    def check(self, names: dict[str, str] = FLAG_NAMES) -> None:
+        """Raise RequestError for values no checkpoint could accept (`names`: how the user spelled each)."""
+        def bad(setting: str, value, problem: str):
+            raise RequestError(f"{names[setting]} {value}: {problem}", names[setting].lstrip("-"))
+
         if self.max_new_tokens <= 0:
-            raise RequestError(f"max_new_tokens {self.max_new_tokens}: must be positive", "max_new_tokens")
+            bad("max_new_tokens", self.max_new_tokens, "must be positive")
         if self.return_audio and self.talker_max_new_tokens <= 0:
-            raise RequestError(
-                f"talker_max_new_tokens {self.talker_max_new_tokens}: must be positive", "talker_max_new_tokens"
-            )
+            bad("talker_max_new_tokens", self.talker_max_new_tokens, "must be positive")
         if self.do_sample:
             if self.temperature <= 0:
-                raise RequestError(f"temperature {self.temperature}: must be positive when sampling", "temperature")
+                bad("temperature", self.temperature, "must be positive when sampling")
             if not 0 < self.top_p <= 1:
-                raise RequestError(f"top_p {self.top_p}: must be in (0, 1]", "top_p")
+                bad("top_p", self.top_p, "must be in (0, 1]")
             if self.top_k <= 0:
-                raise RequestError(f"top_k {self.top_k}: must be positive", "top_k")
+                bad("top_k", self.top_k, "must be positive")

@@ -17,7 +17,7 @@ from .conversation import Conversation, has_text, media_items
 from .errors import RequestError
 from .media import check_media, fetch_remote_media
 from .requests import Request
-from .settings import GenerationSettings
+from .settings import FLAG_NAMES, GenerationSettings
 
 
 def ascend_npu_present() -> bool:
@@ -34,26 +34,28 @@ def check_device(device_target: str) -> None:
         )
 
 
-def check_settings(settings: GenerationSettings, checkpoint: Checkpoint, batch_size: int = 1) -> None:
-    """The settings make sense, and this checkpoint can do what they ask."""
-    settings.check()
+def check_settings(settings: GenerationSettings, checkpoint: Checkpoint, batch_size: int = 1,
+                   names: dict[str, str] = FLAG_NAMES) -> None:  # fmt: skip
+    """The settings make sense, and this checkpoint can do what they ask (`names`: how the user spelled each)."""
+    settings.check(names)
     if settings.return_audio:
+        speech, speaker = names["return_audio"], names["speaker"]
         if not checkpoint.has_talker:
             raise RequestError(
-                f"--return_audio: {checkpoint.name} has no talker (Thinking and Captioner speak no answer); "
-                "drop --return_audio or use the Instruct checkpoint",
-                "return_audio",
+                f"{speech}: {checkpoint.name} has no talker (Thinking and Captioner speak no answer); "
+                f"drop {speech} or use the Instruct checkpoint",
+                speech.lstrip("-"),
             )
         if settings.speaker.lower() not in checkpoint.speakers:
             raise RequestError(
-                f"--speaker {settings.speaker}: not in this checkpoint; choose one of {', '.join(checkpoint.speakers)}",
-                "speaker",
+                f"{speaker} {settings.speaker}: not in this checkpoint; choose one of {', '.join(checkpoint.speakers)}",
+                speaker.lstrip("-"),
             )
         if batch_size > 1:
             raise RequestError(
-                f"--return_audio with --batch_size {batch_size}: speech is generated one request at a time "
-                "(as in the reference); use --batch_size 1",
-                "batch_size",
+                f"{speech} with {names['batch_size']} {batch_size}: speech is generated one request at a time "
+                f"(as in the reference); use {names['batch_size']} 1",
+                names["batch_size"].lstrip("-"),
             )
 
 

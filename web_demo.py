@@ -1,0 +1,166 @@
+r"""Load Qwen3-Omni once, then talk to it for hours: a browser UI and an OpenAI-compatible API.
+
+On Ascend, two NPUs (the launcher wraps msrun; rank 0 serves, every rank generates):
+
+    bash scripts/run_web_demo.sh --port 7860          # then open http://127.0.0.1:7860
+
+One process (CPU, the tiny test checkpoint):
+
+    python web_demo.py --device_target CPU --model_name tiny_ckpt
+
+Routes on --host:--port: `/` the browser UI; `GET /health`; `GET /v1/models`;
+`POST /v1/chat/completions` (OpenAI Chat Completions: text, image_url, input_audio and
+video_url parts; "modalities": ["text", "audio"] for speech; "stream": true for
+server-sent chunks of text and speech as they are generated):
+
+    curl http://127.0.0.1:7860/v1/chat/completions -H 'Content-Type: application/json' \
+        -d '{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}'
+
+The generation flags are the server's defaults; a request's own fields override them.
+Requests are answered one at a time, in arrival order; past --max_queue waiting ones a new
+request gets HTTP 429. Local files are read only under --allowed_local_media_path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from omni_helpers.checkpoint import Checkpoint, resolve_checkpoint
+from omni_helpers.cli import (
+    HelpFormatter, add_audio_in_video_arg, add_generation_args, add_model_args, add_pixel_args, add_speech_args,
+    exit_for, generation_settings, resolve_precision,
+)  # fmt: skip
+from omni_helpers.errors import RequestError
+from omni_helpers.settings import GenerationSettings
+from omni_helpers.validation import check_device
+
+DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_model_args(parser, DEFAULT_MODEL)
+    add_pixel_args(parser)
+    add_generation_args(parser)
+    add_speech_args(parser, return_audio=False)
+    add_audio_in_video_arg(parser)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--port", type=int, default=7860, help="port of the UI and the API")
+    server.add_argument("--max_queue", type=int, default=8, help="requests that may wait; more get HTTP 429")
+    server.add_argument("--allowed_local_media_path", default=None, metavar="DIR",
+                        help="requests may name local files under DIR (none by default: data: and http(s) URLs only)")
+    return parser.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> tuple[Checkpoint, GenerationSettings]:
+    """The flags, checked with small reads only: the server's checkpoint and default settings."""
+    check_device(args.device_target)
+    if args.min_pixels > args.max_pixels:
+        raise RequestError(f"--min_pixels {args.min_pixels} is greater than --max_pixels {args.max_pixels}; swap or lower it")
+    if args.max_queue < 0:
+        raise RequestError(f"--max_queue {args.max_queue}: must be 0 or more")
+    if args.allowed_local_media_path and not Path(args.allowed_local_media_path).is_dir():
+        raise RequestError(f"--allowed_local_media_path {args.allowed_local_media_path}: no such folder")
+    checkpoint = resolve_checkpoint(args.model_name, args.allow_pickle_weights)
+    defaults = generation_settings(args)
+    defaults.check()
+    if checkpoint.has_talker and defaults.speaker.lower() not in checkpoint.speakers:
+        raise RequestError(f"--speaker {defaults.speaker}: not in this checkpoint; choose one of {', '.join(checkpoint.speakers)}")
+    with socket.socket() as probe:  # a busy port fails now, not after the load
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+        except OSError as error:
+            raise RequestError(f"--host {args.host} --port {args.port}: cannot listen there ({error.strerror}); pick another --port") from error
+    return checkpoint, defaults
+
+
+def serve_in_background(app, host: str, port: int):
+    """uvicorn in a thread of its own: MindSpore keeps the main thread."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread.start()
+    return server, thread
+
+
+def main(args: argparse.Namespace) -> None:
+    # 1. The flags, checked before anything heavy (a bad one exits with code 2 on every rank)
+    try:
+        checkpoint, defaults = check(args)
+    except RequestError as error:
+        exit_for(error)
+
+    # MindSpore, mindone and torch are imported only now, so that --help and bad flags answer at once.
+    from omni_helpers.loading import load_model, load_processor, shard_model
+    from omni_helpers.lockstep import Lockstep
+    from omni_helpers.patches import install_patches
+    from omni_helpers.runtime import log, setup_runtime
+    from omni_helpers.serving import Engine, follow
+
+    # 2. Device, msrun ranks, seeds
+    runtime = setup_runtime(args.device_target, args.seed, args.parallel)
+
+    # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths
+    install_patches(args.device_target)
+
+    # 4. Load the processor and the model once (with its talker, if it has one); spread it over the ranks
+    dtype, attn_implementation = resolve_precision(args.device_target, args.dtype, args.attn_implementation)
+    processor = load_processor(checkpoint.path, args.min_pixels, args.max_pixels)
+    model = load_model(checkpoint.path, dtype, attn_implementation, checkpoint.has_talker, args.allow_pickle_weights)
+    model = shard_model(model, runtime)
+    lockstep = Lockstep(runtime)
+
+    # 5. Every rank but 0 runs the generations rank 0 sends, until it says stop
+    if not runtime.is_main_process:
+        follow(model, processor, lockstep)
+        return
+
+    # 6. Rank 0 serves the UI and the API from a thread, and answers the requests here, in arrival order
+    from omni_helpers.http_api import ChatCompletions, build_api
+    from omni_helpers.web_ui import build_ui
+    import gradio as gr
+
+    engine = Engine(model, processor, lockstep, args.max_queue)
+    allowed = Path(args.allowed_local_media_path).resolve() if args.allowed_local_media_path else None
+    media_root = Path(tempfile.mkdtemp(prefix="omni_requests_"))
+    chat = ChatCompletions(engine, checkpoint, args.model_name, defaults, media_root, allowed, model.config.im_end_token_id)
+    health = {"model": args.model_name, "checkpoint_kind": checkpoint.kind, "speech": checkpoint.has_talker,
+              "speakers": checkpoint.speakers if checkpoint.has_talker else [], "parallel": runtime.parallel,
+              "world_size": runtime.world_size, "attn_implementation": attn_implementation}  # fmt: skip
+    ui, speech_folder = build_ui(engine, checkpoint, defaults, f"Qwen3-Omni ({checkpoint.kind}) on MindSpore")
+    app = gr.mount_gradio_app(build_api(chat, health), ui, path="/", allowed_paths=[str(speech_folder)])
+    server, thread = serve_in_background(app, args.host, args.port)
+    stop_on_signals(engine)
+    print(f"serving {args.model_name} at http://{args.host}:{args.port} (UI at /, API at /v1/chat/completions)", flush=True)
+    log(runtime, f"ready: --parallel {runtime.parallel} over {runtime.world_size} rank(s)")
+    engine.serve_forever()  # until SIGINT or SIGTERM
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def stop_on_signals(engine) -> None:
+    """SIGINT or SIGTERM: an idle server tells every rank to stop and exits 0; a busy one exits at
+    once with 128 + the signal, and msrun then stops the other ranks."""
+    import os
+
+    def stop(signum, frame):
+        if engine.busy:
+            print(f"stopping in the middle of a request (signal {signum})", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        engine.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+if __name__ == "__main__":
+    main(parse_args())
