@@ -5,6 +5,12 @@
 #   bash scripts/test.sh [pytest arguments]      (e.g. -m "not slow": the fast tests alone, a few minutes)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  echo "== installing Debian's chromium and chromium-driver (the web demo's browser test)" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 # shellcheck disable=SC1091
 source "$ROOT/scripts/setup_env.sh" "$ROOT/requirements-test.txt"
 cd "$ROOT"

@@ -59,6 +59,19 @@ def run_single(script: str, args: list[str], output_dir: Path, **env: str) -> Ru
     return Run(done.returncode, _text(done.stdout), _text(done.stderr), output_dir)
 
 
+def msrun_worker(msrun_pid: int, rank: int):
+    """The psutil.Process of msrun's worker `rank` (its children carry RANK_ID and MS_ROLE), or None."""
+    import psutil
+
+    for child in psutil.Process(msrun_pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK_ID") == str(rank) and child.environ().get("MS_ROLE") == "MS_WORKER":
+                return child
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
 def msrun_command(script: str, args: list[str], log_dir: Path, workers: int = 2, cluster_time_out: int = 300) -> list[str]:
     msrun = str(Path(sys.executable).with_name("msrun"))
     return [

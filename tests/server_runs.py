@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from tests.script_runs import ROOT, free_port, msrun_command, script_env
+from tests.script_runs import ROOT, free_port, msrun_command, msrun_worker, script_env
 
 START_TIMEOUT = 300
 
@@ -44,9 +44,15 @@ class Server:
     def worker_log(self, rank: int) -> str:
         return (self.log_dir / f"worker_{rank}.log").read_text(errors="replace")
 
+    def rank(self, rank: int):
+        """The msrun worker process of `rank` (psutil.Process), or None."""
+        return msrun_worker(self.process.pid, rank)
+
     def stop(self) -> int:
+        """SIGTERM to the server (under msrun, to rank 0, which stops the others); its exit code."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            rank_0 = self.rank(0) if self.log_dir else None
+            (rank_0 or self.process).send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:

@@ -12,17 +12,7 @@ import time
 import psutil
 import pytest
 
-from tests.script_runs import msrun_command, script_env
-
-
-def _worker(msrun: psutil.Process, rank: int) -> psutil.Process | None:
-    for child in msrun.children(recursive=True):
-        try:
-            if child.environ().get("RANK_ID") == str(rank) and child.environ().get("MS_ROLE") == "MS_WORKER":
-                return child
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return None
+from tests.script_runs import msrun_command, msrun_worker, script_env
 
 
 @pytest.mark.slow
@@ -47,7 +37,7 @@ def test_a_dead_worker_ends_the_job_and_leaves_outputs_untouched(tiny_checkpoint
             time.sleep(1)
         else:
             pytest.fail("rank 1 never started decoding")
-        victim = _worker(psutil.Process(launch.pid), 1)
+        victim = msrun_worker(launch.pid, 1)
         assert victim is not None
         victim.kill()
         killed_at = time.time()

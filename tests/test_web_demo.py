@@ -302,16 +302,6 @@ def test_msrun_two_workers_answer_as_the_reference(mode, tiny_checkpoint, sample
         assert "Traceback" not in server.worker_log(rank)
 
 
-def worker(server, rank: int):
-    for child in psutil.Process(server.process.pid).children(recursive=True):
-        try:
-            if child.environ().get("RANK_ID") == str(rank) and child.environ().get("MS_ROLE") == "MS_WORKER":
-                return child
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return None
-
-
 def test_a_worker_that_dies_mid_request_ends_the_server(tiny_checkpoint, tmp_path):
     server = start_server(server_args(tiny_checkpoint), tmp_path, msrun=True, cluster_time_out=30)
     try:
@@ -322,7 +312,7 @@ def test_a_worker_that_dies_mid_request_ends_the_server(tiny_checkpoint, tmp_pat
         while "==> sampling, step: 3" not in server.worker_log(1):
             assert time.time() < deadline
             time.sleep(0.2)
-        worker(server, 1).kill()
+        server.rank(1).kill()
         killed = time.time()
         returncode = server.process.wait(timeout=120)
         assert returncode != 0 and time.time() - killed < 90
@@ -332,7 +322,7 @@ def test_a_worker_that_dies_mid_request_ends_the_server(tiny_checkpoint, tmp_pat
 
 def test_sigterm_to_rank_0_ends_every_rank(tiny_checkpoint, tmp_path):
     server = start_server(server_args(tiny_checkpoint), tmp_path, msrun=True)
-    ranks = [worker(server, rank) for rank in (0, 1)]
+    ranks = [server.rank(rank) for rank in (0, 1)]
     assert all(ranks)
     os.kill(ranks[0].pid, signal.SIGTERM)
     stopped = time.time()
