@@ -77,10 +77,15 @@ def prepare_inputs(processor, conversations: list[Conversation], settings: Gener
 # ----------------------------------------------------------------------------- steps 4-5
 
 
-def generate_keywords(settings: GenerationSettings, config, thinker: StepStream, talker: StepStream) -> dict[str, Any]:
+def generate_keywords(settings: GenerationSettings, config, thinker: StepStream, talker: StepStream,
+                      stream_text: bool) -> dict[str, Any]:  # fmt: skip
     """mindone's `generate` keywords: `thinker_*` and `talker_*` go to each stage (a bare
     `max_new_tokens` would not reach the thinker). The thinker's end-of-turn id comes from
-    the checkpoint; mindone hard-codes the released one (151645)."""
+    the checkpoint; mindone hard-codes the released one (151645). The thinker's steps are
+    watched by a streamer when its text is streamed, else by a logits processor, which
+    reads nothing back to the host."""
+    from mindone.transformers.generation.logits_process import LogitsProcessorList
+
     keywords: dict[str, Any] = {
         "use_audio_in_video": settings.use_audio_in_video,
         "return_audio": settings.return_audio,
@@ -88,7 +93,7 @@ def generate_keywords(settings: GenerationSettings, config, thinker: StepStream,
         "thinker_eos_token_id": config.im_end_token_id,
         "thinker_do_sample": settings.do_sample,
         "thinker_return_dict_in_generate": True,
-        "thinker_streamer": thinker,
+        **({"thinker_streamer": thinker} if stream_text else {"thinker_logits_processor": LogitsProcessorList([thinker])}),
     }
     if settings.do_sample:
         keywords.update(thinker_temperature=settings.temperature, thinker_top_p=settings.top_p, thinker_top_k=settings.top_k)
@@ -123,7 +128,9 @@ def generate_from_inputs(
     with counting_collectives() as traffic:
         thinker = StepStream(rows, eos, traffic, processor.tokenizer, on_text)
         talker = StepStream(1, traffic=traffic)
-        keywords = generate_keywords(settings, model.config, thinker, talker)
+        keywords = generate_keywords(settings, model.config, thinker, talker, stream_text=on_text is not None)
+        if on_text is None:
+            thinker.start()
         if keep_logits:
             keywords["thinker_output_logits"] = True
         speech = SpeechStream(model.code2wav, on_audio) if on_audio and settings.return_audio else None
@@ -139,6 +146,8 @@ def generate_from_inputs(
     generate_seconds = time.perf_counter() - generating
 
     new_tokens = result.sequences.asnumpy()[:, prompt_length:]
+    if on_text is None:
+        thinker.take_tokens(new_tokens)
     texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     logits = np.stack([logit.asnumpy() for logit in result.logits], axis=1) if keep_logits else None
 

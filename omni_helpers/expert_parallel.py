@@ -7,9 +7,7 @@ import gc
 from mindspore import nn, ops
 
 from .parallel import expert_range
-from .sparse_moe import sparse_moe_forward
-
-SPARSE_MOE_BLOCKS = ("Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTalkerTextSparseMoeBlock")
+from .sparse_moe import SPARSE_MOE_BLOCKS, sparse_moe_forward
 
 
 class ExpertParallelMoeBlock(nn.Cell):

@@ -8,7 +8,15 @@ with them installed and tests/test_fast_paths.py compares them with mindone's ow
   functions are elementwise in their four index arguments, so one call with broadcast
   index tensors gives the whole mask in a constant number of operations.
 - MoE dispatch. mindone's sparse MoE blocks (thinker and talker) loop over experts with
-  two host synchronisations each; `sparse_moe.dispatch_experts` reads the routing once.
+  two host synchronisations each. Here decode steps run the chosen experts from device
+  indices (no host read at all; the experts are stacked at load, `sparse_moe.stack_experts`)
+  and prompts read the routing once (`sparse_moe.dispatch_experts`).
+- Decode-step bookkeeping without host reads. mindone's generation decides whether a step
+  is the prompt or a decode step by reading `cache_position[0]` (and `cache_position[-1]`)
+  to the host, three times per decoded token; the shapes say the same (a decode step's
+  cache positions are fewer than the tokens so far), and the decode step's rope positions
+  are computed on the device from `cache_position` and the stored rope deltas, as mindone
+  computes them after its read.
 - On CPU only: each operation runs in the calling thread (`pynative_synchronize`).
   PyNative normally hands every launch to a pipeline of threads and returns at once; on a
   CPU, with operations as small as the ones mindone's generation loop issues, the
@@ -19,11 +27,15 @@ with them installed and tests/test_fast_paths.py compares them with mindone's ow
 
 from __future__ import annotations
 
+from mindspore import mint
+
 from .patching import PatchSet
 from .sparse_moe import sparse_moe_forward
 
 FAST_PATHS = PatchSet("fast paths", package="mindone", written_for="0.5.0")
 MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
+GENERATION = "mindone.transformers.generation.utils"
+THINKER = f"{MODELING}.Qwen3OmniMoeThinkerForConditionalGeneration"
 
 
 def install_fast_paths(device_target: str) -> list[str]:
@@ -71,3 +83,48 @@ def broadcast_mask(mask_function, batch_arange, head_arange, cache_position, kv_
 )
 def sparse_moe_construct(self, hidden_states):
     return sparse_moe_forward(self, hidden_states)
+
+
+# ----------------------------------------------------------------------------- decode-step bookkeeping
+
+
+@FAST_PATHS.replaces(f"{GENERATION}.GenerationMixin:_cache_dependant_input_preparation")
+def cache_dependant_input_preparation(self, input_ids, inputs_embeds, cache_position):
+    """The tokens a step still has to process: the last `len(cache_position)` ones (the cache
+    positions of a step are always the last positions so far), without reading them."""
+    if inputs_embeds is not None and input_ids.shape[1] == 0:
+        inputs_embeds = inputs_embeds[:, -cache_position.shape[0]:]
+    elif inputs_embeds is not None or input_ids.shape[1] != cache_position.shape[0]:
+        input_ids = input_ids[:, -cache_position.shape[0]:]
+    return inputs_embeds, input_ids
+
+
+@FAST_PATHS.replaces(f"{THINKER}:prepare_inputs_for_generation")
+def thinker_prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+                                          cache_position=None, position_ids=None, use_cache=True, pixel_values=None,
+                                          pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
+                                          input_features=None, feature_attention_mask=None, use_audio_in_video=False,
+                                          video_second_per_grid=None, **kwargs):  # fmt: skip
+    """mindone's thinker input preparation, with the prompt/decode decision taken from shapes and
+    the decode step's rope positions computed on the device (see the module's docstring)."""
+    from mindone.transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
+
+    decoding = cache_position.shape[0] < input_ids.shape[1]
+    model_inputs = super(modeling.Qwen3OmniMoeThinkerForConditionalGeneration, self).prepare_inputs_for_generation(
+        input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+        cache_position=cache_position, position_ids=position_ids, use_cache=use_cache, pixel_values=pixel_values,
+        pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+        input_features=input_features, feature_attention_mask=feature_attention_mask,
+        use_audio_in_video=use_audio_in_video, video_second_per_grid=video_second_per_grid, **kwargs,
+    )  # fmt: skip
+    model_inputs["position_ids"] = None  # the prompt's: mindone computes its 3-D rope index in the forward
+    if not decoding:
+        return model_inputs
+    for media in ("pixel_values", "pixel_values_videos", "input_features"):  # encoded with the prompt already
+        model_inputs[media] = None
+    if self.rope_deltas is not None and attention_mask is not None:  # what mindone's forward computes after its read
+        step_ids = model_inputs["input_ids"]
+        positions = mint.arange(step_ids.shape[1]).view(1, -1).expand((step_ids.shape[0], -1))
+        positions = positions.add(cache_position[0] + self.rope_deltas)
+        model_inputs["position_ids"] = positions.unsqueeze(0).expand((3, -1, -1))
+    return model_inputs

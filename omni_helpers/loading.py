@@ -12,6 +12,7 @@ from typing import Optional
 import mindspore as ms
 
 from .expert_parallel import keep_local_experts
+from .sparse_moe import stack_experts
 
 
 def load_processor(path: Path, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):
@@ -40,8 +41,10 @@ def load_model(path: Path, dtype: str, attn_implementation: str, with_talker: bo
     return model
 
 
-def shard_model(model, runtime):
-    """Apply `runtime.parallel` to a freshly loaded model, before its first forward."""
+def shard_model(model, runtime, stack: bool = True):
+    """Apply `runtime.parallel` to a freshly loaded model, before its first forward; unless ZeRO-3
+    (which shards each expert's own weights) or `stack` is False (stock mindone, the benchmark's
+    baseline), stack the experts of every MoE block so that decode steps route on the device."""
     if runtime.parallel == "zero3":
         from mindspore.communication import GlobalComm
 
@@ -51,4 +54,6 @@ def shard_model(model, runtime):
         return prepare_network(model, zero_stage=3, optimizer_parallel_group=GlobalComm.WORLD_COMM_GROUP)
     if runtime.parallel == "expert":
         keep_local_experts(model, runtime.rank, runtime.world_size)
+    if stack:
+        stack_experts(model)
     return model

@@ -1,17 +1,34 @@
 """The forward of a sparse MoE block (the thinker's, or the talker's with its shared
-expert), with the experts dispatched from one read of the routing.
+expert), and the two ways it runs its experts:
 
-Two features depend on it: the faster paths (every block, every expert) and expert
+- from device indices (`dispatch_on_device`), for a few tokens at a time (decoding): each
+  token's chosen experts are gathered from the experts' weights stacked at load time
+  (`StackedExperts`) and run as batched matrix products. Nothing is read back to the host:
+  on an NPU the launch pipeline never stalls inside a MoE layer.
+- from one host read of the routing (`dispatch_experts`), for many tokens (a prompt): each
+  chosen expert runs once on all its tokens.
+
+Two features depend on this: the faster paths (every block, every expert) and expert
 parallelism (one rank's share of the experts, plus an all-reduce), so it lives here,
-imported by both.
+imported by both. ZeRO-3 shards each expert's own weights, so its experts stay unstacked
+and always take the host-read path.
 """
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 
 import mindspore as ms
-from mindspore import mint
+from mindspore import Parameter, mint, nn
+
+# Up to this many (token, expert) slots the experts run from device indices: a decode step of
+# a batch of up to 16 rows at top-8. Beyond (prompts), gathering every slot's weights would
+# copy more than running each expert once on its tokens.
+DEVICE_DISPATCH_MAX_SLOTS = 128
+SPARSE_MOE_BLOCKS = ("Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTalkerTextSparseMoeBlock")  # mindone's
+MOE_BLOCKS = (*SPARSE_MOE_BLOCKS, "ExpertParallelMoeBlock")  # and one rank's share of one (expert_parallel)
 
 
 def route(block, hidden_states):
@@ -66,15 +83,79 @@ def dispatch_experts(experts, hidden_states, weights, selected, first_expert: in
     return combined
 
 
+class StackedExperts(nn.Cell):
+    """A MoE block's experts as three weights stacked along a first axis of experts, built once
+    from the loaded experts (whose own weights are then let go: the bytes held stay the same).
+    `experts[e](x)` runs expert e, so the host-read dispatch works on it unchanged."""
+
+    def __init__(self, experts: nn.CellList):
+        super().__init__()
+        self.gate = Parameter(mint.stack([e.gate_proj.weight for e in experts]), name="gate", requires_grad=False)
+        self.up = Parameter(mint.stack([e.up_proj.weight for e in experts]), name="up", requires_grad=False)
+        self.down = Parameter(mint.stack([e.down_proj.weight for e in experts]), name="down", requires_grad=False)
+        self.act_fn = experts[0].act_fn
+
+    def __len__(self) -> int:
+        return self.gate.shape[0]
+
+    def __getitem__(self, expert: int):
+        return lambda x: self.expert(expert, x)
+
+    def expert(self, expert: int, x):
+        gate, up, down = self.gate[expert], self.up[expert], self.down[expert]
+        return mint.matmul(self.act_fn(mint.matmul(x, gate.T)) * mint.matmul(x, up.T), down.T)
+
+    def slots(self, x, experts):
+        """Row i of x through expert experts[i], for every row at once: (slots, hidden) -> (slots, hidden)."""
+        gate, up, down = (mint.index_select(w, 0, experts) for w in (self.gate, self.up, self.down))
+        rows = x.unsqueeze(1)  # (slots, 1, hidden)
+        inner = self.act_fn(mint.bmm(rows, gate.transpose(1, 2))) * mint.bmm(rows, up.transpose(1, 2))
+        return mint.bmm(inner, down.transpose(1, 2)).squeeze(1)
+
+
+def dispatch_on_device(experts: StackedExperts, hidden_states, weights, selected, first_expert: int = 0):
+    """Every (token, chosen expert) slot run from device indices, and combined per token in
+    ascending expert order, as mindone adds them. Slots routed to another rank's experts
+    (expert parallelism) count zero."""
+    tokens, k = selected.shape
+    ascending, order = mint.sort(selected, dim=1)
+    slot_weights = mint.gather(weights, 1, order)
+    local = ascending - first_expert
+    mine = mint.logical_and(local >= 0, local < len(experts))
+    index = mint.where(mine, local, mint.zeros_like(local)).reshape(-1)
+    rows = hidden_states.unsqueeze(1).broadcast_to((tokens, k, hidden_states.shape[-1])).reshape(tokens * k, -1)
+    outputs = experts.slots(rows, index) * (slot_weights * mine.astype(slot_weights.dtype)).reshape(-1, 1)
+    outputs = outputs.reshape(tokens, k, -1)
+    combined = outputs[:, 0]
+    for i in range(1, k):
+        combined = combined + outputs[:, i]
+    return combined
+
+
+def stack_experts(model: nn.Cell) -> int:
+    """Replace the experts of every sparse MoE block (thinker and talker) by `StackedExperts`,
+    so that decode steps run them from device indices; returns how many blocks changed."""
+    stacked = 0
+    for _, cell in model.cells_and_names():
+        if type(cell).__name__ in MOE_BLOCKS and not isinstance(cell.experts, StackedExperts):
+            cell.experts = StackedExperts(cell.experts)
+            stacked += 1
+    gc.collect()
+    return stacked
+
+
 def sparse_moe_forward(block, hidden_states, first_expert: int = 0, all_reduce=None):
-    """A sparse MoE block's forward (the thinker's, or the talker's with its shared expert)
-    through `dispatch_experts`. Under expert parallelism `block.experts` are this rank's
-    share, numbered from `first_expert`, and `all_reduce` adds up the ranks' partial
-    outputs before the replicated shared expert is added, once."""
+    """A sparse MoE block's forward (the thinker's, or the talker's with its shared expert).
+    Under expert parallelism `block.experts` are this rank's share, numbered from
+    `first_expert`, and `all_reduce` adds up the ranks' partial outputs before the
+    replicated shared expert is added, once."""
     batch, length, hidden = hidden_states.shape
     flat = hidden_states.view(-1, hidden)
     router_logits, weights, selected = route(block, flat)
-    routed = dispatch_experts(block.experts, flat, weights, selected, first_expert)
+    if isinstance(block.experts, StackedExperts) and flat.shape[0] * block.top_k <= DEVICE_DISPATCH_MAX_SLOTS:
+        routed = dispatch_on_device(block.experts, flat, weights, selected, first_expert)
+    else:
+        routed = dispatch_experts(block.experts, flat, weights, selected, first_expert)
     if all_reduce is not None:
         routed = all_reduce(routed)
     shared_expert = getattr(block, "shared_expert", None)  # the talker's; the thinker has none

@@ -1,4 +1,4 @@
-"""Watching a generation as it happens, through the streamer protocol of `generate`.
+"""Watching a generation as it happens, through the protocols `generate` already has.
 
 mindone's `generate` takes a transformers-style streamer per stage (`thinker_streamer`,
 `talker_streamer`) and calls its `put` once with the prompt, then once per decoding step
@@ -6,6 +6,11 @@ with the token chosen for every row, and `end` when it stops. `StepStream` recor
 each call came (so prefill and decode are timed apart without touching the model), the
 collective bytes moved so far, and the tokens of each row; with a tokenizer and an
 `on_text` callback it also hands out each row's new text as it appears.
+
+A streamer costs a host read per step (`generate` hands it the tokens as numpy). When no
+text is streamed, the same object serves as a logits processor instead: called once per
+step with the scores, it only notes the time, and the tokens are read from the finished
+sequences (`take_tokens`).
 """
 
 from __future__ import annotations
@@ -62,9 +67,27 @@ class StepStream:
             self.first_piece_step = self.steps
         self.on_text(row, piece)
 
-    def put(self, value) -> None:
+    def _tick(self) -> None:
         self.times.append(time.perf_counter())
         self.bytes.append(self.traffic.bytes if self.traffic is not None else 0.0)
+
+    def start(self) -> None:
+        """As a logits processor: the moment generation starts, in place of the streamer's prompt."""
+        self._tick()
+
+    def __call__(self, input_ids, scores):
+        """As a logits processor: once per decoding step, before the token is chosen; reads nothing."""
+        self._tick()
+        return scores
+
+    def take_tokens(self, new_tokens: np.ndarray) -> None:
+        """As a logits processor: each row's tokens, up to and with its end token, from the finished sequences."""
+        for row in range(self.rows):
+            ends = np.flatnonzero(new_tokens[row] == self.eos_token_id)
+            self.tokens[row] = new_tokens[row, : ends[0] + 1 if len(ends) else len(new_tokens[row])].tolist()
+
+    def put(self, value) -> None:
+        self._tick()
         if len(self.times) == 1:
             return  # the prompt
         chosen = np.asarray(value).reshape(-1)

@@ -95,7 +95,7 @@ def model_skeleton(model_name: str, dtype: str):
 def parameter_table(model, world_size: int) -> list[Parameter]:
     """Every parameter once, with what the modes need to know about it."""
     from mindone.models.modules.parallel import PARALLEL_MODULES
-    from omni_helpers.expert_parallel import SPARSE_MOE_BLOCKS
+    from omni_helpers.sparse_moe import SPARSE_MOE_BLOCKS
 
     experts = {}  # id(cell) -> (expert number, its block)
     for _, cell in model.cells_and_names():

@@ -162,17 +162,18 @@ class Reference:
 class MindOne:
     """mindone's Qwen3-Omni on MindSpore CPU, set up and called as the scripts do."""
 
-    def __init__(self, checkpoint: Path, attn_implementation: str = "eager"):
+    def __init__(self, checkpoint: Path, attn_implementation: str = "eager", stack_experts: bool = True):
         import mindspore as ms
 
-        from omni_helpers.loading import load_model, load_processor
+        from omni_helpers.loading import load_model, load_processor, shard_model
         from omni_helpers.patches import install_patches
         from omni_helpers.runtime import setup_runtime
 
-        setup_runtime("CPU", seed=0)
+        runtime = setup_runtime("CPU", seed=0)
         install_patches("CPU")
         self.ms = ms
-        self.model = load_model(checkpoint, "float32", attn_implementation, with_talker=True)
+        model = load_model(checkpoint, "float32", attn_implementation, with_talker=True)
+        self.model = shard_model(model, runtime, stack=stack_experts)  # one process: the experts stacked, as the scripts run
         self.processor = load_processor(checkpoint)
         self.codes_seen = record_codes(self.model.code2wav, lambda codes: codes.asnumpy()) if self.model.has_talker else []
 

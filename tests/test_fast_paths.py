@@ -56,3 +56,34 @@ def test_moe_dispatch_equals_mindone_loop(moe_blocks, which, tokens):
     assert type(block).construct is not stock
     np.testing.assert_array_equal(logits.asnumpy(), expected_logits.asnumpy())
     np.testing.assert_allclose(actual.asnumpy(), expected.asnumpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def stacked_blocks(tiny_checkpoint, runtime_cpu):
+    """A second model whose experts are stacked, as shard_model leaves them for --parallel none and expert."""
+    from omni_helpers.loading import load_model
+    from omni_helpers.sparse_moe import stack_experts
+
+    model = load_model(tiny_checkpoint, "float32", "eager", with_talker=True)
+    assert stack_experts(model) == len(model.thinker.model.layers) + len(model.talker.model.layers)
+    return {"thinker": model.thinker.model.layers[0].mlp, "talker": model.talker.model.layers[0].mlp}
+
+
+@pytest.mark.parametrize("which", ["thinker", "talker"])
+@pytest.mark.parametrize("tokens", [1, 7, 100])  # 1 and 7: from device indices; 100: the host-read dispatch
+def test_stacked_experts_give_mindones_output(moe_blocks, stacked_blocks, which, tokens):
+    from omni_helpers.host_syncs import counting_host_syncs
+    from omni_helpers.metrics import parameter_bytes
+
+    block, stacked = moe_blocks[which], stacked_blocks[which]
+    x = ms.Tensor(np.random.default_rng(tokens).standard_normal((1, tokens, block.gate.weight.shape[1])).astype(np.float32))
+    stock = FAST_PATHS.original(f"{type(block).__module__}.{type(block).__name__}:construct")
+    expected, expected_logits = stock(block, x)
+    with counting_host_syncs() as syncs:
+        actual, logits = type(stacked).construct(stacked, x)
+    np.testing.assert_array_equal(logits.asnumpy(), expected_logits.asnumpy())
+    np.testing.assert_allclose(actual.asnumpy(), expected.asnumpy(), rtol=1e-5, atol=1e-6)
+    device = tokens * block.top_k <= 128
+    cpu_only = sum(n for site, n in syncs.sites.items() if "cpu_fallbacks" in site)  # numpy kernels of the CPU fallbacks
+    assert (syncs.count - cpu_only == 0) if device else syncs.count - cpu_only >= 1
+    assert parameter_bytes(stacked.experts) == sum(parameter_bytes(e) for e in block.experts)  # stacked, not copied

@@ -76,15 +76,18 @@ def test_greedy_text_and_speech_match_reference(kind, requests, reference, mindo
     assert np.abs(actual.wav - expected.wav).max() <= WAV_TOLERANCE
 
 
-def test_fast_paths_change_nothing_but_speed(requests, mindone):
-    """Stock mindone (fast paths removed) and the installed fast paths: same tokens, codes and speech."""
+def test_fast_paths_change_nothing_but_speed(requests, mindone, tiny_checkpoint):
+    """Stock mindone (fast paths removed, experts as loaded) and the faster paths (experts stacked
+    and run from device indices when decoding, no host reads in the step's bookkeeping):
+    the same tokens, codes and speech."""
     from omni_helpers.fast_paths import install_fast_paths, uninstall_fast_paths
 
     inputs = requests["image_audio"]
     fast = mindone.generate(inputs, False, NEW_TOKENS, return_audio=True)
+    stock_model = MindOne(tiny_checkpoint, stack_experts=False)
     uninstall_fast_paths()
     try:
-        stock = mindone.generate(inputs, False, NEW_TOKENS, return_audio=True)
+        stock = stock_model.generate(inputs, False, NEW_TOKENS, return_audio=True)
     finally:
         install_fast_paths("CPU")
     np.testing.assert_array_equal(fast.tokens, stock.tokens)
