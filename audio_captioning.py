@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 from omni_helpers.cli import (
@@ -81,6 +82,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths
     install_patches(args.device_target)
+    imported_at = time.time()  # MindSpore, mindone and torch imported and set up
 
     # 4. Load the processor and the model (text only: no talker); spread it as --parallel says
     clock = StageClock()
@@ -88,11 +90,12 @@ def main(args: argparse.Namespace) -> dict:
     with clock("load"):
         processor = load_processor(checkpoint.path)  # audio only: no image limits
         model = shard_model(load_model(checkpoint.path, dtype, attn_implementation, False, args.allow_pickle_weights), runtime)
+    loaded_at = time.time()
 
     # 5. Caption, --batch_size files at a time (template, audio, processor, generate, decode:
     #    omni_helpers/core.py); rank 0 prints and files each caption as its batch finishes
     output = Output(runtime, args.output_dir, args.stream, labelled=True,
-                    run_metrics=lambda: run_metrics(clock, runtime, model))  # fmt: skip
+                    run_metrics=lambda: run_metrics(clock, runtime, model), started=(imported_at, loaded_at))  # fmt: skip
     lines = answer_in_batches(model, processor, requests, settings, output, args.batch_size, args.resume)
 
     # 6. Every caption in one result.json (rank 0)

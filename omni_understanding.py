@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 from omni_helpers.cli import (
@@ -97,6 +98,7 @@ def main(args: argparse.Namespace):
 
     # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths
     install_patches(args.device_target)
+    imported_at = time.time()  # MindSpore, mindone and torch imported and set up
 
     # 4. Load the processor and the model; spread the model over msrun's workers as --parallel says
     clock = StageClock()
@@ -105,11 +107,12 @@ def main(args: argparse.Namespace):
         processor = load_processor(checkpoint.path, args.min_pixels, args.max_pixels)
         model = load_model(checkpoint.path, dtype, attn_implementation, settings.return_audio, args.allow_pickle_weights)
         model = shard_model(model, runtime)
+    loaded_at = time.time()
 
     # 5. Generate (template, media, processor, generate, decode: omni_helpers/core.py) and
     # 6. print and save on rank 0: result.json for one request, results.jsonl for --requests
     output = Output(runtime, args.output_dir, args.stream, labelled=bool(args.requests),
-                    run_metrics=lambda: run_metrics(clock, runtime, model))  # fmt: skip
+                    run_metrics=lambda: run_metrics(clock, runtime, model), started=(imported_at, loaded_at))  # fmt: skip
     if args.requests:
         return answer_in_batches(model, processor, requests, settings, output, args.batch_size, args.resume)
     conversation = given[0].conversation  # as the user gave it, URLs and all

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 from omni_helpers.cli import (
@@ -103,6 +104,7 @@ def main(args: argparse.Namespace):
 
     # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths
     install_patches(args.device_target)
+    imported_at = time.time()  # MindSpore, mindone and torch imported and set up
 
     # 4. Load the processor and the model; spread the model over msrun's workers as --parallel says
     clock = StageClock()
@@ -111,10 +113,12 @@ def main(args: argparse.Namespace):
         processor = load_processor(checkpoint.path, args.min_pixels, args.max_pixels)
         model = load_model(checkpoint.path, dtype, attn_implementation, settings.return_audio, args.allow_pickle_weights)
         model = shard_model(model, runtime)
+    loaded_at = time.time()
 
     # 5. Generate (template, frames and soundtrack, processor, generate, decode: omni_helpers/core.py)
     # 6. Print and save (rank 0): result.json, and output.wav with --return_audio
-    output = Output(runtime, args.output_dir, args.stream, run_metrics=lambda: run_metrics(clock, runtime, model))
+    output = Output(runtime, args.output_dir, args.stream, run_metrics=lambda: run_metrics(clock, runtime, model),
+                    started=(imported_at, loaded_at))  # fmt: skip
     conversation = given.conversation  # as the user gave it, URLs and all
     inputs = {"conversation": conversation, "use_audio_in_video": settings.use_audio_in_video, **media_in(conversation)}
     return answer_one(model, processor, request, settings, output, inputs, args.model_name)

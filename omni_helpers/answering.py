@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 from .core import Answer, generate_answers
 from .errors import RequestError
-from .metrics import summary_line
+from .metrics import startup_metrics, summary_line
 from .outputs import ResultsFile, save_result, speech_digest, write_wav
 from .requests import Request
 from .runtime import Runtime, log
@@ -32,6 +32,8 @@ class Output:
     stream: bool = False
     labelled: bool = False  # "<id>: <answer>" lines, for runs with several requests
     run_metrics: Optional[Callable[[], dict[str, Any]]] = None  # load time, memory, parallel mode
+    started: Optional[tuple[float, float]] = None  # when the heavy imports and the load were done (time.time())
+    first_token_at: Optional[float] = None  # of the run's first answer
     pieces_printed: bool = False  # of the answer being streamed
 
     def printer(self, request: Request):
@@ -61,7 +63,11 @@ class Output:
             print(f"{request.id}: {answer.text}" if self.labelled else answer.text, flush=True)
 
     def metrics(self, answer: Answer) -> dict[str, Any]:
-        return {**answer.metrics, **(self.run_metrics() if self.run_metrics else {})}
+        figures = {**answer.metrics, **(self.run_metrics() if self.run_metrics else {})}
+        if self.started:
+            self.first_token_at = self.first_token_at or answer.first_token_at
+            figures.update(startup_metrics(*self.started, self.first_token_at))
+        return figures
 
 
 def answer_one(model, processor, request: Request, settings: GenerationSettings, output: Output,

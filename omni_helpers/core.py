@@ -38,6 +38,7 @@ class Answer:
     token_ids: list[int]  # the new tokens, up to and with the end-of-turn token
     metrics: dict[str, Any] = field(default_factory=dict)
     step_logits: Optional[np.ndarray] = None  # (tokens, vocab), with keep_logits=True
+    first_token_at: Optional[float] = None  # seconds since the epoch
 
 
 # ----------------------------------------------------------------------------- steps 1-3
@@ -160,7 +161,8 @@ def generate_from_inputs(
             audio_seconds=0.0 if wav is None else len(wav) / SPEECH_SAMPLE_RATE,
         )  # fmt: skip
         metrics.update(streaming_metrics(thinker, speech, started))
-        answers.append(Answer(texts[row], wav, thinker.tokens[row], metrics, None if logits is None else logits[row]))
+        answers.append(Answer(texts[row], wav, thinker.tokens[row], metrics, None if logits is None else logits[row],
+                              thinker.first_token_at))  # fmt: skip
     return answers
 
 

@@ -5,6 +5,7 @@ call, never from anything installed in the model or the process."""
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 import time
@@ -52,6 +53,30 @@ def parameter_bytes(model) -> int:
     """Bytes of the parameters this rank holds (after ZeRO-3 or expert sharding, its share)."""
     unique = {id(param): param for param in model.get_parameters()}
     return int(sum(param.nbytes for param in unique.values()))
+
+
+def process_start() -> float:
+    """When this process started, in seconds since the epoch (Linux: from /proc; elsewhere: when this module was imported)."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: start time after boot
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return IMPORTED_AT
+
+
+IMPORTED_AT = time.time()
+
+
+def startup_metrics(imported_at: float, loaded_at: float, first_token_at: Optional[float]) -> dict[str, Any]:
+    """A run's start-up, from the moment the process started: MindSpore, mindone and torch imported
+    (and the device and the patches set up), the model loaded, the first token out."""
+    start = process_start()
+    return {
+        "startup_imports_seconds": round(imported_at - start, 3),
+        "startup_loaded_seconds": round(loaded_at - start, 3),
+        "startup_first_token_seconds": None if first_token_at is None else round(first_token_at - start, 3),
+    }
 
 
 def run_metrics(clock: StageClock, runtime, model) -> dict[str, Any]:

@@ -60,6 +60,7 @@ class StepStream:
         self.finished = [False] * rows
         self.on_text = on_text
         self.first_piece_step: Optional[int] = None  # the decoding step at which text first went out
+        self.first_token_at: Optional[float] = None
         self.pieces = [TextPieces(tokenizer, row, self._hand_out) for row in range(rows)] if on_text else []
 
     def _hand_out(self, row: int, piece: str) -> None:
@@ -68,6 +69,8 @@ class StepStream:
         self.on_text(row, piece)
 
     def _tick(self) -> None:
+        if len(self.times) == 1:
+            self.first_token_at = time.time()  # wall clock, for start-up figures
         self.times.append(time.perf_counter())
         self.bytes.append(self.traffic.bytes if self.traffic is not None else 0.0)
 

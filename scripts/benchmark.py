@@ -4,6 +4,8 @@ captions at several batch sizes; or, under msrun, the two ways of spreading the 
 
     python scripts/benchmark.py --model_name tiny_ckpt --device_target CPU \
         --prompt_tokens 250 1000 --new_tokens 16 --repeats 3 --variant all --batch_sizes 1 4 8 --json bench.json
+    python scripts/benchmark.py --topology released --device_target CPU --variant stock optimized \
+        --prompt_tokens 32 --new_tokens 4 --repeats 1 --json bench_released.json
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=bench_log --join=True \
         scripts/benchmark.py --model_name tiny_ckpt --device_target CPU --variant zero3 expert --json bench.json
 
@@ -19,6 +21,14 @@ the ratios optimized/stock and optimized/reference measured in this run.
 `--batch_sizes` captions the same set of recordings (8 lengths of the sample audio) at each
 batch size with the faster paths, and reports decode tokens/s summed over the rows of a
 batch and requests/s, with the ratios to batch size 1.
+
+Host synchronisations (every read of a tensor's value to the host: what stalls an NPU's launch
+pipeline) are counted per decoded token for the MindSpore variants, and per talker frame on
+the speech workload; reads made by the CPU fallbacks' numpy kernels are counted apart (they
+do not exist on Ascend). `--topology released` builds, in a temporary folder, a checkpoint
+with the released Instruct checkpoint's depths, expert and head counts at narrow widths
+(48 thinker layers of 128 experts, top 8; the talker's 20 of 128, top 6) and measures on it:
+these counts are what carries to an NPU.
 
 `zero3` and `expert` (the scripts' `--parallel` modes) need msrun with two or more workers;
 for them it also reports each rank's parameter bytes and bytes sent plus received in the
@@ -45,7 +55,8 @@ sys.path.insert(0, str(ROOT))
 FILLER = " the sound of a short sentence and the image"
 SINGLE_PROCESS = ["stock", "optimized", "reference"]
 DISTRIBUTED = ["zero3", "expert"]
-LOWER_IS_BETTER = ("prefill_seconds", "ops_per_decoded_token", "communicated_bytes_per_decoded_token", "parameter_bytes")
+LOWER_IS_BETTER = ("prefill_seconds", "ops_per_decoded_token", "communicated_bytes_per_decoded_token", "parameter_bytes",
+                   "host_syncs_per_decoded_token", "host_syncs_per_talker_frame")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -149,6 +160,32 @@ def launched_ops(run) -> int:
     return total
 
 
+def host_syncs(run) -> tuple[int, int]:
+    """Host reads of tensor values while `run()` ran: (those an NPU would also make, the CPU fallbacks' own)."""
+    from omni_helpers.host_syncs import counting_host_syncs
+
+    with counting_host_syncs() as syncs:
+        run()
+    cpu_only = sum(n for site, n in syncs.sites.items() if "cpu_fallbacks" in site)
+    return syncs.count - cpu_only, cpu_only
+
+
+def host_syncs_per_decoded_token(model, processor, inputs, new_tokens: int) -> dict:
+    """(reads of a run of N tokens - reads of the prefill alone) / (N - 1)."""
+    many = host_syncs(lambda: mindspore_run(model, processor, inputs, new_tokens, False, 0))
+    one = host_syncs(lambda: mindspore_run(model, processor, inputs, 1, False, 0))
+    return {"host_syncs_per_decoded_token": round((many[0] - one[0]) / (new_tokens - 1), 2),
+            "cpu_only_host_syncs_per_decoded_token": round((many[1] - one[1]) / (new_tokens - 1), 2)}  # fmt: skip
+
+
+def host_syncs_per_talker_frame(model, processor, inputs, new_tokens: int, frames: int) -> dict:
+    """The same for the talker: (reads with F frames - reads with 2 frames) / (F - 2), the thinker's part the same."""
+    many = host_syncs(lambda: mindspore_run(model, processor, inputs, new_tokens, True, frames))
+    two = host_syncs(lambda: mindspore_run(model, processor, inputs, new_tokens, True, 2))
+    return {"host_syncs_per_talker_frame": round((many[0] - two[0]) / (frames - 2), 2),
+            "cpu_only_host_syncs_per_talker_frame": round((many[1] - two[1]) / (frames - 2), 2)}  # fmt: skip
+
+
 def ops_per_decoded_token(model, processor, inputs, new_tokens: int) -> float:
     """(ops for prefill + new_tokens-1 decode steps - ops for prefill alone) / (new_tokens - 1)."""
     with_decode = launched_ops(lambda: mindspore_run(model, processor, inputs, new_tokens, False, 0))
@@ -171,6 +208,31 @@ def batch_run(model, processor, conversations, batch_size: int, new_tokens: int)
     }
 
 
+def startup(model_name: str, media_dir: Path, device_target: str) -> dict:
+    """Start-up as a user meets it: `--help`, a request refused by its checks, and two whole runs of
+    omni_understanding.py (the first as cold as this machine allows: the files may be cached)."""
+    import subprocess
+
+    script = [sys.executable, str(ROOT / "omni_understanding.py")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def seconds(argv) -> float:
+        began = time.perf_counter()
+        subprocess.run(script + argv, capture_output=True, env=env, timeout=600)
+        return round(time.perf_counter() - began, 3)
+
+    figures = {"help_seconds": seconds(["--help"]),
+               "refused_request_seconds": seconds(["--device_target", device_target, "--model_name", model_name,
+                                                   "--image", str(media_dir / "missing.png"), "--prompt", "hi"])}  # fmt: skip
+    for run in ("first_run", "second_run"):
+        with tempfile.TemporaryDirectory() as out:
+            subprocess.run(script + ["--device_target", device_target, "--model_name", model_name, "--prompt", "hi",
+                                     "--max_new_tokens", "4", "--output_dir", out], capture_output=True, env=env, timeout=600)  # fmt: skip
+            metrics = json.loads((Path(out) / "result.json").read_text())["metrics"]
+        figures[run] = {key: value for key, value in metrics.items() if key.startswith("startup_")}
+    return figures
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return round(statistics.median(values), 4) if values else None
@@ -191,7 +253,9 @@ def ratio(a: dict, b: dict) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name", required=True)
+    parser.add_argument("--model_name", default=None, help="a checkpoint (required unless --topology released)")
+    parser.add_argument("--topology", choices=["released"], default=None,
+                        help="measure on a checkpoint built with the released depths, expert and head counts (narrow widths)")
     parser.add_argument("--device_target", choices=["Ascend", "CPU"], default="CPU")
     parser.add_argument("--prompt_tokens", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--new_tokens", type=int, default=16)
@@ -203,6 +267,8 @@ def parse_args(argv=None):
                         help="also caption 8 recordings at each of these batch sizes (faster paths)")
     parser.add_argument("--media_dir", default=None, help="sample media (built in a temporary folder if not given)")
     parser.add_argument("--json", required=True, help="where to write the figures")
+    parser.add_argument("--startup", action="store_true",
+                        help="also time --help, a refused request, and two whole runs of omni_understanding.py")
     parser.add_argument("--no-count_ops", dest="count_ops", action="store_false",
                         help="skip counting operations per decoded token (two extra profiled runs per workload)")
     return parser.parse_args(argv)
@@ -219,8 +285,8 @@ def chosen_variants(args, world_size: int) -> list[str]:
 
 
 def model_for(variant: str) -> str:
-    """Which loaded model a variant runs: stock and optimized share the unsharded one ("none")."""
-    return variant if variant in ("reference", *DISTRIBUTED) else "none"
+    """Which loaded model a variant runs: stock its own (experts as loaded), optimized the one-process one ("none")."""
+    return variant if variant in ("stock", "reference", *DISTRIBUTED) else "none"
 
 
 def load_model_for(key: str, model_path: Path, device_target: str, runtime):
@@ -235,7 +301,8 @@ def load_model_for(key: str, model_path: Path, device_target: str, runtime):
 
     dtype, attn_implementation = resolve_precision(device_target, None, None)
     model = load_model(model_path, dtype, attn_implementation, with_talker=True)
-    return shard_model(model, dataclasses.replace(runtime, parallel=key))
+    parallel = "none" if key == "stock" else key
+    return shard_model(model, dataclasses.replace(runtime, parallel=parallel), stack=key != "stock")
 
 
 def main(argv=None) -> dict:
@@ -245,6 +312,13 @@ def main(argv=None) -> dict:
     from omni_helpers.patches import install_patches
     from omni_helpers.runtime import setup_runtime
 
+    if args.topology == "released":
+        from scripts.make_tiny_checkpoint import build_checkpoint
+
+        args.model_name = tempfile.mkdtemp(prefix="released_topology_")
+        build_checkpoint(Path(args.model_name), topology="released")
+    elif args.model_name is None:
+        sys.exit("error: --model_name: give a checkpoint, or --topology released")
     checkpoint = resolve_checkpoint(args.model_name)
     # zero3 needs MindSpore's data-parallel context; expert and none run the same with it set
     runtime = setup_runtime(args.device_target, seed=0, parallel="zero3" if "zero3" in args.variant else None)
@@ -271,6 +345,7 @@ def main(argv=None) -> dict:
 
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "topology": args.topology or "the checkpoint's",
         "device_target": args.device_target,
         "world_size": runtime.world_size,
         "new_tokens": args.new_tokens,
@@ -287,7 +362,11 @@ def main(argv=None) -> dict:
             row[variant] = {key: median([r[key] for r in runs]) for key in runs[0]}
             if variant in DISTRIBUTED:
                 row[variant]["parameter_bytes"] = parameter_bytes(model)
-            elif args.count_ops and args.device_target == "CPU" and variant != "reference" and not speech:
+            if variant != "reference" and not speech:
+                row[variant].update(host_syncs_per_decoded_token(model, processor, inputs, args.new_tokens))
+            if variant != "reference" and speech and args.talker_frames > 2:
+                row[variant].update(host_syncs_per_talker_frame(model, processor, inputs, 2, args.talker_frames))
+            if args.count_ops and args.device_target == "CPU" and variant in SINGLE_PROCESS[:2] and not speech:
                 row[variant]["ops_per_decoded_token"] = ops_per_decoded_token(model, processor, inputs, args.new_tokens)
             say(f"{name:>20} {variant:>9}: {row[variant]}", flush=True)
         for better, baseline in (("optimized", "stock"), ("optimized", "reference"), ("expert", "zero3")):
@@ -308,6 +387,10 @@ def main(argv=None) -> dict:
         for figures in batches.values():
             figures[f"over_batch_{args.batch_sizes[0]}"] = ratio(figures, first)
         report["captioning_batches"] = {"requests": len(conversations), **{str(b): f for b, f in batches.items()}}
+
+    if args.startup and runtime.is_main_process:
+        report["startup"] = startup(args.model_name, media_dir, args.device_target)
+        say(f"{'start-up':>20}: {report['startup']}", flush=True)
 
     if runtime.is_main_process:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

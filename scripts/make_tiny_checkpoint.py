@@ -115,6 +115,29 @@ def build_tokenizer():
 
 
 VARIANTS = ("instruct", "thinking", "captioner")
+TOPOLOGIES = ("tiny", "released")
+
+
+def released_topology(config: dict) -> dict:
+    """The released Instruct checkpoint's depths, expert counts and head counts (48 thinker layers of
+    128 experts, top 8, 32 query and 4 key/value heads; the talker's 20 layers of 128 experts, top 6;
+    the encoders' and code2wav's depths), at narrow widths: what a decode step launches and reads back
+    to the host, at full size, on a CPU with a few hundred MB."""
+    thinker, talker = config["thinker_config"], config["talker_config"]
+    narrow_rope = {**thinker["text_config"]["rope_scaling"], "mrope_section": [2, 1, 1]}  # head_dim 8: 4 rotary pairs
+    thinker["text_config"].update(rope_scaling=narrow_rope)
+    talker["text_config"].update(rope_scaling=narrow_rope)
+    thinker["text_config"].update(num_hidden_layers=48, num_experts=128, num_experts_per_tok=8, num_attention_heads=32,
+                                  num_key_value_heads=4, head_dim=8, moe_intermediate_size=16)  # fmt: skip
+    thinker["audio_config"].update(encoder_layers=32, encoder_attention_heads=20, d_model=40, encoder_ffn_dim=80)
+    thinker["vision_config"].update(depth=27, num_heads=16, hidden_size=64, deepstack_visual_indexes=[8, 16, 24])
+    talker.update(accept_hidden_layer=24, num_code_groups=16)
+    talker["text_config"].update(num_hidden_layers=20, num_experts=128, num_experts_per_tok=6, num_attention_heads=16,
+                                 num_key_value_heads=2, head_dim=8, moe_intermediate_size=16)  # fmt: skip
+    talker["code_predictor_config"].update(num_hidden_layers=5, num_attention_heads=16, num_key_value_heads=8,
+                                           head_dim=8, num_code_groups=16)  # fmt: skip
+    config["code2wav_config"].update(num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, num_quantizers=16)
+    return config
 VARIANT_SEED_OFFSET = {"instruct": 0, "thinking": 100, "captioner": 200}  # each variant its own weights
 
 
@@ -329,13 +352,14 @@ def save_processor(processor, output: Path) -> None:
     (output / "preprocessor_config.json").write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
 
 
-def build_checkpoint(output: Path, seed: int = 0, variant: str = "instruct") -> None:
+def build_checkpoint(output: Path, seed: int = 0, variant: str = "instruct", topology: str = "tiny") -> None:
     import torch
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = Qwen3OmniMoeConfig(**build_config(tokenizer, variant))
+    settings = build_config(tokenizer, variant)
+    config = Qwen3OmniMoeConfig(**(released_topology(settings) if topology == "released" else settings))
     seed += VARIANT_SEED_OFFSET[variant]
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(config).eval()
@@ -352,6 +376,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--variant", choices=VARIANTS, default="instruct",
                         help="instruct speaks; thinking and captioner have no talker, like the released ones")
+    parser.add_argument("--topology", choices=TOPOLOGIES, default="tiny",
+                        help="released: the released checkpoint's depths, expert and head counts at narrow widths")
     return parser.parse_args(argv)
 
 
@@ -359,7 +385,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     output = Path(args.output)
-    build_checkpoint(output, args.seed, args.variant)
+    build_checkpoint(output, args.seed, args.variant, args.topology)
     print(f"tiny {args.variant} checkpoint written to {output}")
     return output
 
