@@ -49,14 +49,21 @@ class Server:
         return msrun_worker(self.process.pid, rank)
 
     def stop(self) -> int:
-        """SIGTERM to the server (under msrun, to rank 0, which stops the others); its exit code."""
+        """SIGTERM to the server (under msrun, to rank 0, which stops the others); its exit code.
+        Whatever is left of its processes after that is killed, so that no test leaves workers behind."""
+        import psutil
+
         if self.process.poll() is None:
+            family = psutil.Process(self.process.pid).children(recursive=True)
             rank_0 = self.rank(0) if self.log_dir else None
             (rank_0 or self.process).send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+            for process in family:
+                if process.is_running():
+                    process.kill()
         return self.process.wait()
 
 
