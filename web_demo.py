@@ -34,11 +34,11 @@ from pathlib import Path
 from omni_helpers.checkpoint import Checkpoint, resolve_checkpoint
 from omni_helpers.cli import (
     HelpFormatter, add_audio_in_video_arg, add_generation_args, add_model_args, add_pixel_args, add_speech_args,
-    exit_for, generation_settings, resolve_precision,
+    check_common_flags, exit_for, generation_settings, resolve_precision,
 )  # fmt: skip
 from omni_helpers.errors import RequestError
 from omni_helpers.settings import GenerationSettings
-from omni_helpers.validation import check_device
+from omni_helpers.validation import check_device, check_settings
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 
@@ -61,18 +61,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check(args: argparse.Namespace) -> tuple[Checkpoint, GenerationSettings]:
     """The flags, checked with small reads only: the server's checkpoint and default settings."""
+    check_common_flags(args)
     check_device(args.device_target)
-    if args.min_pixels > args.max_pixels:
-        raise RequestError(f"--min_pixels {args.min_pixels} is greater than --max_pixels {args.max_pixels}; swap or lower it")
     if args.max_queue < 0:
         raise RequestError(f"--max_queue {args.max_queue}: must be 0 or more")
     if args.allowed_local_media_path and not Path(args.allowed_local_media_path).is_dir():
         raise RequestError(f"--allowed_local_media_path {args.allowed_local_media_path}: no such folder")
     checkpoint = resolve_checkpoint(args.model_name, args.allow_pickle_weights)
     defaults = generation_settings(args)
-    defaults.check()
-    if checkpoint.has_talker and defaults.speaker.lower() not in checkpoint.speakers:
-        raise RequestError(f"--speaker {defaults.speaker}: not in this checkpoint; choose one of {', '.join(checkpoint.speakers)}")
+    check_settings(defaults.replace(return_audio=checkpoint.has_talker), checkpoint)  # its speaker too, where it speaks
     with socket.socket() as probe:  # a busy port fails now, not after the load
         try:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -129,7 +126,7 @@ def main(args: argparse.Namespace) -> None:
     from omni_helpers.web_ui import build_ui
     import gradio as gr
 
-    engine = Engine(model, processor, lockstep, args.max_queue)
+    engine = Engine(model, processor, checkpoint, lockstep, args.max_queue)
     allowed = Path(args.allowed_local_media_path).resolve() if args.allowed_local_media_path else None
     media_root = Path(tempfile.mkdtemp(prefix="omni_requests_"))
     chat = ChatCompletions(engine, checkpoint, args.model_name, defaults, media_root, allowed, model.config.im_end_token_id)

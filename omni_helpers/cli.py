@@ -131,7 +131,7 @@ def check_common_flags(args: argparse.Namespace) -> None:
     batch_size = getattr(args, "batch_size", 1)
     if batch_size < 1:
         raise RequestError(f"--batch_size {batch_size}: must be at least 1")
-    if args.stream and batch_size > 1:
+    if getattr(args, "stream", False) and batch_size > 1:
         raise RequestError(f"--stream with --batch_size {batch_size}: streaming prints one answer at a time; use --batch_size 1")
 
 

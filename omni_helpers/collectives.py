@@ -50,8 +50,5 @@ def counting_collectives():
     for kind, primitive in (("all_gather", "AllGather"), ("all_reduce", "AllReduce")):
         target = f"{COMMUNICATION_OPS}.{primitive}:__call__"
         counters.replaces(target)(counted(kind, target))
-    counters.install()
-    try:
+    with counters.applied():
         yield traffic
-    finally:
-        counters.uninstall()

@@ -83,17 +83,20 @@ def map_media(conversation: Conversation, change) -> Conversation:
     return copied
 
 
+def local_path(reference: str) -> Path:
+    """The file a local media reference names: a path, or a file:// URL."""
+    return Path(reference[len("file://"):] if reference.startswith("file://") else reference).expanduser()
+
+
 def resolve_paths(conversation: Conversation, base_dir: Path) -> Conversation:
     """Local media paths made absolute, relative ones taken from `base_dir` (a conversation
     file's folder, or the working directory for flags); URLs are left as they are."""
 
     def resolve(item: dict) -> dict:
         reference = item[item["type"]]
-        if "://" in reference or reference.startswith("data:"):
-            if reference.startswith("file://"):
-                item[item["type"]] = str((base_dir / Path(reference[len("file://"):]).expanduser()).resolve())
+        if reference.startswith("data:") or ("://" in reference and not reference.startswith("file://")):
             return item
-        item[item["type"]] = str((base_dir / Path(reference).expanduser()).resolve())
+        item[item["type"]] = str((base_dir / local_path(reference)).resolve())
         return item
 
     return map_media(conversation, resolve)

@@ -147,8 +147,7 @@ def generate_from_inputs(
     generate_seconds = time.perf_counter() - generating
 
     new_tokens = result.sequences.asnumpy()[:, prompt_length:]
-    if on_text is None:
-        thinker.take_tokens(new_tokens)
+    thinker.take_tokens(new_tokens)  # each row's, up to its end token: the same however the steps were watched
     texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     logits = np.stack([logit.asnumpy() for logit in result.logits], axis=1) if keep_logits else None
 

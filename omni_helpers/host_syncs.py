@@ -60,8 +60,5 @@ def counting_host_syncs():
 
     for name in READS:
         patches.replaces(f"{TENSOR}:{name}")(counted(name))
-    patches.install()
-    try:
+    with patches.applied():
         yield syncs
-    finally:
-        patches.uninstall()

@@ -23,10 +23,8 @@ from .checkpoint import Checkpoint
 from .errors import RequestError
 from .openai_api import API_NAMES, chunk, completion, error_body, new_id, parse_chat_request, usage
 from .outputs import wav_bytes
-from .requests import Request
 from .serving import Engine, Job, QueueFull
 from .settings import GenerationSettings
-from .validation import check_requests, check_settings
 
 
 def pcm16(samples: np.ndarray) -> bytes:
@@ -47,9 +45,8 @@ class ChatCompletions:
         folder = self.media_root / uuid.uuid4().hex
         try:
             chat = parse_chat_request(body, self.defaults, folder, self.allowed_local)
-            check_settings(chat.settings, self.checkpoint, names=API_NAMES)
-            (request,) = check_requests([Request("http", chat.conversation)], self.checkpoint, chat.settings, folder)
-            job = self.engine.submit(request.conversation, chat.settings, stream_audio=chat.stream and chat.settings.return_audio)
+            job = self.engine.check_and_submit(chat.conversation, chat.settings, folder, API_NAMES,
+                                               stream_audio=chat.stream and chat.settings.return_audio)  # fmt: skip
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

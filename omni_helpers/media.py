@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .conversation import Conversation, map_media
+from .conversation import Conversation, local_path, map_media
 from .errors import RequestError
 
 FETCH_TIMEOUT_SECONDS = 60
@@ -33,10 +33,6 @@ FRAME_FACTOR = 2  # qwen_omni_utils samples at least two frames of a video range
 
 def is_remote(reference: str) -> bool:
     return reference.startswith(("http://", "https://", "data:"))
-
-
-def local_path(reference: str) -> Path:
-    return Path(reference[len("file://"):] if reference.startswith("file://") else reference).expanduser()
 
 
 # ----------------------------------------------------------------------------- fetching

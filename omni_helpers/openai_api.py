@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .conversation import Conversation
+from .conversation import Conversation, local_path
 from .errors import RequestError
 from .settings import GenerationSettings
 
@@ -48,7 +48,7 @@ def local_media(reference: str, allowed: Optional[Path], param: str) -> str:
     if allowed is None:
         raise RequestError(f"{reference}: local files are not served; send the file as a data: URL or an http(s) URL "
                            "(or start the server with --allowed_local_media_path DIR)", param)  # fmt: skip
-    path = Path(reference[len("file://"):] if reference.startswith("file://") else reference).expanduser()
+    path = local_path(reference)
     resolved = (allowed / path).resolve() if not path.is_absolute() else path.resolve()
     if not resolved.is_relative_to(allowed.resolve()):
         raise RequestError(f"{reference}: outside the folder this server may read (--allowed_local_media_path)", param)

@@ -13,6 +13,7 @@ still installs, with one warning.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import sys
@@ -139,6 +140,15 @@ class PatchSet:
             self._original_entries.setdefault(entry, registries[entry][entry[2]])
             registries[entry][entry[2]] = fn
         return self.targets()
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Installed for the length of a `with` block only (counters that exist while counting)."""
+        self.install()
+        try:
+            yield self
+        finally:
+            self.uninstall()
 
     def uninstall(self) -> None:
         """Put back what was there before `install`."""

@@ -15,13 +15,17 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
+from .checkpoint import Checkpoint
 from .conversation import Conversation
 from .core import Answer, generate_from_inputs, prepare_inputs
 from .errors import RequestError
 from .lockstep import IDLE, STOP, Lockstep
+from .requests import Request
 from .settings import GenerationSettings
+from .validation import check_requests, check_settings
 
 
 HEARTBEAT_SECONDS = 5  # an idle rank 0 tells the others so this often: a rank waiting in a collective
@@ -43,8 +47,9 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model, processor, lockstep: Lockstep, max_queue: int):
-        self.model, self.processor, self.lockstep, self.max_queue = model, processor, lockstep, max_queue
+    def __init__(self, model, processor, checkpoint: Checkpoint, lockstep: Lockstep, max_queue: int):
+        self.model, self.processor, self.checkpoint = model, processor, checkpoint
+        self.lockstep, self.max_queue = lockstep, max_queue
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
         self.lock = threading.Lock()
         self.waiting = 0
@@ -61,6 +66,14 @@ class Engine:
         job = Job(conversation, settings, stream_audio)
         self.jobs.put(job)
         return job
+
+    def check_and_submit(self, conversation: Conversation, settings: GenerationSettings, media_folder: Path,
+                         names: dict[str, str], stream_audio: bool = False) -> Job:  # fmt: skip
+        """Check a request against the checkpoint (`names`: how the caller spells each setting),
+        fetch and decode its media into `media_folder`, and queue it. Raises RequestError or QueueFull."""
+        check_settings(settings, self.checkpoint, names=names)
+        (request,) = check_requests([Request("request", conversation)], self.checkpoint, settings, media_folder)
+        return self.submit(request.conversation, settings, stream_audio)
 
     def stop(self) -> None:
         """Let the engine finish the job it runs, tell the other ranks to stop, and return."""

@@ -84,7 +84,7 @@ class StepStream:
         return scores
 
     def take_tokens(self, new_tokens: np.ndarray) -> None:
-        """As a logits processor: each row's tokens, up to and with its end token, from the finished sequences."""
+        """Each row's tokens, up to and with its end token, from the finished sequences."""
         for row in range(self.rows):
             ends = np.flatnonzero(new_tokens[row] == self.eos_token_id)
             self.tokens[row] = new_tokens[row, : ends[0] + 1 if len(ends) else len(new_tokens[row])].tolist()

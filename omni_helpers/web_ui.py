@@ -17,10 +17,8 @@ from pathlib import Path
 from .checkpoint import Checkpoint
 from .errors import RequestError
 from .outputs import write_wav
-from .requests import Request
 from .serving import Engine, QueueFull
 from .settings import GenerationSettings
-from .validation import check_requests, check_settings
 
 KINDS_BY_MIME = {"image": "image", "audio": "audio", "video": "video"}
 UI_NAMES = {"max_new_tokens": "max new tokens", "talker_max_new_tokens": "--talker_max_new_tokens",
@@ -60,9 +58,7 @@ def build_ui(engine: Engine, checkpoint: Checkpoint, defaults: GenerationSetting
                 max_new_tokens=int(max_tokens), do_sample=temperature > 0, temperature=float(temperature) or defaults.temperature,
                 top_p=float(top_p), return_audio=bool(speak) and checkpoint.has_talker, speaker=speaker or defaults.speaker,
             )  # fmt: skip
-            check_settings(settings, checkpoint, names=UI_NAMES)
-            (request,) = check_requests([Request("ui", [*conversation, turn])], checkpoint, settings, outputs / "fetched")
-            job = engine.submit(request.conversation, settings)
+            job = engine.check_and_submit([*conversation, turn], settings, outputs / "fetched", UI_NAMES)
         except (RequestError, QueueFull) as error:
             chat.append({"role": "assistant", "content": f"⚠️ {error}"})
             yield chat, conversation, None
