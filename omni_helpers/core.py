@@ -78,15 +78,11 @@ def prepare_inputs(processor, conversations: list[Conversation], settings: Gener
 # ----------------------------------------------------------------------------- steps 4-5
 
 
-def generate_keywords(settings: GenerationSettings, config, thinker: StepStream, talker: StepStream,
-                      stream_text: bool) -> dict[str, Any]:  # fmt: skip
+def generate_keywords(settings: GenerationSettings, config, text_streamer: Optional[StepStream]) -> dict[str, Any]:
     """mindone's `generate` keywords: `thinker_*` and `talker_*` go to each stage (a bare
     `max_new_tokens` would not reach the thinker). The thinker's end-of-turn id comes from
-    the checkpoint; mindone hard-codes the released one (151645). The thinker's steps are
-    watched by a streamer when its text is streamed, else by a logits processor, which
-    reads nothing back to the host."""
-    from mindone.transformers.generation.logits_process import LogitsProcessorList
-
+    the checkpoint; mindone hard-codes the released one (151645). A streamer watches the
+    thinker only when its text is streamed (it costs a host read per step)."""
     keywords: dict[str, Any] = {
         "use_audio_in_video": settings.use_audio_in_video,
         "return_audio": settings.return_audio,
@@ -94,7 +90,7 @@ def generate_keywords(settings: GenerationSettings, config, thinker: StepStream,
         "thinker_eos_token_id": config.im_end_token_id,
         "thinker_do_sample": settings.do_sample,
         "thinker_return_dict_in_generate": True,
-        **({"thinker_streamer": thinker} if stream_text else {"thinker_logits_processor": LogitsProcessorList([thinker])}),
+        **({"thinker_streamer": text_streamer} if text_streamer is not None else {}),
     }
     if settings.do_sample:
         keywords.update(thinker_temperature=settings.temperature, thinker_top_p=settings.top_p, thinker_top_k=settings.top_k)
@@ -103,7 +99,6 @@ def generate_keywords(settings: GenerationSettings, config, thinker: StepStream,
             speaker=settings.speaker,
             talker_max_new_tokens=settings.talker_max_new_tokens,
             talker_do_sample=settings.talker_do_sample,
-            talker_streamer=talker,
         )
     return keywords
 
@@ -129,17 +124,18 @@ def generate_from_inputs(
     with counting_collectives() as traffic:
         thinker = StepStream(rows, eos, traffic, processor.tokenizer, on_text)
         talker = StepStream(1, traffic=traffic)
-        keywords = generate_keywords(settings, model.config, thinker, talker, stream_text=on_text is not None)
-        if on_text is None:
-            thinker.start()
+        keywords = generate_keywords(settings, model.config, thinker if on_text else None)
         if keep_logits:
             keywords["thinker_output_logits"] = True
+        hooks = [] if on_text else thinker.watch(model.thinker)
         speech = SpeechStream(model.code2wav, on_audio) if on_audio and settings.return_audio else None
-        hook = model.talker.register_forward_hook(speech.hook) if speech else None
+        if settings.return_audio:
+            hooks += talker.watch(model.talker)
+            hooks += [model.talker.register_forward_hook(speech.hook)] if speech else []
         try:
             result, waveform = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
     wav = None if waveform is None else waveform.reshape(-1).float().asnumpy()
     if speech:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from mindspore import mint
 
+from . import decode_loop, talker_decode
 from .patching import PatchSet
 from .sparse_moe import sparse_moe_forward
 
@@ -36,6 +37,7 @@ FAST_PATHS = PatchSet("fast paths", package="mindone", written_for="0.5.0")
 MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
 GENERATION = "mindone.transformers.generation.utils"
 THINKER = f"{MODELING}.Qwen3OmniMoeThinkerForConditionalGeneration"
+TALKER = f"{MODELING}.Qwen3OmniMoeTalkerForConditionalGeneration"
 
 
 def install_fast_paths(device_target: str) -> list[str]:
@@ -128,3 +130,36 @@ def thinker_prepare_inputs_for_generation(self, input_ids, past_key_values=None,
         positions = positions.add(cache_position[0] + self.rope_deltas)
         model_inputs["position_ids"] = positions.unsqueeze(0).expand((3, -1, -1))
     return model_inputs
+
+
+@FAST_PATHS.replaces(f"{TALKER}:prepare_inputs_for_generation")
+def talker_prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+                                         cache_position=None, **kwargs):  # fmt: skip
+    return talker_decode.prepare_inputs_for_generation(self, input_ids, past_key_values, attention_mask, inputs_embeds,
+                                                       cache_position, **kwargs)  # fmt: skip
+
+
+@FAST_PATHS.replaces(f"{TALKER}:construct")
+def talker_construct(self, input_ids=None, attention_mask=None, use_audio_in_video=None, audio_feature_lengths=None,
+                     video_second_per_grid=None, image_grid_thw=None, video_grid_thw=None, position_ids=None,
+                     past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, output_router_logits=None,
+                     cache_position=None, residual_codes=None, trailing_text_hidden=None, tts_pad_embed=None,
+                     generation_step=None, talker_input_ids=None, **kwargs):  # fmt: skip
+    """mindone's talker forward, with its parameters spelled out (`generate` checks its keywords against
+    them); a decode step runs without a host read."""
+    arguments = {name: value for name, value in locals().items() if name not in ("self", "kwargs")}
+    return talker_decode.decode_forward(self, FAST_PATHS.original(f"{TALKER}:construct"), {**arguments, **kwargs})
+
+
+# ----------------------------------------------------------------------------- the generation loop
+
+
+@FAST_PATHS.replaces(f"{GENERATION}.GenerationMixin:_sample")
+def sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False, streamer=None,
+           **model_kwargs):  # fmt: skip
+    if not decode_loop.supports(self, generation_config, model_kwargs):
+        original = FAST_PATHS.original(f"{GENERATION}.GenerationMixin:_sample")
+        return original(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
+                        **model_kwargs)  # fmt: skip
+    return decode_loop.sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
+                              streamer, **model_kwargs)  # fmt: skip

@@ -8,9 +8,9 @@ collective bytes moved so far, and the tokens of each row; with a tokenizer and 
 `on_text` callback it also hands out each row's new text as it appears.
 
 A streamer costs a host read per step (`generate` hands it the tokens as numpy). When no
-text is streamed, the same object serves as a logits processor instead: called once per
-step with the scores, it only notes the time, and the tokens are read from the finished
-sequences (`take_tokens`).
+text is streamed, `watch` times the stage by forward hooks instead (the first forward's
+start, then every forward's end), which read nothing, and the tokens are read from the
+finished sequences (`take_tokens`).
 """
 
 from __future__ import annotations
@@ -74,14 +74,18 @@ class StepStream:
         self.times.append(time.perf_counter())
         self.bytes.append(self.traffic.bytes if self.traffic is not None else 0.0)
 
-    def start(self) -> None:
-        """As a logits processor: the moment generation starts, in place of the streamer's prompt."""
-        self._tick()
+    def watch(self, cell) -> list:
+        """Time `cell`'s forwards in place of the streamer's calls: the first one's start stands for the
+        prompt, each one's end for the token chosen after it. Returns the hooks' handles."""
 
-    def __call__(self, input_ids, scores):
-        """As a logits processor: once per decoding step, before the token is chosen; reads nothing."""
-        self._tick()
-        return scores
+        def before(*_):
+            if not self.times:
+                self._tick()
+
+        def after(*_):
+            self._tick()
+
+        return [cell.register_forward_pre_hook(before), cell.register_forward_hook(after)]
 
     def take_tokens(self, new_tokens: np.ndarray) -> None:
         """Each row's tokens, up to and with its end token, from the finished sequences."""

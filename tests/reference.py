@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -183,12 +183,16 @@ class MindOne:
         out = self.model.thinker(**to_mindspore(inputs, self.ms.float32), use_audio_in_video=use_audio_in_video)
         return out.logits[0].asnumpy()
 
-    def generate(self, inputs, use_audio_in_video: bool, new_tokens: int, return_audio: bool, talker_new_tokens: int = 8):
+    def generate(self, inputs, use_audio_in_video: bool, new_tokens: int, return_audio: bool, talker_new_tokens: int = 8,
+                 sampling_seed: Optional[int] = None):  # fmt: skip
+        """Greedy, or with `sampling_seed` both stages sample (the thinker with the recommended settings)."""
         from omni_helpers.core import generate_from_inputs
 
         self.codes_seen.clear()
+        sampling = {} if sampling_seed is None else {"do_sample": True, "talker_do_sample": True, "seed": sampling_seed}
         settings = GenerationSettings(max_new_tokens=new_tokens, return_audio=return_audio,
-                                      talker_max_new_tokens=talker_new_tokens, use_audio_in_video=use_audio_in_video)  # fmt: skip
+                                      talker_max_new_tokens=talker_new_tokens, use_audio_in_video=use_audio_in_video,
+                                      **sampling)  # fmt: skip
         answer = generate_from_inputs(self.model, self.processor, inputs, settings, keep_logits=True)[0]
         return Generation(
             tokens=np.array(answer.token_ids),

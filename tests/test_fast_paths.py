@@ -87,3 +87,66 @@ def test_stacked_experts_give_mindones_output(moe_blocks, stacked_blocks, which,
     cpu_only = sum(n for site, n in syncs.sites.items() if "cpu_fallbacks" in site)  # numpy kernels of the CPU fallbacks
     assert (syncs.count - cpu_only == 0) if device else syncs.count - cpu_only >= 1
     assert parameter_bytes(stacked.experts) == sum(parameter_bytes(e) for e in block.experts)  # stacked, not copied
+
+
+# ----------------------------------------------------------------------------- the decode loop and the talker's step
+
+
+def test_code_predictor_loop_gives_mindones_generate(mindone_model):
+    """The fixed greedy loop chooses the codes mindone's `generate` chooses, and hands back the
+    embeddings mindone takes from its hidden states."""
+    from omni_helpers.fast_paths import uninstall_fast_paths, install_fast_paths
+    from omni_helpers.talker_decode import predict_residual_codes
+
+    predictor = mindone_model.talker.code_predictor
+    groups = predictor.config.num_code_groups - 1
+    rng = np.random.default_rng(3)
+    embeds = ms.Tensor(rng.standard_normal((1, 2, predictor.config.hidden_size)).astype(np.float32))
+    uninstall_fast_paths()
+    try:
+        stock = predictor.generate(inputs_embeds=embeds, max_new_tokens=groups, do_sample=False,
+                                   output_hidden_states=True, return_dict_in_generate=True)  # fmt: skip
+    finally:
+        install_fast_paths("CPU")
+    codes, code_embeds = predict_residual_codes(predictor, embeds)
+    assert codes.shape == (1, groups)
+    np.testing.assert_array_equal(codes.asnumpy(), stock.sequences.asnumpy())
+    expected = [hidden[0] for hidden in stock.hidden_states[1:]]
+    expected.append(predictor.get_input_embeddings()[-1](stock.sequences[..., -1:]))
+    assert len(code_embeds) == len(expected) == groups
+    for actual, wanted in zip(code_embeds, expected):
+        np.testing.assert_array_equal(actual.asnumpy(), wanted.asnumpy())
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_checkpoint, sample_media):
+    from tests.reference import MindOne, processor_inputs, request_conversation
+
+    model = MindOne(tiny_checkpoint)
+    return model, processor_inputs(tiny_checkpoint, request_conversation("image_audio", sample_media), False)
+
+
+def device_reads(one_process, **settings) -> int:
+    """Host reads of one generation, leaving out the CPU fallbacks' numpy kernels (which Ascend does not run)."""
+    from omni_helpers.core import generate_from_inputs
+    from omni_helpers.host_syncs import counting_host_syncs
+    from omni_helpers.settings import GenerationSettings
+
+    model, inputs = one_process
+    with counting_host_syncs() as syncs:
+        generate_from_inputs(model.model, model.processor, inputs, GenerationSettings(use_audio_in_video=False, **settings))
+    return syncs.count - sum(n for site, n in syncs.sites.items() if "cpu_fallbacks" in site)
+
+
+def test_one_host_read_per_decoded_token(one_process):
+    """The stopping test is the only read a decoding step makes."""
+    many = device_reads(one_process, max_new_tokens=9)
+    one = device_reads(one_process, max_new_tokens=1)
+    assert many - one == 8
+
+
+def test_one_host_read_per_talker_frame(one_process):
+    """A talker step, its code predictor included, reads once: its own stopping test."""
+    many = device_reads(one_process, max_new_tokens=2, return_audio=True, talker_max_new_tokens=10)
+    two = device_reads(one_process, max_new_tokens=2, return_audio=True, talker_max_new_tokens=2)
+    assert many - two == 8

@@ -32,7 +32,7 @@ def test_a_dead_worker_ends_the_job_and_leaves_outputs_untouched(tiny_checkpoint
         deadline = time.time() + 300
         while time.time() < deadline:  # wait until rank 1 is decoding
             log = log_dir / "worker_1.log"
-            if log.exists() and "==> sampling, step: 3" in log.read_text(errors="replace"):
+            if log.exists() and "decode step 3" in log.read_text(errors="replace"):
                 break
             time.sleep(1)
         else:

@@ -76,18 +76,20 @@ def test_greedy_text_and_speech_match_reference(kind, requests, reference, mindo
     assert np.abs(actual.wav - expected.wav).max() <= WAV_TOLERANCE
 
 
-def test_fast_paths_change_nothing_but_speed(requests, mindone, tiny_checkpoint):
+@pytest.mark.parametrize("sampling_seed", [None, 7], ids=["greedy", "sampled"])
+def test_fast_paths_change_nothing_but_speed(requests, mindone, tiny_checkpoint, sampling_seed):
     """Stock mindone (fast paths removed, experts as loaded) and the faster paths (experts stacked
-    and run from device indices when decoding, no host reads in the step's bookkeeping):
-    the same tokens, codes and speech."""
+    and run from device indices when decoding, no host reads in the step's bookkeeping, the
+    decode loop, the talker's decode step and code predictor): the same tokens, codes and
+    speech, greedy and sampled from the same seed."""
     from omni_helpers.fast_paths import install_fast_paths, uninstall_fast_paths
 
     inputs = requests["image_audio"]
-    fast = mindone.generate(inputs, False, NEW_TOKENS, return_audio=True)
+    fast = mindone.generate(inputs, False, NEW_TOKENS, return_audio=True, sampling_seed=sampling_seed)
     stock_model = MindOne(tiny_checkpoint, stack_experts=False)
     uninstall_fast_paths()
     try:
-        stock = stock_model.generate(inputs, False, NEW_TOKENS, return_audio=True)
+        stock = stock_model.generate(inputs, False, NEW_TOKENS, return_audio=True, sampling_seed=sampling_seed)
     finally:
         install_fast_paths("CPU")
     np.testing.assert_array_equal(fast.tokens, stock.tokens)

@@ -309,7 +309,7 @@ def test_a_worker_that_dies_mid_request_ends_the_server(tiny_checkpoint, tmp_pat
                                   daemon=True)  # its connection is cut when the server ends
         thread.start()
         deadline = time.time() + 60
-        while "==> sampling, step: 3" not in server.worker_log(1):
+        while "decode step 3" not in server.worker_log(1):
             assert time.time() < deadline
             time.sleep(0.2)
         server.rank(1).kill()
