@@ -27,6 +27,7 @@ with them installed and tests/test_fast_paths.py compares them with mindone's ow
 
 from __future__ import annotations
 
+import mindspore as ms
 from mindspore import mint
 
 from . import decode_loop, talker_decode
@@ -152,6 +153,18 @@ def talker_construct(self, input_ids=None, attention_mask=None, use_audio_in_vid
 
 
 # ----------------------------------------------------------------------------- the generation loop
+
+
+@FAST_PATHS.replaces("mindone.transformers.generation.stopping_criteria.EosTokenCriteria:__call__")
+def eos_reached(self, input_ids, scores, **kwargs):
+    """Whether each row's last token is an end token: a comparison and an `any` (mindone's
+    `mindspore.numpy.isin` launches about twenty operations per step)."""
+    if not isinstance(input_ids, ms.Tensor):
+        return FAST_PATHS.original("mindone.transformers.generation.stopping_criteria.EosTokenCriteria:__call__")(
+            self, input_ids, scores, **kwargs
+        )
+    ends = ms.Tensor([self.eos_token_id], dtype=input_ids.dtype)
+    return (input_ids[:, -1:] == ends).any(axis=-1)
 
 
 @FAST_PATHS.replaces(f"{GENERATION}.GenerationMixin:_sample")

@@ -230,3 +230,28 @@ def test_a_sum_over_nothing_is_zero_every_time():
     assert fb.tensor_sum(empty_rows, dim=1, keepdim=True).shape == (0, 1)
     full = t(np.ones((2, 3), np.float32))
     assert mint.sum(full).asnumpy().item() == 6.0 and full.sum(axis=1).asnumpy().tolist() == [3.0, 3.0]
+
+
+CAST_SOURCES = {
+    "float32": np.concatenate([RNG.standard_normal(200) * 1e3, [0.0, -0.0, 1 + 2**-11, 1 + 3 * 2**-11, 65504, 7e4, -7e4,
+                                                                 np.inf, -np.inf, 6e-8, 1e-9]]).astype(np.float32),
+    "float16": (RNG.standard_normal(200) * 50).astype(np.float16),
+    "int64": np.concatenate([RNG.integers(-2**40, 2**40, 200), [0, 2**31, -2**31 - 1, 255, 256]]).astype(np.int64),
+    "int32": RNG.integers(-2**31, 2**31 - 1, 200).astype(np.int32),
+    "bool": RNG.random(200) > 0.5,
+}
+CAST_TARGETS = ["float32", "float16", "int64", "int32", "uint8", "bool"]
+
+
+@pytest.mark.parametrize("source", sorted(CAST_SOURCES))
+@pytest.mark.parametrize("target", CAST_TARGETS)
+def test_casts_through_numpy_equal_mindspores_cast(source, target):
+    """Bit for bit: float16 rounding (to nearest even, overflow to inf), integer wrapping, nonzero as True.
+    Float to integer (undefined for NaN and overflow) stays with MindSpore's kernel."""
+    x = t(CAST_SOURCES[source])
+    dtype = getattr(ms, "bool_" if target == "bool" else target)
+    expected = fb.original("mindspore.common.tensor.Tensor:to")(x, dtype)
+    actual = fb.tensor_to(x, dtype)
+    assert actual.dtype == expected.dtype == dtype
+    np.testing.assert_array_equal(actual.asnumpy(), expected.asnumpy())
+    assert fb.tensor_to(x, dtype=dtype).dtype == dtype and fb.tensor_to(t(CAST_SOURCES[source][0]), dtype).shape == ()

@@ -150,3 +150,16 @@ def test_one_host_read_per_talker_frame(one_process):
     many = device_reads(one_process, max_new_tokens=2, return_audio=True, talker_max_new_tokens=10)
     two = device_reads(one_process, max_new_tokens=2, return_audio=True, talker_max_new_tokens=2)
     assert many - two == 8
+
+
+def test_end_token_test_equals_mindones():
+    from mindone.transformers.generation.stopping_criteria import EosTokenCriteria
+
+    ids = ms.Tensor(np.array([[5, 7, 2], [5, 9, 4], [1, 1, 7], [0, 0, 0]], dtype=np.int64))
+    stock = FAST_PATHS.original("mindone.transformers.generation.stopping_criteria.EosTokenCriteria:__call__")
+    for eos in (2, [2, 7], [9]):
+        criterion = EosTokenCriteria(eos)
+        expected = stock(criterion, ids, None).asnumpy()
+        np.testing.assert_array_equal(criterion(ids, None).asnumpy(), expected)
+    assert criterion(ids, None).asnumpy().tolist() == [False, False, False, False]
+    assert EosTokenCriteria([2, 7])(ids, None).asnumpy().tolist() == [True, False, True, False]
