@@ -451,7 +451,8 @@ def tensor_to(self, *args, **kwargs):
         return original("mindspore.common.tensor.Tensor:to")(self, *args, **kwargs)
     if self.dtype.is_floating_point and not dtype.is_floating_point and dtype != ms.bool_:
         return original("mindspore.common.tensor.Tensor:to")(self, *args, **kwargs)
-    return _tensor(_np(self).astype(_CAST_BY_NUMPY[dtype]))
+    with np.errstate(over="ignore"):  # overflow to inf, silently, as Cast does
+        return _tensor(_np(self).astype(_CAST_BY_NUMPY[dtype]))
 
 
 @replaces("mindspore.common.tensor.Tensor:clone")

@@ -11,12 +11,15 @@ with them installed and tests/test_fast_paths.py compares them with mindone's ow
   two host synchronisations each. Here decode steps run the chosen experts from device
   indices (no host read at all; the experts are stacked at load, `sparse_moe.stack_experts`)
   and prompts read the routing once (`sparse_moe.dispatch_experts`).
-- Decode-step bookkeeping without host reads. mindone's generation decides whether a step
-  is the prompt or a decode step by reading `cache_position[0]` (and `cache_position[-1]`)
-  to the host, three times per decoded token; the shapes say the same (a decode step's
-  cache positions are fewer than the tokens so far), and the decode step's rope positions
-  are computed on the device from `cache_position` and the stored rope deltas, as mindone
-  computes them after its read.
+- Decode steps without host reads (`decode_steps`). mindone decides whether a step is the
+  prompt or a decode step by reading `cache_position[0]` to the host, in the thinker's and
+  the talker's input preparation and in the talker's forward; the shapes say the same, and a
+  decode step's rope positions are computed on the device, as mindone computes them after
+  its read. The talker's code predictor (15 codes per frame in the released model) runs as a
+  fixed greedy loop instead of a whole `generate` call per frame, as mindone's is greedy.
+- The generation loop (`decode_loop`): one host read per step, the stopping test; mindone's
+  loop also reads the attention mask's length every step. The end-token test is a comparison
+  and an `any` instead of `mindspore.numpy.isin`'s twenty-odd operations.
 - On CPU only: each operation runs in the calling thread (`pynative_synchronize`).
   PyNative normally hands every launch to a pipeline of threads and returns at once; on a
   CPU, with operations as small as the ones mindone's generation loop issues, the
@@ -30,7 +33,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import mint
 
-from . import decode_loop, talker_decode
+from . import decode_loop, decode_steps
 from .patching import PatchSet
 from .sparse_moe import sparse_moe_forward
 
@@ -108,35 +111,20 @@ def thinker_prepare_inputs_for_generation(self, input_ids, past_key_values=None,
                                           pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
                                           input_features=None, feature_attention_mask=None, use_audio_in_video=False,
                                           video_second_per_grid=None, **kwargs):  # fmt: skip
-    """mindone's thinker input preparation, with the prompt/decode decision taken from shapes and
-    the decode step's rope positions computed on the device (see the module's docstring)."""
-    from mindone.transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
-
-    decoding = cache_position.shape[0] < input_ids.shape[1]
-    model_inputs = super(modeling.Qwen3OmniMoeThinkerForConditionalGeneration, self).prepare_inputs_for_generation(
-        input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+    """(mindone's parameters, spelled out: `generate` checks its keywords against them)"""
+    return decode_steps.thinker_prepare_inputs_for_generation(
+        self, input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
         cache_position=cache_position, position_ids=position_ids, use_cache=use_cache, pixel_values=pixel_values,
         pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
         input_features=input_features, feature_attention_mask=feature_attention_mask,
         use_audio_in_video=use_audio_in_video, video_second_per_grid=video_second_per_grid, **kwargs,
     )  # fmt: skip
-    model_inputs["position_ids"] = None  # the prompt's: mindone computes its 3-D rope index in the forward
-    if not decoding:
-        return model_inputs
-    for media in ("pixel_values", "pixel_values_videos", "input_features"):  # encoded with the prompt already
-        model_inputs[media] = None
-    if self.rope_deltas is not None and attention_mask is not None:  # what mindone's forward computes after its read
-        step_ids = model_inputs["input_ids"]
-        positions = mint.arange(step_ids.shape[1]).view(1, -1).expand((step_ids.shape[0], -1))
-        positions = positions.add(cache_position[0] + self.rope_deltas)
-        model_inputs["position_ids"] = positions.unsqueeze(0).expand((3, -1, -1))
-    return model_inputs
 
 
 @FAST_PATHS.replaces(f"{TALKER}:prepare_inputs_for_generation")
 def talker_prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
                                          cache_position=None, **kwargs):  # fmt: skip
-    return talker_decode.prepare_inputs_for_generation(self, input_ids, past_key_values, attention_mask, inputs_embeds,
+    return decode_steps.talker_prepare_inputs_for_generation(self, input_ids, past_key_values, attention_mask, inputs_embeds,
                                                        cache_position, **kwargs)  # fmt: skip
 
 
@@ -149,7 +137,7 @@ def talker_construct(self, input_ids=None, attention_mask=None, use_audio_in_vid
     """mindone's talker forward, with its parameters spelled out (`generate` checks its keywords against
     them); a decode step runs without a host read."""
     arguments = {name: value for name, value in locals().items() if name not in ("self", "kwargs")}
-    return talker_decode.decode_forward(self, FAST_PATHS.original(f"{TALKER}:construct"), {**arguments, **kwargs})
+    return decode_steps.talker_decode_forward(self, FAST_PATHS.original(f"{TALKER}:construct"), {**arguments, **kwargs})
 
 
 # ----------------------------------------------------------------------------- the generation loop

@@ -115,7 +115,9 @@ def mindspore_run(model, processor, inputs, new_tokens: int, speech: bool, talke
 
 
 def reference_run(model, processor, inputs, new_tokens: int, speech: bool, talker_frames: int) -> dict:
-    """The PyTorch reference, timed by forward hooks (its own streamers would do as well)."""
+    """The PyTorch reference, timed by forward hooks as the core times mindone (`StepStream.watch`):
+    prefill is the first forward, decode runs from its end to the last forward's end, and the
+    talker from its first forward's start to its last forward's end (the loop's own work included)."""
     import torch
 
     times = {"thinker": [], "talker": []}
@@ -133,12 +135,13 @@ def reference_run(model, processor, inputs, new_tokens: int, speech: bool, talke
     finally:
         for handle in handles:
             handle.remove()
-    thinker = [end - start for start, end in times["thinker"]]
-    talker_seconds = sum(end - start for start, end in times["talker"])
+    thinker, talker = times["thinker"], times["talker"]
+    decode_seconds = thinker[-1][1] - thinker[0][1]
+    talker_seconds = talker[-1][1] - talker[0][0] if talker else 0.0
     return {
-        "prefill_seconds": thinker[0],
-        "decode_tokens_per_second": (len(thinker) - 1) / sum(thinker[1:]) if len(thinker) > 1 else None,
-        "talker_frames_per_second": (len(times["talker"]) - 1) / talker_seconds if talker_seconds else None,
+        "prefill_seconds": thinker[0][1] - thinker[0][0],
+        "decode_tokens_per_second": (len(thinker) - 1) / decode_seconds if len(thinker) > 1 else None,
+        "talker_frames_per_second": (len(talker) - 1) / talker_seconds if talker_seconds else None,
         "communicated_bytes_per_decoded_token": None,
     }
 

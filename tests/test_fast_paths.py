@@ -96,7 +96,7 @@ def test_code_predictor_loop_gives_mindones_generate(mindone_model):
     """The fixed greedy loop chooses the codes mindone's `generate` chooses, and hands back the
     embeddings mindone takes from its hidden states."""
     from omni_helpers.fast_paths import uninstall_fast_paths, install_fast_paths
-    from omni_helpers.talker_decode import predict_residual_codes
+    from omni_helpers.decode_steps import predict_residual_codes
 
     predictor = mindone_model.talker.code_predictor
     groups = predictor.config.num_code_groups - 1

@@ -1,15 +1,19 @@
-"""The talker's decode step without host reads (a faster path; installed by `fast_paths`).
+"""The thinker's and the talker's decode steps without host reads (faster paths; installed by `fast_paths`).
+
+mindone decides whether a step is the prompt or a decode step by reading `cache_position[0]`
+to the host, and computes a decode step's rope positions after that read. Here the shapes
+decide, and the positions are computed on the device (`decode_rope_positions`).
 
 Each talker step chooses a frame's first code, then its code predictor adds the other
 groups' codes one by one (15 in the released model), and the sum of the codes' embeddings
 feeds the next step. mindone runs the predictor through a whole `generate` call per frame,
 and decides prompt or decode twice per step by reading `cache_position[0]` to the host:
 
-- `prepare_inputs_for_generation` here takes the decision from the shapes (the talker's
+- `talker_prepare_inputs_for_generation` takes the decision from the shapes (the talker's
   prompt is several positions, a decode step feeds one) and runs the predictor with
   `predict_residual_codes`: a fixed number of greedy steps (mindone's predictor is always
   greedy), no stopping test, no per-step setup, no read;
-- `decode_forward` is the talker's forward for a decode step: rope positions from
+- `talker_decode_forward` is the talker's forward for a decode step: rope positions from
   `cache_position` and the stored deltas on the device, as mindone computes them after
   its read. Prompts go through mindone's forward.
 """
@@ -18,6 +22,36 @@ from __future__ import annotations
 
 import mindspore as ms
 from mindspore import mint
+
+
+def decode_rope_positions(cache_position, rope_deltas, batch: int, length: int):
+    """A decode step's (3, batch, length) rope positions: its cache positions shifted by each row's
+    stored delta, as mindone computes them. mindone keeps the deltas as floats, so the positions
+    are floats too; the integers are cast explicitly (an implicit promotion costs a slow Cast
+    kernel on CPU, the explicit one goes through the CPU fallbacks)."""
+    delta = cache_position[0].to(rope_deltas.dtype) + rope_deltas
+    positions = mint.arange(length).view(1, -1).expand((batch, -1)).to(delta.dtype).add(delta)
+    return positions.unsqueeze(0).expand((3, -1, -1))
+
+
+def thinker_prepare_inputs_for_generation(self, input_ids, cache_position=None, attention_mask=None, **kwargs):
+    """mindone's thinker input preparation; a decode step (fewer cache positions than tokens so far)
+    drops the media, encoded with the prompt already, and gets its rope positions from the device."""
+    from mindone.transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
+
+    decoding = cache_position.shape[0] < input_ids.shape[1]
+    model_inputs = super(modeling.Qwen3OmniMoeThinkerForConditionalGeneration, self).prepare_inputs_for_generation(
+        input_ids, cache_position=cache_position, attention_mask=attention_mask, **kwargs
+    )
+    model_inputs["position_ids"] = None  # the prompt's: mindone computes its 3-D rope index in the forward
+    if not decoding:
+        return model_inputs
+    for media in ("pixel_values", "pixel_values_videos", "input_features"):
+        model_inputs[media] = None
+    if self.rope_deltas is not None and attention_mask is not None:
+        step_ids = model_inputs["input_ids"]
+        model_inputs["position_ids"] = decode_rope_positions(cache_position, self.rope_deltas, *step_ids.shape)
+    return model_inputs
 
 
 def is_decode_step(cache_position) -> bool:
@@ -51,7 +85,7 @@ def predict_residual_codes(predictor, embeds):
     return mint.cat(codes, dim=-1), code_embeds
 
 
-def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+def talker_prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
                                   cache_position=None, **kwargs):  # fmt: skip
     """The talker's step inputs; a decode step's embedding is the sum of the last frame's code embeddings
     (plus the next text position's hidden state, or the padding embedding once the text has run out)."""
@@ -78,7 +112,7 @@ def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attenti
     return inputs
 
 
-def decode_forward(self, original, kwargs: dict):
+def talker_decode_forward(self, original, kwargs: dict):
     """The talker's forward for one decode step (mindone's forward computes the same after reading
     `cache_position[0]`); anything else, or a call this does not cover, goes to `original`."""
     from mindone.transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
@@ -101,10 +135,9 @@ def decode_forward(self, original, kwargs: dict):
                    "audio_feature_lengths", "video_second_per_grid", "image_grid_thw", "video_grid_thw",
                    "trailing_text_hidden", "tts_pad_embed", "talker_input_ids"):  # fmt: skip
         kwargs.pop(unused, None)
-    batch, length = inputs_embeds.shape[:2]
-    positions = mint.arange(length).view(1, -1).expand((batch, -1)).add(cache_position[0] + self.rope_deltas)
-    outputs = self.model(input_ids=None, position_ids=positions.unsqueeze(0).expand((3, -1, -1)),
-                         inputs_embeds=inputs_embeds, cache_position=cache_position, **kwargs)  # fmt: skip
+    positions = decode_rope_positions(cache_position, self.rope_deltas, *inputs_embeds.shape[:2])
+    outputs = self.model(input_ids=None, position_ids=positions, inputs_embeds=inputs_embeds,
+                         cache_position=cache_position, **kwargs)  # fmt: skip
     return modeling.Qwen3OmniMoeTalkerOutputWithPast(
         logits=self.codec_head(outputs.last_hidden_state),
         past_key_values=outputs.past_key_values,
