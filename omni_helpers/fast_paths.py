@@ -80,6 +80,37 @@ def broadcast_mask(mask_function, batch_arange, head_arange, cache_position, kv_
     return mask.broadcast_to((q_len, kv_len))
 
 
+FLASH_MASKS = "mindone.transformers.masking_utils.AttentionMaskInterface:_global_mapping"
+
+
+@FAST_PATHS.replaces_entry(FLASH_MASKS, "flash_attention_2")
+def flash_attention_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_function=None, attention_mask=None,
+                         **kwargs):  # fmt: skip
+    """A decode step's flash-attention mask from its padding mask: one causal query, the newest
+    token, sees every key its padding mask keeps. Three operations instead of the mask function
+    evaluated over every key (by `mindone_fixes.flash_attention_mask`, which this falls back to)."""
+    if not decode_step_mask_applies(cache_position, kv_length, kv_offset, mask_function, attention_mask):
+        full = FAST_PATHS.original_entry(FLASH_MASKS, "flash_attention_2")
+        return full(batch_size, cache_position, kv_length, kv_offset, mask_function, attention_mask, **kwargs)
+    mask = attention_mask.astype(ms.bool_)[:, None, None, :]
+    return mask | ~mask.any(axis=-1, keep_dims=True)  # as the full mask opens a row that sees nothing
+
+
+def decode_step_mask_applies(cache_position, kv_length: int, kv_offset: int, mask_function, attention_mask) -> bool:
+    """A generation step's single causal query over keys that a 2-D padding mask covers exactly."""
+    from mindone.transformers import masking_utils
+
+    return (
+        cache_position.shape[0] == 1
+        and mask_function in (None, masking_utils.causal_mask_function)
+        and attention_mask is not None
+        and attention_mask.ndim == 2
+        and attention_mask.shape[-1] == kv_length
+        and kv_offset == 0
+    )
+
+
+
 # ----------------------------------------------------------------------------- MoE dispatch
 
 

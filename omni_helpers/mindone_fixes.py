@@ -191,20 +191,6 @@ def progress_to_stderr(*args, **kwargs):
     print(*args, **kwargs)
 
 
-def decode_step_mask_applies(cache_position, kv_length: int, kv_offset: int, mask_function, attention_mask) -> bool:
-    """A generation step's single causal query over keys that a 2-D padding mask covers exactly."""
-    from mindone.transformers import masking_utils
-
-    return (
-        cache_position.shape[0] == 1
-        and mask_function in (None, masking_utils.causal_mask_function)
-        and attention_mask is not None
-        and attention_mask.ndim == 2
-        and attention_mask.shape[-1] == kv_length
-        and kv_offset == 0
-    )
-
-
 @MINDONE_FIXES.replaces_entry(f"{MASKING}.AttentionMaskInterface:_global_mapping", "flash_attention_2")
 def flash_attention_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_function=None,
                          attention_mask=None, **kwargs):  # fmt: skip
@@ -212,11 +198,6 @@ def flash_attention_mask(batch_size, cache_position, kv_length, kv_offset=0, mas
     from mindone.transformers import masking_utils
 
     kwargs.pop("allow_is_causal_skip", None)
-    if decode_step_mask_applies(cache_position, kv_length, kv_offset, mask_function, attention_mask):
-        # One causal query, the newest token, sees every key its padding mask keeps: the same mask in
-        # three operations instead of evaluating the mask function over every key.
-        mask = attention_mask.astype(ms.bool_)[:, None, None, :]
-        return mask | ~mask.any(axis=-1, keep_dims=True)
     mask = masking_utils.sdpa_mask(
         batch_size, cache_position, kv_length, kv_offset, mask_function or masking_utils.causal_mask_function,
         attention_mask, allow_is_causal_skip=False, **kwargs,

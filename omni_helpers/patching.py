@@ -85,6 +85,13 @@ class PatchSet:
             return self._originals[(module, attr)]
         return getattr(resolve_owner(module), attr)
 
+    def original_entry(self, target: str, key: str):
+        """What `key` of the dict at `target` was before this set was installed (the current value if it is not)."""
+        module, attr = target.split(":")
+        if (module, attr, key) in self._original_entries:
+            return self._original_entries[(module, attr, key)]
+        return getattr(resolve_owner(module), attr)[key]
+
     @property
     def installed(self) -> bool:
         return bool(self._originals or self._original_entries)

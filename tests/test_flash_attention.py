@@ -250,21 +250,3 @@ def test_audio_window_boundaries_are_the_references(frames, windowed_reference, 
         hook.remove()
     assert seen["project"] == seen["reference"]
 
-
-@pytest.mark.parametrize("kv_length", [1, 6])
-def test_a_decode_steps_mask_equals_the_mask_function_over_every_key(kv_length, runtime_cpu):
-    """The shortcut for one causal query (the newest token) gives the mask the full evaluation gives."""
-    from mindone.transformers import masking_utils
-
-    from omni_helpers.mindone_fixes import decode_step_mask_applies, flash_attention_mask
-
-    rows = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 0, 1, 1, 1]], bool)
-    padding = ms.Tensor(rows[:, -kv_length:])  # as mindone hands it over: boolean
-    query = ms.Tensor(np.array([kv_length - 1]))
-    assert decode_step_mask_applies(query, kv_length, 0, masking_utils.causal_mask_function, padding)
-    shortcut = flash_attention_mask(3, query, kv_length, 0, masking_utils.causal_mask_function, padding)
-    everywhere = flash_attention_mask(3, query, kv_length, 0, lambda *index: masking_utils.causal_mask_function(*index),
-                                      padding)  # fmt: skip  (not the causal function itself: no shortcut)
-    assert shortcut.shape == everywhere.shape == (3, 1, 1, kv_length)
-    np.testing.assert_array_equal(shortcut.asnumpy(), everywhere.asnumpy())
-    assert not decode_step_mask_applies(ms.Tensor(np.array([4, 5])), 6, 0, None, padding)  # a prompt: the full path

@@ -42,6 +42,27 @@ def test_install_and_uninstall_put_back_what_was_there(capsys):
     assert capsys.readouterr().err.count("written for numpy 0.0.1") == 1
 
 
+def test_a_dict_entry_is_replaced_and_put_back_over_an_earlier_set():
+    """Two sets on one registry entry (the flash mask: a fix, then a faster path over it): each
+    knows what it replaced, and removing the later one leaves the earlier one in place."""
+    import json.decoder as decoder
+
+    stock = decoder.BACKSLASH["n"]
+    fix, faster = (PatchSet(name, package="numpy", written_for="1.26.4") for name in ("fix", "faster"))
+    fix.replaces_entry("json.decoder:BACKSLASH", "n")("fixed")
+    faster.replaces_entry("json.decoder:BACKSLASH", "n")("faster")
+    fix.install()
+    faster.install()
+    try:
+        assert decoder.BACKSLASH["n"] == "faster" and faster.original_entry("json.decoder:BACKSLASH", "n") == "fixed"
+        faster.uninstall()
+        assert decoder.BACKSLASH["n"] == "fixed" and fix.original_entry("json.decoder:BACKSLASH", "n") == stock
+    finally:
+        faster.uninstall()
+        fix.uninstall()
+    assert decoder.BACKSLASH["n"] == stock
+
+
 def test_the_projects_patches_are_written_for_the_installed_versions():
     from omni_helpers.cpu_fallbacks import CPU_FALLBACKS
     from omni_helpers.fast_paths import FAST_PATHS
