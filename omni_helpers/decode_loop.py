@@ -65,7 +65,8 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
             input_ids = mint.cat([input_ids, next_tokens[:, None]], dim=-1)
             if streamer is not None:
                 streamer.put(next_tokens.asnumpy())
-            unfinished = unfinished & ~ms.Tensor(stopping_criteria(input_ids, record.scores), ms.bool_)
+            done = ms.Tensor(stopping_criteria(input_ids, record.scores), ms.bool_)
+            unfinished = unfinished & (~done).to(unfinished.dtype)  # explicit: an implicit promotion is a slow CPU Cast
         del outputs  # the prompt's logits can be large: do not keep them through the next step
         step_started = report_progress(step, step_started)
         step += 1
