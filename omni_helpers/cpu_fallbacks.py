@@ -345,6 +345,8 @@ def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mas
     out = (weights.reshape(batch, kv_heads, -1, kv_len) @ v).reshape(batch, heads, q_len, dim)
     if input_layout == "BSND":
         out = out.transpose(0, 2, 1, 3)
+    if query.dtype in _CAST_BY_NUMPY:  # the result's cast in numpy too, rather than to a tensor and back
+        return _tensor(out.astype(_CAST_BY_NUMPY[query.dtype]))
     return _tensor(out).astype(query.dtype)
 
 

@@ -9,7 +9,7 @@ ranks on stopping; here one all-reduce and one read give both answers.
 
 Everything else is mindone's loop as it is: the same logits processors, the same
 multinomial draw, the same stopping criteria, the same streamer protocol, so greedy and
-seeded sampling choose the same tokens (tests/test_fast_paths.py). Features our entry
+seeded sampling choose the same tokens (tests/test_parity.py). Features our entry
 points never use (encoder-decoder models, paged attention, chunked prefill, compiled
 forwards) are left to mindone's loop (`supports`).
 """

@@ -86,7 +86,7 @@ def predict_residual_codes(predictor, embeds):
 
 
 def talker_prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
-                                  cache_position=None, **kwargs):  # fmt: skip
+                                         cache_position=None, **kwargs):  # fmt: skip
     """The talker's step inputs; a decode step's embedding is the sum of the last frame's code embeddings
     (plus the next text position's hidden state, or the padding embedding once the text has run out)."""
     from mindone.transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling

@@ -6,7 +6,8 @@ with them installed and tests/test_fast_paths.py compares them with mindone's ow
   position in a Python loop (`masking_utils._vmap_patch`), several operations each, on
   every forward: decode cost grows with the context through host work alone. Mask
   functions are elementwise in their four index arguments, so one call with broadcast
-  index tensors gives the whole mask in a constant number of operations.
+  index tensors gives the whole mask in a constant number of operations. With flash
+  attention, a decode step's mask (one causal query, the newest token) is its padding mask.
 - MoE dispatch. mindone's sparse MoE blocks (thinker and talker) loop over experts with
   two host synchronisations each. Here decode steps run the chosen experts from device
   indices (no host read at all; the experts are stacked at load, `sparse_moe.stack_experts`)
@@ -110,7 +111,6 @@ def decode_step_mask_applies(cache_position, kv_length: int, kv_offset: int, mas
     )
 
 
-
 # ----------------------------------------------------------------------------- MoE dispatch
 
 
@@ -155,8 +155,10 @@ def thinker_prepare_inputs_for_generation(self, input_ids, past_key_values=None,
 @FAST_PATHS.replaces(f"{TALKER}:prepare_inputs_for_generation")
 def talker_prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
                                          cache_position=None, **kwargs):  # fmt: skip
-    return decode_steps.talker_prepare_inputs_for_generation(self, input_ids, past_key_values, attention_mask, inputs_embeds,
-                                                       cache_position, **kwargs)  # fmt: skip
+    """(mindone's parameters, spelled out: `generate` checks its keywords against them)"""
+    return decode_steps.talker_prepare_inputs_for_generation(
+        self, input_ids, past_key_values, attention_mask, inputs_embeds, cache_position, **kwargs
+    )
 
 
 @FAST_PATHS.replaces(f"{TALKER}:construct")

@@ -120,12 +120,11 @@ def reference_run(model, processor, inputs, new_tokens: int, speech: bool, talke
     talker from its first forward's start to its last forward's end (the loop's own work included)."""
     import torch
 
-    times = {"thinker": [], "talker": []}
-    handles = []
-    for name in times:
-        module = getattr(model, name)
-        handles.append(module.register_forward_pre_hook(lambda *_, n=name: times[n].append([time.perf_counter()])))
-        handles.append(module.register_forward_hook(lambda *_, n=name: times[n][-1].append(time.perf_counter())))
+    from omni_helpers.metrics import rate
+    from omni_helpers.streaming import StepStream
+
+    thinker, talker = StepStream(), StepStream()
+    handles = thinker.watch(model.thinker) + talker.watch(model.talker)  # torch modules take the same hooks
     torch_inputs = {k: (torch.from_numpy(v).float() if v.dtype.kind == "f" else torch.from_numpy(v).long()) for k, v in inputs.items()}
     try:
         with torch.no_grad():
@@ -135,13 +134,10 @@ def reference_run(model, processor, inputs, new_tokens: int, speech: bool, talke
     finally:
         for handle in handles:
             handle.remove()
-    thinker, talker = times["thinker"], times["talker"]
-    decode_seconds = thinker[-1][1] - thinker[0][1]
-    talker_seconds = talker[-1][1] - talker[0][0] if talker else 0.0
     return {
-        "prefill_seconds": thinker[0][1] - thinker[0][0],
-        "decode_tokens_per_second": (len(thinker) - 1) / decode_seconds if len(thinker) > 1 else None,
-        "talker_frames_per_second": (len(talker) - 1) / talker_seconds if talker_seconds else None,
+        "prefill_seconds": thinker.prefill_seconds,
+        "decode_tokens_per_second": rate(thinker.steps - 1, thinker.decode_seconds),
+        "talker_frames_per_second": rate(talker.steps - 1, talker.seconds),
         "communicated_bytes_per_decoded_token": None,
     }
 
