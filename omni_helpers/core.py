@@ -22,6 +22,7 @@ import numpy as np
 from .collectives import counting_collectives
 from .conversation import Conversation
 from .errors import RequestError
+from .forward_taps import listen
 from .inputs import to_mindspore, videos_to_numpy
 from .metrics import rate
 from .outputs import SPEECH_SAMPLE_RATE
@@ -131,7 +132,7 @@ def generate_from_inputs(
         speech = SpeechStream(model.code2wav, on_audio) if on_audio and settings.return_audio else None
         if settings.return_audio:
             hooks += talker.watch(model.talker)
-            hooks += [model.talker.register_forward_hook(speech.hook)] if speech else []
+            hooks += listen(model.talker, after=speech.hook) if speech else []
         try:
             result, waveform = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
         finally:

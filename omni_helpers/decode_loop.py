@@ -7,6 +7,11 @@ left to their longest row (the processor's padding), so every row's last token i
 position. Under ZeRO-3 (`synced_gpus`) mindone reads twice more to agree with the other
 ranks on stopping; here one all-reduce and one read give both answers.
 
+After the prompt's forward, where `decode_graph.applies` (the thinker and the talker with
+`--parallel none`), the decode steps run as a compiled graph on a KV cache written in place:
+the loop hands the graph to the model's forward with just the newest tokens, skipping
+mindone's input preparation, whose work the graph does on the device.
+
 Everything else is mindone's loop as it is: the same logits processors, the same
 multinomial draw, the same stopping criteria, the same streamer protocol, so greedy and
 seeded sampling choose the same tokens (tests/test_parity.py). Features our entry
@@ -21,6 +26,8 @@ import time
 
 import mindspore as ms
 from mindspore import mint, ops
+
+from . import decode_graph
 
 
 def supports(model, generation_config, model_kwargs) -> bool:
@@ -46,11 +53,18 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
     unfinished = mint.ones(input_ids.shape[0], dtype=ms.int64)
     model_kwargs = model._get_initial_cache_position(input_ids.shape[1], model_kwargs)
     this_peer_finished, step, step_started = False, 0, time.time()
+    graph = None  # the compiled decode step, from the first decode step on where it applies
 
     while True:
-        model_inputs = model.prepare_inputs_for_generation(input_ids, **model_kwargs)
+        if graph is None:
+            model_inputs = model.prepare_inputs_for_generation(input_ids, **model_kwargs)
+        else:  # the graph needs only the newest tokens, their position and what the stage adds
+            model_inputs = graph.inputs(input_ids, model_kwargs)
         outputs = model(**model_inputs, return_dict=True)
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+        if step == 0 and decode_graph.applies(model, input_ids.shape[0], synced_gpus, generation_config):
+            # the length limit counts the ids so far (none for a prompt given as embeddings, as the talker's is)
+            graph = decode_graph.start(model, model_kwargs, generation_config.max_length - input_ids.shape[1])
         if not this_peer_finished:  # a finished rank keeps running forwards until every rank is done (ZeRO-3)
             logits = outputs.logits[:, -1, :]  # left padding: the last position is every row's last token
             scores = logits_processor(input_ids, logits)
@@ -74,6 +88,8 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
         if everyone_finished:
             break
 
+    if graph is not None:
+        graph.finish()
     if streamer is not None:
         streamer.end()
     if not generation_config.return_dict_in_generate:

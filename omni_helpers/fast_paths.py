@@ -18,6 +18,9 @@ with them installed and tests/test_fast_paths.py compares them with mindone's ow
   decode step's rope positions are computed on the device, as mindone computes them after
   its read. The talker's code predictor (15 codes per frame in the released model) runs as a
   fixed greedy loop instead of a whole `generate` call per frame, as mindone's is greedy.
+- Compiled decode steps (`decode_graph`): with `--parallel none`, the thinker's decode step
+  and the talker's frame step (its code predictor included) run as one `mindspore.jit` graph
+  each, on KV caches written in place, instead of hundreds of PyNative launches.
 - The generation loop (`decode_loop`): one host read per step, the stopping test; mindone's
   loop also reads the attention mask's length every step. The end-token test is a comparison
   and an `any` instead of `mindspore.numpy.isin`'s twenty-odd operations.
@@ -152,6 +155,20 @@ def thinker_prepare_inputs_for_generation(self, input_ids, past_key_values=None,
     )  # fmt: skip
 
 
+@FAST_PATHS.replaces(f"{THINKER}:construct")
+def thinker_construct(self, input_ids=None, input_features=None, pixel_values=None, pixel_values_videos=None,
+                      image_grid_thw=None, video_grid_thw=None, attention_mask=None, feature_attention_mask=None,
+                      audio_feature_lengths=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                      rope_deltas=None, labels=None, use_cache=None, output_router_logits=None, use_audio_in_video=None,
+                      cache_position=None, video_second_per_grid=None, decode_graph=None, **kwargs):  # fmt: skip
+    """mindone's thinker forward, with its parameters spelled out (`generate` checks its keywords against
+    them); a decode step the generation loop hands a compiled graph (`decode_graph`) runs as that graph."""
+    arguments = {name: value for name, value in locals().items() if name not in ("self", "kwargs", "decode_graph")}
+    if decode_graph is not None:
+        return decode_graph.forward({**arguments, **kwargs})
+    return FAST_PATHS.original(f"{THINKER}:construct")(self, **arguments, **kwargs)
+
+
 @FAST_PATHS.replaces(f"{TALKER}:prepare_inputs_for_generation")
 def talker_prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
                                          cache_position=None, **kwargs):  # fmt: skip
@@ -166,10 +183,12 @@ def talker_construct(self, input_ids=None, attention_mask=None, use_audio_in_vid
                      video_second_per_grid=None, image_grid_thw=None, video_grid_thw=None, position_ids=None,
                      past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, output_router_logits=None,
                      cache_position=None, residual_codes=None, trailing_text_hidden=None, tts_pad_embed=None,
-                     generation_step=None, talker_input_ids=None, **kwargs):  # fmt: skip
+                     generation_step=None, talker_input_ids=None, decode_graph=None, **kwargs):  # fmt: skip
     """mindone's talker forward, with its parameters spelled out (`generate` checks its keywords against
-    them); a decode step runs without a host read."""
-    arguments = {name: value for name, value in locals().items() if name not in ("self", "kwargs")}
+    them); a decode step runs without a host read, as a compiled graph when the loop hands one over."""
+    arguments = {name: value for name, value in locals().items() if name not in ("self", "kwargs", "decode_graph")}
+    if decode_graph is not None:
+        return decode_graph.forward({**arguments, **kwargs})
     return decode_steps.talker_decode_forward(self, FAST_PATHS.original(f"{TALKER}:construct"), {**arguments, **kwargs})
 
 

@@ -20,6 +20,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .forward_taps import listen
+
 # on_text(row, piece): called with each new piece of a row's answer, in order.
 TextCallback = Callable[[int, str], None]
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to, until its next bytes arrive
@@ -76,7 +78,7 @@ class StepStream:
 
     def watch(self, cell) -> list:
         """Time `cell`'s forwards in place of the streamer's calls: the first one's start stands for the
-        prompt, each one's end for the token chosen after it. Returns the hooks' handles."""
+        prompt, each one's end for the token chosen after it. Returns handles to `remove()`."""
 
         def before(*_):
             if not self.times:
@@ -85,7 +87,7 @@ class StepStream:
         def after(*_):
             self._tick()
 
-        return [cell.register_forward_pre_hook(before), cell.register_forward_hook(after)]
+        return listen(cell, before, after)
 
     def take_tokens(self, new_tokens: np.ndarray) -> None:
         """Each row's tokens, up to and with its end token, from the finished sequences."""

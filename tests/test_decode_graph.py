@@ -1,0 +1,136 @@
+"""The compiled decode step (omni_helpers/decode_graph.py) against the PyNative step it replaces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+
+from omni_helpers import decode_graph
+from omni_helpers.sparse_moe import DEVICE_DISPATCH_MAX_SLOTS
+from tests.reference import MindOne, batch_inputs, relative_error
+
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def mindone(tiny_checkpoint):
+    return MindOne(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def two_rows(tiny_checkpoint):
+    """Two prompts of different lengths in one left-padded batch."""
+    conversations = [
+        [{"role": "user", "content": "Describe the sound of a short sentence, then say it twice."}],
+        [{"role": "user", "content": "Hi"}],
+    ]
+    return batch_inputs(tiny_checkpoint, conversations, False)
+
+
+def thinker_generate(mindone, inputs, graph: bool, monkeypatch, **settings):
+    """The thinker's generate with the compiled step, or with every step in PyNative."""
+    from omni_helpers.inputs import to_mindspore
+
+    with monkeypatch.context() as patch:
+        if not graph:
+            patch.setattr(decode_graph, "applies", lambda *args: False)
+        return mindone.model.thinker.generate(
+            **to_mindspore(inputs, ms.float32), max_new_tokens=NEW_TOKENS, return_dict_in_generate=True,
+            output_hidden_states=True, output_logits=True, **settings,
+        )  # fmt: skip
+
+
+def graphs_of(mindone) -> dict:
+    return mindone.model.thinker.__dict__.get("_decode_graphs", {})
+
+
+@pytest.mark.parametrize("sampling", [{"do_sample": False}, {"do_sample": True, "top_k": 20, "temperature": 0.8}],
+                         ids=["greedy", "sampled"])  # fmt: skip
+def test_compiled_step_gives_the_pynative_steps_tokens_logits_and_hidden_states(mindone, two_rows, monkeypatch, sampling):
+    results = []
+    for graph in (True, False):
+        ms.set_seed(5)
+        results.append(thinker_generate(mindone, two_rows, graph, monkeypatch, **sampling))
+    compiled, pynative = results
+    assert graphs_of(mindone), "the compiled step did not run"
+    np.testing.assert_array_equal(compiled.sequences.asnumpy(), pynative.sequences.asnumpy())
+    assert compiled.sequences.shape[1] == two_rows["input_ids"].shape[1] + NEW_TOKENS
+    for step in range(1, NEW_TOKENS):  # step 0 is the prompt's forward, the same code on both paths
+        assert relative_error(compiled.logits[step].asnumpy(), pynative.logits[step].asnumpy()) <= 1e-5
+        assert len(compiled.hidden_states[step]) == len(pynative.hidden_states[step])  # embeddings, layers, final norm
+        for ours, theirs in zip(compiled.hidden_states[step], pynative.hidden_states[step]):
+            assert ours.shape == theirs.shape
+            assert relative_error(ours.asnumpy(), theirs.asnumpy()) <= 1e-5
+
+
+def test_the_cache_handed_back_holds_every_decoded_position(mindone, two_rows, monkeypatch):
+    compiled = thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False)
+    pynative = thinker_generate(mindone, two_rows, False, monkeypatch, do_sample=False)
+    positions = two_rows["input_ids"].shape[1] + NEW_TOKENS - 1  # the last token chosen is never fed back
+    rows = two_rows["input_ids"].shape[0]
+    for ours, theirs in zip(compiled.past_key_values.layers, pynative.past_key_values.layers):
+        assert ours.keys.shape == theirs.keys.shape == (rows, ours.keys.shape[1], positions, ours.keys.shape[3])
+        # left padding: a padded row's first keys are garbage on both paths and masked; compare what is attended
+        for row in range(rows):
+            real = int(two_rows["attention_mask"][row].sum())
+            start = two_rows["input_ids"].shape[1] - real
+            for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+                assert relative_error(a[row, :, start:].asnumpy(), b[row, :, start:].asnumpy()) <= 1e-5
+
+
+def test_a_graph_is_built_once_per_shape_and_refilled_for_the_next_request(mindone, two_rows, monkeypatch):
+    """Later requests of the same shape reuse the first one's graph: its buffers are refilled in place (a
+    graph keeps the memory it was compiled with; rebinding a buffer would leave it reading an old cache)."""
+    first = thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False)
+    graph = graphs_of(mindone)[(2, 256)]
+    swapped = {key: value[::-1].copy() for key, value in two_rows.items()}  # the same shape, other caches
+    expected = thinker_generate(mindone, swapped, False, monkeypatch, do_sample=False)
+    actual = thinker_generate(mindone, swapped, True, monkeypatch, do_sample=False)
+    np.testing.assert_array_equal(actual.sequences.asnumpy(), expected.sequences.asnumpy())
+    again = thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False)
+    np.testing.assert_array_equal(again.sequences.asnumpy(), first.sequences.asnumpy())
+    assert graphs_of(mindone)[(2, 256)] is graph
+
+
+def test_capacity_is_rounded_up_to_share_graphs():
+    assert decode_graph.capacity_for(1) == decode_graph.CAPACITY_STEP
+    assert decode_graph.capacity_for(decode_graph.CAPACITY_STEP) == decode_graph.CAPACITY_STEP
+    assert decode_graph.capacity_for(decode_graph.CAPACITY_STEP + 1) == 2 * decode_graph.CAPACITY_STEP
+
+
+def test_what_the_graph_does_not_cover_keeps_the_pynative_step(mindone, two_rows, monkeypatch):
+    from mindone.transformers.generation.configuration_utils import GenerationConfig
+
+    thinker = mindone.model.thinker
+    thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False)  # sets the rope deltas
+    config = GenerationConfig(max_length=300)
+    assert decode_graph.applies(thinker, 2, False, config)
+    assert not decode_graph.applies(thinker, 2, True, config)  # ZeRO-3 / expert parallel: ranks step together
+    too_many = DEVICE_DISPATCH_MAX_SLOTS // thinker.config.text_config.num_experts_per_tok + 1
+    assert not decode_graph.applies(thinker, too_many, False, config)  # more (row, expert) slots than device dispatch takes
+    assert not decode_graph.applies(mindone.model.talker, 1, False, config)
+    assert not decode_graph.applies(thinker, 2, False, GenerationConfig(max_length=300, output_attentions=True))
+
+
+@pytest.mark.parametrize("sampling_seed", [None, 7], ids=["greedy", "sampled"])
+def test_compiled_talker_step_gives_the_pynative_steps_codes_and_speech(mindone, tiny_checkpoint, sample_media,
+                                                                        monkeypatch, sampling_seed):  # fmt: skip
+    """Frames after the first run the code predictor from a cleared cache: every frame's codes must match."""
+    from tests.reference import processor_inputs, request_conversation
+
+    inputs = processor_inputs(tiny_checkpoint, request_conversation("image_audio", sample_media), False)
+    runs = []
+    for graph in (True, False):
+        with monkeypatch.context() as patch:
+            if not graph:
+                patch.setattr(decode_graph, "applies", lambda *args: False)
+            runs.append(mindone.generate(inputs, False, 4, return_audio=True, talker_new_tokens=12,
+                                         sampling_seed=sampling_seed))  # fmt: skip
+    compiled, pynative = runs
+    assert mindone.model.talker.__dict__.get("_decode_graphs"), "the compiled talker step did not run"
+    assert compiled.codes.shape == pynative.codes.shape and compiled.codes.shape[-1] > 2  # several frames
+    np.testing.assert_array_equal(compiled.codes, pynative.codes)
+    np.testing.assert_array_equal(compiled.tokens, pynative.tokens)
+    assert np.abs(compiled.wav - pynative.wav).max() <= 1e-5
