@@ -42,16 +42,19 @@ def load_model(path: Path, dtype: str, attn_implementation: str, with_talker: bo
 
 
 def shard_model(model, runtime, stack: bool = True):
-    """Apply `runtime.parallel` to a freshly loaded model, before its first forward; unless ZeRO-3
-    (which shards each expert's own weights) or `stack` is False (stock mindone, the benchmark's
-    baseline), stack the experts of every MoE block so that decode steps route on the device."""
+    """Apply `runtime.parallel` to a freshly loaded model, before its first forward; unless `stack` is
+    False (stock mindone, the benchmark's baseline), stack the experts of every MoE block (under
+    ZeRO-3, each rank's shards of them) so that decode steps route on the device."""
     if runtime.parallel == "zero3":
         from mindspore.communication import GlobalComm
 
         from mindone.trainers.zero import prepare_network
 
-        # each rank keeps 1/N of every weight and gathers it when used
-        return prepare_network(model, zero_stage=3, optimizer_parallel_group=GlobalComm.WORLD_COMM_GROUP)
+        # each rank keeps 1/N of every weight and gathers it when used; the experts' shards are then stacked
+        model = prepare_network(model, zero_stage=3, optimizer_parallel_group=GlobalComm.WORLD_COMM_GROUP)
+        if stack:
+            stack_experts(model, zero3_world_size=runtime.world_size)
+        return model
     if runtime.parallel == "expert":
         keep_local_experts(model, runtime.rank, runtime.world_size)
     if stack:

@@ -10,8 +10,8 @@ expert), and the two ways it runs its experts:
 
 Two features depend on this: the faster paths (every block, every expert) and expert
 parallelism (one rank's share of the experts, plus an all-reduce), so it lives here,
-imported by both. ZeRO-3 shards each expert's own weights, so its experts stay unstacked
-and always take the host-read path.
+imported by both. Under ZeRO-3 each rank stacks its 1/N of every expert's weights, and the
+experts a step runs are all-gathered by device indices (`GatheredStackedExperts`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import gc
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, mint, nn
+from mindspore import Parameter, mint, nn, ops
 
 # A decode step (one new token per row) of up to this many (token, expert) slots runs its experts
 # from device indices: a batch of up to 16 rows at top-8. Prompts, and larger batches, read the
@@ -103,15 +103,50 @@ class StackedExperts(nn.Cell):
         return lambda x: self.expert(expert, x)
 
     def expert(self, expert: int, x):
-        gate, up, down = self.gate[expert], self.up[expert], self.down[expert]
+        gate, up, down = (w[0] for w in self.weights(ms.Tensor([expert], ms.int64)))
         return mint.matmul(self.act_fn(mint.matmul(x, gate.T)) * mint.matmul(x, up.T), down.T)
+
+    def weights(self, experts):
+        """The gate, up and down weights of the experts numbered by `experts` (a device tensor), stacked."""
+        return tuple(mint.index_select(w, 0, experts) for w in (self.gate, self.up, self.down))
 
     def slots(self, x, experts):
         """Row i of x through expert experts[i], for every row at once: (slots, hidden) -> (slots, hidden)."""
-        gate, up, down = (mint.index_select(w, 0, experts) for w in (self.gate, self.up, self.down))
+        gate, up, down = self.weights(experts)
         rows = x.unsqueeze(1)  # (slots, 1, hidden)
         inner = self.act_fn(mint.bmm(rows, gate.transpose(1, 2))) * mint.bmm(rows, up.transpose(1, 2))
         return mint.bmm(inner, down.transpose(1, 2)).squeeze(1)
+
+
+class GatheredStackedExperts(StackedExperts):
+    """ZeRO-3's experts, stacked: each rank holds its 1/N of every expert's weights, split along
+    their first axis as mindone's ZeRO-3 splits every Linear weight, so the bytes held per rank do
+    not change. The experts a step needs are picked by device indices from the local shards and
+    all-gathered from every rank, one AllGather per weight for all of them: the same bytes as
+    gathering each chosen expert's Linear weights, and no host read of the routing."""
+
+    def __init__(self, experts: nn.CellList, world_size: int):
+        # a weight whose first axis does not divide by N stays whole on every rank, as in mindone's ZeRO-3
+        split = {role: _is_split(experts[0], role) for role in ("gate_proj", "up_proj", "down_proj")}
+        super().__init__(experts)
+        self.split, self.world_size = split, world_size
+        self.all_gather = ops.AllGather()  # the world group, where mindone's ZeRO-3 gathers
+
+    def weights(self, experts):
+        local = super().weights(experts)  # (k, rows / N, cols) each
+        return tuple(self._gather(w) if self.split[role] else w
+                     for w, role in zip(local, ("gate_proj", "up_proj", "down_proj")))  # fmt: skip
+
+    def _gather(self, shard):
+        k, rows, cols = shard.shape
+        gathered = self.all_gather(shard).reshape(self.world_size, k, rows, cols)  # ranks' shards, rank by rank
+        return gathered.transpose(1, 0, 2, 3).reshape(k, self.world_size * rows, cols)
+
+
+def _is_split(expert, role: str) -> bool:
+    """Whether mindone's ZeRO-3 split this Linear's weight (its wrapper gathers it on use)."""
+    wrapper = getattr(getattr(expert, role), "param_wrapper_w", None)
+    return bool(getattr(wrapper, "need_rewrite", False))
 
 
 def dispatch_on_device(experts: StackedExperts, hidden_states, weights, selected, first_expert: int = 0):
@@ -133,13 +168,14 @@ def dispatch_on_device(experts: StackedExperts, hidden_states, weights, selected
     return combined
 
 
-def stack_experts(model: nn.Cell) -> int:
-    """Replace the experts of every sparse MoE block (thinker and talker) by `StackedExperts`,
-    so that decode steps run them from device indices; returns how many blocks changed."""
+def stack_experts(model: nn.Cell, zero3_world_size: int = 0) -> int:
+    """Replace the experts of every sparse MoE block (thinker and talker) by `StackedExperts`
+    (`GatheredStackedExperts` after mindone's ZeRO-3 has split them over `zero3_world_size`
+    ranks), so that decode steps run them from device indices; returns how many blocks changed."""
     stacked = 0
     for _, cell in model.cells_and_names():
         if type(cell).__name__ in MOE_BLOCKS and not isinstance(cell.experts, StackedExperts):
-            cell.experts = StackedExperts(cell.experts)
+            cell.experts = GatheredStackedExperts(cell.experts, zero3_world_size) if zero3_world_size else StackedExperts(cell.experts)
             stacked += 1
     gc.collect()
     return stacked
