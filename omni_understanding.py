@@ -40,6 +40,7 @@ from omni_helpers.cli import (
 from omni_helpers.conversation import media_in, resolve_paths, user_turn, with_system_prompt
 from omni_helpers.errors import RequestError
 from omni_helpers.requests import Request, load_conversation_file, load_requests_file
+from omni_helpers.runtime import configure_openmp
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 
@@ -86,6 +87,7 @@ def main(args: argparse.Namespace):
     except RequestError as error:
         exit_for(error)
 
+    configure_openmp(args.device_target)
     # MindSpore, mindone and torch are imported only now, so that --help and bad requests answer at once.
     from omni_helpers.answering import Output, answer_in_batches, answer_one
     from omni_helpers.loading import load_model, load_processor, shard_model

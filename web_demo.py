@@ -37,6 +37,7 @@ from omni_helpers.cli import (
     check_common_flags, exit_for, generation_settings, resolve_precision,
 )  # fmt: skip
 from omni_helpers.errors import RequestError
+from omni_helpers.runtime import configure_openmp
 from omni_helpers.settings import GenerationSettings
 from omni_helpers.validation import check_device, check_settings
 
@@ -96,6 +97,7 @@ def main(args: argparse.Namespace) -> None:
     except RequestError as error:
         exit_for(error)
 
+    configure_openmp(args.device_target)
     # MindSpore, mindone and torch are imported only now, so that --help and bad flags answer at once.
     from omni_helpers.loading import load_model, load_processor, shard_model
     from omni_helpers.lockstep import Lockstep

@@ -111,6 +111,8 @@ def mindspore_run(model, processor, inputs, new_tokens: int, speech: bool, talke
         "decode_tokens_per_second": metrics["thinker_decode_tokens_per_second"],
         "talker_frames_per_second": metrics["talker_frames_per_second"],
         "communicated_bytes_per_decoded_token": metrics["communicated_bytes_per_decoded_token"],
+        "decoded_tokens": metrics["decoded_tokens"],  # fewer than asked when the answer ends early
+        "talker_frames": metrics["talker_codec_frames"],
     }
 
 
@@ -126,12 +128,17 @@ def reference_run(model, processor, inputs, new_tokens: int, speech: bool, talke
     thinker, talker = StepStream(), StepStream()
     handles = thinker.watch(model.thinker) + talker.watch(model.talker)  # torch modules take the same hooks
     torch_inputs = {k: (torch.from_numpy(v).float() if v.dtype.kind == "f" else torch.from_numpy(v).long()) for k, v in inputs.items()}
+    # torch's default, one thread per core, whatever the process's OpenMP setting for MindSpore (`configure_openmp`);
+    # the setting is the calling thread's, which MindSpore's own operations share, so it is put back after
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count())
     try:
         with torch.no_grad():
             model.generate(**torch_inputs, return_audio=speech, thinker_max_new_tokens=new_tokens,
                            thinker_eos_token_id=model.config.im_end_token_id, thinker_do_sample=False,
                            talker_do_sample=False, talker_max_new_tokens=talker_frames)  # fmt: skip
     finally:
+        torch.set_num_threads(threads)
         for handle in handles:
             handle.remove()
     return {
@@ -159,37 +166,45 @@ def launched_ops(run) -> int:
     return total
 
 
-def host_syncs(run) -> tuple[int, int]:
-    """Host reads of tensor values while `run()` ran: (those an NPU would also make, the CPU fallbacks' own)."""
+def host_syncs(run) -> tuple[int, int, dict]:
+    """Host reads of tensor values while `run()` ran: (those an NPU would also make, the CPU fallbacks' own,
+    the run's figures)."""
     from omni_helpers.host_syncs import counting_host_syncs
 
     with counting_host_syncs() as syncs:
-        run()
+        figures = run()
     cpu_only = sum(n for site, n in syncs.sites.items() if "cpu_fallbacks" in site)
-    return syncs.count - cpu_only, cpu_only
+    return syncs.count - cpu_only, cpu_only, figures
+
+
+def per_step(many, few, steps: str) -> tuple[float, float]:
+    """Reads per step from two counted runs: their difference over the difference in steps taken."""
+    taken = many[2][steps] - few[2][steps]
+    return round((many[0] - few[0]) / taken, 2), round((many[1] - few[1]) / taken, 2)
 
 
 def host_syncs_per_decoded_token(model, processor, inputs, new_tokens: int) -> dict:
-    """(reads of a run of N tokens - reads of the prefill alone) / (N - 1)."""
+    """(reads of a run of N tokens - reads of the prefill alone) / the decoding steps between them."""
     many = host_syncs(lambda: mindspore_run(model, processor, inputs, new_tokens, False, 0))
     one = host_syncs(lambda: mindspore_run(model, processor, inputs, 1, False, 0))
-    return {"host_syncs_per_decoded_token": round((many[0] - one[0]) / (new_tokens - 1), 2),
-            "cpu_only_host_syncs_per_decoded_token": round((many[1] - one[1]) / (new_tokens - 1), 2)}  # fmt: skip
+    device, cpu_only = per_step(many, one, "decoded_tokens")
+    return {"host_syncs_per_decoded_token": device, "cpu_only_host_syncs_per_decoded_token": cpu_only}
 
 
 def host_syncs_per_talker_frame(model, processor, inputs, new_tokens: int, frames: int) -> dict:
-    """The same for the talker: (reads with F frames - reads with 2 frames) / (F - 2), the thinker's part the same."""
+    """The same for the talker: runs of F frames and of 2 frames, the thinker's part the same."""
     many = host_syncs(lambda: mindspore_run(model, processor, inputs, new_tokens, True, frames))
     two = host_syncs(lambda: mindspore_run(model, processor, inputs, new_tokens, True, 2))
-    return {"host_syncs_per_talker_frame": round((many[0] - two[0]) / (frames - 2), 2),
-            "cpu_only_host_syncs_per_talker_frame": round((many[1] - two[1]) / (frames - 2), 2)}  # fmt: skip
+    device, cpu_only = per_step(many, two, "talker_frames")
+    return {"host_syncs_per_talker_frame": device, "cpu_only_host_syncs_per_talker_frame": cpu_only}
 
 
 def ops_per_decoded_token(model, processor, inputs, new_tokens: int) -> float:
-    """(ops for prefill + new_tokens-1 decode steps - ops for prefill alone) / (new_tokens - 1)."""
-    with_decode = launched_ops(lambda: mindspore_run(model, processor, inputs, new_tokens, False, 0))
-    prefill_only = launched_ops(lambda: mindspore_run(model, processor, inputs, 1, False, 0))
-    return round((with_decode - prefill_only) / (new_tokens - 1), 1)
+    """(ops for prefill + the decode steps - ops for prefill alone) / the decode steps."""
+    figures = {}
+    with_decode = launched_ops(lambda: figures.setdefault("many", mindspore_run(model, processor, inputs, new_tokens, False, 0)))
+    prefill_only = launched_ops(lambda: figures.setdefault("one", mindspore_run(model, processor, inputs, 1, False, 0)))
+    return round((with_decode - prefill_only) / (figures["many"]["decoded_tokens"] - figures["one"]["decoded_tokens"]), 1)
 
 
 def batch_run(model, processor, conversations, batch_size: int, new_tokens: int) -> dict:
@@ -241,7 +256,7 @@ def ratio(a: dict, b: dict) -> dict:
     """a/b for speeds, b/a for seconds, counts and bytes: above 1 means `a` is better."""
     out = {}
     for key in a.keys() & b.keys():
-        if a[key] and b[key]:
+        if a[key] and b[key] and key not in ("decoded_tokens", "talker_frames"):  # counts of work, not figures of merit
             lower_is_better = key in LOWER_IS_BETTER
             out[key] = round(b[key] / a[key] if lower_is_better else a[key] / b[key], 3)
     return out
@@ -307,9 +322,11 @@ def load_model_for(key: str, model_path: Path, device_target: str, runtime):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from omni_helpers.runtime import configure_openmp, setup_runtime
+
+    configure_openmp(args.device_target)  # before MindSpore loads, as the scripts do
     from omni_helpers.checkpoint import resolve_checkpoint
     from omni_helpers.patches import install_patches
-    from omni_helpers.runtime import setup_runtime
 
     if args.topology == "released":
         from scripts.make_tiny_checkpoint import build_checkpoint
@@ -357,8 +374,13 @@ def main(argv=None) -> dict:
             install_patches(args.device_target, fast_paths=variant != "stock")
             model = models[model_for(variant)]
             run = reference_run if variant == "reference" else mindspore_run
+            # a first request compiles the decode graphs of its shape (optimized) and warms caches: it is run
+            # once before the timed repeats, and its decode rate reported apart (stock has nothing to compile)
+            first = None if variant == "stock" else run(model, processor, inputs, args.new_tokens, speech, args.talker_frames)
             runs = [run(model, processor, inputs, args.new_tokens, speech, args.talker_frames) for _ in range(args.repeats)]
             row[variant] = {key: median([r[key] for r in runs]) for key in runs[0]}
+            if first is not None:
+                row[variant]["first_request_decode_tokens_per_second"] = first["decode_tokens_per_second"]
             if variant in DISTRIBUTED:
                 row[variant]["parameter_bytes"] = parameter_bytes(model)
             if variant != "reference" and not speech:
