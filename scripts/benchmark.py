@@ -381,6 +381,8 @@ def main(argv=None) -> dict:
             row[variant] = {key: median([r[key] for r in runs]) for key in runs[0]}
             if first is not None:
                 row[variant]["first_request_decode_tokens_per_second"] = first["decode_tokens_per_second"]
+                if speech:
+                    row[variant]["first_request_talker_frames_per_second"] = first["talker_frames_per_second"]
             if variant in DISTRIBUTED:
                 row[variant]["parameter_bytes"] = parameter_bytes(model)
             if variant != "reference" and not speech:
