@@ -11,8 +11,10 @@ Model (MindSpore and mindone):
   (patching): cpu_fallbacks (CPU only), mindone_fixes and fast_paths (every device)
 - loading, parallel, expert_parallel, sparse_moe: loading, and --parallel zero3 | expert | none
 - decode_loop, decode_steps: the generation loop and the thinker's and talker's decode steps
-  with one host read per step (faster paths)
-- core: the one generation call, generate_answers; inputs, streaming (text), speech_stream (speech)
+  with one host read per step (faster paths); decode_graph: those steps compiled, on KV caches
+  written in place
+- core: the one generation call, generate_answers; inputs, streaming (text), speech_stream (speech),
+  forward_taps (timing forwards without a hook per request)
 - answering, outputs: printing, streaming and filing answers; quiet: library chatter off stdout
 - metrics, collectives, host_syncs: figures returned as values, counters installed only while counting
 
