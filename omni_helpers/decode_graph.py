@@ -30,9 +30,13 @@ Covered: a model loaded with `--parallel none` whose experts were stacked
 (`sparse_moe.StackedExperts`), full attention without biases, default rope, up to
 `DEVICE_DISPATCH_MAX_SLOTS` (row, expert) slots. ZeRO-3 (weights gathered per layer) and
 expert parallelism (an all-reduce per layer) keep the PyNative steps. `applies` decides.
+The compiled steps have run on CPU only: if one fails at its first call, where MindSpore
+compiles it, the model decodes in PyNative from then on and says why once (`run`).
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 
@@ -55,6 +59,8 @@ def applies(model, rows: int, synced_gpus: bool, generation_config) -> bool:
     """Whether this generate call's decode steps can run as a compiled graph (asked after the prompt's forward)."""
     kind = type(model).__name__
     if kind not in (THINKER, TALKER) or synced_gpus or ms.get_context("mode") != ms.PYNATIVE_MODE:
+        return False
+    if "_decode_graph_error" in model.__dict__:  # it could not compile on this device: PyNative from then on
         return False
     if model.rope_deltas is None or generation_config.output_attentions or generation_config.max_length is None:
         return False
@@ -103,6 +109,26 @@ def start(model, model_kwargs, new_tokens: int):
         graphs.pop(next(iter(graphs)))
     graph.buffers.fill(cache, model_kwargs.get("attention_mask"))
     return graph
+
+
+def run(graph, model, input_ids, model_kwargs):
+    """One decode step through `graph` (the model's forward, so its hooks see it), or None when the
+    graph's first call fails: it is where MindSpore compiles it, and a device where the compiled step
+    does not build (it has run on CPU only) should still answer, step by step. The model then keeps
+    to PyNative and the reason is said once on stderr."""
+    if graph.compiled:
+        return model(**graph.inputs(input_ids, model_kwargs), return_dict=True)
+    try:
+        outputs = model(**graph.inputs(input_ids, model_kwargs), return_dict=True)
+    except (RuntimeError, TypeError, ValueError) as error:
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        model.__dict__["_decode_graph_error"] = reason
+        model.__dict__.pop("_decode_graphs", None)
+        print(f"warning: the compiled decode step did not build ({reason}); decoding step by step instead",
+              file=sys.stderr)  # fmt: skip
+        return None
+    graph.compiled = True
+    return outputs
 
 
 # ----------------------------------------------------------------------------- the KV buffers
@@ -155,7 +181,7 @@ class ThinkerGraph:
     forward (`fast_paths.thinker_construct`), so the forward hooks that time steps see every step."""
 
     def __init__(self, thinker, rows: int, capacity: int):
-        self.thinker = thinker
+        self.thinker, self.compiled = thinker, False
         self.buffers = KVBuffers(thinker.model, rows, capacity, "thinker")
         self.step = ms.jit(thinker_step(thinker, self.buffers))
 
@@ -184,7 +210,7 @@ class TalkerGraph:
     frame's summed embedding, and the talker's decode step (`fast_paths.talker_construct` runs it)."""
 
     def __init__(self, talker, rows: int, capacity: int):
-        self.talker = talker
+        self.talker, self.compiled = talker, False
         self.buffers = KVBuffers(talker.model, rows, capacity, "talker")
         groups = talker.code_predictor.config.num_code_groups
         self.predictor_buffers = KVBuffers(talker.code_predictor.model, rows, groups, "code_predictor")

@@ -60,11 +60,10 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
             # from the first decode step on (a request that stops at its first token builds no graph); the
             # length limit counts the ids so far (none for a prompt given as embeddings, as the talker's is)
             graph = decode_graph.start(model, model_kwargs, generation_config.max_length - input_ids.shape[1])
-        if graph is None:
-            model_inputs = model.prepare_inputs_for_generation(input_ids, **model_kwargs)
-        else:  # the graph needs only the newest tokens, their position and what the stage adds
-            model_inputs = graph.inputs(input_ids, model_kwargs)
-        outputs = model(**model_inputs, return_dict=True)
+        outputs = None if graph is None else decode_graph.run(graph, model, input_ids, model_kwargs)
+        if outputs is None:  # the prompt, a step the graph does not cover, or a graph that could not compile
+            graph = None
+            outputs = model(**model.prepare_inputs_for_generation(input_ids, **model_kwargs), return_dict=True)
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
         if not this_peer_finished:  # a finished rank keeps running forwards until every rank is done (ZeRO-3)
             logits = outputs.logits[:, -1, :]  # left padding: the last position is every row's last token

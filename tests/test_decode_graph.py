@@ -134,3 +134,33 @@ def test_compiled_talker_step_gives_the_pynative_steps_codes_and_speech(mindone,
     np.testing.assert_array_equal(compiled.codes, pynative.codes)
     np.testing.assert_array_equal(compiled.tokens, pynative.tokens)
     assert np.abs(compiled.wav - pynative.wav).max() <= 1e-5
+
+
+def test_a_step_that_does_not_build_falls_back_to_pynative_and_says_why(mindone, two_rows, monkeypatch, capfd):
+    """The compiled steps have run on CPU only: a device where one fails at its first call (where
+    MindSpore compiles it) must still answer, step by step, and say why once on stderr."""
+    expected = thinker_generate(mindone, two_rows, False, monkeypatch, do_sample=False)
+    thinker = mindone.model.thinker
+
+    def unbuildable(thinker, buffers):
+        def step(input_ids, cache_position, rope_deltas):
+            raise RuntimeError("The kernel ScatterNdUpdate unregistered")
+
+        return step
+
+    monkeypatch.setattr(decode_graph, "thinker_step", unbuildable)
+    monkeypatch.setitem(thinker.__dict__, "_decode_graphs", {})  # no graph of this shape built yet
+    capfd.readouterr()
+    try:
+        first = thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False)
+        second = thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False)
+        reason = thinker.__dict__.get("_decode_graph_error")
+    finally:
+        thinker.__dict__.pop("_decode_graph_error", None)
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "compiled decode step did not build" in line]
+    assert len(warnings) == 1  # once: the second request does not try again
+    assert warnings[0].startswith("warning: the compiled decode step did not build (RuntimeError: ")
+    assert "The kernel ScatterNdUpdate unregistered" in warnings[0] and warnings[0].endswith("decoding step by step instead")
+    assert reason.startswith("RuntimeError: ") and "ScatterNdUpdate" in reason
+    for result in (first, second):
+        np.testing.assert_array_equal(result.sequences.asnumpy(), expected.sequences.asnumpy())
