@@ -116,11 +116,11 @@ def run(graph, model, input_ids, model_kwargs):
     graph's first call fails: it is where MindSpore compiles it, and a device where the compiled step
     does not build (it has run on CPU only) should still answer, step by step. The model then keeps
     to PyNative and the reason is said once on stderr."""
-    if graph.compiled:
-        return model(**graph.inputs(input_ids, model_kwargs), return_dict=True)
     try:
         outputs = model(**graph.inputs(input_ids, model_kwargs), return_dict=True)
     except (RuntimeError, TypeError, ValueError) as error:
+        if graph.compiled:  # a failure after the compilation is a real one
+            raise
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         model.__dict__["_decode_graph_error"] = reason
         model.__dict__.pop("_decode_graphs", None)
@@ -176,14 +176,25 @@ class KVBuffers:
 # ----------------------------------------------------------------------------- the graphs
 
 
-class ThinkerGraph:
+class DecodeGraph:
+    """What both stages' graphs share: the compiled step, the stage's KV buffers (handed back to
+    mindone's cache by `finish`), and whether the first call, the compilation, went through."""
+
+    def __init__(self, buffers: KVBuffers, step):
+        self.buffers, self.step, self.compiled = buffers, ms.jit(step), False
+
+    def finish(self) -> None:
+        self.buffers.hand_back()
+
+
+class ThinkerGraph(DecodeGraph):
     """The thinker's compiled decode step and its buffers. The generation loop hands it to the thinker's
     forward (`fast_paths.thinker_construct`), so the forward hooks that time steps see every step."""
 
     def __init__(self, thinker, rows: int, capacity: int):
-        self.thinker, self.compiled = thinker, False
-        self.buffers = KVBuffers(thinker.model, rows, capacity, "thinker")
-        self.step = ms.jit(thinker_step(thinker, self.buffers))
+        self.thinker = thinker
+        buffers = KVBuffers(thinker.model, rows, capacity, "thinker")
+        super().__init__(buffers, thinker_step(thinker, buffers))
 
     def inputs(self, input_ids, model_kwargs) -> dict:
         """The forward's arguments for a decode step: each row's newest token and its position."""
@@ -201,20 +212,17 @@ class ThinkerGraph:
             rope_deltas=self.thinker.rope_deltas,
         )  # fmt: skip
 
-    def finish(self) -> None:
-        self.buffers.hand_back()
 
-
-class TalkerGraph:
+class TalkerGraph(DecodeGraph):
     """The talker's compiled frame step: the code predictor's residual codes for the last frame, the
     frame's summed embedding, and the talker's decode step (`fast_paths.talker_construct` runs it)."""
 
     def __init__(self, talker, rows: int, capacity: int):
-        self.talker, self.compiled = talker, False
-        self.buffers = KVBuffers(talker.model, rows, capacity, "talker")
+        self.talker = talker
+        buffers = KVBuffers(talker.model, rows, capacity, "talker")
         groups = talker.code_predictor.config.num_code_groups
-        self.predictor_buffers = KVBuffers(talker.code_predictor.model, rows, groups, "code_predictor")
-        self.step = ms.jit(talker_step(talker, self.buffers, self.predictor_buffers))
+        predictor_buffers = KVBuffers(talker.code_predictor.model, rows, groups, "code_predictor")  # cleared every frame
+        super().__init__(buffers, talker_step(talker, buffers, predictor_buffers))
 
     def inputs(self, input_ids, model_kwargs) -> dict:
         """The forward's arguments for a frame: the frame's first code, the talker's last hidden state,
@@ -238,9 +246,6 @@ class TalkerGraph:
             hidden_states=(tuple(hidden_states), codes),  # mindone carries the frame's codes here
             generation_step=arguments["generation_step"] + 1,
         )  # fmt: skip
-
-    def finish(self) -> None:
-        self.buffers.hand_back()
 
 
 # ----------------------------------------------------------------------------- the step functions

@@ -61,7 +61,7 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
             # length limit counts the ids so far (none for a prompt given as embeddings, as the talker's is)
             graph = decode_graph.start(model, model_kwargs, generation_config.max_length - input_ids.shape[1])
         outputs = None if graph is None else decode_graph.run(graph, model, input_ids, model_kwargs)
-        if outputs is None:  # the prompt, a step the graph does not cover, or a graph that could not compile
+        if outputs is None:  # the prompt, a stage the graph does not cover, or a graph that could not compile
             graph = None
             outputs = model(**model.prepare_inputs_for_generation(input_ids, **model_kwargs), return_dict=True)
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)

@@ -127,15 +127,14 @@ class GatheredStackedExperts(StackedExperts):
 
     def __init__(self, experts: nn.CellList, world_size: int):
         # a weight whose first axis does not divide by N stays whole on every rank, as in mindone's ZeRO-3
-        split = {role: _is_split(experts[0], role) for role in ("gate_proj", "up_proj", "down_proj")}
+        split = [_is_split(experts[0], role) for role in ("gate_proj", "up_proj", "down_proj")]  # as `weights` orders them
         super().__init__(experts)
         self.split, self.world_size = split, world_size
         self.all_gather = ops.AllGather()  # the world group, where mindone's ZeRO-3 gathers
 
     def weights(self, experts):
         local = super().weights(experts)  # (k, rows / N, cols) each
-        return tuple(self._gather(w) if self.split[role] else w
-                     for w, role in zip(local, ("gate_proj", "up_proj", "down_proj")))  # fmt: skip
+        return tuple(self._gather(w) if split else w for w, split in zip(local, self.split))
 
     def _gather(self, shard):
         k, rows, cols = shard.shape

@@ -149,13 +149,14 @@ def reference_run(model, processor, inputs, new_tokens: int, speech: bool, talke
     }
 
 
-def launched_ops(run) -> int:
-    """Operations MindSpore launched while `run()` ran, counted from its profiler's CPU op timeline."""
+def launched_ops(run) -> tuple[int, dict]:
+    """Operations MindSpore launched while `run()` ran, counted from its profiler's CPU op timeline,
+    and the run's figures."""
     from mindspore.profiler import Profiler
 
     with tempfile.TemporaryDirectory() as folder:
         profiler = Profiler(output_path=folder)
-        run()
+        figures = run()
         profiler.stop()
         profiler.analyse()
         total = 0
@@ -163,7 +164,7 @@ def launched_ops(run) -> int:
             for line in timeline.read_text().splitlines():
                 fields = line.split(";")
                 total += len(fields[2].split()) if len(fields) >= 3 else 0  # one timestamp per launch
-    return total
+    return total, figures
 
 
 def host_syncs(run) -> tuple[int, int, dict]:
@@ -177,10 +178,11 @@ def host_syncs(run) -> tuple[int, int, dict]:
     return syncs.count - cpu_only, cpu_only, figures
 
 
-def per_step(many, few, steps: str) -> tuple[float, float]:
-    """Reads per step from two counted runs: their difference over the difference in steps taken."""
-    taken = many[2][steps] - few[2][steps]
-    return round((many[0] - few[0]) / taken, 2), round((many[1] - few[1]) / taken, 2)
+def per_step(many: tuple, few: tuple, steps: str, digits: int = 2) -> tuple[float, ...]:
+    """Counts per step from two counted runs, each (count, ..., the run's figures): the counts'
+    differences over the difference in steps taken."""
+    taken = many[-1][steps] - few[-1][steps]
+    return tuple(round((a - b) / taken, digits) for a, b in zip(many[:-1], few[:-1]))
 
 
 def host_syncs_per_decoded_token(model, processor, inputs, new_tokens: int) -> dict:
@@ -201,10 +203,9 @@ def host_syncs_per_talker_frame(model, processor, inputs, new_tokens: int, frame
 
 def ops_per_decoded_token(model, processor, inputs, new_tokens: int) -> float:
     """(ops for prefill + the decode steps - ops for prefill alone) / the decode steps."""
-    figures = {}
-    with_decode = launched_ops(lambda: figures.setdefault("many", mindspore_run(model, processor, inputs, new_tokens, False, 0)))
-    prefill_only = launched_ops(lambda: figures.setdefault("one", mindspore_run(model, processor, inputs, 1, False, 0)))
-    return round((with_decode - prefill_only) / (figures["many"]["decoded_tokens"] - figures["one"]["decoded_tokens"]), 1)
+    with_decode = launched_ops(lambda: mindspore_run(model, processor, inputs, new_tokens, False, 0))
+    prefill_only = launched_ops(lambda: mindspore_run(model, processor, inputs, 1, False, 0))
+    return per_step(with_decode, prefill_only, "decoded_tokens", digits=1)[0]
 
 
 def batch_run(model, processor, conversations, batch_size: int, new_tokens: int) -> dict:
