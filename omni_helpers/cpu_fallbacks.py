@@ -188,11 +188,18 @@ def _sum_of_nothing(input, dim, keepdim: bool, dtype):
 _INTEGRAL = (ms.bool_, ms.int8, ms.int16, ms.int32, ms.int64, ms.uint8)
 
 
+def _widened(input, dtype):
+    """A narrow integer input, which a sum promotes to int64 with a Cast inside (about 400 us on CPU,
+    as `tensor_to` explains), widened through numpy first: the same sum, 20 times sooner. Attention
+    masks are int32 here, and mindone sums them on every prompt."""
+    return input.to(ms.int64) if dtype is None and input.dtype in _INTEGRAL and input.dtype != ms.int64 else input
+
+
 @replaces("mindspore.mint:sum")
 def mint_sum(input, dim=None, keepdim=False, *, dtype=None):
     if input.size == 0:
         return _sum_of_nothing(input, dim, keepdim, dtype)
-    return original("mindspore.mint:sum")(input, dim, keepdim, dtype=dtype)
+    return original("mindspore.mint:sum")(_widened(input, dtype), dim, keepdim, dtype=dtype)
 
 
 @replaces("mindspore.common.tensor.Tensor:sum")
@@ -201,7 +208,7 @@ def tensor_sum(self, *args, **kwargs):
         dim = args[0] if args else kwargs.get("dim", kwargs.get("axis"))
         keepdim = kwargs.get("keepdim", kwargs.get("keepdims", False))
         return _sum_of_nothing(self, dim, keepdim, kwargs.get("dtype"))
-    return original("mindspore.common.tensor.Tensor:sum")(self, *args, **kwargs)
+    return original("mindspore.common.tensor.Tensor:sum")(_widened(self, kwargs.get("dtype")), *args, **kwargs)
 
 
 @replaces("mindspore.mint:cumsum")

@@ -321,8 +321,44 @@ def talker_step(talker, buffers: KVBuffers, predictor_buffers: KVBuffers):
 # ----------------------------------------------------------------------------- layers
 
 
+_MATMUL_BT = ops.MatMul(transpose_b=True)  # x @ weight.T without a transposed copy of the weight
+_BATCH_MATMUL_BT = ops.BatchMatMul(transpose_b=True)
+
+
 def linear(x, weight):
-    return ops.matmul(x, ops.transpose(weight, (1, 0)))
+    return _MATMUL_BT(x, weight)
+
+
+def batched_linear(x, weights):
+    """x (batch, rows, in) through a weight (batch, out, in) each: (batch, rows, out)."""
+    return _BATCH_MATMUL_BT(x, weights)
+
+
+def dense(x, gate, up, down):
+    """A gated MLP (SiLU), from its three Linear weights."""
+    return linear(mint.nn.functional.silu(linear(x, gate)) * linear(x, up), down)
+
+
+def route(x, weights: dict, dtype):
+    """A MoE layer's routing as mindone's: (top-k weights in `dtype`, renormalised if configured; chosen experts)."""
+    routing = ops.softmax(ops.cast(linear(x, weights["router"]), ms.float32), -1)
+    chosen_weights, chosen = ops.topk(routing, weights["top_k"])
+    if weights["normalize"]:
+        chosen_weights = chosen_weights / ops.ReduceSum(keep_dims=True)(chosen_weights, -1)
+    return ops.cast(chosen_weights, dtype), chosen
+
+
+def rms_norm_with(x, weight, eps: float, dtype):
+    """mindone's RMS norm: the statistics in float32, the result in `dtype`."""
+    x = ops.cast(x, ms.float32)
+    variance = ops.mean(ops.square(x), -1, keep_dims=True)  # x * x: pow(x, 2)'s value, and Pow is a slow CPU kernel
+    return weight * ops.cast(x * ops.rsqrt(variance + eps), dtype)
+
+
+def rotate(x, cos, sin):
+    """Rope applied to x (..., head dim): x * cos + rotate_half(x) * sin."""
+    first, second = ops.split(x, x.shape[-1] // 2, -1)
+    return x * cos + ops.concat((-second, first), -1) * sin
 
 
 def rope_function(rotary, dtype):
@@ -346,7 +382,7 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
     config = text_model.config
     rows, capacity, dtype = buffers.rows, buffers.capacity, buffers.dtype
     heads, kv_heads, head_dim = config.num_attention_heads, buffers.kv_heads, buffers.head_dim
-    groups, half = heads // kv_heads, head_dim // 2
+    groups = heads // kv_heads
     eps, scaling = config.rms_norm_eps, head_dim**-0.5
     layers = [layer_weights(layer) for layer in decoder_layers(text_model)]
     final_norm = text_model.norm.weight
@@ -362,13 +398,7 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
     token_index = ms.Tensor(np.arange(tokens, dtype=np.int64).reshape(tokens, 1))
 
     def rms_norm(x, weight):
-        x = ops.cast(x, ms.float32)
-        variance = ops.mean(ops.pow(x, 2), -1, keep_dims=True)
-        return weight * ops.cast(x * ops.rsqrt(variance + eps), dtype)
-
-    def rotate(x, cos, sin):
-        first, second = ops.split(x, half, -1)
-        return x * cos + ops.concat((-second, first), -1) * sin
+        return rms_norm_with(x, weight, eps, dtype)
 
     def attention(x, cos, sin, position, weights, keys, values):
         query = linear(x, weights["q"]).reshape(rows, tokens, heads, head_dim)
@@ -384,7 +414,7 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
         values = ops.depend(values, ops.scatter_nd_update(values, write_at, new_values))
         # heads sharing a kv head are adjacent: (rows, kv heads, groups * tokens, head dim)
         query = ops.transpose(query, (0, 2, 1, 3)).reshape(rows, kv_heads, groups * tokens, head_dim)
-        scores = ops.cast(ops.matmul(query, ops.transpose(keys, (0, 1, 3, 2))) * scaling, ms.float32)
+        scores = ops.cast(batched_linear(query, keys) * scaling, ms.float32)
         scores = scores.reshape(rows, kv_heads, groups, tokens, capacity) + mask.reshape(rows, 1, 1, 1, capacity)
         if tokens > 1:  # new tokens see each other causally
             later = ops.cast(key_index > position + token_index, ms.float32) * MASKED  # (tokens, capacity)
@@ -393,24 +423,17 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
         out = ops.matmul(probs, values).reshape(rows, heads, tokens, head_dim)
         return linear(ops.transpose(out, (0, 2, 1, 3)).reshape(rows * tokens, heads * head_dim), weights["o"])
 
-    def dense(x, gate, up, down):
-        return linear(mint.nn.functional.silu(linear(x, gate)) * linear(x, up), down)
-
     def experts(x, weights):
-        routing = ops.softmax(ops.cast(linear(x, weights["router"]), ms.float32), -1)
-        chosen_weights, chosen = ops.topk(routing, weights["top_k"])
-        if weights["normalize"]:
-            chosen_weights = chosen_weights / ops.ReduceSum(keep_dims=True)(chosen_weights, -1)
-        chosen_weights = ops.cast(chosen_weights, dtype)
+        chosen_weights, chosen = route(x, weights, dtype)
         ascending, order = ops.sort(ops.cast(chosen, ms.float32))  # mindone adds the experts' outputs in this order
         slot_weights = ops.gather_elements(chosen_weights, 1, order)
         slots = ops.cast(ascending, ms.int32).reshape(-1)
         top_k, count = weights["top_k"], x.shape[0]
         inputs = ops.broadcast_to(x.reshape(count, 1, 1, -1), (count, top_k, 1, x.shape[-1])).reshape(count * top_k, 1, -1)
-        gate = ops.bmm(inputs, ops.transpose(ops.gather(weights["experts_gate"], slots, 0), (0, 2, 1)))
-        up = ops.bmm(inputs, ops.transpose(ops.gather(weights["experts_up"], slots, 0), (0, 2, 1)))
-        down = ops.transpose(ops.gather(weights["experts_down"], slots, 0), (0, 2, 1))
-        out = ops.bmm(mint.nn.functional.silu(gate) * up, down).reshape(count, top_k, -1)
+        gate = batched_linear(inputs, ops.gather(weights["experts_gate"], slots, 0))
+        up = batched_linear(inputs, ops.gather(weights["experts_up"], slots, 0))
+        down = ops.gather(weights["experts_down"], slots, 0)
+        out = batched_linear(mint.nn.functional.silu(gate) * up, down).reshape(count, top_k, -1)
         out = out * slot_weights.reshape(count, top_k, 1)
         combined = out[:, 0]
         for i in range(1, top_k):

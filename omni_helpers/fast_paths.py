@@ -37,7 +37,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import mint
 
-from . import decode_loop, decode_steps
+from . import decode_loop, decode_steps, prompt_graph
 from .patching import PatchSet
 from .sparse_moe import sparse_moe_forward
 
@@ -167,6 +167,24 @@ def thinker_construct(self, input_ids=None, input_features=None, pixel_values=No
     if decode_graph is not None:
         return decode_graph.forward({**arguments, **kwargs})
     return FAST_PATHS.original(f"{THINKER}:construct")(self, **arguments, **kwargs)
+
+
+@FAST_PATHS.replaces(f"{MODELING}.Qwen3OmniMoeThinkerTextModel:construct")
+def thinker_text_construct(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                           inputs_embeds=None, use_cache=None, cache_position=None, visual_pos_masks=None,
+                           deepstack_visual_embeds=None, output_hidden_states=None, **kwargs):  # fmt: skip
+    """mindone's thinker text model; a prompt it covers runs as one compiled graph (`prompt_graph`)."""
+    if position_ids is not None and prompt_graph.applies(self, inputs_embeds, past_key_values, use_cache, kwargs):
+        outputs = prompt_graph.forward(self, inputs_embeds, attention_mask, position_ids, past_key_values,
+                                       visual_pos_masks, deepstack_visual_embeds, output_hidden_states)  # fmt: skip
+        if outputs is not None:
+            return outputs
+    return FAST_PATHS.original(f"{MODELING}.Qwen3OmniMoeThinkerTextModel:construct")(
+        self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+        cache_position=cache_position, visual_pos_masks=visual_pos_masks,
+        deepstack_visual_embeds=deepstack_visual_embeds, output_hidden_states=output_hidden_states, **kwargs,
+    )  # fmt: skip
 
 
 @FAST_PATHS.replaces(f"{TALKER}:prepare_inputs_for_generation")

@@ -172,9 +172,12 @@ def stack_experts(model: nn.Cell, zero3_world_size: int = 0) -> int:
     (`GatheredStackedExperts` after mindone's ZeRO-3 has split them over `zero3_world_size`
     ranks), so that decode steps run them from device indices; returns how many blocks changed."""
     stacked = 0
-    for _, cell in model.cells_and_names():
+    for path, cell in model.cells_and_names():
         if type(cell).__name__ in MOE_BLOCKS and not isinstance(cell.experts, StackedExperts):
             cell.experts = GatheredStackedExperts(cell.experts, zero3_world_size) if zero3_world_size else StackedExperts(cell.experts)
+            # named by the block's path (assignment names them "experts.gate", ...): a compiled graph holding
+            # several layers' experts (`prompt_graph`) refuses two parameters of the same name
+            cell.experts.update_parameters_name(f"{path}.experts.")
             stacked += 1
     gc.collect()
     return stacked

@@ -103,3 +103,25 @@ def tiny_plan(tiny_checkpoint, runtime_cpu):
     from scripts.plan_memory import plan
 
     return plan(str(tiny_checkpoint), world_size=2, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def mindone(tiny_checkpoint):
+    """mindone's model set up and called as the scripts do (`tests.reference.MindOne`), shared by the modules
+    that compare one of the project's paths with the path it replaces."""
+    from tests.reference import MindOne
+
+    return MindOne(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def two_rows(tiny_checkpoint, mindone):  # mindone: runtime set up first
+    """Two prompts of different lengths in one left-padded batch."""
+    from tests.reference import batch_inputs
+
+    conversations = [
+        [{"role": "user", "content": "Describe the sound of a short sentence, then say it twice."}],
+        [{"role": "user", "content": "Hi"}],
+    ]
+    return batch_inputs(tiny_checkpoint, conversations, False)
+

@@ -211,3 +211,32 @@ def top2_margins(step_logits: np.ndarray) -> np.ndarray:
     """Gap between the best and second-best logit at every greedy step."""
     top2 = np.sort(step_logits, axis=-1)[:, -2:]
     return top2[:, 1] - top2[:, 0]
+
+
+def thinker_generate(mindone, inputs, new_tokens: int, monkeypatch, pynative=None, **settings):
+    """The thinker's generate, returning every step's logits and hidden states; with `pynative` (a module
+    of the project's compiled paths, `decode_graph` or `prompt_graph`) that path turned off."""
+    import mindspore as ms
+
+    from omni_helpers.inputs import to_mindspore
+
+    with monkeypatch.context() as patch:
+        if pynative is not None:
+            patch.setattr(pynative, "applies", lambda *args: False)
+        return mindone.model.thinker.generate(
+            **to_mindspore(inputs, ms.float32), max_new_tokens=new_tokens, return_dict_in_generate=True,
+            output_hidden_states=True, output_logits=True, use_audio_in_video=False, **settings,
+        )  # fmt: skip
+
+
+def after_a_failed_build(run, owner, error_key: str, capfd, warning: str) -> tuple:
+    """Two requests (`run()`) after a compiled path's first call failed: (their results, the reason kept on
+    `owner` under `error_key`, the stderr lines containing `warning`). The reason is cleared afterwards."""
+    capfd.readouterr()
+    try:
+        results = (run(), run())
+        reason = owner.__dict__.get(error_key)
+    finally:
+        owner.__dict__.pop(error_key, None)
+    return results, reason, [line for line in capfd.readouterr().err.splitlines() if warning in line]
+

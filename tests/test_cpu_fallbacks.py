@@ -232,6 +232,20 @@ def test_a_sum_over_nothing_is_zero_every_time():
     assert mint.sum(full).asnumpy().item() == 6.0 and full.sum(axis=1).asnumpy().tolist() == [3.0, 3.0]
 
 
+def test_a_narrow_integer_sum_is_widened_first_and_gives_the_promoted_sum():
+    """An int32 (or bool, ...) sum is promoted to int64 by a 400 us Cast; the fallback widens through numpy."""
+    for dtype in (np.int32, np.int8, np.uint8, np.bool_):
+        array = RNG.integers(0, 2 if dtype is np.bool_ else 100, (3, 7)).astype(dtype)
+        stock_whole = fb.CPU_FALLBACKS.original("mindspore.common.tensor.Tensor:sum")(t(array))
+        stock_rows = fb.CPU_FALLBACKS.original("mindspore.mint:sum")(t(array), -1, True)
+        assert fb.tensor_sum(t(array)).dtype == stock_whole.dtype == ms.int64
+        assert fb.tensor_sum(t(array)).asnumpy().item() == stock_whole.asnumpy().item() == array.astype(np.int64).sum()
+        assert fb.mint_sum(t(array), -1, True).dtype == stock_rows.dtype == ms.int64
+        np.testing.assert_array_equal(fb.mint_sum(t(array), dim=-1, keepdim=True).asnumpy(), stock_rows.asnumpy())
+        np.testing.assert_array_equal(fb.tensor_sum(t(array), dim=0).asnumpy(), array.astype(np.int64).sum(0))
+    assert fb.tensor_sum(t(np.ones((2, 2), np.int32)), dtype=ms.float32).dtype == ms.float32  # an asked dtype is kept
+
+
 CAST_SOURCES = {
     "float32": np.concatenate([RNG.standard_normal(200) * 1e3, [0.0, -0.0, 1 + 2**-11, 1 + 3 * 2**-11, 65504, 7e4, -7e4,
                                                                  np.inf, -np.inf, 6e-8, 1e-9]]).astype(np.float32),

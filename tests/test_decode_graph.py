@@ -9,37 +9,15 @@ import mindspore as ms
 
 from omni_helpers import decode_graph
 from omni_helpers.sparse_moe import DEVICE_DISPATCH_MAX_SLOTS
-from tests.reference import MindOne, batch_inputs, relative_error
+from tests.reference import after_a_failed_build, relative_error
+from tests.reference import thinker_generate as generate
 
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def mindone(tiny_checkpoint):
-    return MindOne(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def two_rows(tiny_checkpoint):
-    """Two prompts of different lengths in one left-padded batch."""
-    conversations = [
-        [{"role": "user", "content": "Describe the sound of a short sentence, then say it twice."}],
-        [{"role": "user", "content": "Hi"}],
-    ]
-    return batch_inputs(tiny_checkpoint, conversations, False)
-
-
 def thinker_generate(mindone, inputs, graph: bool, monkeypatch, **settings):
     """The thinker's generate with the compiled step, or with every step in PyNative."""
-    from omni_helpers.inputs import to_mindspore
-
-    with monkeypatch.context() as patch:
-        if not graph:
-            patch.setattr(decode_graph, "applies", lambda *args: False)
-        return mindone.model.thinker.generate(
-            **to_mindspore(inputs, ms.float32), max_new_tokens=NEW_TOKENS, return_dict_in_generate=True,
-            output_hidden_states=True, output_logits=True, **settings,
-        )  # fmt: skip
+    return generate(mindone, inputs, NEW_TOKENS, monkeypatch, None if graph else decode_graph, **settings)
 
 
 def graphs_of(mindone) -> dict:
@@ -110,6 +88,7 @@ def test_what_the_graph_does_not_cover_keeps_the_pynative_step(mindone, two_rows
     assert not decode_graph.applies(thinker, 2, True, config)  # ZeRO-3 / expert parallel: ranks step together
     too_many = DEVICE_DISPATCH_MAX_SLOTS // thinker.config.text_config.num_experts_per_tok + 1
     assert not decode_graph.applies(thinker, too_many, False, config)  # more (row, expert) slots than device dispatch takes
+    monkeypatch.setattr(mindone.model.talker, "rope_deltas", None)  # no prompt run yet: no positions to decode from
     assert not decode_graph.applies(mindone.model.talker, 1, False, config)
     assert not decode_graph.applies(thinker, 2, False, GenerationConfig(max_length=300, output_attentions=True))
 
@@ -152,17 +131,13 @@ def test_a_step_that_does_not_build_falls_back_to_pynative_and_says_why(mindone,
 
     monkeypatch.setattr(decode_graph, "thinker_step", unbuildable)
     monkeypatch.setitem(thinker.__dict__, "_decode_graphs", {})  # no graph of this shape built yet
-    capfd.readouterr()
-    try:
-        first = thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False)
-        second = thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False)
-        reason = thinker.__dict__.get("_decode_graph_error")
-    finally:
-        thinker.__dict__.pop("_decode_graph_error", None)
-    warnings = [line for line in capfd.readouterr().err.splitlines() if "compiled decode step did not build" in line]
+    results, reason, warnings = after_a_failed_build(
+        lambda: thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False), thinker,
+        "_decode_graph_error", capfd, "compiled decode step did not build",
+    )  # fmt: skip
     assert len(warnings) == 1  # once: the second request does not try again
     assert warnings[0].startswith("warning: the compiled decode step did not build (RuntimeError: ")
     assert "The kernel ScatterNdUpdate unregistered" in warnings[0] and warnings[0].endswith("decoding step by step instead")
     assert reason.startswith("RuntimeError: ") and "ScatterNdUpdate" in reason
-    for result in (first, second):
+    for result in results:
         np.testing.assert_array_equal(result.sequences.asnumpy(), expected.sequences.asnumpy())

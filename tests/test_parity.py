@@ -25,11 +25,6 @@ def uses_audio_in_video(kind: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def mindone(tiny_checkpoint):
-    return MindOne(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
 def requests(tiny_checkpoint, sample_media, mindone):  # mindone: runtime set up first
     return {
         kind: processor_inputs(tiny_checkpoint, request_conversation(kind, sample_media), uses_audio_in_video(kind))
