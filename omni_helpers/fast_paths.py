@@ -34,10 +34,12 @@ with them installed and tests/test_fast_paths.py compares them with mindone's ow
 
 from __future__ import annotations
 
+import numpy as np
+
 import mindspore as ms
 from mindspore import mint
 
-from . import decode_loop, decode_steps, prompt_graph
+from . import decode_loop, decode_steps, host_positions, prompt_graph
 from .patching import PatchSet
 from .sparse_moe import sparse_moe_forward
 
@@ -167,6 +169,48 @@ def thinker_construct(self, input_ids=None, input_features=None, pixel_values=No
     if decode_graph is not None:
         return decode_graph.forward({**arguments, **kwargs})
     return FAST_PATHS.original(f"{THINKER}:construct")(self, **arguments, **kwargs)
+
+
+ROPE_OWNER = f"{MODELING}.Qwen3OmniMoePreTrainedModelForConditionalGeneration"
+
+
+@FAST_PATHS.replaces(f"{ROPE_OWNER}:get_rope_index")
+def get_rope_index(self, input_ids=None, image_grid_thw=None, video_grid_thw=None, attention_mask=None,
+                   use_audio_in_video=False, audio_seqlens=None, second_per_grids=None):  # fmt: skip
+    """mindone's 3-D rope positions (thinker and talker), computed on the host in numpy (`host_positions`)."""
+    if input_ids is None or attention_mask is None:  # the cases mindone's walk does not handle either
+        return FAST_PATHS.original(f"{ROPE_OWNER}:get_rope_index")(
+            self, input_ids, image_grid_thw, video_grid_thw, attention_mask, use_audio_in_video, audio_seqlens,
+            second_per_grids,
+        )  # fmt: skip
+    host = [None if t is None else t.asnumpy() if isinstance(t, ms.Tensor) else np.asarray(t)
+            for t in (input_ids, image_grid_thw, video_grid_thw, attention_mask, audio_seqlens, second_per_grids)]  # fmt: skip
+    ids, images, videos, mask, audio_lengths, seconds = host
+    positions, deltas = host_positions.rope_index(self.config, self.spatial_merge_size, ids, images, videos, mask,
+                                              use_audio_in_video, audio_lengths, seconds)  # fmt: skip
+    return ms.Tensor(positions), ms.Tensor(deltas)
+
+
+VISION = f"{MODELING}.Qwen3OmniMoeVisionEncoder"
+
+
+@FAST_PATHS.replaces(f"{VISION}:fast_pos_embed_interpolate")
+def vision_position_embeddings(self, grid_thw):
+    """Each patch's learned position embedding, interpolated to its frame's grid: the four neighbours'
+    table rows and weights from the host (`host_positions`), one lookup and three adds on the device."""
+    indices, weights = host_positions.interpolated_patch_positions(grid_thw.asnumpy(), self.num_grid_per_side,
+                                                                   self.config.spatial_merge_size)  # fmt: skip
+    embeds = self.pos_embed(ms.Tensor(indices)) * ms.Tensor(weights).to(self.pos_embed.weight.dtype)[:, :, None]
+    return embeds[0] + embeds[1] + embeds[2] + embeds[3]  # mindone's order
+
+
+@FAST_PATHS.replaces(f"{VISION}:rot_pos_emb")
+def vision_rotary_embeddings(self, grid_thw):
+    """Each patch's rotary frequencies for its (row, column), the coordinates from the host (`host_positions`)."""
+    grid = grid_thw.asnumpy()
+    table = self.rotary_pos_emb(int(grid[:, 1:].max()))  # (largest side, dim / 2)
+    coordinates = ms.Tensor(host_positions.patch_coordinates(grid, self.spatial_merge_size))
+    return ms.ops.gather(table, coordinates.reshape(-1), 0).reshape(coordinates.shape[0], -1)
 
 
 @FAST_PATHS.replaces(f"{MODELING}.Qwen3OmniMoeThinkerTextModel:construct")
