@@ -36,18 +36,16 @@ compiles it, the model decodes in PyNative from then on and says why once (`run`
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 import mindspore as ms
 from mindspore import Parameter, mint, ops
 
+from . import compiled
+from .graph_ops import MASKED, batched_linear, dense, linear, rms_norm_with, rotate, route
 from .sparse_moe import DEVICE_DISPATCH_MAX_SLOTS, SPARSE_MOE_BLOCKS, StackedExperts
 
 CAPACITY_STEP = 256  # cache lengths are rounded up to this, so nearby request lengths share one compiled graph
-GRAPHS_KEPT = 2  # compiled graphs (and their buffers) kept per model, most recent last
-MASKED = float(np.finfo(np.float32).min)  # an additive mask's "not visible", as mindone's masks use it
 THINKER = "Qwen3OmniMoeThinkerForConditionalGeneration"
 TALKER = "Qwen3OmniMoeTalkerForConditionalGeneration"
 
@@ -60,7 +58,7 @@ def applies(model, rows: int, synced_gpus: bool, generation_config) -> bool:
     kind = type(model).__name__
     if kind not in (THINKER, TALKER) or synced_gpus or ms.get_context("mode") != ms.PYNATIVE_MODE:
         return False
-    if "_decode_graph_error" in model.__dict__:  # it could not compile on this device: PyNative from then on
+    if compiled.failed(model, "decode_graph"):  # it could not compile on this device: PyNative from then on
         return False
     if model.rope_deltas is None or generation_config.output_attentions or generation_config.max_length is None:
         return False
@@ -101,34 +99,18 @@ def start(model, model_kwargs, new_tokens: int):
     cache = model_kwargs["past_key_values"]
     rows, _, prompt_length, _ = cache.layers[0].keys.shape
     key = (rows, capacity_for(prompt_length + new_tokens))
-    graphs = model.__dict__.setdefault("_decode_graphs", {})  # a plain attribute: not a sub-cell
     kind = ThinkerGraph if type(model).__name__ == THINKER else TalkerGraph
-    graph = graphs.pop(key, None) or kind(model, *key)
-    graphs[key] = graph
-    while len(graphs) > GRAPHS_KEPT:
-        graphs.pop(next(iter(graphs)))
+    graph = compiled.kept(model, "decode_graph", key, lambda: kind(model, *key))
     graph.buffers.fill(cache, model_kwargs.get("attention_mask"))
     return graph
 
 
 def run(graph, model, input_ids, model_kwargs):
     """One decode step through `graph` (the model's forward, so its hooks see it), or None when the
-    graph's first call fails: it is where MindSpore compiles it, and a device where the compiled step
-    does not build (it has run on CPU only) should still answer, step by step. The model then keeps
-    to PyNative and the reason is said once on stderr."""
-    try:
-        outputs = model(**graph.inputs(input_ids, model_kwargs), return_dict=True)
-    except (RuntimeError, TypeError, ValueError) as error:
-        if graph.compiled:  # a failure after the compilation is a real one
-            raise
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        model.__dict__["_decode_graph_error"] = reason
-        model.__dict__.pop("_decode_graphs", None)
-        print(f"warning: the compiled decode step did not build ({reason}); decoding step by step instead",
-              file=sys.stderr)  # fmt: skip
-        return None
-    graph.compiled = True
-    return outputs
+    graph's first call fails (`compiled.first_call`): the model then decodes step by step."""
+    return compiled.first_call(graph, model, "decode_graph",
+                               lambda: model(**graph.inputs(input_ids, model_kwargs), return_dict=True),
+                               "decode step", "decoding step by step instead")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the KV buffers
@@ -319,46 +301,6 @@ def talker_step(talker, buffers: KVBuffers, predictor_buffers: KVBuffers):
 
 
 # ----------------------------------------------------------------------------- layers
-
-
-_MATMUL_BT = ops.MatMul(transpose_b=True)  # x @ weight.T without a transposed copy of the weight
-_BATCH_MATMUL_BT = ops.BatchMatMul(transpose_b=True)
-
-
-def linear(x, weight):
-    return _MATMUL_BT(x, weight)
-
-
-def batched_linear(x, weights):
-    """x (batch, rows, in) through a weight (batch, out, in) each: (batch, rows, out)."""
-    return _BATCH_MATMUL_BT(x, weights)
-
-
-def dense(x, gate, up, down):
-    """A gated MLP (SiLU), from its three Linear weights."""
-    return linear(mint.nn.functional.silu(linear(x, gate)) * linear(x, up), down)
-
-
-def route(x, weights: dict, dtype):
-    """A MoE layer's routing as mindone's: (top-k weights in `dtype`, renormalised if configured; chosen experts)."""
-    routing = ops.softmax(ops.cast(linear(x, weights["router"]), ms.float32), -1)
-    chosen_weights, chosen = ops.topk(routing, weights["top_k"])
-    if weights["normalize"]:
-        chosen_weights = chosen_weights / ops.ReduceSum(keep_dims=True)(chosen_weights, -1)
-    return ops.cast(chosen_weights, dtype), chosen
-
-
-def rms_norm_with(x, weight, eps: float, dtype):
-    """mindone's RMS norm: the statistics in float32, the result in `dtype`."""
-    x = ops.cast(x, ms.float32)
-    variance = ops.mean(ops.square(x), -1, keep_dims=True)  # x * x: pow(x, 2)'s value, and Pow is a slow CPU kernel
-    return weight * ops.cast(x * ops.rsqrt(variance + eps), dtype)
-
-
-def rotate(x, cos, sin):
-    """Rope applied to x (..., head dim): x * cos + rotate_half(x) * sin."""
-    first, second = ops.split(x, x.shape[-1] // 2, -1)
-    return x * cos + ops.concat((-second, first), -1) * sin
 
 
 def rope_function(rotary, dtype):

@@ -39,7 +39,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import mint
 
-from . import decode_loop, decode_steps, host_positions, prompt_graph
+from . import decode_loop, decode_steps, encoder_graph, host_positions, prompt_graph
 from .patching import PatchSet
 from .sparse_moe import sparse_moe_forward
 
@@ -192,6 +192,16 @@ def get_rope_index(self, input_ids=None, image_grid_thw=None, video_grid_thw=Non
 
 
 VISION = f"{MODELING}.Qwen3OmniMoeVisionEncoder"
+
+
+@FAST_PATHS.replaces(f"{VISION}:construct")
+def vision_construct(self, hidden_states, grid_thw, **kwargs):
+    """mindone's vision encoder; its blocks and mergers run as one compiled graph where it applies (`encoder_graph`)."""
+    if encoder_graph.vision_applies(self):
+        outputs = encoder_graph.vision_forward(self, hidden_states, grid_thw)
+        if outputs is not None:
+            return outputs
+    return FAST_PATHS.original(f"{VISION}:construct")(self, hidden_states, grid_thw, **kwargs)
 
 
 @FAST_PATHS.replaces(f"{VISION}:fast_pos_embed_interpolate")

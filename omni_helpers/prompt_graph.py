@@ -35,15 +35,14 @@ failure at its first call sends the model back to PyNative prompts, with one war
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 import mindspore as ms
 from mindspore import mint, ops
 
-from .decode_graph import (GRAPHS_KEPT, MASKED, batched_linear, decoder_covered, decoder_layers, layer_weights, linear,
-                           rms_norm_with, rotate, route)  # fmt: skip
+from . import compiled
+from .decode_graph import decoder_covered, decoder_layers, layer_weights
+from .graph_ops import MASKED, batched_linear, linear, rms_norm_with, rotate, route
 from .sparse_moe import StackedExperts
 
 BUCKET_MIN = 64  # the shortest padded prompt: below it, a new graph per length would cost more than the padding
@@ -55,7 +54,7 @@ def applies(text_model, inputs_embeds, past_key_values, use_cache, kwargs: dict)
     """Whether this text-model call is a prompt the graph covers."""
     if type(text_model).__name__ != TEXT_MODEL or ms.get_context("mode") != ms.PYNATIVE_MODE:
         return False
-    if "_prompt_graph_error" in text_model.__dict__ or inputs_embeds is None:
+    if compiled.failed(text_model, "prompt_graph") or inputs_embeds is None:
         return False
     if kwargs.get("output_attentions") or kwargs.get("output_router_logits"):
         return False
@@ -83,20 +82,18 @@ def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_va
     rows, length, _ = inputs_embeds.shape
     bucket = bucket_for(length)
     deepstack = deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds)
-    graph = graph_for(text_model, rows, bucket, len(deepstack))
+    key = (rows, bucket, len(deepstack))
+    graph = compiled.kept(text_model, "prompt_graph", key, lambda: PromptGraph(text_model, *key))
     if position_ids.ndim == 3 and position_ids.shape[0] == 4:  # text positions first, as mindone's text model reads them
         position_ids = position_ids[1:]
     cos, sin = text_model.rotary_emb(inputs_embeds, position_ids)
     real = mint.ones((rows, length), dtype=ms.float32) if attention_mask is None else attention_mask.to(ms.float32)
     padded = [pad_positions(t, bucket) for t in (inputs_embeds, cos, sin, real, *deepstack)]
-    try:
-        hidden, *rest = graph.step(*padded)
-    except (RuntimeError, TypeError, ValueError) as error:
-        if graph.compiled:  # a failure after the compilation is a real one
-            raise
-        give_up(text_model, error)
+    outputs = compiled.first_call(graph, text_model, "prompt_graph", lambda: graph.step(*padded), "prompt",
+                                  "running prompts step by step instead")  # fmt: skip
+    if outputs is None:
         return None
-    graph.compiled = True
+    hidden, *rest = outputs
     layers = len(graph.layers)
     hidden_states, keys, values = rest[: layers + 1], rest[layers + 1 : 2 * layers + 1], rest[2 * layers + 1 :]
     for layer, (key, value) in enumerate(zip(keys, values)):
@@ -105,14 +102,6 @@ def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_va
         last_hidden_state=hidden[:, :length], past_key_values=past_key_values,
         hidden_states=tuple(h[:, :length] for h in hidden_states) if output_hidden_states else None,
     )  # fmt: skip
-
-
-def give_up(text_model, error) -> None:
-    """PyNative prompts from now on for this model, and why, said once."""
-    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-    text_model.__dict__["_prompt_graph_error"] = reason
-    text_model.__dict__.pop("_prompt_graphs", None)
-    print(f"warning: the compiled prompt did not build ({reason}); running prompts step by step instead", file=sys.stderr)
 
 
 def deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds) -> list:
@@ -134,17 +123,6 @@ def pad_positions(tensor, bucket: int):
     if length == bucket:
         return tensor
     return mint.cat([tensor, mint.zeros((rows, bucket - length, *tensor.shape[2:]), dtype=tensor.dtype)], dim=1)
-
-
-def graph_for(text_model, rows: int, bucket: int, deepstack_layers: int):
-    """The compiled prompt for this shape, kept on the model (the latest `GRAPHS_KEPT`)."""
-    key = (rows, bucket, deepstack_layers)
-    graphs = text_model.__dict__.setdefault("_prompt_graphs", {})  # a plain attribute: not a sub-cell
-    graph = graphs.pop(key, None) or PromptGraph(text_model, rows, bucket, deepstack_layers)
-    graphs[key] = graph
-    while len(graphs) > GRAPHS_KEPT:
-        graphs.pop(next(iter(graphs)))
-    return graph
 
 
 class PromptGraph:

@@ -1,0 +1,93 @@
+"""The compiled vision encoder (omni_helpers/encoder_graph.py) against mindone's PyNative encoder it replaces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+
+from omni_helpers import encoder_graph, fast_paths
+from tests.reference import after_a_failed_build, processor_inputs, relative_error, request_conversation
+
+
+def pixels(tiny_checkpoint, sample_media, kind: str) -> tuple:
+    """(pixel values, grids) of a request: the image of "image_audio", the frames of "silent_video"."""
+    inputs = processor_inputs(tiny_checkpoint, request_conversation(kind, sample_media), False)
+    name = "" if kind == "image_audio" else "_videos"
+    grid = "image_grid_thw" if kind == "image_audio" else "video_grid_thw"
+    return ms.Tensor(inputs[f"pixel_values{name}"]), ms.Tensor(inputs[grid])
+
+
+def pynative(vision, pixel_values, grid):
+    return fast_paths.FAST_PATHS.original(f"{fast_paths.VISION}:construct")(vision, pixel_values, grid)
+
+
+@pytest.mark.parametrize("kind", ["image_audio", "silent_video"], ids=["image", "video_frames"])
+def test_compiled_encoder_gives_mindones_features_and_deepstack_features(mindone, tiny_checkpoint, sample_media, kind):
+    """A video's frames attend within themselves: the frame mask is exercised there."""
+    vision = mindone.model.thinker.visual
+    pixel_values, grid = pixels(tiny_checkpoint, sample_media, kind)
+    assert encoder_graph.vision_applies(vision)
+    ours = encoder_graph.vision_forward(vision, pixel_values, grid)
+    theirs = pynative(vision, pixel_values, grid)
+    assert len(ours[1]) == len(theirs[1]) == len(vision.deepstack_visual_indexes) > 0
+    for mine, reference in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]]):
+        assert mine.shape == reference.shape
+        assert relative_error(mine.asnumpy(), reference.asnumpy()) <= 1e-6
+    if kind == "silent_video":
+        assert int(grid.asnumpy()[0, 0]) > 1  # several frames
+    patches = int(np.prod(grid.asnumpy(), axis=1).sum())
+    assert (encoder_graph.bucket_for(patches),) in vision.__dict__["_vision_graphs"]
+
+
+def test_frames_see_only_themselves_and_padding_nothing():
+    mask = encoder_graph.frame_mask(np.array([[2, 2, 2], [1, 2, 4]]), 32)  # two frames of 4 patches, one of 8
+    visible = mask == 0
+    assert visible[:4, :4].all() and visible[4:8, 4:8].all() and visible[8:16, 8:16].all()
+    assert not visible[:4, 4:].any() and not visible[4:8, 8:].any() and not visible[16:].any() and not visible[:, 16:].any()
+    assert encoder_graph.bucket_for(1) == encoder_graph.BUCKET_MIN and encoder_graph.bucket_for(200) == 256
+
+
+@pytest.mark.parametrize("name", list(encoder_graph.ACTIVATIONS))
+def test_the_graphs_activation_is_the_configured_one(runtime_cpu, name):
+    """On inputs large enough to tell the tanh approximation from erf (the tiny model's activations are not)."""
+    from mindone.transformers.activations import ACT2FN
+
+    from omni_helpers.graph_ops import gelu
+
+    x = ms.Tensor(np.linspace(-6, 6, 2001, dtype=np.float32))
+    np.testing.assert_allclose(gelu(x, encoder_graph.ACTIVATIONS[name]).asnumpy(), ACT2FN[name](x).asnumpy(), rtol=0, atol=1e-6)
+
+
+def test_an_activation_the_graph_does_not_write_keeps_pynative(mindone, monkeypatch):
+    vision = mindone.model.thinker.visual
+    monkeypatch.setattr(vision.config, "hidden_act", "quick_gelu")
+    assert not encoder_graph.vision_applies(vision)
+
+
+def test_an_encoder_that_does_not_build_falls_back_to_pynative_and_says_why(mindone, tiny_checkpoint, sample_media,
+                                                                            monkeypatch, capfd, tmp_path):  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # MindSpore writes a failed graph's analysis to ./rank_0/om
+    vision = mindone.model.thinker.visual
+    pixel_values, grid = pixels(tiny_checkpoint, sample_media, "image_audio")
+    expected = pynative(vision, pixel_values, grid)
+
+    def unbuildable(*args):
+        def step(*inputs):
+            raise RuntimeError("The kernel LayerNorm unregistered")
+
+        return step
+
+    monkeypatch.setattr(encoder_graph, "vision_step", unbuildable)
+    monkeypatch.setitem(vision.__dict__, "_vision_graphs", {})  # no graph of this shape built yet
+    results, reason, warnings = after_a_failed_build(lambda: vision(pixel_values, grid_thw=grid), vision,
+                                                     "_vision_graph_error", capfd, "compiled vision encoder did not build")  # fmt: skip
+    assert len(warnings) == 1  # once: the second call does not try again
+    assert warnings[0].startswith("warning: the compiled vision encoder did not build (RuntimeError: ")
+    assert "LayerNorm unregistered" in warnings[0] and warnings[0].endswith("running it step by step instead")
+    assert reason.startswith("RuntimeError: ") and "LayerNorm" in reason
+    for merged, deepstack in results:
+        np.testing.assert_array_equal(merged.asnumpy(), expected[0].asnumpy())
+        for mine, reference in zip(deepstack, expected[1]):
+            np.testing.assert_array_equal(mine.asnumpy(), reference.asnumpy())
