@@ -12,7 +12,16 @@ from __future__ import annotations
 
 import sys
 
+import mindspore as ms
+
 GRAPHS_KEPT = 2  # compiled graphs (and their buffers) kept per model and kind, most recent last
+
+
+class Graph:
+    """A step function compiled with `mindspore.jit` at its first call, and whether that call went through."""
+
+    def __init__(self, step):
+        self.step, self.compiled = ms.jit(step), False
 
 
 def kept(owner, kind: str, key: tuple, build):

@@ -158,12 +158,13 @@ class KVBuffers:
 # ----------------------------------------------------------------------------- the graphs
 
 
-class DecodeGraph:
-    """What both stages' graphs share: the compiled step, the stage's KV buffers (handed back to
-    mindone's cache by `finish`), and whether the first call, the compilation, went through."""
+class DecodeGraph(compiled.Graph):
+    """What both stages' graphs share: the compiled step and the stage's KV buffers (handed back to
+    mindone's cache by `finish`)."""
 
     def __init__(self, buffers: KVBuffers, step):
-        self.buffers, self.step, self.compiled = buffers, ms.jit(step), False
+        super().__init__(step)
+        self.buffers = buffers
 
     def finish(self) -> None:
         self.buffers.hand_back()

@@ -1,25 +1,31 @@
-"""The vision encoder's transformer (its blocks, DeepStack mergers and patch merger) as one
-compiled graph (a faster path, every device).
+"""The vision encoder's and the audio encoder's transformers as one compiled graph each (a
+faster path, every device).
 
-Why: an image's patches go through every block in PyNative, a launch from Python per
-operation (norms, projections, rope, attention, MLP), about 35 per block plus the mergers';
-for the tiny image + audio request on this CPU that launch cost is most of the vision
-encoder's time. Compiled with `mindspore.jit`, the stack is one call.
+Why: an image's patches, or an audio's frames, go through every block in PyNative, a launch
+from Python per operation (norms, projections, rope, attention, MLP), about 35 per block plus
+the mergers' or the convolutions'; for the tiny image + audio request on this CPU that launch
+cost is most of the encoders' time. Compiled with `mindspore.jit`, each stack is one call.
 
-The patch embedding, the interpolated position embeddings and the rotary frequencies stay in
-PyNative (`fast_paths.vision_position_embeddings`, `vision_rotary_embeddings`). A graph needs
-static shapes: the patches are padded to a power-of-two bucket (at least `BUCKET_MIN`), the
-padding sees nothing and is seen by nothing, and whole merge windows of it are cut from the
-outputs. Each image or video frame attends within itself, as mindone's `cu_seqlens` say, by an
-additive block mask built on the host.
+- Vision: the blocks, DeepStack mergers and patch merger. The patch embedding, the
+  interpolated position embeddings and the rotary frequencies stay in PyNative
+  (`fast_paths.vision_position_embeddings`, `vision_rotary_embeddings`). Each image or video
+  frame attends within itself, as mindone's `cu_seqlens` say, by an additive block mask
+  built on the host.
+- Audio: from the chunked mel frames (cut in PyNative, `mindone_fixes.audio_chunks`) through
+  the three convolutions, the positions, the layers (each token within its attention window,
+  `mindone_fixes.audio_windows`) and the output projection.
 
-The graph computes what mindone's blocks compute, in the same order and dtypes: layer norms,
+A graph needs static shapes: patches, audio chunks and audio tokens are padded to power-of-two
+buckets; padding sees nothing and is seen by nothing, and is cut from the outputs (whole
+merge windows of patches; the tokens of padded chunks are never gathered).
+
+The graphs compute what mindone's layers compute, in the same order and dtypes: layer norms,
 rope in float32, softmax attention in float32 (mindone's eager path; flash attention agrees to
-float rounding), the MLP's activation by its definition (erf, or tanh as configured), the
-mergers' norms before or after the 2 x 2 shuffle as each is configured
-(tests/test_encoder_graph.py). Covered: any device, `--parallel none` and `expert` (the encoder
-is whole on every rank); ZeRO-3's split weights keep PyNative. It has compiled on CPU only: a
-failure at its first call sends the encoder back to PyNative, with one warning (`compiled`).
+float rounding), activations by their definition (erf, or tanh as configured), the mergers'
+norms before or after the 2 x 2 shuffle as each is configured (tests/test_encoder_graph.py).
+Covered: any device, `--parallel none` and `expert` (the encoders are whole on every rank);
+ZeRO-3's split weights keep PyNative. They have compiled on CPU only: a failure at the first
+call sends that encoder back to PyNative, with one warning (`compiled`).
 """
 
 from __future__ import annotations
@@ -30,21 +36,31 @@ import mindspore as ms
 from mindspore import ops
 
 from . import compiled
-from .graph_ops import MASKED, attention, gelu, layer_norm, linear_with_bias, rotate
-from .mindone_fixes import within_blocks
+from .graph_ops import MASKED, attention, conv2d, gelu, layer_norm, linear, linear_with_bias, rotate
+from .mindone_fixes import audio_chunks, audio_windows, conv_output_lengths, real_token_rows, split_into_chunks, within_blocks
 
-BUCKET_MIN = 64  # the fewest padded patches: below it a new graph per patch count would cost more than the padding
-ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # the vision MLP's configured activation, as `gelu` takes it
+BUCKET_MIN = 64  # the fewest padded patches or tokens: below it a graph per count would cost more than the padding
+ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # configured activations, as `gelu` takes them
 VISION_ENCODER = "Qwen3OmniMoeVisionEncoder"
+AUDIO_ENCODER = "Qwen3OmniMoeAudioEncoder"
 
 
 def vision_applies(vision) -> bool:
     """Whether this vision encoder's forward can run as a compiled graph."""
-    if type(vision).__name__ != VISION_ENCODER or ms.get_context("mode") != ms.PYNATIVE_MODE:
+    return encoder_applies(vision, VISION_ENCODER, "vision_graph", vision.config.hidden_act)
+
+
+def audio_applies(audio) -> bool:
+    """Whether this audio encoder's forward can run as a compiled graph."""
+    return encoder_applies(audio, AUDIO_ENCODER, "audio_graph", audio.config.activation_function)
+
+
+def encoder_applies(encoder, kind_name: str, graph_kind: str, activation: str) -> bool:
+    if type(encoder).__name__ != kind_name or ms.get_context("mode") != ms.PYNATIVE_MODE:
         return False
-    if compiled.failed(vision, "vision_graph") or vision.config.hidden_act not in ACTIVATIONS:
+    if compiled.failed(encoder, graph_kind) or activation not in ACTIVATIONS:
         return False
-    return not any(split_by_zero3(cell) for _, cell in vision.cells_and_names())
+    return not any(split_by_zero3(cell) for _, cell in encoder.cells_and_names())
 
 
 def split_by_zero3(cell) -> bool:
@@ -53,8 +69,8 @@ def split_by_zero3(cell) -> bool:
     return bool(getattr(wrapper, "need_rewrite", False))
 
 
-def bucket_for(patches: int) -> int:
-    return max(BUCKET_MIN, 1 << (patches - 1).bit_length())
+def bucket_for(count: int, least: int = BUCKET_MIN) -> int:
+    return max(least, 1 << (count - 1).bit_length())
 
 
 def vision_forward(vision, pixel_values, grid_thw):
@@ -64,8 +80,8 @@ def vision_forward(vision, pixel_values, grid_thw):
     hidden = hidden + vision.fast_pos_embed_interpolate(grid_thw)
     rotary = vision.rot_pos_emb(grid_thw)  # (patches, head dim / 2)
     patches, bucket = hidden.shape[0], bucket_for(hidden.shape[0])
-    graph = compiled.kept(vision, "vision_graph", (bucket,), lambda: VisionGraph(vision, bucket))
-    mask = ms.Tensor(frame_mask(grid_thw.asnumpy(), bucket))
+    graph = compiled.kept(vision, "vision_graph", (bucket,), lambda: compiled.Graph(vision_step(vision, bucket)))
+    mask = ms.Tensor(block_mask(frame_boundaries(grid_thw.asnumpy()), bucket))
     outputs = compiled.first_call(graph, vision, "vision_graph", lambda: graph.step(pad_rows(hidden, bucket),
                                   pad_rows(rotary, bucket), mask), "vision encoder", "running it step by step instead")  # fmt: skip
     if outputs is None:
@@ -75,13 +91,18 @@ def vision_forward(vision, pixel_values, grid_thw):
     return merged, deepstack
 
 
-def frame_mask(grid_thw: np.ndarray, bucket: int) -> np.ndarray:
-    """(bucket, bucket) additive mask: each frame's patches see each other; padding sees and is seen by nothing."""
+def frame_boundaries(grid_thw: np.ndarray) -> np.ndarray:
+    """Where each image or video frame's patches start, and the end: mindone's vision `cu_seqlens`."""
     frame_patches = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
-    boundaries = np.concatenate([[0], np.cumsum(frame_patches)])
+    return np.concatenate([[0], np.cumsum(frame_patches)])
+
+
+def block_mask(boundaries: np.ndarray, bucket: int) -> np.ndarray:
+    """(bucket, bucket) additive mask: rows between consecutive boundaries see each other; padding sees
+    and is seen by nothing."""
     keep = np.zeros((bucket, bucket), bool)
-    patches = int(boundaries[-1])
-    keep[:patches, :patches] = within_blocks(boundaries)[0, 0]
+    rows = int(boundaries[-1])
+    keep[:rows, :rows] = within_blocks(boundaries)[0, 0]
     return np.where(keep, 0.0, MASKED).astype(np.float32)
 
 
@@ -92,15 +113,8 @@ def pad_rows(tensor, bucket: int):
     return ops.concat([tensor, ops.zeros((bucket - tensor.shape[0], *tensor.shape[1:]), tensor.dtype)], 0)
 
 
-class VisionGraph:
-    """The vision encoder's blocks and mergers compiled for `bucket` patches:
-    (patch states, rotary frequencies, frame mask) -> (merged features, DeepStack features...)."""
-
-    def __init__(self, vision, bucket: int):
-        self.step, self.compiled = ms.jit(vision_step(vision, bucket)), False
-
-
 def vision_step(vision, bucket: int):
+    """(patch states, rotary frequencies, frame mask) -> (merged features, DeepStack features...) for `bucket` patches."""
     config = vision.config
     heads = config.num_heads
     head_dim = config.hidden_size // heads
@@ -111,7 +125,7 @@ def vision_step(vision, bucket: int):
     final_merger = merger_weights(vision.merger)
 
     def block(x, cos, sin, mask, weights):
-        h = layer_norm(x, *weights["norm1"], 1e-6)
+        h = layer_norm(x, *weights["norm1"])
         qkv = linear_with_bias(h, *weights["qkv"]).reshape(bucket, 3, heads, head_dim)
         query, key, value = (qkv[:, i] for i in range(3))  # (patches, heads, head dim)
         query = ops.cast(rotate(ops.cast(query, ms.float32), cos, sin), dtype)  # rope in float32, as mindone's
@@ -119,14 +133,14 @@ def vision_step(vision, bucket: int):
         query, key, value = (ops.transpose(t, (1, 0, 2)) for t in (query, key, value))  # (heads, patches, head dim)
         out = ops.transpose(attention(query, key, value, mask, scaling, dtype), (1, 0, 2)).reshape(bucket, -1)
         x = x + linear_with_bias(out, *weights["proj"])
-        h = layer_norm(x, *weights["norm2"], 1e-6)
+        h = layer_norm(x, *weights["norm2"])
         return x + linear_with_bias(gelu(linear_with_bias(h, *weights["fc1"]), activation), *weights["fc2"])
 
     def merge(x, weights):
         """A patch merger: each 2 x 2 window's patches concatenated, normed (before or after), then its MLP."""
         width = weights["width"]
         h = x.reshape(-1, width) if weights["postshuffle"] else x
-        h = layer_norm(h, *weights["norm"], 1e-6).reshape(-1, width)
+        h = layer_norm(h, *weights["norm"]).reshape(-1, width)
         return linear_with_bias(gelu(linear_with_bias(h, *weights["fc1"]), weights["activation"]), *weights["fc2"])
 
     def step(hidden, rotary, mask):
@@ -147,7 +161,7 @@ def block_weights(block) -> dict:
     """A vision block's parameters, by role (each Linear as (weight, bias))."""
     attention_cell, mlp = block.attn, block.mlp
     return {
-        "norm1": (block.norm1.weight, block.norm1.bias), "norm2": (block.norm2.weight, block.norm2.bias),
+        "norm1": norm_weights(block.norm1), "norm2": norm_weights(block.norm2),
         "qkv": (attention_cell.qkv.weight, attention_cell.qkv.bias),
         "proj": (attention_cell.proj.weight, attention_cell.proj.bias),
         "fc1": (mlp.linear_fc1.weight, mlp.linear_fc1.bias), "fc2": (mlp.linear_fc2.weight, mlp.linear_fc2.bias),
@@ -158,6 +172,86 @@ def merger_weights(merger) -> dict:
     first, act, second = merger.mlp
     return {
         "width": merger.hidden_size, "postshuffle": bool(merger.use_postshuffle_norm),
-        "norm": (merger.ln_q.weight, merger.ln_q.bias), "activation": getattr(act, "approximate", "none"),
+        "norm": norm_weights(merger.ln_q), "activation": getattr(act, "approximate", "none"),
         "fc1": (first.weight, first.bias), "fc2": (second.weight, second.bias),
     }  # fmt: skip
+
+
+def norm_weights(norm) -> tuple:
+    return norm.weight, norm.bias, norm.eps
+
+
+# ----------------------------------------------------------------------------- audio
+
+
+def audio_forward(audio, input_features, feature_lens):
+    """The audio encoder's outputs (mindone's `BaseModelOutput`) for (mel, frames) features of audios of
+    `feature_lens` frames; None when the graph fails at its first call (the encoder then stays in PyNative)."""
+    from mindone.transformers.modeling_outputs import BaseModelOutput
+
+    lengths = feature_lens.asnumpy().astype(np.int64)
+    chunk_lengths = split_into_chunks(lengths, audio.n_window * 2)
+    chunks = audio_chunks(input_features, chunk_lengths)  # (chunks, 1, mel, longest)
+    tokens_per_chunk = int(conv_output_lengths(np.array([chunks.shape[-1]]))[0])
+    rows = real_token_rows(chunk_lengths, tokens_per_chunk)
+    chunk_bucket, token_bucket = bucket_for(len(chunk_lengths), 1), bucket_for(len(rows))
+    key = (chunk_bucket, chunks.shape[-1], token_bucket)
+    graph = compiled.kept(audio, "audio_graph", key, lambda: compiled.Graph(audio_step(audio, token_bucket)))
+    mask = ms.Tensor(block_mask(audio_windows(audio, lengths, tokens_per_chunk), token_bucket))
+    gather = ms.Tensor(np.pad(rows, (0, token_bucket - len(rows))))  # padding gathers row 0: it is masked out
+    outputs = compiled.first_call(graph, audio, "audio_graph", lambda: graph.step(pad_rows(chunks, chunk_bucket),
+                                  gather, mask), "audio encoder", "running it step by step instead")  # fmt: skip
+    return None if outputs is None else BaseModelOutput(last_hidden_state=outputs[: len(rows)])
+
+
+def audio_step(audio, tokens: int):
+    """(chunks, real token rows, window mask) -> the encoder's output states, for `tokens` tokens."""
+    config = audio.config
+    heads = config.encoder_attention_heads
+    head_dim = config.d_model // heads
+    scaling, activation = head_dim**-0.5, ACTIVATIONS[config.activation_function]
+    dtype = audio.conv_out.weight.dtype
+    convs = [audio.conv2d1, audio.conv2d2, audio.conv2d3]
+    positions = audio.positional_embedding.positional_embedding
+    layers = [audio_layer_weights(layer) for layer in audio.layers]
+    post_norm = norm_weights(audio.ln_post)
+
+    def layer(x, mask, weights):
+        h = layer_norm(x, *weights["attention_norm"])
+        query, key, value = (ops.transpose(linear_with_bias(h, *weights[name]).reshape(tokens, heads, head_dim), (1, 0, 2))
+                             for name in ("q", "k", "v"))  # (heads, tokens, head dim)  # fmt: skip
+        out = ops.transpose(attention(query, key, value, mask, scaling, dtype), (1, 0, 2)).reshape(tokens, -1)
+        x = x + linear_with_bias(out, *weights["out"])
+        h = layer_norm(x, *weights["final_norm"])
+        x = x + linear_with_bias(gelu(linear_with_bias(h, *weights["fc1"]), activation), *weights["fc2"])
+        if dtype == ms.float16:  # as mindone's layer keeps float16 finite
+            limit = float(np.finfo(np.float16).max) - 1000
+            x = ops.clip_by_value(x, -limit, limit)
+        return x
+
+    def step(chunks, rows, mask):
+        x = chunks
+        for conv in convs:
+            x = gelu(conv2d(x, conv))
+        count, channels, frequencies, time = x.shape
+        x = linear(ops.transpose(x, (0, 3, 1, 2)).reshape(count * time, channels * frequencies), audio.conv_out.weight)
+        x = x.reshape(count, time, -1) + ops.cast(positions[:time], dtype).reshape(1, time, -1)
+        x = ops.gather(x.reshape(count * time, -1), rows, 0)
+        for weights in layers:
+            x = layer(x, mask, weights)
+        x = layer_norm(x, *post_norm)
+        return linear_with_bias(gelu(linear_with_bias(x, audio.proj1.weight, audio.proj1.bias), activation),
+                                audio.proj2.weight, audio.proj2.bias)  # fmt: skip
+
+    return step
+
+
+def audio_layer_weights(layer) -> dict:
+    attention_cell = layer.self_attn
+    return {
+        "attention_norm": norm_weights(layer.self_attn_layer_norm), "final_norm": norm_weights(layer.final_layer_norm),
+        **{name: (getattr(attention_cell, f"{name}_proj").weight, getattr(attention_cell, f"{name}_proj").bias)
+           for name in ("q", "k", "v", "out")},
+        "fc1": (layer.fc1.weight, layer.fc1.bias), "fc2": (layer.fc2.weight, layer.fc2.bias),
+    }  # fmt: skip
+

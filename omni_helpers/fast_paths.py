@@ -194,6 +194,19 @@ def get_rope_index(self, input_ids=None, image_grid_thw=None, video_grid_thw=Non
 VISION = f"{MODELING}.Qwen3OmniMoeVisionEncoder"
 
 
+AUDIO = f"{MODELING}.Qwen3OmniMoeAudioEncoder"
+
+
+@FAST_PATHS.replaces(f"{AUDIO}:construct")
+def audio_construct(self, input_features, feature_lens=None, aftercnn_lens=None):
+    """The audio encoder (as `mindone_fixes` corrects it) as one compiled graph where it applies (`encoder_graph`)."""
+    if feature_lens is not None and encoder_graph.audio_applies(self):
+        outputs = encoder_graph.audio_forward(self, input_features, feature_lens)
+        if outputs is not None:
+            return outputs
+    return FAST_PATHS.original(f"{AUDIO}:construct")(self, input_features, feature_lens, aftercnn_lens)
+
+
 @FAST_PATHS.replaces(f"{VISION}:construct")
 def vision_construct(self, hidden_states, grid_thw, **kwargs):
     """mindone's vision encoder; its blocks and mergers run as one compiled graph where it applies (`encoder_graph`)."""

@@ -76,3 +76,13 @@ def attention(query, key, value, mask, scaling: float, dtype):
     """Softmax attention in float32 over (..., queries, dim) x (..., keys, dim), an additive mask added."""
     scores = ops.cast(batched_linear(query, key) * scaling, ms.float32) + mask
     return ops.matmul(ops.cast(ops.softmax(scores, -1), dtype), value)
+
+
+def conv2d(x, conv):
+    """A `mint.nn.Conv2d` cell's convolution (zero padding), with its bias."""
+    (top, left), kernel = conv.padding, tuple(conv.weight.shape[2:])
+    primitive = ops.Conv2D(conv.weight.shape[0], kernel, pad_mode="pad", pad=(top, top, left, left),
+                           stride=conv.stride, dilation=conv.dilation, group=conv.groups)  # fmt: skip
+    out = primitive(x, conv.weight)
+    return out if conv.bias is None else out + conv.bias.reshape(1, -1, 1, 1)
+

@@ -12,6 +12,7 @@ from typing import Optional
 import mindspore as ms
 
 from .expert_parallel import keep_local_experts
+from .runtime import out_of_garbage_collection
 from .sparse_moe import stack_experts
 
 
@@ -54,9 +55,10 @@ def shard_model(model, runtime, stack: bool = True):
         model = prepare_network(model, zero_stage=3, optimizer_parallel_group=GlobalComm.WORLD_COMM_GROUP)
         if stack:
             stack_experts(model, zero3_world_size=runtime.world_size)
-        return model
-    if runtime.parallel == "expert":
-        keep_local_experts(model, runtime.rank, runtime.world_size)
-    if stack:
-        stack_experts(model)
+    else:
+        if runtime.parallel == "expert":
+            keep_local_experts(model, runtime.rank, runtime.world_size)
+        if stack:
+            stack_experts(model)
+    out_of_garbage_collection()
     return model

@@ -88,6 +88,32 @@ def attention_windows(audio_tokens: np.ndarray, tokens_per_chunk: int, chunks_pe
     return lengths
 
 
+def audio_chunks(input_features, chunk_lengths: list[int]):
+    """(mel, frames) cut into chunks of `chunk_lengths` frames, each padded to the longest: (chunks, 1, mel, longest)."""
+    frames = input_features.T  # (frames, mel)
+    starts = np.concatenate([[0], np.cumsum(chunk_lengths)[:-1]]).tolist()
+    longest = max(chunk_lengths)
+    chunks = [
+        mint.nn.functional.pad(frames[start : start + length], (0, 0, 0, longest - length))
+        for start, length in zip(starts, chunk_lengths)
+    ]
+    return mint.stack(chunks).transpose(1, 2).unsqueeze(1)
+
+
+def real_token_rows(chunk_lengths: list[int], tokens_per_chunk: int) -> np.ndarray:
+    """Rows of the chunks' flattened conv output that came from real frames (the last chunk may be short)."""
+    tokens = conv_output_lengths(np.asarray(chunk_lengths, dtype=np.int64))
+    return np.concatenate([i * tokens_per_chunk + np.arange(n) for i, n in enumerate(tokens.tolist())]).astype(np.int64)
+
+
+def audio_windows(encoder, feature_lens: np.ndarray, tokens_per_chunk: int) -> np.ndarray:
+    """The audio encoder's attention windows as cumulative token counts (int32, from 0): n_window_infer
+    frames' worth of tokens, per audio."""
+    boundaries = [0] + attention_windows(conv_output_lengths(feature_lens), tokens_per_chunk,
+                                         encoder.n_window_infer // (encoder.n_window * 2))  # fmt: skip
+    return np.cumsum(boundaries).astype(np.int32)
+
+
 def within_blocks(cu_seqlens: np.ndarray) -> np.ndarray:
     """(1, 1, T, T) boolean: True where query and key lie in the same block [cu[i], cu[i+1])."""
     block = np.repeat(np.arange(len(cu_seqlens) - 1), np.diff(cu_seqlens))
@@ -116,19 +142,9 @@ def audio_encoder_construct(self, input_features, feature_lens=None, aftercnn_le
     """
     from mindone.transformers.modeling_outputs import BaseModelOutput
 
-    chunk = self.n_window * 2
     feature_lens_np = feature_lens.asnumpy().astype(np.int64)
-    chunk_lengths = split_into_chunks(feature_lens_np, chunk)
-
-    # Cut the frames into chunks, pad each to the longest, and run the conv stack per chunk.
-    frames = input_features.T  # (frames, mel)
-    starts = np.concatenate([[0], np.cumsum(chunk_lengths)[:-1]]).tolist()
-    longest = max(chunk_lengths)
-    chunks = [
-        mint.nn.functional.pad(frames[start : start + length], (0, 0, 0, longest - length))
-        for start, length in zip(starts, chunk_lengths)
-    ]
-    padded = mint.stack(chunks).transpose(1, 2).unsqueeze(1)  # (chunks, 1, mel, longest)
+    chunk_lengths = split_into_chunks(feature_lens_np, self.n_window * 2)
+    padded = audio_chunks(input_features, chunk_lengths)
     embeds = []
     for group in padded.split(self.conv_chunksize, dim=0):
         x = mint.nn.functional.gelu(self.conv2d1(group))
@@ -139,15 +155,8 @@ def audio_encoder_construct(self, input_features, feature_lens=None, aftercnn_le
     b, c, f, t = x.shape
     x = self.conv_out(x.permute(0, 3, 1, 2).reshape(b, t, c * f))
     x = x + self.positional_embedding.positional_embedding[:t, :].unsqueeze(0).to(x.dtype)
-
-    # Keep only the positions that came from real frames (the last chunk may be short).
-    tokens_per_chunk = conv_output_lengths(np.asarray(chunk_lengths, dtype=np.int64))
-    valid = np.concatenate([i * t + np.arange(n) for i, n in enumerate(tokens_per_chunk.tolist())])
-    hidden_states = x.reshape(b * t, -1)[ms.Tensor(valid.astype(np.int64))]
-
-    # Attention windows: n_window_infer frames' worth of tokens, per audio.
-    boundaries = [0] + attention_windows(conv_output_lengths(feature_lens_np), t, self.n_window_infer // chunk)
-    cu_seqlens_np = np.cumsum(boundaries).astype(np.int32)
+    hidden_states = x.reshape(b * t, -1)[ms.Tensor(real_token_rows(chunk_lengths, t))]
+    cu_seqlens_np = audio_windows(self, feature_lens_np, t)
     cu_seqlens = ms.Tensor(cu_seqlens_np)
     mask = window_mask(cu_seqlens_np, self.config._attn_implementation, hidden_states.dtype)
 

@@ -83,7 +83,7 @@ def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_va
     bucket = bucket_for(length)
     deepstack = deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds)
     key = (rows, bucket, len(deepstack))
-    graph = compiled.kept(text_model, "prompt_graph", key, lambda: PromptGraph(text_model, *key))
+    graph = compiled.kept(text_model, "prompt_graph", key, lambda: compiled.Graph(prompt_step(text_model, *key)))
     if position_ids.ndim == 3 and position_ids.shape[0] == 4:  # text positions first, as mindone's text model reads them
         position_ids = position_ids[1:]
     cos, sin = text_model.rotary_emb(inputs_embeds, position_ids)
@@ -94,8 +94,8 @@ def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_va
     if outputs is None:
         return None
     hidden, *rest = outputs
-    layers = len(graph.layers)
-    hidden_states, keys, values = rest[: layers + 1], rest[layers + 1 : 2 * layers + 1], rest[2 * layers + 1 :]
+    count = len(decoder_layers(text_model))
+    hidden_states, keys, values = rest[: count + 1], rest[count + 1 : 2 * count + 1], rest[2 * count + 1 :]
     for layer, (key, value) in enumerate(zip(keys, values)):
         past_key_values.update(key[:, :, :length], value[:, :, :length], layer)
     return BaseModelOutputWithPast(
@@ -125,16 +125,10 @@ def pad_positions(tensor, bucket: int):
     return mint.cat([tensor, mint.zeros((rows, bucket - length, *tensor.shape[2:]), dtype=tensor.dtype)], dim=1)
 
 
-class PromptGraph:
-    """A compiled prompt of (rows, bucket) positions: (embeddings, cos, sin, real positions, DeepStack
-    additions...) -> (final-normed hidden, hidden states as mindone records them, keys..., values...)."""
-
-    def __init__(self, text_model, rows: int, bucket: int, deepstack_layers: int):
-        self.layers = [layer_weights(layer) for layer in decoder_layers(text_model)]
-        self.step, self.compiled = ms.jit(prompt_step(text_model, self.layers, rows, bucket, deepstack_layers)), False
-
-
-def prompt_step(text_model, layers: list, rows: int, bucket: int, deepstack_layers: int):
+def prompt_step(text_model, rows: int, bucket: int, deepstack_layers: int):
+    """(embeddings, cos, sin, real positions, DeepStack additions...) -> (final-normed hidden, hidden states as
+    mindone records them, keys..., values...) for a prompt of (rows, bucket) positions."""
+    layers = [layer_weights(layer) for layer in decoder_layers(text_model)]
     config = text_model.config
     attention0 = decoder_layers(text_model)[0].self_attn
     dtype, head_dim = attention0.q_proj.weight.dtype, attention0.head_dim

@@ -1,4 +1,4 @@
-"""The compiled vision encoder (omni_helpers/encoder_graph.py) against mindone's PyNative encoder it replaces."""
+"""The compiled vision and audio encoders (omni_helpers/encoder_graph.py) against the PyNative encoders they replace."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def test_compiled_encoder_gives_mindones_features_and_deepstack_features(mindone
 
 
 def test_frames_see_only_themselves_and_padding_nothing():
-    mask = encoder_graph.frame_mask(np.array([[2, 2, 2], [1, 2, 4]]), 32)  # two frames of 4 patches, one of 8
+    boundaries = encoder_graph.frame_boundaries(np.array([[2, 2, 2], [1, 2, 4]]))  # two frames of 4 patches, one of 8
+    assert boundaries.tolist() == [0, 4, 8, 16]
+    mask = encoder_graph.block_mask(boundaries, 32)
     visible = mask == 0
     assert visible[:4, :4].all() and visible[4:8, 4:8].all() and visible[8:16, 8:16].all()
     assert not visible[:4, 4:].any() and not visible[4:8, 8:].any() and not visible[16:].any() and not visible[:, 16:].any()
@@ -91,3 +93,52 @@ def test_an_encoder_that_does_not_build_falls_back_to_pynative_and_says_why(mind
         np.testing.assert_array_equal(merged.asnumpy(), expected[0].asnumpy())
         for mine, reference in zip(deepstack, expected[1]):
             np.testing.assert_array_equal(mine.asnumpy(), reference.asnumpy())
+
+
+def audio_features(tiny_checkpoint, sample_media, kind: str) -> tuple:
+    """(mel features (mel, frames) of every audio, frames per audio) of a request, as the thinker passes them."""
+    inputs = processor_inputs(tiny_checkpoint, request_conversation(kind, sample_media), kind == "video")
+    mask = inputs["feature_attention_mask"].astype(bool)
+    features = np.concatenate([inputs["input_features"][i][:, mask[i]] for i in range(len(mask))], axis=1)
+    return ms.Tensor(features), ms.Tensor(mask.sum(1))
+
+
+@pytest.mark.parametrize("kind", ["image_audio", "video"], ids=["audio", "video_soundtrack"])
+def test_compiled_audio_encoder_gives_the_pynative_encoders_states(mindone, tiny_checkpoint, sample_media, kind):
+    audio = mindone.model.thinker.audio_tower
+    features, lengths = audio_features(tiny_checkpoint, sample_media, kind)
+    assert encoder_graph.audio_applies(audio)
+    ours = encoder_graph.audio_forward(audio, features, lengths).last_hidden_state
+    theirs = fast_paths.FAST_PATHS.original(f"{fast_paths.AUDIO}:construct")(audio, features, lengths).last_hidden_state
+    assert ours.shape == theirs.shape and ours.shape[0] > 1
+    assert relative_error(ours.asnumpy(), theirs.asnumpy()) <= 1e-6
+    assert any(key[2] == encoder_graph.bucket_for(ours.shape[0]) for key in audio.__dict__["_audio_graphs"])
+
+
+def test_audio_tokens_attend_within_their_windows(mindone, tiny_checkpoint, sample_media, monkeypatch):
+    """Windows of a few tokens (the tiny checkpoint's sample fits in one): the window mask is exercised."""
+    audio = mindone.model.thinker.audio_tower
+    features, lengths = audio_features(tiny_checkpoint, sample_media, "image_audio")
+    monkeypatch.setattr(audio, "n_window_infer", audio.n_window * 2)  # one chunk's tokens per window
+    monkeypatch.setitem(audio.__dict__, "_audio_graphs", {})
+    ours = encoder_graph.audio_forward(audio, features, lengths).last_hidden_state
+    theirs = fast_paths.FAST_PATHS.original(f"{fast_paths.AUDIO}:construct")(audio, features, lengths).last_hidden_state
+    whole = fast_paths.FAST_PATHS.original(f"{fast_paths.AUDIO}:construct")
+    assert relative_error(ours.asnumpy(), theirs.asnumpy()) <= 1e-6
+    monkeypatch.setattr(audio, "n_window_infer", 800)
+    assert relative_error(ours.asnumpy(), whole(audio, features, lengths).last_hidden_state.asnumpy()) > 1e-4  # windows matter
+
+
+def test_compiled_audio_encoder_on_audios_several_windows_long(mindone):
+    """Two audios of 2,100 and 1,200 frames (2.6 and 1.5 windows, 21 and 12 chunks): chunk and token
+    padding, and windows across audios, against the PyNative encoder (which tests/test_flash_attention.py
+    holds to the windowed reference)."""
+    audio = mindone.model.thinker.audio_tower
+    frames = [2100, 1200]
+    features = ms.Tensor(np.random.default_rng(0).standard_normal((128, sum(frames))).astype(np.float32))
+    lengths = ms.Tensor(np.array(frames, np.int64))
+    ours = encoder_graph.audio_forward(audio, features, lengths).last_hidden_state
+    theirs = fast_paths.FAST_PATHS.original(f"{fast_paths.AUDIO}:construct")(audio, features, lengths).last_hidden_state
+    assert ours.shape == theirs.shape == (273 + 156, ours.shape[1])  # 13 tokens per 100 frames
+    assert relative_error(ours.asnumpy(), theirs.asnumpy()) <= 1e-6
+

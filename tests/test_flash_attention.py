@@ -219,8 +219,18 @@ def audio_attention_output(model, frames: list[int]) -> np.ndarray:
     return seen[0]
 
 
+@pytest.fixture
+def pynative_audio(monkeypatch):
+    """The audio encoder layer by layer, where these tests watch it (the compiled encoder uses the same
+    windows, `mindone_fixes.audio_windows`, and is compared with this path in tests/test_encoder_graph.py)."""
+    from omni_helpers import encoder_graph
+
+    monkeypatch.setattr(encoder_graph, "audio_applies", lambda audio: False)
+
+
 @pytest.mark.parametrize("attention", ["flash_attention_2", "eager"])
-def test_audio_longer_than_a_window_attends_within_its_windows(attention, tiny_checkpoint, windowed_reference, reference):
+def test_audio_longer_than_a_window_attends_within_its_windows(attention, tiny_checkpoint, windowed_reference, reference,
+                                                               pynative_audio):  # fmt: skip
     """Two audios in one request, 2.6 and 1.5 windows long (8 s, 800 mel frames each), through
     the audio encoder of the project (both attention paths) and of the windowed reference."""
     frames = [2100, 1200]
@@ -232,7 +242,7 @@ def test_audio_longer_than_a_window_attends_within_its_windows(attention, tiny_c
 
 
 @pytest.mark.parametrize("frames", [[99], [100], [101], [799], [800], [801], [1599, 1601], [2100, 1200, 450], [60, 60]])
-def test_audio_window_boundaries_are_the_references(frames, windowed_reference, flash):
+def test_audio_window_boundaries_are_the_references(frames, windowed_reference, flash, pynative_audio):
     """The windows the project's audio encoder uses are the ones transformers' encoder computes,
     for lengths on and around every chunk (100 frames) and window (800 frames) boundary."""
     import torch
