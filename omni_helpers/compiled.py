@@ -15,6 +15,10 @@ import sys
 import mindspore as ms
 
 GRAPHS_KEPT = 2  # compiled graphs (and their buffers) kept per model and kind, most recent last
+BUCKET_MIN = 64  # the fewest positions a graph is compiled for: below it a graph per count would cost more than padding
+# The prompt and encoder graphs write attention out, a score for every pair of positions; beyond this many
+# positions the PyNative path is kept, whose flash attention's memory grows with the length, not its square.
+BUCKET_MAX = 2048
 
 
 class Graph:
@@ -22,6 +26,11 @@ class Graph:
 
     def __init__(self, step):
         self.step, self.compiled = ms.jit(step), False
+
+
+def bucket_for(count: int, least: int = BUCKET_MIN) -> int:
+    """`count` positions padded up to a power of two (at least `least`), so nearby counts share a graph."""
+    return max(least, 1 << (count - 1).bit_length())
 
 
 def kept(owner, kind: str, key: tuple, build):

@@ -16,8 +16,9 @@ cost is most of the encoders' time. Compiled with `mindspore.jit`, each stack is
   `mindone_fixes.audio_windows`) and the output projection.
 
 A graph needs static shapes: patches, audio chunks and audio tokens are padded to power-of-two
-buckets; padding sees nothing and is seen by nothing, and is cut from the outputs (whole
-merge windows of patches; the tokens of padded chunks are never gathered).
+buckets (`compiled.bucket_for`); padding sees nothing and is seen by nothing, and is cut from
+the outputs (whole merge windows of patches; the tokens of padded chunks are never gathered).
+More than `compiled.BUCKET_MAX` patches or tokens keep PyNative (and its flash attention).
 
 The graphs compute what mindone's layers compute, in the same order and dtypes: layer norms,
 rope in float32, softmax attention in float32 (mindone's eager path; flash attention agrees to
@@ -39,7 +40,6 @@ from . import compiled
 from .graph_ops import MASKED, attention, conv2d, gelu, layer_norm, linear, linear_with_bias, rotate
 from .mindone_fixes import audio_chunks, audio_windows, conv_output_lengths, real_token_rows, split_into_chunks, within_blocks
 
-BUCKET_MIN = 64  # the fewest padded patches or tokens: below it a graph per count would cost more than the padding
 ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # configured activations, as `gelu` takes them
 VISION_ENCODER = "Qwen3OmniMoeVisionEncoder"
 AUDIO_ENCODER = "Qwen3OmniMoeAudioEncoder"
@@ -69,19 +69,19 @@ def split_by_zero3(cell) -> bool:
     return bool(getattr(wrapper, "need_rewrite", False))
 
 
-def bucket_for(count: int, least: int = BUCKET_MIN) -> int:
-    return max(least, 1 << (count - 1).bit_length())
-
-
 def vision_forward(vision, pixel_values, grid_thw):
     """(merged image features, DeepStack features) as mindone's vision encoder returns them; None when
     the graph fails at its first call (the encoder then stays in PyNative)."""
+    grid = grid_thw.asnumpy()
+    patches = int(np.prod(grid, axis=1).sum())
+    bucket = compiled.bucket_for(patches)
+    if bucket > compiled.BUCKET_MAX:  # attention over every pair of patches: PyNative's flash attention instead
+        return None
     hidden = vision.patch_embed(pixel_values)
     hidden = hidden + vision.fast_pos_embed_interpolate(grid_thw)
     rotary = vision.rot_pos_emb(grid_thw)  # (patches, head dim / 2)
-    patches, bucket = hidden.shape[0], bucket_for(hidden.shape[0])
     graph = compiled.kept(vision, "vision_graph", (bucket,), lambda: compiled.Graph(vision_step(vision, bucket)))
-    mask = ms.Tensor(block_mask(frame_boundaries(grid_thw.asnumpy()), bucket))
+    mask = ms.Tensor(block_mask(frame_boundaries(grid), bucket))
     outputs = compiled.first_call(graph, vision, "vision_graph", lambda: graph.step(pad_rows(hidden, bucket),
                                   pad_rows(rotary, bucket), mask), "vision encoder", "running it step by step instead")  # fmt: skip
     if outputs is None:
@@ -194,7 +194,9 @@ def audio_forward(audio, input_features, feature_lens):
     chunks = audio_chunks(input_features, chunk_lengths)  # (chunks, 1, mel, longest)
     tokens_per_chunk = int(conv_output_lengths(np.array([chunks.shape[-1]]))[0])
     rows = real_token_rows(chunk_lengths, tokens_per_chunk)
-    chunk_bucket, token_bucket = bucket_for(len(chunk_lengths), 1), bucket_for(len(rows))
+    chunk_bucket, token_bucket = compiled.bucket_for(len(chunk_lengths), 1), compiled.bucket_for(len(rows))
+    if token_bucket > compiled.BUCKET_MAX:  # attention over every pair of tokens: PyNative's flash attention instead
+        return None
     key = (chunk_bucket, chunks.shape[-1], token_bucket)
     graph = compiled.kept(audio, "audio_graph", key, lambda: compiled.Graph(audio_step(audio, token_bucket)))
     mask = ms.Tensor(block_mask(audio_windows(audio, lengths, tokens_per_chunk), token_bucket))

@@ -7,8 +7,9 @@ that, not arithmetic, is the time to first token. Compiled with `mindspore.jit`,
 stack of layers (attention, MoE, norms) is one call.
 
 A graph needs static shapes:
-- prompts are padded on the right to a bucket (a power of two, at least `BUCKET_MIN`
-  positions), so prompts of similar lengths share one compiled graph. Padding sits after
+- prompts are padded on the right to a bucket (a power of two, at least
+  `compiled.BUCKET_MIN` positions), so prompts of similar lengths share one compiled graph;
+  prompts longer than `compiled.BUCKET_MAX` keep PyNative (and flash attention). Padding sits after
   every real token, and attention is causal, so no real position sees it; the outputs are
   cut back to the prompt's length, and the cache gets only the real positions;
 - the MoE cannot route tokens to experts in groups whose sizes are only known at run time,
@@ -45,7 +46,6 @@ from .decode_graph import decoder_covered, decoder_layers, layer_weights
 from .graph_ops import MASKED, batched_linear, linear, rms_norm_with, rotate, route
 from .sparse_moe import StackedExperts
 
-BUCKET_MIN = 64  # the shortest padded prompt: below it, a new graph per length would cost more than the padding
 DENSE_EXPERTS_MAX_RATIO = 4  # every expert on every token costs experts / top-k times the routed work
 TEXT_MODEL = "Qwen3OmniMoeThinkerTextModel"
 
@@ -58,6 +58,8 @@ def applies(text_model, inputs_embeds, past_key_values, use_cache, kwargs: dict)
         return False
     if kwargs.get("output_attentions") or kwargs.get("output_router_logits"):
         return False
+    if compiled.bucket_for(inputs_embeds.shape[1]) > compiled.BUCKET_MAX:
+        return False
     if past_key_values is None or past_key_values.get_seq_length() != 0 or not use_cache:
         return False  # a prompt starts an empty cache (`get_seq_length` reads nothing while it is empty)
     return decoder_covered(text_model, sparse=True) and all(dense_experts_pay(layer.mlp) for layer in decoder_layers(text_model))
@@ -69,10 +71,6 @@ def dense_experts_pay(mlp) -> bool:
     return type(experts) is StackedExperts and len(experts) <= DENSE_EXPERTS_MAX_RATIO * mlp.top_k
 
 
-def bucket_for(length: int) -> int:
-    return max(BUCKET_MIN, 1 << (length - 1).bit_length())
-
-
 def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_values, visual_pos_masks=None,
             deepstack_visual_embeds=None, output_hidden_states=None):  # fmt: skip
     """The text model's outputs for a prompt (mindone's `BaseModelOutputWithPast`), its keys and values
@@ -80,7 +78,7 @@ def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_va
     from mindone.transformers.modeling_outputs import BaseModelOutputWithPast
 
     rows, length, _ = inputs_embeds.shape
-    bucket = bucket_for(length)
+    bucket = compiled.bucket_for(length)
     deepstack = deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds)
     key = (rows, bucket, len(deepstack))
     graph = compiled.kept(text_model, "prompt_graph", key, lambda: compiled.Graph(prompt_step(text_model, *key)))

@@ -7,7 +7,7 @@ import pytest
 
 import mindspore as ms
 
-from omni_helpers import encoder_graph, fast_paths
+from omni_helpers import compiled, encoder_graph, fast_paths
 from tests.reference import after_a_failed_build, processor_inputs, relative_error, request_conversation
 
 
@@ -38,7 +38,7 @@ def test_compiled_encoder_gives_mindones_features_and_deepstack_features(mindone
     if kind == "silent_video":
         assert int(grid.asnumpy()[0, 0]) > 1  # several frames
     patches = int(np.prod(grid.asnumpy(), axis=1).sum())
-    assert (encoder_graph.bucket_for(patches),) in vision.__dict__["_vision_graphs"]
+    assert (compiled.bucket_for(patches),) in vision.__dict__["_vision_graphs"]
 
 
 def test_frames_see_only_themselves_and_padding_nothing():
@@ -48,7 +48,6 @@ def test_frames_see_only_themselves_and_padding_nothing():
     visible = mask == 0
     assert visible[:4, :4].all() and visible[4:8, 4:8].all() and visible[8:16, 8:16].all()
     assert not visible[:4, 4:].any() and not visible[4:8, 8:].any() and not visible[16:].any() and not visible[:, 16:].any()
-    assert encoder_graph.bucket_for(1) == encoder_graph.BUCKET_MIN and encoder_graph.bucket_for(200) == 256
 
 
 @pytest.mark.parametrize("name", list(encoder_graph.ACTIVATIONS))
@@ -112,7 +111,7 @@ def test_compiled_audio_encoder_gives_the_pynative_encoders_states(mindone, tiny
     theirs = fast_paths.FAST_PATHS.original(f"{fast_paths.AUDIO}:construct")(audio, features, lengths).last_hidden_state
     assert ours.shape == theirs.shape and ours.shape[0] > 1
     assert relative_error(ours.asnumpy(), theirs.asnumpy()) <= 1e-6
-    assert any(key[2] == encoder_graph.bucket_for(ours.shape[0]) for key in audio.__dict__["_audio_graphs"])
+    assert any(key[2] == compiled.bucket_for(ours.shape[0]) for key in audio.__dict__["_audio_graphs"])
 
 
 def test_audio_tokens_attend_within_their_windows(mindone, tiny_checkpoint, sample_media, monkeypatch):
@@ -141,4 +140,15 @@ def test_compiled_audio_encoder_on_audios_several_windows_long(mindone):
     theirs = fast_paths.FAST_PATHS.original(f"{fast_paths.AUDIO}:construct")(audio, features, lengths).last_hidden_state
     assert ours.shape == theirs.shape == (273 + 156, ours.shape[1])  # 13 tokens per 100 frames
     assert relative_error(ours.asnumpy(), theirs.asnumpy()) <= 1e-6
+
+
+def test_encoders_beyond_the_largest_bucket_keep_pynative(mindone):
+    """Attention written out over every pair of positions: past `BUCKET_MAX` the flash-attention path is kept."""
+    vision, audio = mindone.model.thinker.visual, mindone.model.thinker.audio_tower
+    merge = vision.spatial_merge_size
+    side = 48 * merge  # 2,304 x 4 patches
+    assert encoder_graph.vision_forward(vision, None, ms.Tensor(np.array([[1, side, side]], np.int64))) is None
+    frames = 100 * (compiled.BUCKET_MAX // 13 + 1)  # 13 tokens per 100 frames
+    features = ms.Tensor(np.zeros((128, frames), np.float32))
+    assert encoder_graph.audio_forward(audio, features, ms.Tensor(np.array([frames], np.int64))) is None
 

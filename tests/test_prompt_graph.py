@@ -9,7 +9,7 @@ import pytest
 
 import mindspore as ms
 
-from omni_helpers import prompt_graph
+from omni_helpers import compiled, prompt_graph
 from tests.reference import after_a_failed_build, processor_inputs, relative_error, request_conversation
 from tests.reference import thinker_generate as generate
 
@@ -25,19 +25,19 @@ def graphs_of(mindone) -> dict:
     return mindone.model.thinker.model.__dict__.get("_prompt_graphs", {})
 
 
-def assert_prompt_matches(compiled, pynative, attention_mask: np.ndarray):
+def assert_prompt_matches(with_graph, pynative, attention_mask: np.ndarray):
     """Tokens identical; the prompt's hidden states (embeddings, every layer, final norm) and the cache
     within float rounding at every real position (left padding attends nothing on either path)."""
-    np.testing.assert_array_equal(compiled.sequences.asnumpy(), pynative.sequences.asnumpy())
-    assert relative_error(compiled.logits[0].asnumpy(), pynative.logits[0].asnumpy()) <= 1e-5
-    assert len(compiled.hidden_states[0]) == len(pynative.hidden_states[0])
+    np.testing.assert_array_equal(with_graph.sequences.asnumpy(), pynative.sequences.asnumpy())
+    assert relative_error(with_graph.logits[0].asnumpy(), pynative.logits[0].asnumpy()) <= 1e-5
+    assert len(with_graph.hidden_states[0]) == len(pynative.hidden_states[0])
     length = attention_mask.shape[1]
     for row, mask in enumerate(attention_mask):
         start = length - int(mask.sum())
-        for ours, theirs in zip(compiled.hidden_states[0], pynative.hidden_states[0]):
+        for ours, theirs in zip(with_graph.hidden_states[0], pynative.hidden_states[0]):
             assert ours.shape == theirs.shape
             assert relative_error(ours[row, start:].asnumpy(), theirs[row, start:].asnumpy()) <= 1e-5
-        for ours, theirs in zip(compiled.past_key_values.layers, pynative.past_key_values.layers):
+        for ours, theirs in zip(with_graph.past_key_values.layers, pynative.past_key_values.layers):
             assert ours.keys.shape == theirs.keys.shape
             for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
                 assert relative_error(a[row, :, start:].asnumpy(), b[row, :, start:].asnumpy()) <= 1e-5
@@ -45,21 +45,21 @@ def assert_prompt_matches(compiled, pynative, attention_mask: np.ndarray):
 
 def test_compiled_prompt_gives_the_pynative_prompts_tokens_hidden_states_and_cache(mindone, two_rows, monkeypatch):
     graphs_of(mindone).clear()
-    compiled = thinker_generate(mindone, two_rows, True, monkeypatch)
+    ours = thinker_generate(mindone, two_rows, True, monkeypatch)
     pynative = thinker_generate(mindone, two_rows, False, monkeypatch)
     rows, length = two_rows["input_ids"].shape
-    assert list(graphs_of(mindone)) == [(rows, prompt_graph.bucket_for(length), 0)], "the compiled prompt did not run"
-    assert_prompt_matches(compiled, pynative, two_rows["attention_mask"])
+    assert list(graphs_of(mindone)) == [(rows, compiled.bucket_for(length), 0)], "the compiled prompt did not run"
+    assert_prompt_matches(ours, pynative, two_rows["attention_mask"])
 
 
 def test_compiled_prompt_with_an_image_and_audio_adds_deepstack_features_as_mindone_does(mindone, tiny_checkpoint,
                                                                                       sample_media, monkeypatch):  # fmt: skip
     inputs = processor_inputs(tiny_checkpoint, request_conversation("image_audio", sample_media), False)
-    compiled = thinker_generate(mindone, inputs, True, monkeypatch)
+    ours = thinker_generate(mindone, inputs, True, monkeypatch)
     pynative = thinker_generate(mindone, inputs, False, monkeypatch)
     deepstack = len(mindone.model.thinker.config.vision_config.deepstack_visual_indexes)
     assert deepstack > 0 and any(key[2] == deepstack for key in graphs_of(mindone)), "no prompt graph with DeepStack ran"
-    assert_prompt_matches(compiled, pynative, inputs["attention_mask"])
+    assert_prompt_matches(ours, pynative, inputs["attention_mask"])
 
 
 def test_speech_from_a_compiled_prompt_is_the_pynative_prompts(mindone, tiny_checkpoint, sample_media, monkeypatch):
@@ -71,16 +71,10 @@ def test_speech_from_a_compiled_prompt_is_the_pynative_prompts(mindone, tiny_che
             if not graph:
                 patch.setattr(prompt_graph, "applies", lambda *args: False)
             runs.append(mindone.generate(inputs, False, 4, return_audio=True, talker_new_tokens=6))
-    compiled, pynative = runs
-    np.testing.assert_array_equal(compiled.tokens, pynative.tokens)
-    np.testing.assert_array_equal(compiled.codes, pynative.codes)
-    assert np.abs(compiled.wav - pynative.wav).max() <= 1e-5
-
-
-def test_prompts_are_padded_to_power_of_two_buckets():
-    assert prompt_graph.bucket_for(1) == prompt_graph.BUCKET_MIN
-    assert prompt_graph.bucket_for(prompt_graph.BUCKET_MIN + 1) == 2 * prompt_graph.BUCKET_MIN
-    assert prompt_graph.bucket_for(250) == 256 and prompt_graph.bucket_for(256) == 256 and prompt_graph.bucket_for(1000) == 1024
+    ours, pynative = runs
+    np.testing.assert_array_equal(ours.tokens, pynative.tokens)
+    np.testing.assert_array_equal(ours.codes, pynative.codes)
+    assert np.abs(ours.wav - pynative.wav).max() <= 1e-5
 
 
 def test_every_expert_runs_only_where_that_costs_at_most_four_times_the_routed_work(mindone):
@@ -103,6 +97,8 @@ def test_what_the_graph_does_not_cover_keeps_the_pynative_prompt(mindone, two_ro
     assert not prompt_graph.applies(text_model, embeds, empty, True, {"output_router_logits": True})
     assert not prompt_graph.applies(text_model, embeds, empty, False, {})  # no cache asked for
     assert not prompt_graph.applies(text_model, embeds, None, True, {})
+    longest = ms.ops.zeros((1, compiled.BUCKET_MAX + 1, text_model.config.hidden_size), ms.float32)
+    assert not prompt_graph.applies(text_model, longest, empty, True, {})  # flash attention's linear memory instead
     assert not prompt_graph.applies(mindone.model.talker.model, embeds, empty, True, {})  # the thinker's prompt only
     used = thinker_generate(mindone, two_rows, True, monkeypatch).past_key_values
     assert not prompt_graph.applies(text_model, embeds, used, True, {})  # a cache with positions: a decode step
