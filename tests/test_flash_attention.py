@@ -85,6 +85,21 @@ def test_what_mindone_never_passes_is_refused(argument):
 # ----------------------------------------------------------------------------- against the reference
 
 
+@pytest.fixture(autouse=True, scope="module")
+def flash_attention_everywhere():
+    """Prompts and encoders through PyNative's flash attention, as the released model runs its prompts
+    on Ascend (the compiled prompt applies to the tiny checkpoint's few experts only, the compiled encoders
+    up to 2,048 positions): this module tests mindone's flash path and its fixes. The compiled graphs are
+    compared with this path in tests/test_prompt_graph.py and tests/test_encoder_graph.py."""
+    from omni_helpers import encoder_graph, prompt_graph
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prompt_graph, "applies", lambda *args: False)
+        patch.setattr(encoder_graph, "vision_applies", lambda vision: False)
+        patch.setattr(encoder_graph, "audio_applies", lambda audio: False)
+        yield
+
+
 @pytest.fixture(scope="module")
 def flash(tiny_checkpoint):
     return MindOne(tiny_checkpoint, attn_implementation="flash_attention_2")
@@ -111,17 +126,11 @@ def test_flash_logits_text_and_speech_match_the_reference(kind, requests, refere
     assert actual.wav.shape == expected.wav.shape and np.abs(actual.wav - expected.wav).max() <= WAV_TOLERANCE
 
 
-def test_the_vision_encoder_attends_within_each_frame_block(requests, reference, flash, monkeypatch):
+def test_the_vision_encoder_attends_within_each_frame_block(requests, reference, flash):
     """The video's two temporal blocks: mindone's flash branch dropped `cu_seqlens` (fixed).
     The first block gets the same random hidden states in both implementations (on random
-    weights its own are nearly alike everywhere, so attending across blocks would hardly show).
-    The encoder runs in PyNative here, block by block, where the fix lives (the compiled encoder
-    masks frames itself: tests/test_encoder_graph.py)."""
+    weights its own are nearly alike everywhere, so attending across blocks would hardly show)."""
     import torch
-
-    from omni_helpers import encoder_graph
-
-    monkeypatch.setattr(encoder_graph, "vision_applies", lambda vision: False)
 
     inputs = requests["silent_video"]
     assert inputs["video_grid_thw"][0, 0] == 2  # two blocks, so attending across them would show
@@ -219,18 +228,8 @@ def audio_attention_output(model, frames: list[int]) -> np.ndarray:
     return seen[0]
 
 
-@pytest.fixture
-def pynative_audio(monkeypatch):
-    """The audio encoder layer by layer, where these tests watch it (the compiled encoder uses the same
-    windows, `mindone_fixes.audio_windows`, and is compared with this path in tests/test_encoder_graph.py)."""
-    from omni_helpers import encoder_graph
-
-    monkeypatch.setattr(encoder_graph, "audio_applies", lambda audio: False)
-
-
 @pytest.mark.parametrize("attention", ["flash_attention_2", "eager"])
-def test_audio_longer_than_a_window_attends_within_its_windows(attention, tiny_checkpoint, windowed_reference, reference,
-                                                               pynative_audio):  # fmt: skip
+def test_audio_longer_than_a_window_attends_within_its_windows(attention, tiny_checkpoint, windowed_reference, reference):
     """Two audios in one request, 2.6 and 1.5 windows long (8 s, 800 mel frames each), through
     the audio encoder of the project (both attention paths) and of the windowed reference."""
     frames = [2100, 1200]
@@ -242,7 +241,7 @@ def test_audio_longer_than_a_window_attends_within_its_windows(attention, tiny_c
 
 
 @pytest.mark.parametrize("frames", [[99], [100], [101], [799], [800], [801], [1599, 1601], [2100, 1200, 450], [60, 60]])
-def test_audio_window_boundaries_are_the_references(frames, windowed_reference, flash, pynative_audio):
+def test_audio_window_boundaries_are_the_references(frames, windowed_reference, flash):
     """The windows the project's audio encoder uses are the ones transformers' encoder computes,
     for lengths on and around every chunk (100 frames) and window (800 frames) boundary."""
     import torch
