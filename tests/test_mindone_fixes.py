@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from omni_helpers.mindone_fixes import MINDONE_FIXES, conv_output_lengths, install_mindone_fixes, split_into_chunks
+from omni_helpers.mindone_fixes import MINDONE_FIXES, conv_output_lengths, split_into_chunks
+from omni_helpers.patches import install_patches
 
 
 def test_chunk_bookkeeping():
@@ -22,7 +23,6 @@ def audio_towers(tiny_checkpoint):
     from mindone.transformers import Qwen3OmniMoeForConditionalGeneration as MindoneModel
     from transformers import Qwen3OmniMoeForConditionalGeneration as TorchModel
 
-    from omni_helpers.patches import install_patches
     from omni_helpers.runtime import setup_runtime
 
     setup_runtime("CPU")
@@ -50,7 +50,7 @@ def test_audio_longer_than_one_chunk_fails_without_the_fix(audio_towers):
         with pytest.raises(Exception, match="TensorScatterUpdate|indices out of range|only one element"):
             actual, _ = run_both(audio_towers, 250)
     finally:
-        install_mindone_fixes()
+        install_patches("CPU")  # the fixes, and the faster paths layered on them, back in place
 
 
 @pytest.mark.parametrize("frames", [60, 100, 250, 420])
@@ -79,7 +79,7 @@ def test_a_video_watched_without_its_soundtrack_fails_without_the_fix(audio_towe
         with pytest.raises(AttributeError, match="cpu"):
             mindone_model.thinker(**inputs, use_audio_in_video=False)
     finally:
-        install_mindone_fixes()
+        install_patches("CPU")  # the fixes, and the faster paths layered on them, back in place
     logits = mindone_model.thinker(**inputs, use_audio_in_video=False).logits  # the parity tests compare these
     assert logits.shape[1] == silent_video_inputs["input_ids"].shape[1]
 
@@ -95,4 +95,16 @@ def test_the_generation_loop_reports_progress_on_stderr(capsys, runtime_cpu):
     try:
         assert not hasattr(loop, "print")  # without the fix, the builtin: stdout
     finally:
-        install_mindone_fixes()
+        install_patches("CPU")  # the fixes, and the faster paths layered on them, back in place
+
+
+def test_the_faster_paths_stay_layered_on_the_fixes_after_a_test_removes_them(runtime_cpu):
+    """The tests above take the fixes out and put everything back: the faster paths that replace the same
+    methods must be in place again (else later tests would silently run without them)."""
+    from mindone.transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
+
+    from omni_helpers import fast_paths
+
+    assert modeling.Qwen3OmniMoePreTrainedModelForConditionalGeneration.get_rope_index is fast_paths.get_rope_index
+    assert modeling.Qwen3OmniMoeAudioEncoder.construct is fast_paths.audio_construct
+
