@@ -21,6 +21,12 @@ with them installed and tests/test_fast_paths.py compares them with mindone's ow
 - Compiled decode steps (`decode_graph`): with `--parallel none`, the thinker's decode step
   and the talker's frame step (its code predictor included) run as one `mindspore.jit` graph
   each, on KV caches written in place, instead of hundreds of PyNative launches.
+- Compiled prompts and encoders (`prompt_graph`, `encoder_graph`): the thinker's text layers
+  for a prompt (where running every expert costs at most 4x the routed work: small expert
+  counts), the vision encoder's blocks and mergers, and the audio encoder each run as one
+  graph per power-of-two bucket of positions, up to 2,048.
+- Positions on the host (`host_positions`): the 3-D rope index and the vision encoder's patch
+  positions computed in numpy, instead of Python walks with device operations and reads.
 - The generation loop (`decode_loop`): one host read per step, the stopping test; mindone's
   loop also reads the attention mask's length every step. The end-token test is a comparison
   and an `any` instead of `mindspore.numpy.isin`'s twenty-odd operations.
