@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 import mindspore as ms
+from mindspore import ops
 
 GRAPHS_KEPT = 2  # compiled graphs (and their buffers) kept per model and kind, most recent last
 BUCKET_MIN = 64  # the fewest positions a graph is compiled for: below it a graph per count would cost more than padding
@@ -31,6 +32,16 @@ class Graph:
 def bucket_for(count: int, least: int = BUCKET_MIN) -> int:
     """`count` positions padded up to a power of two (at least `least`), so nearby counts share a graph."""
     return max(least, 1 << (count - 1).bit_length())
+
+
+def padded(tensor, bucket: int, axis: int = 0):
+    """`tensor` padded with zeros along `axis`, after its last entry, to `bucket` entries."""
+    length = tensor.shape[axis]
+    if length == bucket:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = bucket - length
+    return ops.concat([tensor, ops.zeros(tuple(shape), tensor.dtype)], axis)
 
 
 def kept(owner, kind: str, key: tuple, build):

@@ -39,6 +39,7 @@ from mindspore import ops
 from . import compiled
 from .graph_ops import MASKED, attention, conv2d, gelu, layer_norm, linear, linear_with_bias, rotate
 from .mindone_fixes import audio_chunks, audio_windows, conv_output_lengths, real_token_rows, split_into_chunks, within_blocks
+from .sparse_moe import split_by_zero3
 
 ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # configured activations, as `gelu` takes them
 VISION_ENCODER = "Qwen3OmniMoeVisionEncoder"
@@ -63,12 +64,6 @@ def encoder_applies(encoder, kind_name: str, graph_kind: str, activation: str) -
     return not any(split_by_zero3(cell) for _, cell in encoder.cells_and_names())
 
 
-def split_by_zero3(cell) -> bool:
-    """Whether mindone's ZeRO-3 split this cell's weight (its wrapper gathers it on use)."""
-    wrapper = getattr(cell, "param_wrapper_w", None)
-    return bool(getattr(wrapper, "need_rewrite", False))
-
-
 def vision_forward(vision, pixel_values, grid_thw):
     """(merged image features, DeepStack features) as mindone's vision encoder returns them; None when
     the graph fails at its first call (the encoder then stays in PyNative)."""
@@ -82,8 +77,8 @@ def vision_forward(vision, pixel_values, grid_thw):
     rotary = vision.rot_pos_emb(grid_thw)  # (patches, head dim / 2)
     graph = compiled.kept(vision, "vision_graph", (bucket,), lambda: compiled.Graph(vision_step(vision, bucket)))
     mask = ms.Tensor(block_mask(frame_boundaries(grid), bucket))
-    outputs = compiled.first_call(graph, vision, "vision_graph", lambda: graph.step(pad_rows(hidden, bucket),
-                                  pad_rows(rotary, bucket), mask), "vision encoder", "running it step by step instead")  # fmt: skip
+    outputs = compiled.first_call(graph, vision, "vision_graph", lambda: graph.step(compiled.padded(hidden, bucket),
+                                  compiled.padded(rotary, bucket), mask), "vision encoder", "running it step by step instead")  # fmt: skip
     if outputs is None:
         return None
     merged_rows = patches // vision.spatial_merge_size**2
@@ -104,13 +99,6 @@ def block_mask(boundaries: np.ndarray, bucket: int) -> np.ndarray:
     rows = int(boundaries[-1])
     keep[:rows, :rows] = within_blocks(boundaries)[0, 0]
     return np.where(keep, 0.0, MASKED).astype(np.float32)
-
-
-def pad_rows(tensor, bucket: int):
-    """`tensor` (rows, ...) padded with zero rows to `bucket` rows."""
-    if tensor.shape[0] == bucket:
-        return tensor
-    return ops.concat([tensor, ops.zeros((bucket - tensor.shape[0], *tensor.shape[1:]), tensor.dtype)], 0)
 
 
 def vision_step(vision, bucket: int):
@@ -201,7 +189,7 @@ def audio_forward(audio, input_features, feature_lens):
     graph = compiled.kept(audio, "audio_graph", key, lambda: compiled.Graph(audio_step(audio, token_bucket)))
     mask = ms.Tensor(block_mask(audio_windows(audio, lengths, tokens_per_chunk), token_bucket))
     gather = ms.Tensor(np.pad(rows, (0, token_bucket - len(rows))))  # padding gathers row 0: it is masked out
-    outputs = compiled.first_call(graph, audio, "audio_graph", lambda: graph.step(pad_rows(chunks, chunk_bucket),
+    outputs = compiled.first_call(graph, audio, "audio_graph", lambda: graph.step(compiled.padded(chunks, chunk_bucket),
                                   gather, mask), "audio encoder", "running it step by step instead")  # fmt: skip
     return None if outputs is None else BaseModelOutput(last_hidden_state=outputs[: len(rows)])
 

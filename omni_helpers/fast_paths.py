@@ -197,9 +197,6 @@ def get_rope_index(self, input_ids=None, image_grid_thw=None, video_grid_thw=Non
     return ms.Tensor(positions), ms.Tensor(deltas)
 
 
-VISION = f"{MODELING}.Qwen3OmniMoeVisionEncoder"
-
-
 AUDIO = f"{MODELING}.Qwen3OmniMoeAudioEncoder"
 
 
@@ -211,6 +208,9 @@ def audio_construct(self, input_features, feature_lens=None, aftercnn_lens=None)
         if outputs is not None:
             return outputs
     return FAST_PATHS.original(f"{AUDIO}:construct")(self, input_features, feature_lens, aftercnn_lens)
+
+
+VISION = f"{MODELING}.Qwen3OmniMoeVisionEncoder"
 
 
 @FAST_PATHS.replaces(f"{VISION}:construct")

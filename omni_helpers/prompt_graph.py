@@ -86,7 +86,7 @@ def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_va
         position_ids = position_ids[1:]
     cos, sin = text_model.rotary_emb(inputs_embeds, position_ids)
     real = mint.ones((rows, length), dtype=ms.float32) if attention_mask is None else attention_mask.to(ms.float32)
-    padded = [pad_positions(t, bucket) for t in (inputs_embeds, cos, sin, real, *deepstack)]
+    padded = [compiled.padded(t, bucket, axis=1) for t in (inputs_embeds, cos, sin, real, *deepstack)]
     outputs = compiled.first_call(graph, text_model, "prompt_graph", lambda: graph.step(*padded), "prompt",
                                   "running prompts step by step instead")  # fmt: skip
     if outputs is None:
@@ -113,14 +113,6 @@ def deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds
         dense[where, :] = embeds.to(inputs_embeds.dtype)
         additions.append(dense)
     return additions
-
-
-def pad_positions(tensor, bucket: int):
-    """`tensor` (rows, length, ...) padded with zeros after its last position to `bucket` positions."""
-    rows, length = tensor.shape[:2]
-    if length == bucket:
-        return tensor
-    return mint.cat([tensor, mint.zeros((rows, bucket - length, *tensor.shape[2:]), dtype=tensor.dtype)], dim=1)
 
 
 def prompt_step(text_model, rows: int, bucket: int, deepstack_layers: int):

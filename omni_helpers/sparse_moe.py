@@ -16,8 +16,6 @@ experts a step runs are all-gathered by device indices (`GatheredStackedExperts`
 
 from __future__ import annotations
 
-import gc
-
 import numpy as np
 
 import mindspore as ms
@@ -127,7 +125,7 @@ class GatheredStackedExperts(StackedExperts):
 
     def __init__(self, experts: nn.CellList, world_size: int):
         # a weight whose first axis does not divide by N stays whole on every rank, as in mindone's ZeRO-3
-        split = [_is_split(experts[0], role) for role in ("gate_proj", "up_proj", "down_proj")]  # as `weights` orders them
+        split = [split_by_zero3(getattr(experts[0], role)) for role in ("gate_proj", "up_proj", "down_proj")]  # as `weights` orders them
         super().__init__(experts)
         self.split, self.world_size = split, world_size
         self.all_gather = ops.AllGather()  # the world group, where mindone's ZeRO-3 gathers
@@ -142,9 +140,9 @@ class GatheredStackedExperts(StackedExperts):
         return gathered.transpose(1, 0, 2, 3).reshape(k, self.world_size * rows, cols)
 
 
-def _is_split(expert, role: str) -> bool:
-    """Whether mindone's ZeRO-3 split this Linear's weight (its wrapper gathers it on use)."""
-    wrapper = getattr(getattr(expert, role), "param_wrapper_w", None)
+def split_by_zero3(cell) -> bool:
+    """Whether mindone's ZeRO-3 split this cell's weight (its wrapper gathers it on use)."""
+    wrapper = getattr(cell, "param_wrapper_w", None)
     return bool(getattr(wrapper, "need_rewrite", False))
 
 
@@ -170,7 +168,8 @@ def dispatch_on_device(experts: StackedExperts, hidden_states, weights, selected
 def stack_experts(model: nn.Cell, zero3_world_size: int = 0) -> int:
     """Replace the experts of every sparse MoE block (thinker and talker) by `StackedExperts`
     (`GatheredStackedExperts` after mindone's ZeRO-3 has split them over `zero3_world_size`
-    ranks), so that decode steps run them from device indices; returns how many blocks changed."""
+    ranks), so that decode steps run them from device indices; returns how many blocks changed.
+    The experts' own weights are let go; `loading.shard_model` collects them, once, after every change."""
     stacked = 0
     for path, cell in model.cells_and_names():
         if type(cell).__name__ in MOE_BLOCKS and not isinstance(cell.experts, StackedExperts):
@@ -179,7 +178,6 @@ def stack_experts(model: nn.Cell, zero3_world_size: int = 0) -> int:
             # several layers' experts (`prompt_graph`) refuses two parameters of the same name
             cell.experts.update_parameters_name(f"{path}.experts.")
             stacked += 1
-    gc.collect()
     return stacked
 
 

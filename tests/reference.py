@@ -229,14 +229,43 @@ def thinker_generate(mindone, inputs, new_tokens: int, monkeypatch, pynative=Non
         )  # fmt: skip
 
 
-def after_a_failed_build(run, owner, error_key: str, capfd, warning: str) -> tuple:
-    """Two requests (`run()`) after a compiled path's first call failed: (their results, the reason kept on
-    `owner` under `error_key`, the stderr lines containing `warning`). The reason is cleared afterwards."""
+def unbuildable(kernel: str):
+    """A graph-step builder whose step fails at its first call, as on a device without `kernel`."""
+
+    def build(*args):
+        def step(*inputs):
+            raise RuntimeError(f"The kernel {kernel} unregistered")
+
+        return step
+
+    return build
+
+
+def falls_back_once(run, owner, kind: str, capfd, kernel: str, what: str, instead: str) -> tuple:
+    """Two calls of `run()` after the `kind` graph of `owner` failed to build (`unbuildable(kernel)`): the
+    reason is kept on `owner` and said once on stderr, as "the compiled {what} did not build (...); {instead}".
+    Returns both calls' results; the reason is cleared afterwards."""
     capfd.readouterr()
     try:
         results = (run(), run())
-        reason = owner.__dict__.get(error_key)
+        reason = owner.__dict__.get(f"_{kind}_error")
     finally:
-        owner.__dict__.pop(error_key, None)
-    return results, reason, [line for line in capfd.readouterr().err.splitlines() if warning in line]
+        owner.__dict__.pop(f"_{kind}_error", None)
+    warnings = [line for line in capfd.readouterr().err.splitlines() if f"compiled {what} did not build" in line]
+    assert len(warnings) == 1  # once: the second call does not try again
+    assert warnings[0].startswith(f"warning: the compiled {what} did not build (RuntimeError: ")
+    assert f"The kernel {kernel} unregistered" in warnings[0] and warnings[0].endswith(instead)
+    assert reason.startswith("RuntimeError: ") and kernel in reason
+    return results
 
+
+def generate_both_ways(mindone, inputs, monkeypatch, path, **settings) -> tuple:
+    """`mindone.generate(inputs, False, 4, return_audio=True, ...)` with a compiled path (`path`, a module of
+    the project with an `applies`) in place, then with it turned off: (compiled, PyNative)."""
+    runs = []
+    for compiled in (True, False):
+        with monkeypatch.context() as patch:
+            if not compiled:
+                patch.setattr(path, "applies", lambda *args: False)
+            runs.append(mindone.generate(inputs, False, 4, return_audio=True, **settings))
+    return tuple(runs)

@@ -9,7 +9,7 @@ import mindspore as ms
 
 from omni_helpers import decode_graph
 from omni_helpers.sparse_moe import DEVICE_DISPATCH_MAX_SLOTS
-from tests.reference import after_a_failed_build, relative_error
+from tests.reference import falls_back_once, generate_both_ways, relative_error, unbuildable
 from tests.reference import thinker_generate as generate
 
 NEW_TOKENS = 12
@@ -100,14 +100,8 @@ def test_compiled_talker_step_gives_the_pynative_steps_codes_and_speech(mindone,
     from tests.reference import processor_inputs, request_conversation
 
     inputs = processor_inputs(tiny_checkpoint, request_conversation("image_audio", sample_media), False)
-    runs = []
-    for graph in (True, False):
-        with monkeypatch.context() as patch:
-            if not graph:
-                patch.setattr(decode_graph, "applies", lambda *args: False)
-            runs.append(mindone.generate(inputs, False, 4, return_audio=True, talker_new_tokens=12,
-                                         sampling_seed=sampling_seed))  # fmt: skip
-    compiled, pynative = runs
+    compiled, pynative = generate_both_ways(mindone, inputs, monkeypatch, decode_graph, talker_new_tokens=12,
+                                            sampling_seed=sampling_seed)  # fmt: skip
     assert mindone.model.talker.__dict__.get("_decode_graphs"), "the compiled talker step did not run"
     assert compiled.codes.shape == pynative.codes.shape and compiled.codes.shape[-1] > 2  # several frames
     np.testing.assert_array_equal(compiled.codes, pynative.codes)
@@ -123,21 +117,9 @@ def test_a_step_that_does_not_build_falls_back_to_pynative_and_says_why(mindone,
     expected = thinker_generate(mindone, two_rows, False, monkeypatch, do_sample=False)
     thinker = mindone.model.thinker
 
-    def unbuildable(thinker, buffers):
-        def step(input_ids, cache_position, rope_deltas):
-            raise RuntimeError("The kernel ScatterNdUpdate unregistered")
-
-        return step
-
-    monkeypatch.setattr(decode_graph, "thinker_step", unbuildable)
+    monkeypatch.setattr(decode_graph, "thinker_step", unbuildable("ScatterNdUpdate"))
     monkeypatch.setitem(thinker.__dict__, "_decode_graphs", {})  # no graph of this shape built yet
-    results, reason, warnings = after_a_failed_build(
-        lambda: thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False), thinker,
-        "_decode_graph_error", capfd, "compiled decode step did not build",
-    )  # fmt: skip
-    assert len(warnings) == 1  # once: the second request does not try again
-    assert warnings[0].startswith("warning: the compiled decode step did not build (RuntimeError: ")
-    assert "The kernel ScatterNdUpdate unregistered" in warnings[0] and warnings[0].endswith("decoding step by step instead")
-    assert reason.startswith("RuntimeError: ") and "ScatterNdUpdate" in reason
+    results = falls_back_once(lambda: thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False), thinker,
+                              "decode_graph", capfd, "ScatterNdUpdate", "decode step", "decoding step by step instead")  # fmt: skip
     for result in results:
         np.testing.assert_array_equal(result.sequences.asnumpy(), expected.sequences.asnumpy())

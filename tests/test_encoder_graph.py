@@ -8,7 +8,7 @@ import pytest
 import mindspore as ms
 
 from omni_helpers import compiled, encoder_graph, fast_paths
-from tests.reference import after_a_failed_build, processor_inputs, relative_error, request_conversation
+from tests.reference import falls_back_once, processor_inputs, relative_error, request_conversation, unbuildable
 
 
 def pixels(tiny_checkpoint, sample_media, kind: str) -> tuple:
@@ -74,20 +74,10 @@ def test_an_encoder_that_does_not_build_falls_back_to_pynative_and_says_why(mind
     pixel_values, grid = pixels(tiny_checkpoint, sample_media, "image_audio")
     expected = pynative(vision, pixel_values, grid)
 
-    def unbuildable(*args):
-        def step(*inputs):
-            raise RuntimeError("The kernel LayerNorm unregistered")
-
-        return step
-
-    monkeypatch.setattr(encoder_graph, "vision_step", unbuildable)
+    monkeypatch.setattr(encoder_graph, "vision_step", unbuildable("LayerNorm"))
     monkeypatch.setitem(vision.__dict__, "_vision_graphs", {})  # no graph of this shape built yet
-    results, reason, warnings = after_a_failed_build(lambda: vision(pixel_values, grid_thw=grid), vision,
-                                                     "_vision_graph_error", capfd, "compiled vision encoder did not build")  # fmt: skip
-    assert len(warnings) == 1  # once: the second call does not try again
-    assert warnings[0].startswith("warning: the compiled vision encoder did not build (RuntimeError: ")
-    assert "LayerNorm unregistered" in warnings[0] and warnings[0].endswith("running it step by step instead")
-    assert reason.startswith("RuntimeError: ") and "LayerNorm" in reason
+    results = falls_back_once(lambda: vision(pixel_values, grid_thw=grid), vision, "vision_graph", capfd, "LayerNorm",
+                              "vision encoder", "running it step by step instead")  # fmt: skip
     for merged, deepstack in results:
         np.testing.assert_array_equal(merged.asnumpy(), expected[0].asnumpy())
         for mine, reference in zip(deepstack, expected[1]):

@@ -10,7 +10,8 @@ import pytest
 import mindspore as ms
 
 from omni_helpers import compiled, prompt_graph
-from tests.reference import after_a_failed_build, processor_inputs, relative_error, request_conversation
+from tests.reference import (falls_back_once, generate_both_ways, processor_inputs, relative_error, request_conversation,
+                             unbuildable)  # fmt: skip
 from tests.reference import thinker_generate as generate
 
 NEW_TOKENS = 6
@@ -65,13 +66,7 @@ def test_compiled_prompt_with_an_image_and_audio_adds_deepstack_features_as_mind
 def test_speech_from_a_compiled_prompt_is_the_pynative_prompts(mindone, tiny_checkpoint, sample_media, monkeypatch):
     """The talker reads the thinker's prompt hidden states position by position."""
     inputs = processor_inputs(tiny_checkpoint, request_conversation("image_audio", sample_media), False)
-    runs = []
-    for graph in (True, False):
-        with monkeypatch.context() as patch:
-            if not graph:
-                patch.setattr(prompt_graph, "applies", lambda *args: False)
-            runs.append(mindone.generate(inputs, False, 4, return_audio=True, talker_new_tokens=6))
-    ours, pynative = runs
+    ours, pynative = generate_both_ways(mindone, inputs, monkeypatch, prompt_graph, talker_new_tokens=6)
     np.testing.assert_array_equal(ours.tokens, pynative.tokens)
     np.testing.assert_array_equal(ours.codes, pynative.codes)
     assert np.abs(ours.wav - pynative.wav).max() <= 1e-5
@@ -111,21 +106,9 @@ def test_a_prompt_that_does_not_build_falls_back_to_pynative_and_says_why(mindon
     expected = thinker_generate(mindone, two_rows, False, monkeypatch)
     text_model = mindone.model.thinker.model
 
-    def unbuildable(*args):
-        def step(*inputs):
-            raise RuntimeError("The kernel OneHot unregistered")
-
-        return step
-
-    monkeypatch.setattr(prompt_graph, "prompt_step", unbuildable)
+    monkeypatch.setattr(prompt_graph, "prompt_step", unbuildable("OneHot"))
     monkeypatch.setitem(text_model.__dict__, "_prompt_graphs", {})  # no graph of this shape built yet
-    results, reason, warnings = after_a_failed_build(
-        lambda: thinker_generate(mindone, two_rows, True, monkeypatch), text_model, "_prompt_graph_error", capfd,
-        "compiled prompt did not build",
-    )  # fmt: skip
-    assert len(warnings) == 1  # once: the second request does not try again
-    assert warnings[0].startswith("warning: the compiled prompt did not build (RuntimeError: ")
-    assert "The kernel OneHot unregistered" in warnings[0] and warnings[0].endswith("running prompts step by step instead")
-    assert reason.startswith("RuntimeError: ") and "OneHot" in reason
+    results = falls_back_once(lambda: thinker_generate(mindone, two_rows, True, monkeypatch), text_model, "prompt_graph",
+                              capfd, "OneHot", "prompt", "running prompts step by step instead")  # fmt: skip
     for result in results:
         np.testing.assert_array_equal(result.sequences.asnumpy(), expected.sequences.asnumpy())
