@@ -45,7 +45,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import mint
 
-from . import decode_loop, decode_steps, encoder_graph, host_positions, prompt_graph
+from . import decode_loop, decode_steps, encoder_graph, host_positions, prompt_graph, thinker_prompt
 from .patching import PatchSet
 from .sparse_moe import sparse_moe_forward
 
@@ -174,6 +174,9 @@ def thinker_construct(self, input_ids=None, input_features=None, pixel_values=No
     arguments = {name: value for name, value in locals().items() if name not in ("self", "kwargs", "decode_graph")}
     if decode_graph is not None:
         return decode_graph.forward({**arguments, **kwargs})
+    if kwargs.get("return_dict", True) is not False and thinker_prompt.applies(self, arguments):
+        kwargs.pop("return_dict", None)  # what mindone's `can_return_tuple` takes before its forward runs
+        return thinker_prompt.forward(self, **thinker_prompt.used(arguments), **kwargs)
     return FAST_PATHS.original(f"{THINKER}:construct")(self, **arguments, **kwargs)
 
 

@@ -79,15 +79,17 @@ def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_va
 
     rows, length, _ = inputs_embeds.shape
     bucket = compiled.bucket_for(length)
-    deepstack = deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds)
+    deepstack = deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds, bucket)
     key = (rows, bucket, len(deepstack))
     graph = compiled.kept(text_model, "prompt_graph", key, lambda: compiled.Graph(prompt_step(text_model, *key)))
     if position_ids.ndim == 3 and position_ids.shape[0] == 4:  # text positions first, as mindone's text model reads them
         position_ids = position_ids[1:]
-    cos, sin = text_model.rotary_emb(inputs_embeds, position_ids)
-    real = mint.ones((rows, length), dtype=ms.float32) if attention_mask is None else attention_mask.to(ms.float32)
-    padded = [compiled.padded(t, bucket, axis=1) for t in (inputs_embeds, cos, sin, real, *deepstack)]
-    outputs = compiled.first_call(graph, text_model, "prompt_graph", lambda: graph.step(*padded), "prompt",
+    # padding gets position 0 and is not a real key: what it computes is never seen
+    cos, sin = text_model.rotary_emb(inputs_embeds, compiled.padded(position_ids, bucket, axis=-1))
+    real = np.zeros((rows, bucket), np.float32)
+    real[:, :length] = 1 if attention_mask is None else attention_mask.asnumpy()
+    inputs = (compiled.padded(inputs_embeds, bucket, axis=1), cos, sin, ms.Tensor(real), *deepstack)
+    outputs = compiled.first_call(graph, text_model, "prompt_graph", lambda: graph.step(*inputs), "prompt",
                                   "running prompts step by step instead")  # fmt: skip
     if outputs is None:
         return None
@@ -102,17 +104,20 @@ def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_va
     )  # fmt: skip
 
 
-def deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds) -> list:
-    """DeepStack's visual features as dense additions (rows, length, hidden), zero away from visual positions."""
+def deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds, bucket: int) -> list:
+    """DeepStack's visual features as dense additions (rows, bucket, hidden), zero away from visual positions
+    and on the padding: the k-th visual position takes row k, by one gather from the host's positions."""
     if deepstack_visual_embeds is None:
         return []
-    where = visual_pos_masks[..., 0] if visual_pos_masks.ndim == 3 else visual_pos_masks
-    additions = []
-    for embeds in deepstack_visual_embeds:
-        dense = mint.zeros_like(inputs_embeds)
-        dense[where, :] = embeds.to(inputs_embeds.dtype)
-        additions.append(dense)
-    return additions
+    where = visual_pos_masks.asnumpy()
+    where = where[..., 0] if where.ndim == 3 else where
+    rows, length = where.shape
+    index = np.zeros((rows, bucket), np.int64)  # row 0 of the sources is zeros
+    index[:, :length][where] = 1 + np.arange(int(where.sum()))
+    index = ms.Tensor(index.reshape(-1))
+    zero = mint.zeros((1, inputs_embeds.shape[-1]), dtype=inputs_embeds.dtype)
+    return [ops.gather(mint.cat([zero, embeds.to(inputs_embeds.dtype)]), index, 0).reshape(rows, bucket, -1)
+            for embeds in deepstack_visual_embeds]  # fmt: skip
 
 
 def prompt_step(text_model, rows: int, bucket: int, deepstack_layers: int):

@@ -213,7 +213,7 @@ def top2_margins(step_logits: np.ndarray) -> np.ndarray:
     return top2[:, 1] - top2[:, 0]
 
 
-def thinker_generate(mindone, inputs, new_tokens: int, monkeypatch, pynative=None, **settings):
+def thinker_generate(mindone, inputs, new_tokens: int, monkeypatch, pynative=None, use_audio_in_video=False, **settings):
     """The thinker's generate, returning every step's logits and hidden states; with `pynative` (a module
     of the project's compiled paths, `decode_graph` or `prompt_graph`) that path turned off."""
     import mindspore as ms
@@ -225,7 +225,7 @@ def thinker_generate(mindone, inputs, new_tokens: int, monkeypatch, pynative=Non
             patch.setattr(pynative, "applies", lambda *args: False)
         return mindone.model.thinker.generate(
             **to_mindspore(inputs, ms.float32), max_new_tokens=new_tokens, return_dict_in_generate=True,
-            output_hidden_states=True, output_logits=True, use_audio_in_video=False, **settings,
+            output_hidden_states=True, output_logits=True, use_audio_in_video=use_audio_in_video, **settings,
         )  # fmt: skip
 
 
