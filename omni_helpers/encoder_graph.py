@@ -36,8 +36,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import ops
 
-from . import compiled
-from .graph_ops import MASKED, attention, conv2d, gelu, layer_norm, linear, linear_with_bias, rotate
+from . import compiled, host_positions
+from .graph_ops import MASKED, attention, conv2d, conv3d, gelu, layer_norm, linear, linear_with_bias, rotate
 from .mindone_fixes import audio_chunks, audio_windows, conv_output_lengths, real_token_rows, split_into_chunks, within_blocks
 from .sparse_moe import split_by_zero3
 
@@ -72,16 +72,19 @@ def vision_forward(vision, pixel_values, grid_thw):
     bucket = compiled.bucket_for(patches)
     if bucket > compiled.BUCKET_MAX:  # attention over every pair of patches: PyNative's flash attention instead
         return None
-    hidden = vision.patch_embed(pixel_values)
-    hidden = hidden + vision.fast_pos_embed_interpolate(grid_thw)
-    rotary = vision.rot_pos_emb(grid_thw)  # (patches, head dim / 2)
+    merge = vision.spatial_merge_size
+    # each patch's four neighbours in the learned position table and their weights, and its (row, column)
+    corners, weights = host_positions.interpolated_patch_positions(grid, vision.num_grid_per_side, merge)
+    coordinates = host_positions.patch_coordinates(grid, merge)
+    positions = [ms.Tensor(np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, bucket - patches)])) for a in (corners, weights)]
+    coordinates = ms.Tensor(np.pad(coordinates, [(0, bucket - patches), (0, 0)]))
     graph = compiled.kept(vision, "vision_graph", (bucket,), lambda: compiled.Graph(vision_step(vision, bucket)))
     mask = ms.Tensor(block_mask(frame_boundaries(grid), bucket))
-    outputs = compiled.first_call(graph, vision, "vision_graph", lambda: graph.step(compiled.padded(hidden, bucket),
-                                  compiled.padded(rotary, bucket), mask), "vision encoder", "running it step by step instead")  # fmt: skip
+    outputs = compiled.first_call(graph, vision, "vision_graph", lambda: graph.step(compiled.padded(pixel_values, bucket),
+                                  *positions, coordinates, mask), "vision encoder", "running it step by step instead")  # fmt: skip
     if outputs is None:
         return None
-    merged_rows = patches // vision.spatial_merge_size**2
+    merged_rows = patches // merge**2
     merged, *deepstack = (features[:merged_rows] for features in outputs)
     return merged, deepstack
 
@@ -102,7 +105,8 @@ def block_mask(boundaries: np.ndarray, bucket: int) -> np.ndarray:
 
 
 def vision_step(vision, bucket: int):
-    """(patch states, rotary frequencies, frame mask) -> (merged features, DeepStack features...) for `bucket` patches."""
+    """(pixels, position-table corners and weights, patch coordinates, frame mask) -> (merged features,
+    DeepStack features...) for `bucket` patches."""
     config = vision.config
     heads = config.num_heads
     head_dim = config.hidden_size // heads
@@ -131,7 +135,22 @@ def vision_step(vision, bucket: int):
         h = layer_norm(h, *weights["norm"]).reshape(-1, width)
         return linear_with_bias(gelu(linear_with_bias(h, *weights["fc1"]), weights["activation"]), *weights["fc2"])
 
-    def step(hidden, rotary, mask):
+    patch_embed, table = vision.patch_embed, vision.pos_embed.weight
+    pixels_shape = (bucket, patch_embed.in_channels, patch_embed.temporal_patch_size, patch_embed.patch_size,
+                    patch_embed.patch_size)  # fmt: skip
+    inverse_frequencies = vision.rotary_pos_emb.inv_freq.reshape(1, 1, -1)
+
+    def embed(pixels, corners, weights):
+        """mindone's patch embedding plus its interpolated position embedding (the four corners summed in order)."""
+        x = conv3d(ops.cast(pixels, dtype).reshape(pixels_shape), patch_embed.proj).reshape(bucket, -1)
+        corner_embeds = ops.gather(table, corners.reshape(-1), 0).reshape(4, bucket, -1)
+        corner_embeds = corner_embeds * ops.cast(weights, table.dtype).reshape(4, bucket, 1)
+        return x + (corner_embeds[0] + corner_embeds[1] + corner_embeds[2] + corner_embeds[3])
+
+    def step(pixels, corners, weights, coordinates, mask):
+        hidden = embed(pixels, corners, weights)
+        # each patch's (row, column) times the frequencies: mindone's table rows, product for product
+        rotary = (ops.cast(coordinates, ms.float32).reshape(bucket, 2, 1) * inverse_frequencies).reshape(bucket, -1)
         emb = ops.concat((rotary, rotary), -1)
         cos = ops.cos(emb).reshape(bucket, 1, head_dim)
         sin = ops.sin(emb).reshape(bucket, 1, head_dim)

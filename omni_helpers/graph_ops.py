@@ -78,6 +78,15 @@ def attention(query, key, value, mask, scaling: float, dtype):
     return ops.matmul(ops.cast(ops.softmax(scores, -1), dtype), value)
 
 
+def conv3d(x, conv):
+    """A `mint.nn.Conv3d` cell's convolution (zero padding), with its bias."""
+    (depth, top, left), kernel = conv.padding, tuple(conv.weight.shape[2:])
+    primitive = ops.Conv3D(conv.weight.shape[0], kernel, pad_mode="pad", pad=(depth, depth, top, top, left, left),
+                           stride=conv.stride, dilation=conv.dilation, group=conv.groups)  # fmt: skip
+    out = primitive(x, conv.weight)
+    return out if conv.bias is None else out + conv.bias.reshape(1, -1, 1, 1, 1)
+
+
 def conv2d(x, conv):
     """A `mint.nn.Conv2d` cell's convolution (zero padding), with its bias."""
     (top, left), kernel = conv.padding, tuple(conv.weight.shape[2:])

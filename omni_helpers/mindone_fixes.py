@@ -44,7 +44,7 @@ import sys
 import numpy as np
 
 import mindspore as ms
-from mindspore import mint
+from mindspore import mint, ops
 
 from .patching import PatchSet
 
@@ -89,15 +89,16 @@ def attention_windows(audio_tokens: np.ndarray, tokens_per_chunk: int, chunks_pe
 
 
 def audio_chunks(input_features, chunk_lengths: list[int]):
-    """(mel, frames) cut into chunks of `chunk_lengths` frames, each padded to the longest: (chunks, 1, mel, longest)."""
-    frames = input_features.T  # (frames, mel)
-    starts = np.concatenate([[0], np.cumsum(chunk_lengths)[:-1]]).tolist()
+    """(mel, frames) cut into chunks of `chunk_lengths` frames, each padded with zeros to the longest:
+    (chunks, 1, mel, longest), by one gather from the host's frame indices (a zero column pads)."""
+    mel, frames = input_features.shape
     longest = max(chunk_lengths)
-    chunks = [
-        mint.nn.functional.pad(frames[start : start + length], (0, 0, 0, longest - length))
-        for start, length in zip(starts, chunk_lengths)
-    ]
-    return mint.stack(chunks).transpose(1, 2).unsqueeze(1)
+    index = np.full((len(chunk_lengths), longest), frames, np.int64)  # column `frames` is the zero one
+    for chunk, (start, length) in enumerate(zip(np.cumsum([0, *chunk_lengths[:-1]]).tolist(), chunk_lengths)):
+        index[chunk, :length] = np.arange(start, start + length)
+    with_zeros = mint.cat([input_features, mint.zeros((mel, 1), dtype=input_features.dtype)], 1)
+    chunks = ops.gather(with_zeros, ms.Tensor(index.reshape(-1)), 1).reshape(mel, len(chunk_lengths), longest)
+    return chunks.transpose(1, 0, 2).unsqueeze(1)
 
 
 def real_token_rows(chunk_lengths: list[int], tokens_per_chunk: int) -> np.ndarray:

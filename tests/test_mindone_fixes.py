@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from omni_helpers.mindone_fixes import MINDONE_FIXES, conv_output_lengths, split_into_chunks
+from omni_helpers.mindone_fixes import MINDONE_FIXES, audio_chunks, conv_output_lengths, split_into_chunks
 from omni_helpers.patches import install_patches
 
 
@@ -14,6 +14,17 @@ def test_chunk_bookkeeping():
     assert split_into_chunks(np.array([100, 30]), 100) == [100, 30]
     # The processor's own count of audio tokens (13 per full 100-frame chunk).
     assert conv_output_lengths(np.array([100, 250, 7])).tolist() == [13, 13 * 2 + 7, 1]
+
+
+def test_audio_chunks_are_the_frames_cut_and_padded_with_zeros(runtime_cpu):
+    import mindspore as ms
+
+    features = np.random.default_rng(0).standard_normal((3, 250)).astype(np.float32)  # (mel, frames)
+    chunks = audio_chunks(ms.Tensor(features), [100, 100, 30, 20]).asnumpy()
+    assert chunks.shape == (4, 1, 3, 100)
+    for chunk, (start, length) in enumerate([(0, 100), (100, 100), (200, 30), (230, 20)]):
+        np.testing.assert_array_equal(chunks[chunk, 0, :, :length], features[:, start : start + length])
+        assert not chunks[chunk, 0, :, length:].any()
 
 
 @pytest.fixture(scope="module")
