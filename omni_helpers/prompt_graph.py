@@ -21,8 +21,9 @@ A graph needs static shapes:
   (`sparse_moe.dispatch_experts`) for prompts.
 
 The graph computes what mindone's text model computes in the same order and dtypes: rope
-cos and sin come from mindone's own rotary embedding (the multimodal positions included),
-each expert's output is added in ascending expert order (the unchosen ones add exact
+cos and sin from the multimodal positions as mindone's rotary embedding computes them (each
+frequency times the time, height or width position its interleaved section gives it; the
+default rope type, whose frequencies are fixed), each expert's output is added in ascending expert order (the unchosen ones add exact
 zeros), DeepStack's visual features are added after the first layers as dense tensors that
 are zero away from visual positions. Attention is written out (float32 softmax, as mindone's
 eager path), where PyNative prompts use flash attention: the two agree to float rounding
@@ -60,6 +61,8 @@ def applies(text_model, inputs_embeds, past_key_values, use_cache, kwargs: dict)
         return False
     if compiled.bucket_for(inputs_embeds.shape[1]) > compiled.BUCKET_MAX:
         return False
+    if text_model.rotary_emb.rope_type != "default":  # the others rescale their frequencies per call
+        return False
     if past_key_values is None or past_key_values.get_seq_length() != 0 or not use_cache:
         return False  # a prompt starts an empty cache (`get_seq_length` reads nothing while it is empty)
     return decoder_covered(text_model, sparse=True) and all(dense_experts_pay(layer.mlp) for layer in decoder_layers(text_model))
@@ -84,11 +87,13 @@ def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_va
     graph = compiled.kept(text_model, "prompt_graph", key, lambda: compiled.Graph(prompt_step(text_model, *key)))
     if position_ids.ndim == 3 and position_ids.shape[0] == 4:  # text positions first, as mindone's text model reads them
         position_ids = position_ids[1:]
+    elif position_ids.ndim == 2:
+        position_ids = position_ids[None].expand((3, rows, length))
     # padding gets position 0 and is not a real key: what it computes is never seen
-    cos, sin = text_model.rotary_emb(inputs_embeds, compiled.padded(position_ids, bucket, axis=-1))
+    positions = compiled.padded(position_ids.to(ms.float32), bucket, axis=-1)
     real = np.zeros((rows, bucket), np.float32)
     real[:, :length] = 1 if attention_mask is None else attention_mask.asnumpy()
-    inputs = (compiled.padded(inputs_embeds, bucket, axis=1), cos, sin, ms.Tensor(real), *deepstack)
+    inputs = (compiled.padded(inputs_embeds, bucket, axis=1), positions, ms.Tensor(real), *deepstack)
     outputs = compiled.first_call(graph, text_model, "prompt_graph", lambda: graph.step(*inputs), "prompt",
                                   "running prompts step by step instead")  # fmt: skip
     if outputs is None:
@@ -120,8 +125,17 @@ def deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds
             for embeds in deepstack_visual_embeds]  # fmt: skip
 
 
+def mrope_axes(section, frequencies: int) -> np.ndarray:
+    """(3, frequencies) one-hot float32: which position axis (time, height, width) each rotary frequency
+    reads in mindone's interleaved layout (`apply_interleaved_mrope`)."""
+    axis = np.zeros(frequencies, np.int64)
+    for dim, offset in ((1, 1), (2, 2)):
+        axis[offset : section[dim] * 3 : 3] = dim
+    return (np.arange(3)[:, None] == axis[None]).astype(np.float32)
+
+
 def prompt_step(text_model, rows: int, bucket: int, deepstack_layers: int):
-    """(embeddings, cos, sin, real positions, DeepStack additions...) -> (final-normed hidden, hidden states as
+    """(embeddings, rope positions, real positions, DeepStack additions...) -> (final-normed hidden, hidden states as
     mindone records them, keys..., values...) for a prompt of (rows, bucket) positions."""
     layers = [layer_weights(layer) for layer in decoder_layers(text_model)]
     config = text_model.config
@@ -131,6 +145,9 @@ def prompt_step(text_model, rows: int, bucket: int, deepstack_layers: int):
     groups, eps, scaling = heads // kv_heads, config.rms_norm_eps, head_dim**-0.5
     final_norm = text_model.norm.weight
     causal = ms.Tensor(np.tril(np.ones((bucket, bucket), np.float32)).reshape(1, 1, 1, bucket, bucket))
+    rotary = text_model.rotary_emb
+    inverse_frequencies = ops.cast(rotary.inv_freq, ms.float32).reshape(1, 1, 1, -1)
+    axes = ms.Tensor(mrope_axes(rotary.mrope_section, inverse_frequencies.shape[-1]).reshape(3, 1, 1, -1))
 
     def norm(x, weight):
         return rms_norm_with(x, weight, eps, dtype)
@@ -168,8 +185,17 @@ def prompt_step(text_model, rows: int, bucket: int, deepstack_layers: int):
         combined = ops.ReduceSum()(out, 0)
         return combined
 
-    def step(embeds, cos, sin, real, *deepstack):
-        cos, sin = cos.reshape(rows, bucket, 1, head_dim), sin.reshape(rows, bucket, 1, head_dim)
+    def rope(positions):
+        """mindone's multimodal rotary cos and sin: each frequency takes the time, height or width position
+        its interleaved section gives it (the other two add exact zeros)."""
+        freqs = ops.ReduceSum()(positions.reshape(3, rows, bucket, 1) * inverse_frequencies * axes, 0)
+        emb = ops.concat((freqs, freqs), -1)
+        scaling = rotary.attention_scaling
+        return (ops.cast(ops.cos(emb) * scaling, dtype).reshape(rows, bucket, 1, head_dim),
+                ops.cast(ops.sin(emb) * scaling, dtype).reshape(rows, bucket, 1, head_dim))  # fmt: skip
+
+    def step(embeds, positions, real, *deepstack):
+        cos, sin = rope(positions)
         visible = causal * real.reshape(rows, 1, 1, 1, bucket)  # a key is visible when real and not later
         mask = ops.select(visible > 0, ops.zeros_like(visible), ops.fill(ms.float32, visible.shape, MASKED))
         x = embeds.reshape(rows * bucket, -1)

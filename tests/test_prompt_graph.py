@@ -97,6 +97,19 @@ def test_what_the_graph_does_not_cover_keeps_the_pynative_prompt(mindone, two_ro
     assert not prompt_graph.applies(mindone.model.talker.model, embeds, empty, True, {})  # the thinker's prompt only
     used = thinker_generate(mindone, two_rows, True, monkeypatch).past_key_values
     assert not prompt_graph.applies(text_model, embeds, used, True, {})  # a cache with positions: a decode step
+    monkeypatch.setattr(text_model.rotary_emb, "rope_type", "dynamic")
+    assert not prompt_graph.applies(text_model, embeds, empty, True, {})  # frequencies rescaled per call
+
+
+@pytest.mark.parametrize("section", [[4, 2, 2], [24, 20, 20]], ids=["tiny", "released"])
+def test_each_rotary_frequency_reads_the_axis_mindones_interleaving_gives_it(mindone, section):
+    rotary = mindone.model.thinker.model.rotary_emb
+    frequencies = sum(section)
+    axis_values = np.broadcast_to(np.arange(1, 4, dtype=np.float32).reshape(3, 1, 1, 1), (3, 1, 1, frequencies))
+    expected = rotary.apply_interleaved_mrope(ms.Tensor(axis_values.copy()), section).asnumpy().reshape(-1) - 1
+    axes = prompt_graph.mrope_axes(section, frequencies)
+    np.testing.assert_array_equal(axes.argmax(0), expected.astype(np.int64))
+    np.testing.assert_array_equal(axes.sum(0), np.ones(frequencies))
 
 
 def test_a_prompt_that_does_not_build_falls_back_to_pynative_and_says_why(mindone, two_rows, monkeypatch, capfd,
