@@ -26,7 +26,7 @@ from .forward_taps import listen
 from .inputs import to_mindspore, videos_to_numpy
 from .metrics import rate
 from .outputs import SPEECH_SAMPLE_RATE
-from .runtime import seed_everything
+from .runtime import caller_on_its_own_core, seed_everything
 from .settings import GenerationSettings
 from .speech_stream import AudioCallback, SpeechStream
 from .streaming import StepStream, TextCallback
@@ -134,7 +134,8 @@ def generate_from_inputs(
             hooks += talker.watch(model.talker)
             hooks += listen(model.talker, after=speech.hook) if speech else []
         try:
-            result, waveform = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
+            with caller_on_its_own_core():  # CPU only: MindSpore's spinning helper threads kept off its core
+                result, waveform = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -6,6 +6,8 @@ import gc
 import os
 import random
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,6 +48,49 @@ def configure_openmp(device_target: str) -> None:
     one request to the next, and a steady 200 with one thread). On Ascend nothing changes."""
     if device_target == "CPU":
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@contextmanager
+def caller_on_its_own_core():
+    """CPU only, one process, Linux: while the block runs, the calling thread (the one running the
+    model) alone on the first core the process may use, every other thread of the process on the
+    others; afterwards each thread back where it was. A CPU-only speed-up around each request
+    (`core.generate_from_inputs`).
+
+    Why: MindSpore's helper threads (a CPU-kernel worker, the graph actor, the PyNative dispatch
+    queue) spin while they wait for work. On 2 cores they now and then preempted the thread running
+    the model for 50 to 200 ms: about one tiny-checkpoint request in five stalled (a first token at
+    0.2 s instead of 0.015, decode steps at 45 ms instead of 4). Placed apart, 20 requests in a row
+    ran without one. Put back afterwards, so that nothing else (a subprocess the caller starts, a
+    PyTorch reference run in the same process) inherits the placement. Under msrun the workers share
+    the cores, and on Ascend the model runs on the NPU: nothing is moved."""
+    import mindspore as ms
+
+    placed = {}
+    if hasattr(os, "sched_setaffinity") and not launched_by_msrun() and ms.get_context("device_target") == "CPU":
+        placed = {thread: os.sched_getaffinity(thread) for thread in process_threads()}
+    cores = set().union(*placed.values())
+    if len(cores) >= 2:
+        caller, own = threading.get_native_id(), {min(cores)}
+        for thread in placed:
+            move_thread(thread, own if thread == caller else cores - own)
+    try:
+        yield
+    finally:
+        if len(cores) >= 2:
+            for thread, was in placed.items():
+                move_thread(thread, was)
+
+
+def process_threads() -> list[int]:
+    return [int(name) for name in os.listdir("/proc/self/task")]
+
+
+def move_thread(thread: int, cores: set) -> None:
+    try:
+        os.sched_setaffinity(thread, cores)
+    except (ProcessLookupError, PermissionError):  # it ended meanwhile, or it is not ours to move
+        pass
 
 
 def out_of_garbage_collection() -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 
-from omni_helpers.runtime import configure_openmp
+from omni_helpers.runtime import caller_on_its_own_core, configure_openmp
 
 
 def test_openmp_gets_one_thread_on_cpu_unless_the_user_chose(monkeypatch):
@@ -30,3 +31,53 @@ def test_a_loaded_model_is_left_out_of_later_garbage_collections(mindone):
     assert not any(obj is cell for obj in gc.get_objects(generation=2))
     out_of_garbage_collection()
     assert len(gc.get_objects()) <= tracked
+
+
+def thread_waiting(stop: threading.Event) -> threading.Thread:
+    """Another thread of the process, as MindSpore's helpers are, idle until `stop` is set."""
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_on_cpu_the_caller_has_a_core_of_its_own_while_it_runs_and_every_thread_is_put_back(runtime_cpu):
+    stop = threading.Event()
+    helper = thread_waiting(stop)
+    cores = os.sched_getaffinity(0)
+    try:
+        with caller_on_its_own_core():
+            mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(helper.native_id)
+        if len(cores) >= 2:
+            assert mine == {min(cores)} and theirs == cores - mine
+        else:  # one core: nothing to place
+            assert mine == theirs == cores
+        assert os.sched_getaffinity(0) == os.sched_getaffinity(helper.native_id) == cores
+    finally:
+        stop.set()
+
+
+def test_under_msrun_no_thread_is_moved(runtime_cpu, monkeypatch):
+    monkeypatch.setenv("MS_ROLE", "MS_WORKER")  # the workers share the machine's cores
+    stop = threading.Event()
+    helper = thread_waiting(stop)
+    cores = os.sched_getaffinity(0)
+    try:
+        with caller_on_its_own_core():
+            assert os.sched_getaffinity(0) == os.sched_getaffinity(helper.native_id) == cores
+    finally:
+        stop.set()
+
+
+def test_a_request_runs_the_model_on_a_core_of_its_own(mindone, two_rows):
+    """The core's request: the forwards run with the caller alone on its core, and nothing stays placed."""
+    from omni_helpers.core import generate_from_inputs
+    from omni_helpers.settings import GenerationSettings
+
+    cores, seen = os.sched_getaffinity(0), []
+    handle = mindone.model.thinker.register_forward_hook(lambda *_: seen.append(os.sched_getaffinity(0)))
+    try:
+        generate_from_inputs(mindone.model, mindone.processor, two_rows, GenerationSettings(max_new_tokens=2))
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and all(placed == ({min(cores)} if len(cores) >= 2 else cores) for placed in seen)
+    assert os.sched_getaffinity(0) == cores
