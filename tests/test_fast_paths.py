@@ -168,6 +168,23 @@ def test_end_token_test_equals_mindones():
     assert EosTokenCriteria([2, 7])(ids, None).asnumpy().tolist() == [True, False, True, False]
 
 
+def test_suppressed_tokens_equal_mindones_and_their_mask_is_built_once(runtime_cpu):
+    from mindone.transformers.generation.logits_process import SuppressTokensLogitsProcessor
+
+    from omni_helpers.fast_paths import SUPPRESS
+
+    suppressed = [3, *range(10, 30), 49]
+    scores = ms.Tensor(np.random.default_rng(0).standard_normal((2, 50)).astype(np.float32))
+    processor = SuppressTokensLogitsProcessor(iter(suppressed))  # any iterable, as mindone takes it
+    expected = FAST_PATHS.original(f"{SUPPRESS}:__call__")(processor, None, scores).asnumpy()
+    ours = processor(None, scores).asnumpy()
+    np.testing.assert_array_equal(ours, expected)
+    assert np.isneginf(ours[:, suppressed]).all() and np.isfinite(np.delete(ours, suppressed, axis=1)).all()
+    mask = processor.suppressed_mask
+    processor(None, scores)
+    assert processor.suppressed_mask is mask
+
+
 @pytest.mark.parametrize("kv_length", [1, 6])
 def test_a_decode_steps_flash_mask_equals_the_mask_function_over_every_key(kv_length, runtime_cpu):
     """The shortcut for one causal query (the newest token) gives the mask the full evaluation gives."""
