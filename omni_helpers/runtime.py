@@ -62,7 +62,8 @@ def caller_on_its_own_core():
     the model for 50 to 200 ms: about one tiny-checkpoint request in five stalled (a first token at
     0.2 s instead of 0.015, decode steps at 45 ms instead of 4). Placed apart, 20 requests in a row
     ran without one. Put back afterwards, so that nothing else (a subprocess the caller starts, a
-    PyTorch reference run in the same process) inherits the placement. Under msrun the workers share
+    PyTorch reference run in the same process) inherits the placement; threads started during the
+    block (inheriting the caller's core) get every core. Under msrun the workers share
     the cores, and on Ascend the model runs on the NPU: nothing is moved."""
     import mindspore as ms
 
@@ -77,9 +78,9 @@ def caller_on_its_own_core():
     try:
         yield
     finally:
-        if len(cores) >= 2:
-            for thread, was in placed.items():
-                move_thread(thread, was)
+        if len(cores) >= 2:  # threads started meanwhile inherited the caller's core: they get every core
+            for thread in process_threads():
+                move_thread(thread, placed.get(thread, cores))
 
 
 def process_threads() -> list[int]:

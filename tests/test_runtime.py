@@ -47,6 +47,8 @@ def test_on_cpu_the_caller_has_a_core_of_its_own_while_it_runs_and_every_thread_
     try:
         with caller_on_its_own_core():
             mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(helper.native_id)
+            started = thread_waiting(stop)  # inherits the caller's core while the block runs
+        assert os.sched_getaffinity(started.native_id) == cores
         if len(cores) >= 2:
             assert mine == {min(cores)} and theirs == cores - mine
         else:  # one core: nothing to place
