@@ -65,8 +65,8 @@ def forward(thinker, input_ids, attention_mask, past_key_values, input_features=
 
     config = thinker.config
     ids, mask = input_ids.asnumpy(), attention_mask.asnumpy()
-    images, videos = host(image_grid_thw), host(video_grid_thw)
-    audio_lengths = None if feature_attention_mask is None else feature_attention_mask.asnumpy().sum(1)
+    images, videos, audio_mask = host(image_grid_thw), host(video_grid_thw), host(feature_attention_mask)
+    audio_lengths = None if audio_mask is None else audio_mask.sum(1)
     placeholders = {
         "audio": ids == config.audio_token_id,
         "image": ids == config.image_token_id,
@@ -80,8 +80,8 @@ def forward(thinker, input_ids, attention_mask, past_key_values, input_features=
     embeds = thinker.get_input_embeddings()(input_ids)
     features, deepstack = {}, {}
     if input_features is not None:
-        features["audio"] = thinker.audio_tower(audio_frames(input_features, feature_attention_mask.asnumpy()),
-                                                feature_lens=ms.Tensor(audio_lengths)).last_hidden_state  # fmt: skip
+        features["audio"] = thinker.audio_tower(audio_frames(input_features, audio_mask),
+                                                feature_lens=ms.Tensor(audio_lengths)).last_hidden_state
     if pixel_values is not None:
         features["image"], deepstack["image"] = thinker.get_image_features(pixel_values, image_grid_thw)
     if pixel_values_videos is not None:
@@ -118,8 +118,9 @@ def patch_rows(grid_thw, vision) -> int | None:
 
 
 def mismatch_message(kind: str, tokens: int, features: int) -> str:
-    label = "Image" if kind == "image" else "Videos"  # mindone's wording
-    return f"{label} features and image tokens do not match: tokens: {tokens}, features {features}"
+    """mindone's wording for images and videos (it does not check audio)."""
+    label, placeholder = {"image": ("Image", "image"), "video": ("Videos", "image"), "audio": ("Audio", "audio")}[kind]
+    return f"{label} features and {placeholder} tokens do not match: tokens: {tokens}, features {features}"
 
 
 def audio_frames(input_features, feature_attention_mask: np.ndarray):
@@ -140,10 +141,8 @@ def merged_embeddings(embeds, features: dict, placeholders: dict):
     sources, offset = [embeds.reshape(rows * length, hidden)], rows * length
     for kind, rows_of_kind in features.items():
         where = np.flatnonzero(placeholders[kind].reshape(-1))
-        if len(where) > rows_of_kind.shape[0]:
-            raise ValueError(mismatch_message(kind, len(where), rows_of_kind.shape[0]) if kind != "audio"
-                             else f"Audio features and audio tokens do not match: tokens: {len(where)}, "
-                                  f"features {rows_of_kind.shape[0]}")  # fmt: skip
+        if len(where) > rows_of_kind.shape[0]:  # `masked_scatter` would run out of features
+            raise ValueError(mismatch_message(kind, len(where), rows_of_kind.shape[0]))
         index[where] = offset + np.arange(len(where))
         sources.append(rows_of_kind.to(embeds.dtype))
         offset += rows_of_kind.shape[0]

@@ -124,6 +124,14 @@ def test_a_placeholder_count_that_does_not_match_the_media_is_mindones_error_bef
     assert str(theirs.value) == str(ours.value)
 
 
+def test_more_audio_placeholders_than_audio_features_is_a_one_line_error(runtime_cpu):
+    """mindone's `masked_scatter` would run out of features; the message names both counts."""
+    embeds = ms.Tensor(np.zeros((1, 5, 2), np.float32))
+    placeholders = {"audio": np.array([[0, 1, 1, 1, 0]], bool)}
+    with pytest.raises(ValueError, match=r"^Audio features and audio tokens do not match: tokens: 3, features 2$"):
+        thinker_prompt.merged_embeddings(embeds, {"audio": ms.Tensor(np.ones((2, 2), np.float32))}, placeholders)
+
+
 @pytest.mark.parametrize("argument", ["inputs_embeds", "position_ids", "labels", "no_mask", "no_cache", "router_logits",
                                       "audio_without_mask"])  # fmt: skip
 def test_what_the_host_bookkeeping_does_not_cover_keeps_mindones_forward(mindone, argument):
