@@ -23,11 +23,11 @@ A graph needs static shapes:
 The graph computes what mindone's text model computes in the same order and dtypes: rope
 cos and sin from the multimodal positions as mindone's rotary embedding computes them (each
 frequency times the time, height or width position its interleaved section gives it; the
-default rope type, whose frequencies are fixed), each expert's output is added in ascending expert order (the unchosen ones add exact
-zeros), DeepStack's visual features are added after the first layers as dense tensors that
-are zero away from visual positions. Attention is written out (float32 softmax, as mindone's
-eager path), where PyNative prompts use flash attention: the two agree to float rounding
-(tests/test_prompt_graph.py).
+default rope type, whose frequencies are fixed), each expert's output is added in ascending
+expert order (the unchosen ones add exact zeros), DeepStack's visual features are added after
+the first layers as dense tensors that are zero away from visual positions. Attention is
+written out (float32 softmax, as mindone's eager path), where PyNative prompts use flash
+attention: the two agree to float rounding (tests/test_prompt_graph.py).
 
 Covered: the thinker's text model with `--parallel none` (experts stacked by
 `sparse_moe.stack_experts`), full attention without biases, an empty cache, no attention
