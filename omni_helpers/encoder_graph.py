@@ -37,7 +37,7 @@ import mindspore as ms
 from mindspore import ops
 
 from . import compiled, host_positions
-from .graph_ops import MASKED, attention, conv2d, conv3d, gelu, layer_norm, linear, linear_with_bias, rotate
+from .graph_ops import MASKED, attention, convolution, gelu, layer_norm, linear, linear_with_bias, rotate
 from .mindone_fixes import audio_chunks, audio_windows, conv_output_lengths, real_token_rows, split_into_chunks, within_blocks
 from .sparse_moe import split_by_zero3
 
@@ -142,7 +142,7 @@ def vision_step(vision, bucket: int):
 
     def embed(pixels, corners, weights):
         """mindone's patch embedding plus its interpolated position embedding (the four corners summed in order)."""
-        x = conv3d(ops.cast(pixels, dtype).reshape(pixels_shape), patch_embed.proj).reshape(bucket, -1)
+        x = convolution(ops.cast(pixels, dtype).reshape(pixels_shape), patch_embed.proj).reshape(bucket, -1)
         corner_embeds = ops.gather(table, corners.reshape(-1), 0).reshape(4, bucket, -1)
         corner_embeds = corner_embeds * ops.cast(weights, table.dtype).reshape(4, bucket, 1)
         return x + (corner_embeds[0] + corner_embeds[1] + corner_embeds[2] + corner_embeds[3])
@@ -198,13 +198,14 @@ def audio_forward(audio, input_features, feature_lens):
 
     lengths = feature_lens.asnumpy().astype(np.int64)
     chunk_lengths = split_into_chunks(lengths, audio.n_window * 2)
-    chunks = audio_chunks(input_features, chunk_lengths)  # (chunks, 1, mel, longest)
-    tokens_per_chunk = int(conv_output_lengths(np.array([chunks.shape[-1]]))[0])
+    longest = max(chunk_lengths)  # every chunk is padded to it
+    tokens_per_chunk = int(conv_output_lengths(np.array([longest]))[0])
     rows = real_token_rows(chunk_lengths, tokens_per_chunk)
     chunk_bucket, token_bucket = compiled.bucket_for(len(chunk_lengths), 1), compiled.bucket_for(len(rows))
     if token_bucket > compiled.BUCKET_MAX:  # attention over every pair of tokens: PyNative's flash attention instead
         return None
-    key = (chunk_bucket, chunks.shape[-1], token_bucket)
+    chunks = audio_chunks(input_features, chunk_lengths)  # (chunks, 1, mel, longest)
+    key = (chunk_bucket, longest, token_bucket)
     graph = compiled.kept(audio, "audio_graph", key, lambda: compiled.Graph(audio_step(audio, token_bucket)))
     mask = ms.Tensor(block_mask(audio_windows(audio, lengths, tokens_per_chunk), token_bucket))
     gather = ms.Tensor(np.pad(rows, (0, token_bucket - len(rows))))  # padding gathers row 0: it is masked out
@@ -241,7 +242,7 @@ def audio_step(audio, tokens: int):
     def step(chunks, rows, mask):
         x = chunks
         for conv in convs:
-            x = gelu(conv2d(x, conv))
+            x = gelu(convolution(x, conv))
         count, channels, frequencies, time = x.shape
         x = linear(ops.transpose(x, (0, 3, 1, 2)).reshape(count * time, channels * frequencies), audio.conv_out.weight)
         x = x.reshape(count, time, -1) + ops.cast(positions[:time], dtype).reshape(1, time, -1)

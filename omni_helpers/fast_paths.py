@@ -195,9 +195,8 @@ def get_rope_index(self, input_ids=None, image_grid_thw=None, video_grid_thw=Non
             self, input_ids, image_grid_thw, video_grid_thw, attention_mask, use_audio_in_video, audio_seqlens,
             second_per_grids,
         )  # fmt: skip
-    host = [None if t is None else t.asnumpy() if isinstance(t, ms.Tensor) else np.asarray(t)
-            for t in (input_ids, image_grid_thw, video_grid_thw, attention_mask, audio_seqlens, second_per_grids)]  # fmt: skip
-    ids, images, videos, mask, audio_lengths, seconds = host
+    ids, images, videos, mask, audio_lengths, seconds = map(host_positions.on_host, (
+        input_ids, image_grid_thw, video_grid_thw, attention_mask, audio_seqlens, second_per_grids))  # fmt: skip
     positions, deltas = host_positions.rope_index(self.config, self.spatial_merge_size, ids, images, videos, mask,
                                               use_audio_in_video, audio_lengths, seconds)  # fmt: skip
     return ms.Tensor(positions), ms.Tensor(deltas)

@@ -78,20 +78,13 @@ def attention(query, key, value, mask, scaling: float, dtype):
     return ops.matmul(ops.cast(ops.softmax(scores, -1), dtype), value)
 
 
-def conv3d(x, conv):
-    """A `mint.nn.Conv3d` cell's convolution (zero padding), with its bias."""
-    (depth, top, left), kernel = conv.padding, tuple(conv.weight.shape[2:])
-    primitive = ops.Conv3D(conv.weight.shape[0], kernel, pad_mode="pad", pad=(depth, depth, top, top, left, left),
-                           stride=conv.stride, dilation=conv.dilation, group=conv.groups)  # fmt: skip
-    out = primitive(x, conv.weight)
-    return out if conv.bias is None else out + conv.bias.reshape(1, -1, 1, 1, 1)
-
-
-def conv2d(x, conv):
-    """A `mint.nn.Conv2d` cell's convolution (zero padding), with its bias."""
-    (top, left), kernel = conv.padding, tuple(conv.weight.shape[2:])
-    primitive = ops.Conv2D(conv.weight.shape[0], kernel, pad_mode="pad", pad=(top, top, left, left),
-                           stride=conv.stride, dilation=conv.dilation, group=conv.groups)  # fmt: skip
-    out = primitive(x, conv.weight)
-    return out if conv.bias is None else out + conv.bias.reshape(1, -1, 1, 1)
-
+def convolution(x, conv):
+    """A `mint.nn.Conv2d` or `Conv3d` cell's convolution (zero padding), with its bias."""
+    spatial, kernel = conv.weight.ndim - 2, tuple(conv.weight.shape[2:])
+    primitive = {2: ops.Conv2D, 3: ops.Conv3D}[spatial]
+    pad = ()
+    for side in conv.padding:  # the same before and after, per axis (a loop: graphs parse one comprehension only)
+        pad += (side, side)
+    out = primitive(conv.weight.shape[0], kernel, pad_mode="pad", pad=pad, stride=conv.stride, dilation=conv.dilation,
+                    group=conv.groups)(x, conv.weight)  # fmt: skip
+    return out if conv.bias is None else out + conv.bias.reshape((1, -1) + (1,) * spatial)

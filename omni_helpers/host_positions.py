@@ -22,6 +22,13 @@ from __future__ import annotations
 import numpy as np
 
 
+def on_host(value):
+    """A tensor (or list) of the processor's, as numpy; None stays None."""
+    import mindspore as ms
+
+    return None if value is None else value.asnumpy() if isinstance(value, ms.Tensor) else np.asarray(value)
+
+
 def rope_index(config, spatial_merge_size: int, input_ids: np.ndarray, image_grid_thw, video_grid_thw,
                attention_mask: np.ndarray, use_audio_in_video: bool, audio_seqlens, second_per_grids):  # fmt: skip
     """(positions (3, rows, length) float32, deltas (rows, 1) float32) as mindone's `get_rope_index` returns them;

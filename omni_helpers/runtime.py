@@ -63,8 +63,8 @@ def caller_on_its_own_core():
     0.2 s instead of 0.015, decode steps at 45 ms instead of 4). Placed apart, 20 requests in a row
     ran without one. Put back afterwards, so that nothing else (a subprocess the caller starts, a
     PyTorch reference run in the same process) inherits the placement; threads started during the
-    block (inheriting the caller's core) get every core. Under msrun the workers share
-    the cores, and on Ascend the model runs on the NPU: nothing is moved."""
+    block (inheriting the caller's core) get every core. Under msrun the workers share the cores,
+    and on Ascend the model runs on the NPU: nothing is moved."""
     import mindspore as ms
 
     placed = {}

@@ -65,7 +65,7 @@ def forward(thinker, input_ids, attention_mask, past_key_values, input_features=
 
     config = thinker.config
     ids, mask = input_ids.asnumpy(), attention_mask.asnumpy()
-    images, videos, audio_mask = host(image_grid_thw), host(video_grid_thw), host(feature_attention_mask)
+    images, videos, audio_mask = map(host_positions.on_host, (image_grid_thw, video_grid_thw, feature_attention_mask))
     audio_lengths = None if audio_mask is None else audio_mask.sum(1)
     placeholders = {
         "audio": ids == config.audio_token_id,
@@ -91,7 +91,7 @@ def forward(thinker, input_ids, attention_mask, past_key_values, input_features=
     visual_embeds = merged_deepstack(deepstack, placeholders, visual)
 
     positions, deltas = host_positions.rope_index(config, thinker.spatial_merge_size, ids, images, videos, mask,
-                                                  use_audio_in_video, audio_lengths, host(video_second_per_grid))  # fmt: skip
+                                                  use_audio_in_video, audio_lengths, host_positions.on_host(video_second_per_grid))  # fmt: skip
     # mindone subtracts each row's count of padding (float32 minus int64: float32)
     thinker.rope_deltas = ms.Tensor((deltas - (1 - mask).sum(-1, keepdims=True)).astype(np.float32))
 
@@ -105,11 +105,6 @@ def forward(thinker, input_ids, attention_mask, past_key_values, input_features=
         logits=thinker.lm_head(outputs[0]), hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         past_key_values=outputs.past_key_values, rope_deltas=thinker.rope_deltas,
     )  # fmt: skip
-
-
-def host(value):
-    """A tensor (or list) the processor made, as numpy; None stays None."""
-    return None if value is None else value.asnumpy() if isinstance(value, ms.Tensor) else np.asarray(value)
 
 
 def patch_rows(grid_thw, vision) -> int | None:

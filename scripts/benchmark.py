@@ -39,8 +39,8 @@ Figures are printed, never asserted: they depend on the machine.
 from __future__ import annotations
 
 import argparse
-import gc
 import dataclasses
+import gc
 import json
 import os
 import platform
