@@ -28,19 +28,19 @@ import time
 from pathlib import Path
 
 from omni_helpers.cli import (
-    HelpFormatter, add_generation_args, add_media_args, add_model_args, add_output_args, add_request_args,
+    argument_parser, add_generation_args, add_media_args, add_model_args, add_output_args, add_request_args,
     check_request, exit_for, resolve_precision,
 )  # fmt: skip
 from omni_helpers.conversation import resolve_paths, user_turn, with_system_prompt
 from omni_helpers.errors import RequestError
 from omni_helpers.requests import Request
-from omni_helpers.runtime import configure_openmp
+from omni_helpers.runtime import configure_openmp, stdout_for_the_launcher
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Captioner"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argument_parser(__doc__)
     add_model_args(parser, DEFAULT_MODEL)
     add_request_args(parser, conversation=False)
     add_media_args(parser, image=False, video=False)
@@ -63,6 +63,7 @@ def build_requests(args: argparse.Namespace) -> list[Request]:
 
 
 def main(args: argparse.Namespace) -> dict:
+    stdout_for_the_launcher()  # under scripts/run_*.sh, rank 0's stdout is what the console shows
     # 1. The requests, one per audio, checked before anything heavy (bad ones exit with code 2 on every rank)
     media_folder = tempfile.TemporaryDirectory(prefix="omni_media_")
     try:
@@ -80,7 +81,7 @@ def main(args: argparse.Namespace) -> dict:
     from omni_helpers.runtime import log, setup_runtime
 
     # 2. Device, msrun ranks, seeds
-    runtime = setup_runtime(args.device_target, args.seed, args.parallel)
+    runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose)
 
     # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths
     install_patches(args.device_target)

@@ -27,21 +27,21 @@ import time
 from pathlib import Path
 
 from omni_helpers.cli import (
-    HelpFormatter, add_audio_in_video_arg, add_generation_args, add_media_args, add_model_args, add_output_args,
+    argument_parser, add_audio_in_video_arg, add_generation_args, add_media_args, add_model_args, add_output_args,
     add_pixel_args, add_request_args, add_speech_args, check_request, exit_for,
     resolve_precision,
 )  # fmt: skip
 from omni_helpers.conversation import media_in, media_items, resolve_paths, user_turn, with_system_prompt
 from omni_helpers.errors import RequestError
 from omni_helpers.requests import Request, load_conversation_file
-from omni_helpers.runtime import configure_openmp
+from omni_helpers.runtime import configure_openmp, stdout_for_the_launcher
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 DEFAULT_FPS = 2.0  # frames sampled per second, as in the official usage
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argument_parser(__doc__)
     add_model_args(parser, DEFAULT_MODEL)
     add_request_args(parser)
     add_media_args(parser, image=False, audio=False)
@@ -84,6 +84,7 @@ def build_request(args: argparse.Namespace) -> Request:
 
 
 def main(args: argparse.Namespace):
+    stdout_for_the_launcher()  # under scripts/run_*.sh, rank 0's stdout is what the console shows
     # 1. The request, checked before anything heavy (a bad one exits with code 2 on every rank).
     #    URLs are fetched into a folder that lives as long as the run.
     media_folder = tempfile.TemporaryDirectory(prefix="omni_media_")
@@ -102,7 +103,7 @@ def main(args: argparse.Namespace):
     from omni_helpers.runtime import setup_runtime
 
     # 2. Device, msrun ranks, seeds
-    runtime = setup_runtime(args.device_target, args.seed, args.parallel)
+    runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose)
 
     # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths
     install_patches(args.device_target)
@@ -123,7 +124,10 @@ def main(args: argparse.Namespace):
                     started=(imported_at, loaded_at))  # fmt: skip
     conversation = given.conversation  # as the user gave it, URLs and all
     inputs = {"conversation": conversation, "use_audio_in_video": settings.use_audio_in_video, **media_in(conversation)}
-    return answer_one(model, processor, request, settings, output, inputs, args.model_name)
+    try:
+        return answer_one(model, processor, request, settings, output, inputs, args.model_name)
+    except RequestError as error:  # found once the prompt is built: too long for the context, media that do not decode
+        exit_for(error)
 
 
 if __name__ == "__main__":

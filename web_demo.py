@@ -16,9 +16,13 @@ server-sent chunks of text and speech as they are generated):
     curl http://127.0.0.1:7860/v1/chat/completions -H 'Content-Type: application/json' \
         -d '{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}'
 
-The generation flags are the server's defaults; a request's own fields override them.
-Requests are answered one at a time, in arrival order; past --max_queue waiting ones a new
-request gets HTTP 429. Local files are read only under --allowed_local_media_path.
+The generation flags are the server's defaults; a request's own fields override them, and
+--max_new_tokens and --talker_max_new_tokens are also the most a request may ask for (a
+request's `talker_max_new_tokens` field, or the UI's speech limit, caps its speech). Requests
+are answered one at a time, in arrival order; past --max_queue waiting ones a new request gets
+HTTP 429. A client that disconnects (or presses Stop in the UI) cancels its request at the
+next decoding step. Local files are read only under --allowed_local_media_path. The server
+answers /health from the start ("ready": false while the model loads).
 """
 
 from __future__ import annotations
@@ -33,19 +37,20 @@ from pathlib import Path
 
 from omni_helpers.checkpoint import Checkpoint, resolve_checkpoint
 from omni_helpers.cli import (
-    HelpFormatter, add_audio_in_video_arg, add_generation_args, add_model_args, add_pixel_args, add_speech_args,
+    argument_parser, add_audio_in_video_arg, add_generation_args, add_model_args, add_pixel_args, add_speech_args,
     check_common_flags, exit_for, generation_settings, resolve_precision,
 )  # fmt: skip
 from omni_helpers.errors import RequestError
-from omni_helpers.runtime import configure_openmp
+from omni_helpers.runtime import configure_openmp, progress, stdout_for_the_launcher
 from omni_helpers.settings import GenerationSettings
 from omni_helpers.validation import check_device, check_settings
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
+SPEECH_FRAMES = 750  # the server's speech limit: 60 s (12.5 codec frames per second); the scripts' is 4096
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argument_parser(__doc__)
     add_model_args(parser, DEFAULT_MODEL)
     add_pixel_args(parser)
     add_generation_args(parser)
@@ -57,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     server.add_argument("--max_queue", type=int, default=8, help="requests that may wait; more get HTTP 429")
     server.add_argument("--allowed_local_media_path", default=None, metavar="DIR",
                         help="requests may name local files under DIR (none by default: data: and http(s) URLs only)")
+    parser.set_defaults(talker_max_new_tokens=SPEECH_FRAMES)
     return parser.parse_args(argv)
 
 
@@ -91,6 +97,7 @@ def serve_in_background(app, host: str, port: int):
 
 
 def main(args: argparse.Namespace) -> None:
+    stdout_for_the_launcher()  # under scripts/run_web_demo.sh, rank 0's stdout is what the console shows
     # 1. The flags, checked before anything heavy (a bad one exits with code 2 on every rank)
     try:
         checkpoint, defaults = check(args)
@@ -99,6 +106,7 @@ def main(args: argparse.Namespace) -> None:
 
     configure_openmp(args.device_target)
     # MindSpore, mindone and torch are imported only now, so that --help and bad flags answer at once.
+    progress("importing MindSpore, mindone and torch")
     from omni_helpers.loading import load_model, load_processor, shard_model
     from omni_helpers.lockstep import Lockstep
     from omni_helpers.patches import install_patches
@@ -106,44 +114,56 @@ def main(args: argparse.Namespace) -> None:
     from omni_helpers.serving import Engine, follow
 
     # 2. Device, msrun ranks, seeds
-    runtime = setup_runtime(args.device_target, args.seed, args.parallel)
+    runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose)
 
     # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths
     install_patches(args.device_target)
 
-    # 4. Load the processor and the model once (with its talker, if it has one); spread it over the ranks
+    # 4. Rank 0 serves the UI and the API from a thread at once (/health says "ready": false while the model loads)
+    lockstep = Lockstep(runtime)
+    engine = Engine(checkpoint, lockstep, defaults, args.max_queue)
+    if runtime.is_main_process:
+        server, thread = serve_in_background(build_app(args, checkpoint, defaults, engine, runtime), args.host, args.port)
+        print(f"serving {args.model_name} at http://{args.host}:{args.port} (UI at /, API at /v1/chat/completions); "
+              "loading the model", flush=True)  # fmt: skip
+
+    # 5. Load the processor and the model once (with its talker, if it has one); spread it over the ranks
     dtype, attn_implementation = resolve_precision(args.device_target, args.dtype, args.attn_implementation)
     processor = load_processor(checkpoint.path, args.min_pixels, args.max_pixels)
     model = load_model(checkpoint.path, dtype, attn_implementation, checkpoint.has_talker, args.allow_pickle_weights)
     model = shard_model(model, runtime)
-    lockstep = Lockstep(runtime)
 
-    # 5. Every rank but 0 runs the generations rank 0 sends, until it says stop
+    # 6. Every rank but 0 runs the generations rank 0 sends, until it says stop
     if not runtime.is_main_process:
         follow(model, processor, lockstep)
         return
 
-    # 6. Rank 0 serves the UI and the API from a thread, and answers the requests here, in arrival order
-    from omni_helpers.http_api import ChatCompletions, build_api
-    from omni_helpers.web_ui import build_ui
-    import gradio as gr
-
-    engine = Engine(model, processor, checkpoint, lockstep, args.max_queue)
-    allowed = Path(args.allowed_local_media_path).resolve() if args.allowed_local_media_path else None
-    media_root = Path(tempfile.mkdtemp(prefix="omni_requests_"))
-    chat = ChatCompletions(engine, checkpoint, args.model_name, defaults, media_root, allowed, model.config.im_end_token_id)
-    health = {"model": args.model_name, "checkpoint_kind": checkpoint.kind, "speech": checkpoint.has_talker,
-              "speakers": checkpoint.speakers if checkpoint.has_talker else [], "parallel": runtime.parallel,
-              "world_size": runtime.world_size, "attn_implementation": attn_implementation}  # fmt: skip
-    ui, speech_folder = build_ui(engine, checkpoint, defaults, f"Qwen3-Omni ({checkpoint.kind}) on MindSpore")
-    app = gr.mount_gradio_app(build_api(chat, health), ui, path="/", allowed_paths=[str(speech_folder)])
-    server, thread = serve_in_background(app, args.host, args.port)
+    # 7. Rank 0 answers the requests here, in arrival order
+    engine.attach(model, processor)
     stop_on_signals(engine)
-    print(f"serving {args.model_name} at http://{args.host}:{args.port} (UI at /, API at /v1/chat/completions)", flush=True)
+    print(f"ready: {args.model_name} at http://{args.host}:{args.port}", flush=True)
     log(runtime, f"ready: --parallel {runtime.parallel} over {runtime.world_size} rank(s)")
     engine.serve_forever()  # until SIGINT or SIGTERM
     server.should_exit = True
     thread.join(timeout=10)
+
+
+def build_app(args: argparse.Namespace, checkpoint: Checkpoint, defaults: GenerationSettings, engine, runtime):
+    """The API's routes and the browser UI in one ASGI app; requests wait for `engine` to have the model."""
+    import gradio as gr
+
+    from omni_helpers.http_api import ApiErrors, ChatCompletions, build_api
+    from omni_helpers.web_ui import build_ui
+
+    allowed = Path(args.allowed_local_media_path).resolve() if args.allowed_local_media_path else None
+    media_root = Path(tempfile.mkdtemp(prefix="omni_requests_"))
+    chat = ChatCompletions(engine, checkpoint, args.model_name, defaults, media_root, allowed, checkpoint.config["im_end_token_id"])
+    health = {"model": args.model_name, "checkpoint_kind": checkpoint.kind, "speech": checkpoint.has_talker,
+              "speakers": checkpoint.speakers if checkpoint.has_talker else [], "parallel": runtime.parallel,
+              "world_size": runtime.world_size,
+              "attn_implementation": resolve_precision(args.device_target, args.dtype, args.attn_implementation)[1]}  # fmt: skip
+    ui, speech_folder = build_ui(engine, checkpoint, defaults, f"Qwen3-Omni ({checkpoint.kind}) on MindSpore")
+    return ApiErrors(gr.mount_gradio_app(build_api(chat, health), ui, path="/", allowed_paths=[str(speech_folder)]))
 
 
 def stop_on_signals(engine) -> None:

@@ -27,6 +27,30 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Keep the module docstring's line breaks (the msrun examples) and show every default."""
 
 
+# Flags spelled as the OpenAI API (or other tools) spell them, and this collection's name for each.
+OTHER_SPELLINGS = {"--max_tokens": "--max_new_tokens", "--max_completion_tokens": "--max_new_tokens",
+                   "--voice": "--speaker", "--model": "--model_name", "--device": "--device_target",
+                   "--num_workers": "--batch_size", "--talker_max_tokens": "--talker_max_new_tokens"}  # fmt: skip
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose error for an unknown flag names the flag meant where it is spelled another way."""
+
+    def error(self, message: str) -> NoReturn:
+        if "unrecognized arguments" in message:
+            given = message.split(":", 1)[1].split()
+            hints = [f"{flag} is spelled {OTHER_SPELLINGS[flag.split('=')[0]]} here"
+                     for flag in given if flag.split("=")[0] in OTHER_SPELLINGS]  # fmt: skip
+            if hints:
+                message += f" ({'; '.join(hints)})"
+        super().error(message)
+
+
+def argument_parser(description: str) -> ArgumentParser:
+    """The parser every script and the server start from: the module docstring as the help's description."""
+    return ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
 def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     """Which checkpoint, on which device, spread over msrun's workers how."""
     group = parser.add_argument_group("model")
@@ -44,6 +68,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     group.add_argument("--seed", type=int, default=0, help="random seed, the same on every rank")
     group.add_argument("--allow_pickle_weights", action="store_true",
                        help="also load .bin/.pt/.ckpt weights (unpickling runs code from the file; safetensors only by default)")
+    group.add_argument("--verbose", action="store_true", help="log each decoding step's time on stderr")
 
 
 def add_pixel_args(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .cancellation import Cancellation
 from .collectives import counting_collectives
 from .conversation import Conversation
 from .errors import RequestError
@@ -30,6 +31,7 @@ from .runtime import caller_on_its_own_core, seed_everything
 from .settings import GenerationSettings
 from .speech_stream import AudioCallback, SpeechStream
 from .streaming import StepStream, TextCallback
+from .validation import Context, check_context
 
 
 @dataclass
@@ -79,11 +81,13 @@ def prepare_inputs(processor, conversations: list[Conversation], settings: Gener
 # ----------------------------------------------------------------------------- steps 4-5
 
 
-def generate_keywords(settings: GenerationSettings, config, text_streamer: Optional[StepStream]) -> dict[str, Any]:
+def generate_keywords(settings: GenerationSettings, config, text_streamer: Optional[StepStream],
+                      cancellation: Optional[Cancellation] = None) -> dict[str, Any]:  # fmt: skip
     """mindone's `generate` keywords: `thinker_*` and `talker_*` go to each stage (a bare
     `max_new_tokens` would not reach the thinker). The thinker's end-of-turn id comes from
     the checkpoint; mindone hard-codes the released one (151645). A streamer watches the
-    thinker only when its text is streamed (it costs a host read per step)."""
+    thinker only when its text is streamed (it costs a host read per step); a cancellation
+    rides along as both stages' stopping criterion (read by the loop, see cancellation.py)."""
     keywords: dict[str, Any] = {
         "use_audio_in_video": settings.use_audio_in_video,
         "return_audio": settings.return_audio,
@@ -93,6 +97,10 @@ def generate_keywords(settings: GenerationSettings, config, text_streamer: Optio
         "thinker_return_dict_in_generate": True,
         **({"thinker_streamer": text_streamer} if text_streamer is not None else {}),
     }
+    if cancellation is not None:
+        from mindone.transformers.generation.stopping_criteria import StoppingCriteriaList
+
+        keywords["thinker_stopping_criteria"] = StoppingCriteriaList([cancellation])
     if settings.do_sample:
         keywords.update(thinker_temperature=settings.temperature, thinker_top_p=settings.top_p, thinker_top_k=settings.top_k)
     if settings.return_audio:
@@ -101,6 +109,8 @@ def generate_keywords(settings: GenerationSettings, config, text_streamer: Optio
             talker_max_new_tokens=settings.talker_max_new_tokens,
             talker_do_sample=settings.talker_do_sample,
         )
+        if cancellation is not None:
+            keywords["talker_stopping_criteria"] = keywords["thinker_stopping_criteria"]
     return keywords
 
 
@@ -113,9 +123,11 @@ def generate_from_inputs(
     keep_logits: bool = False,
     started: Optional[float] = None,
     on_audio: Optional[AudioCallback] = None,
+    cancellation: Optional[Cancellation] = None,
 ) -> list[Answer]:
     """Generate for prepared inputs (every msrun rank calls this with the same inputs and settings,
-    and with `on_audio` on all of them or none: streamed speech runs code2wav as the talker goes)."""
+    with `on_audio` on all of them or none: streamed speech runs code2wav as the talker goes, and
+    with a `cancellation` on all of them or none). Raises `errors.Cancelled` once cancelled."""
     started = time.perf_counter() if started is None else started
     if settings.seed is not None:
         seed_everything(settings.seed)
@@ -125,7 +137,7 @@ def generate_from_inputs(
     with counting_collectives() as traffic:
         thinker = StepStream(rows, eos, traffic, processor.tokenizer, on_text)
         talker = StepStream(1, traffic=traffic)
-        keywords = generate_keywords(settings, model.config, thinker if on_text else None)
+        keywords = generate_keywords(settings, model.config, thinker if on_text else None, cancellation)
         if keep_logits:
             keywords["thinker_output_logits"] = True
         hooks = [] if on_text else thinker.watch(model.thinker)
@@ -182,6 +194,7 @@ def generate_answers(
     """The whole flow for a batch of conversations: one `Answer` per conversation, in order."""
     started = time.perf_counter()
     inputs = prepare_inputs(processor, conversations, settings)
+    check_context(settings, Context.of(model.config.to_dict()), prompt_tokens=inputs["input_ids"].shape[1])
     return generate_from_inputs(model, processor, inputs, settings, on_text, keep_logits, started, on_audio)
 
 

@@ -12,6 +12,10 @@ After the prompt's forward, where `decode_graph.applies` (the thinker and the ta
 the loop hands the graph to the model's forward with just the newest tokens, skipping
 mindone's input preparation, whose work the graph does on the device.
 
+A request the server cancels (`cancellation.Cancellation`, one of the stopping criteria)
+stops at the next step with `errors.Cancelled`; under msrun its flag travels in the same
+all-reduce as the stopping test, so every rank stops at the same step.
+
 Everything else is mindone's loop as it is: the same logits processors, the same
 multinomial draw, the same stopping criteria, the same streamer protocol, so greedy and
 seeded sampling choose the same tokens (tests/test_parity.py). Features our entry
@@ -21,13 +25,17 @@ forwards) are left to mindone's loop (`supports`).
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 import mindspore as ms
 from mindspore import mint, ops
 
 from . import decode_graph
+from .cancellation import Cancellation
+from .errors import Cancelled
+
+STEP_LOG = logging.getLogger(__name__)  # a line per decoding step with its time, with --verbose
 
 
 def supports(model, generation_config, model_kwargs) -> bool:
@@ -47,6 +55,9 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
     from mindone.transformers.generation.utils import GenerateDecoderOnlyOutput, get_multinomial_op
 
     record = Record(generation_config)
+    cancellation = next((criterion for criterion in stopping_criteria if isinstance(criterion, Cancellation)), None)
+    if cancellation is not None:  # read on the host below, never launched as a criterion
+        stopping_criteria = type(stopping_criteria)(c for c in stopping_criteria if c is not cancellation)
     pad_token = generation_config._pad_token_tensor
     stops_at_eos = any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria)
     multinomial = get_multinomial_op()
@@ -84,7 +95,9 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
         del outputs  # the prompt's logits can be large: do not keep them through the next step
         step_started = report_progress(step, step_started)
         step += 1
-        this_peer_finished, everyone_finished = stopping_test(unfinished, synced_gpus)
+        this_peer_finished, everyone_finished, cancelled = stopping_test(unfinished, synced_gpus, cancellation)
+        if cancelled:
+            raise Cancelled(f"cancelled after {step} decoding steps")
         if everyone_finished:
             break
 
@@ -98,21 +111,24 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
                                      **record.outputs())  # fmt: skip
 
 
-def stopping_test(unfinished, synced_gpus: bool) -> tuple[bool, bool]:
-    """(this rank has finished, every rank has finished), from one host read."""
+def stopping_test(unfinished, synced_gpus: bool, cancellation=None) -> tuple[bool, bool, bool]:
+    """(this rank has finished, every rank has finished, a rank was cancelled), from one host read."""
     running = (unfinished.max() > 0).astype(ms.float32).reshape(1)
     if not synced_gpus:
         finished = not running.asnumpy()[0]
-        return finished, finished
-    everyone = ops.AllReduce()(running)  # the number of ranks still running
-    mine, all_ranks = mint.cat([running, everyone]).asnumpy()
-    return mine == 0, all_ranks == 0
+        return finished, finished, cancellation is not None and cancellation.cancelled
+    if cancellation is not None:  # the cancel flag rides in the same all-reduce (every rank passes one)
+        running = mint.cat([running, ms.Tensor([float(cancellation.cancelled)], ms.float32)])
+    everyone = ops.AllReduce()(running)  # the number of ranks still running (and of ranks cancelled)
+    flags = mint.cat([running[:1], everyone]).asnumpy()
+    return flags[0] == 0, flags[1] == 0, len(flags) > 2 and flags[2] > 0
 
 
 def report_progress(step: int, started: float) -> float:
-    """One line per step on stderr (stdout carries the answer): how long the step took."""
+    """With --verbose, one line per step on stderr (stdout carries the answer): how long the step took."""
     now = time.time()
-    print(f"decode step {step}: {now - started:.4f} s", file=sys.stderr)
+    if STEP_LOG.isEnabledFor(logging.DEBUG):
+        STEP_LOG.debug("decode step %d: %.4f s", step, now - started)
     return now
 
 

@@ -19,3 +19,7 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: Optional[str] = None):
         super().__init__(message)
         self.param = param
+
+
+class Cancelled(Exception):
+    """A generation stopped on request (the client went away, or pressed Stop), on every rank at the same step."""

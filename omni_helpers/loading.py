@@ -12,7 +12,7 @@ from typing import Optional
 import mindspore as ms
 
 from .expert_parallel import keep_local_experts
-from .runtime import out_of_garbage_collection
+from .runtime import out_of_garbage_collection, progress
 from .sparse_moe import stack_experts
 
 
@@ -21,6 +21,7 @@ def load_processor(path: Path, min_pixels: Optional[int] = None, max_pixels: Opt
     batched prompts end together."""
     from mindone.transformers import Qwen3OmniMoeProcessor
 
+    progress(f"loading the processor from {path}")
     limits = {} if min_pixels is None else {"min_pixels": min_pixels, "max_pixels": max_pixels}
     processor = Qwen3OmniMoeProcessor.from_pretrained(path, **limits)
     processor.tokenizer.padding_side = "left"
@@ -31,6 +32,8 @@ def load_model(path: Path, dtype: str, attn_implementation: str, with_talker: bo
     """Load the checkpoint in `dtype`; drop the talker (about 10 GB at full size) unless speech is wanted."""
     from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
 
+    weights = sum(file.stat().st_size for file in Path(path).glob("*.safetensors")) / 2**30
+    progress(f"loading the model's weights ({weights:.1f} GiB of safetensors) in {dtype}")
     model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
         path,
         dtype=getattr(ms, dtype),
@@ -46,6 +49,7 @@ def shard_model(model, runtime, stack: bool = True):
     """Apply `runtime.parallel` to a freshly loaded model, before its first forward; unless `stack` is
     False (stock mindone, the benchmark's baseline), stack the experts of every MoE block (under
     ZeRO-3, each rank's shards of them) so that decode steps route on the device."""
+    progress(f"spreading the model over {runtime.world_size} rank(s): --parallel {runtime.parallel}")
     if runtime.parallel == "zero3":
         from mindspore.communication import GlobalComm
 
@@ -61,4 +65,5 @@ def shard_model(model, runtime, stack: bool = True):
         if stack:
             stack_experts(model)
     out_of_garbage_collection()
+    progress("the model is loaded")
     return model

@@ -5,7 +5,9 @@ Content parts: `text`, `image_url` ({"url"}), `input_audio` ({"data": base64, "f
 "wav" | "mp3"}) and `video_url` ({"url"}). URLs may be `data:` (always), `http(s)://`
 (fetched before the request is queued), or local paths and `file://` only inside the folder
 the operator allowed (`--allowed_local_media_path`). `modalities: ["text", "audio"]` asks
-for speech, `audio: {"voice", "format": "wav"}` chooses the voice.
+for speech, `audio: {"voice", "format": "wav"}` chooses the voice, and `talker_max_new_tokens`
+(an extension of this server's) caps the speech in codec frames, 12.5 per second, within the
+server's own --talker_max_new_tokens.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ def parse_chat_request(body, defaults: GenerationSettings, folder: Path, allowed
     if audio.get("format", "wav") != "wav":
         raise RequestError(f"audio format {audio.get('format')!r}: this server speaks wav", "audio.format")
     max_tokens = _field(body, "max_completion_tokens", (int,), _field(body, "max_tokens", (int,), defaults.max_new_tokens))
+    talker_frames = _field(body, "talker_max_new_tokens", (int,), defaults.talker_max_new_tokens)
     temperature = _field(body, "temperature", (int, float), None)
     top_p = _field(body, "top_p", (int, float), None)
     top_k = _field(body, "top_k", (int,), None)
@@ -138,6 +141,7 @@ def parse_chat_request(body, defaults: GenerationSettings, folder: Path, allowed
     sampling = temperature is not None and temperature > 0 or (temperature is None and defaults.do_sample)
     settings = defaults.replace(
         max_new_tokens=max_tokens,
+        talker_max_new_tokens=talker_frames,
         do_sample=sampling,  # no temperature: the server's default; temperature 0: greedy
         temperature=defaults.temperature if temperature in (None, 0) else float(temperature),
         top_p=defaults.top_p if top_p is None else float(top_p),
@@ -156,7 +160,7 @@ def new_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def error_body(error: RequestError, kind: str = "invalid_request_error") -> dict[str, Any]:
+def error_body(error: Exception, kind: str = "invalid_request_error") -> dict[str, Any]:
     return {"error": {"message": str(error), "type": kind, "param": getattr(error, "param", None), "code": None}}
 
 

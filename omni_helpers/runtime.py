@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import random
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -37,6 +39,26 @@ def launched_by_msrun() -> bool:
     """msrun runs the script in its scheduler (MS_ROLE=MS_SCHED) and in every worker
     (MS_ROLE=MS_WORKER); all of them must join the cluster. Plain python sets no role."""
     return os.environ.get("MS_ROLE") in ("MS_SCHED", "MS_WORKER")
+
+
+def stdout_for_the_launcher() -> None:
+    """Under the launchers (`scripts/msrun_launch.sh`), rank 0's stdout goes to the file they show on
+    their own stdout (`OMNI_RANK0_STDOUT`), so that the console carries the answer alone; rank 0's stderr
+    and every other rank's output stay in LOG_DIR/worker_<rank>.log. Call first thing in `main`."""
+    path = os.environ.get("OMNI_RANK0_STDOUT")
+    if not path or not launched_by_msrun() or os.environ.get("RANK_ID") != "0":
+        return
+    sys.stdout.flush()
+    target = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(target, sys.stdout.fileno())
+    os.close(target)
+
+
+def progress(message: str) -> None:
+    """A start-up stage on stderr, with the seconds since the process started (a load takes minutes on Ascend)."""
+    from .metrics import process_start
+
+    print(f"[{time.time() - process_start():6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def configure_openmp(device_target: str) -> None:
@@ -112,12 +134,16 @@ def seed_everything(seed: int) -> None:
     ms.set_seed(seed)
 
 
-def setup_runtime(device_target: str = "Ascend", seed: int = 0, parallel: Optional[str] = None) -> Runtime:
+def setup_runtime(device_target: str = "Ascend", seed: int = 0, parallel: Optional[str] = None,
+                  verbose: bool = False) -> Runtime:  # fmt: skip
     """Select the device, join the msrun job if there is one, seed every random stream.
 
-    `parallel` is the --parallel flag (None: zero3 with several msrun workers, none otherwise).
+    `parallel` is the --parallel flag (None: zero3 with several msrun workers, none otherwise);
+    `verbose` (--verbose) logs a line per decoding step with its time on stderr.
     """
     import mindspore as ms
+
+    show_step_times(verbose)
 
     if ms.get_context("device_target") != device_target:  # MindSpore refuses a second set-up once kernels ran
         ms.set_device(device_target)
@@ -136,6 +162,17 @@ def setup_runtime(device_target: str = "Ascend", seed: int = 0, parallel: Option
     if parallel not in (None, mode):
         log(runtime, f"--parallel {parallel} needs msrun with more than one worker; this process holds the whole model")
     return runtime
+
+
+def show_step_times(verbose: bool) -> None:
+    """The project's own log lines (decode steps' times) on stderr with --verbose; off otherwise."""
+    logger = logging.getLogger("omni_helpers")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def log(runtime: Runtime, message: str) -> None:

@@ -10,7 +10,9 @@ and the fix.
 from __future__ import annotations
 
 import glob
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from .checkpoint import Checkpoint
 from .conversation import Conversation, has_text, media_items
@@ -38,6 +40,7 @@ def check_settings(settings: GenerationSettings, checkpoint: Checkpoint, batch_s
                    names: dict[str, str] = FLAG_NAMES) -> None:  # fmt: skip
     """The settings make sense, and this checkpoint can do what they ask (`names`: how the user spelled each)."""
     settings.check(names)
+    check_context(settings, Context.of(checkpoint.config), names=names)
     if settings.return_audio:
         speech, speaker = names["return_audio"], names["speaker"]
         if not checkpoint.has_talker:
@@ -57,6 +60,55 @@ def check_settings(settings: GenerationSettings, checkpoint: Checkpoint, batch_s
                 f"(as in the reference); use {names['batch_size']} 1",
                 names["batch_size"].lstrip("-"),
             )
+
+
+# The talker's prompt is the user turns (at most the thinker's prompt) plus the assistant's prefix: its role,
+# the speaker and the codec's start, 9 positions in the released model; the answer's text rides on its steps.
+TALKER_PREFIX_POSITIONS = 16
+
+
+@dataclass(frozen=True)
+class Context:
+    """How many positions the thinker and the talker can hold (their max_position_embeddings): the prompt and
+    everything generated after it must fit, or the caches a generation allocates for it outgrow what was trained."""
+
+    thinker: int
+    talker: Optional[int]  # None: no talker
+
+    @classmethod
+    def of(cls, config: dict) -> "Context":
+        """From a checkpoint's config.json (or a loaded model's `config.to_dict()`)."""
+        talker = (config.get("talker_config") or {}).get("text_config") or {}
+        return cls(config["thinker_config"]["text_config"]["max_position_embeddings"], talker.get("max_position_embeddings"))
+
+
+def check_context(settings: GenerationSettings, context: Context, prompt_tokens: int = 0,
+                  names: dict[str, str] = FLAG_NAMES) -> None:  # fmt: skip
+    """The prompt (when known) and the tokens and frames asked for fit the model's context; checked before any
+    cache is allocated: once with the settings alone, again once the processor has counted the prompt."""
+    def too_many(setting: str, value: int, limit: int, what: str):
+        room = limit - prompt_tokens - (TALKER_PREFIX_POSITIONS if setting == "talker_max_new_tokens" else 0)
+        prompt = f" and this prompt takes {prompt_tokens}" if prompt_tokens else ""
+        raise RequestError(f"{names[setting]} {value}: the {what} holds {limit} positions (max_position_embeddings){prompt}; "
+                           f"ask for at most {room}", names[setting].lstrip("-"))  # fmt: skip
+
+    if prompt_tokens >= context.thinker:
+        raise RequestError(f"the prompt is {prompt_tokens} tokens, more than the thinker's context of {context.thinker} "
+                           "positions; shorten it (less text, fewer or shorter media, fewer pixels)", "messages")  # fmt: skip
+    if prompt_tokens + settings.max_new_tokens > context.thinker:
+        too_many("max_new_tokens", settings.max_new_tokens, context.thinker, "thinker's context")
+    if settings.return_audio and context.talker is not None:
+        if prompt_tokens + TALKER_PREFIX_POSITIONS + settings.talker_max_new_tokens > context.talker:
+            too_many("talker_max_new_tokens", settings.talker_max_new_tokens, context.talker, "talker's context")
+
+
+def check_server_limits(settings: GenerationSettings, limits: GenerationSettings, names: dict[str, str]) -> None:
+    """A server's --max_new_tokens and --talker_max_new_tokens are ceilings as well as defaults."""
+    for setting, flag in (("max_new_tokens", "--max_new_tokens"), ("talker_max_new_tokens", "--talker_max_new_tokens")):
+        value, limit = getattr(settings, setting), getattr(limits, setting)
+        if value > limit and (setting == "max_new_tokens" or settings.return_audio):
+            raise RequestError(f"{names[setting]} {value}: above this server's limit of {limit} (its {flag}); "
+                               f"ask for at most {limit}", names[setting].lstrip("-"))  # fmt: skip
 
 
 def check_conversation_for(conversation: Conversation, checkpoint: Checkpoint, needs: str = "a prompt or media") -> None:

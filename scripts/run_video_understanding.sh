@@ -5,7 +5,7 @@
 # WORKER_NUM, MASTER_PORT, LOG_DIR, CLUSTER_TIME_OUT and MODEL_NAME override the launch (see msrun_launch.sh).
 set -euo pipefail
 if [ $# -eq 0 ]; then
-  echo "usage: bash scripts/run_video_understanding.sh --video talk.mp4 --prompt "What happens?"  (python video_understanding.py --help lists every flag)" >&2
+  echo "usage: bash scripts/run_video_understanding.sh --video talk.mp4 --prompt \"What happens?\"  (python video_understanding.py --help lists every flag)" >&2
   exit 2
 fi
 MODEL_NAME="${MODEL_NAME:-Qwen/Qwen3-Omni-30B-A3B-Instruct}"

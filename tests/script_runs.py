@@ -25,6 +25,12 @@ class Run:
     stderr: str
     output_dir: Path
     log_dir: Optional[Path] = None
+    launcher: bool = False  # run through scripts/run_*.sh, whose stdout is rank 0's
+
+    @property
+    def printed(self) -> str:
+        """What rank 0 printed: stdout in one process and under the launchers, its worker log under plain msrun."""
+        return self.worker_log(0) if self.log_dir and not self.launcher else self.stdout
 
     @property
     def result(self) -> dict:
@@ -88,6 +94,15 @@ def run_msrun(script: str, args: list[str], output_dir: Path, workers: int = 2, 
     return Run(done.returncode, _text(done.stdout), _text(done.stderr), output_dir, log_dir)
 
 
+def run_launcher(launcher: str, args: list[str], output_dir: Path, workers: int = 2, **env: str) -> Run:
+    """`bash scripts/<launcher> ...` as a user runs it on a CPU machine (msrun with `workers` CPU workers)."""
+    log_dir = output_dir.parent / f"{output_dir.name}_msrun_log"
+    settings = {"WORKER_NUM": str(workers), "MASTER_PORT": str(free_port()), "LOG_DIR": str(log_dir), **env}
+    command = ["bash", str(ROOT / "scripts" / launcher), *args, "--output_dir", str(output_dir)]
+    done = subprocess.run(command, capture_output=True, timeout=TIMEOUT, env=script_env(**settings), cwd=output_dir.parent)
+    return Run(done.returncode, _text(done.stdout), _text(done.stderr), output_dir, log_dir, launcher=True)
+
+
 def read_wav(path: Path) -> tuple[np.ndarray, int, int]:
     """Samples as float, sample rate, channels."""
     import soundfile as sf
@@ -118,9 +133,10 @@ def expected_answer(reference, checkpoint: Path, conversation: list[dict], new_t
     return decode(checkpoint, generation.tokens), generation.wav
 
 
-# Speech against the reference's: the scripts run flash attention by default (what Ascend runs),
-# whose float16 attention inside code2wav moves samples by up to 4e-3 (tests/test_flash_attention.py);
-# with --attn_implementation eager, 1e-3 (16-bit PCM rounding is 1.5e-5).
+# Speech against the reference's: the scripts run flash attention by default (what Ascend runs), whose float16
+# attention inside code2wav moves the samples of the same codes by 3.7e-3 on the sample media (derived per request
+# in tests/test_flash_attention.py, which checks this bound against it); with --attn_implementation eager, 1e-3
+# (16-bit PCM rounding is 1.5e-5).
 WAV_TOLERANCE_FLASH, WAV_TOLERANCE_EAGER = 1e-2, 1e-3
 
 
@@ -128,7 +144,7 @@ def check_run(run: Run, expected_text, expected_wav: Optional[np.ndarray], extra
               wav_tolerance: float = WAV_TOLERANCE_FLASH) -> None:  # fmt: skip
     """What every script run must show: exit 0, the answer printed and saved, the speech (if any) whole."""
     assert run.returncode == 0, run.stderr[-3000:]
-    printed = run.worker_log(0) if run.log_dir else run.stdout
+    printed = run.printed
     answers = expected_text if isinstance(expected_text, list) else [expected_text]
     for answer in answers:
         assert answer + "\n" in printed
@@ -148,9 +164,9 @@ def check_run(run: Run, expected_text, expected_wav: Optional[np.ndarray], extra
 
 
 def check_both_ranks_ran(run: Run) -> None:
-    """Each worker decoded (the decode loop logs every step); only rank 0 printed the answer."""
+    """Each worker generated (each logs what it generated, tagged with its rank)."""
     for rank in (0, 1):
-        assert "decode step 0" in run.worker_log(rank)
+        assert rank_lines(run, rank)
 
 
 def check_metrics(run: Run, new_tokens: int, speech: bool) -> None:
@@ -195,15 +211,20 @@ def check_ranks_agree(run: Run) -> None:
     assert first and first == second
 
 
+PCM_STEP = 1 / 32768  # one step of a 16-bit WAV
+
+
 def check_same_output(run: Run, other: Run) -> None:
-    """Identical answers and bit-identical speech (so identical codec codes) from two runs."""
+    """Identical answers and the same speech from two runs: the same length, every sample within one 16-bit step.
+    One codec code changed would move samples by far more; code2wav's float sums in another process (msrun's
+    workers against one process) may round a sample to the neighbouring step."""
     assert run.result["text"] == other.result["text"]
     if other.result["audio"] is None:
         assert run.result["audio"] is None
         return
     samples, _, _ = read_wav(run.output_dir / "output.wav")
     expected, _, _ = read_wav(other.output_dir / "output.wav")
-    assert samples.shape == expected.shape and np.array_equal(samples, expected)
+    assert samples.shape == expected.shape and np.abs(samples - expected).max() <= PCM_STEP
 
 
 def check_expert_parallel_as_one_process(script: str, argv: list[str], plan, with_talker: bool, tmp_path: Path) -> None:

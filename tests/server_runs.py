@@ -13,7 +13,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -67,7 +67,10 @@ class Server:
         return self.process.wait()
 
 
-def start_server(args: list[str], folder: Path, msrun: bool = False, cluster_time_out: int = 60) -> Server:
+def start_server(args: list[str], folder: Path, msrun: bool = False, cluster_time_out: int = 60,
+                 while_loading: Optional[Callable[[Server, dict], None]] = None) -> Server:  # fmt: skip
+    """Start it and wait for /health to say "ready"; `while_loading(server, health)` is called once if /health
+    is seen answering while the model still loads."""
     port = free_port()
     argv = [*args, "--port", str(port)]
     log = folder / "server.log"
@@ -84,10 +87,16 @@ def start_server(args: list[str], folder: Path, msrun: bool = False, cluster_tim
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
         try:
-            if server.get("/health")["status"] == "ready":
-                return server
+            health = server.get("/health")
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.1)  # often: the model of the tiny checkpoint loads in about a second after /health answers
+            continue
+        if health["status"] == "ready":
+            return server
+        if while_loading is not None:
+            while_loading(server, health)
+            while_loading = None
+        time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"the server did not answer /health in {START_TIMEOUT} s")
 

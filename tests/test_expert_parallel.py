@@ -57,3 +57,70 @@ def test_a_rank_keeps_its_share_of_the_experts_and_nothing_else(tiny_checkpoint,
     assert dropped > 0 and parameter_bytes(model) == whole_bytes - dropped
     names = {param.name for param in block.get_parameters()}
     assert "thinker.model.layers.0.mlp.experts.2.gate_proj.weight" in names  # checkpoint names kept
+
+
+class StandInAllReduce:
+    """The all-reduce of `world_size` ranks, run one rank after another in one process: a first pass records
+    each rank's partial output (and hands it back unchanged), a second hands every rank the sum of them all."""
+
+    def __init__(self):
+        self.partials: dict[int, np.ndarray] = {}
+        self.calls: list[int] = []
+
+    def recording(self, rank: int):
+        def all_reduce(x):
+            self.calls.append(rank)
+            self.partials[rank] = x.asnumpy()
+            return x
+
+        return all_reduce
+
+    def summing(self, rank: int):
+        def all_reduce(x):
+            self.calls.append(rank)
+            np.testing.assert_array_equal(x.asnumpy(), self.partials[rank])  # the same partial as in the first pass
+            return ms.Tensor(sum(self.partials.values()))
+
+        return all_reduce
+
+
+@pytest.fixture(scope="module")
+def loaded_blocks(tiny_checkpoint, runtime_cpu):
+    """A model of its own (ranks' blocks hold its experts), its first MoE block of each stage."""
+    from omni_helpers.loading import load_model
+
+    return blocks(load_model(tiny_checkpoint, "float32", "eager", with_talker=True))
+
+
+@pytest.mark.parametrize("which", ["thinker", "talker"])
+@pytest.mark.parametrize("shape", [(5, 1), (1, 9)], ids=["decode_step_of_5_rows", "prompt_of_9_tokens"])
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "loaded"])
+def test_each_ranks_block_through_its_all_reduce_gives_the_whole_blocks_output(loaded_blocks, which, shape, world_size,
+                                                                              stacked):  # fmt: skip
+    """The class a rank runs (`ExpertParallelMoeBlock`), its experts stacked as the scripts leave them (decode steps
+    then run from device indices) or as loaded: every rank's output equals the whole block's at 1e-5, and each
+    forward calls its all-reduce exactly once. A rank with the wrong experts, or a partial output left out of the
+    sum (the talker's shared expert added before the all-reduce, say), changes the output."""
+    from omni_helpers.expert_parallel import ExpertParallelMoeBlock
+    from omni_helpers.fast_paths import FAST_PATHS
+    from omni_helpers.sparse_moe import StackedExperts
+
+    block = loaded_blocks[which]
+    x = ms.Tensor(np.random.default_rng(world_size).standard_normal((*shape, block.gate.weight.shape[1])).astype(np.float32))
+    whole, whole_logits = FAST_PATHS.original(f"{type(block).__module__}.{type(block).__name__}:construct")(block, x)
+    ranks = [ExpertParallelMoeBlock(block, rank, world_size) for rank in range(world_size)]
+    if stacked:
+        for rank_block in ranks:
+            rank_block.experts = StackedExperts(rank_block.experts)
+    all_reduce = StandInAllReduce()
+    for rank, rank_block in enumerate(ranks):
+        rank_block.all_reduce = all_reduce.recording(rank)
+        rank_block(x)
+    for rank, rank_block in enumerate(ranks):
+        rank_block.all_reduce = all_reduce.summing(rank)
+        output, logits = rank_block(x)
+        np.testing.assert_allclose(output.asnumpy(), whole.asnumpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(logits.asnumpy(), whole_logits.asnumpy())
+    assert all_reduce.calls == [*range(world_size)] * 2
+    assert sum(np.abs(partial).sum() > 0 for partial in all_reduce.partials.values()) >= 2  # the sum adds real parts

@@ -11,10 +11,14 @@ encoder's blocks. Against the transformers reference (eager, float32):
   carries about 1e-3; measured: at most 3.6e-4.
 - Greedy tokens must be the reference's, and every step's top-2 gap must exceed twice the
   step's largest logit error, so that no choice could have flipped.
-- Codec codes identical. The waveform differs by up to 4e-3 (measured 3.7e-3; the eager
-  path: 2e-5): code2wav's own attention runs in float16 too, and the tiny checkpoint's
-  random decoder amplifies its 2e-4 relative error about 20-fold. The part of code2wav
-  that attention touches (its transformer) is compared directly, within 1e-3.
+- Codec codes identical. Then the waveforms are code2wav's of the same codes, and they differ
+  by exactly what code2wav alone makes of those codes on each path: its own attention runs
+  in float16 too, and the tiny checkpoint's random decoder amplifies its 2e-4 relative error
+  about 20-fold (3.7e-3 on the sample media; more on others). So the speech tolerance is
+  derived per request, by decoding the reference's codes with both code2wavs, not fixed from
+  one sample; the fixed bound the script and server tests use (`WAV_TOLERANCE_FLASH`) is
+  checked against that derivation on the same media. The part of code2wav that attention
+  touches (its transformer) is compared directly, within 1e-3.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ import mindspore as ms
 
 from omni_helpers import cpu_fallbacks as fb
 from omni_helpers.mindone_fixes import conv_output_lengths
+from tests.script_runs import WAV_TOLERANCE_FLASH
 from tests.reference import MindOne, Reference, batch_inputs, processor_inputs, relative_error, request_conversation, top2_margins
 
 FLASH_TOLERANCE = 1e-3  # relative to the logits' range: float16 rounding of q, k, v and the output
-WAV_TOLERANCE = 1e-2  # absolute; measured 3.7e-3 (see above)
 NEW_TOKENS = 16
 KINDS = ["text", "image_audio", "video", "silent_video"]
 
@@ -123,7 +127,21 @@ def test_flash_logits_text_and_speech_match_the_reference(kind, requests, refere
     assert (top2_margins(expected.step_logits) > 2 * step_error).all()  # no greedy choice could have flipped
     np.testing.assert_array_equal(actual.tokens, expected.tokens)
     np.testing.assert_array_equal(actual.codes, expected.codes)
-    assert actual.wav.shape == expected.wav.shape and np.abs(actual.wav - expected.wav).max() <= WAV_TOLERANCE
+    gap = code2wav_gap(flash, reference, expected.codes)  # what code2wav alone makes of these codes, path to path
+    assert actual.wav.shape == expected.wav.shape and np.abs(actual.wav - expected.wav).max() <= gap * (1 + 1e-3) + 1e-6
+    assert gap <= WAV_TOLERANCE_FLASH  # the fixed bound of the script and server tests, on the same media
+
+
+def code2wav_gap(flash, reference, codes: np.ndarray) -> float:
+    """The largest sample difference between the project's code2wav (flash attention, as Ascend runs it) and the
+    reference's (eager, float32) decoding the same codes (groups, frames), chunked as `generate` decodes them."""
+    import torch
+
+    ours = flash.model.code2wav.chunked_decode(ms.Tensor(codes[None].astype(np.int64)), chunk_size=300, left_context_size=25)
+    with torch.no_grad():
+        theirs = reference.model.code2wav.chunked_decode(torch.from_numpy(codes[None].astype(np.int64)), chunk_size=300,
+                                                         left_context_size=25)  # fmt: skip
+    return float(np.abs(ours.float().asnumpy().reshape(-1) - theirs.float().numpy().reshape(-1)).max())
 
 
 def test_the_vision_encoder_attends_within_each_frame_block(requests, reference, flash):

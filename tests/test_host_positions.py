@@ -55,6 +55,27 @@ def test_fractional_seconds_per_grid_give_mindones_positions(mindone, tiny_check
     assert_same_positions(mindone.model.thinker, rope_arguments(inputs, False))
 
 
+@pytest.mark.parametrize("heard", [True, False], ids=["with_soundtracks", "silent"])
+def test_two_videos_in_one_request_each_keep_their_own_time_step(mindone, tiny_checkpoint, sample_media, heard):
+    """Two videos with different seconds per grid: each video's positions use its own (one taken from the other
+    changes every temporal position of the second video)."""
+    video = {"type": "video", "video": str(sample_media["video"])}
+    conversation = [{"role": "user", "content": [video, dict(video), {"type": "text", "text": "Compare the two."}]}]
+    inputs = processor_inputs(tiny_checkpoint, conversation, heard)
+    assert len(inputs["video_grid_thw"]) == 2
+    inputs["video_second_per_grid"] = np.array([1.0, 0.5], np.float32)
+    assert_same_positions(mindone.model.thinker, rope_arguments(inputs, heard))
+
+
+@pytest.mark.parametrize("heard", [True, False], ids=["with_soundtracks", "silent"])
+def test_a_batch_of_two_videos_keeps_each_rows_time_step(mindone, tiny_checkpoint, sample_media, heard):
+    rows = [request_conversation("video" if heard else "silent_video", sample_media), [{"role": "user", "content": "Hi"}],
+            request_conversation("video" if heard else "silent_video", sample_media)]  # fmt: skip
+    inputs = batch_inputs(tiny_checkpoint, rows, heard)
+    inputs["video_second_per_grid"] = np.array([0.5, 1.5], np.float32)
+    assert_same_positions(mindone.model.thinker, rope_arguments(inputs, heard))
+
+
 def test_audio_output_length_is_the_encoders():
     from mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
 

@@ -95,6 +95,29 @@ def test_a_video_watched_without_its_soundtrack_fails_without_the_fix(audio_towe
     assert logits.shape[1] == silent_video_inputs["input_ids"].shape[1]
 
 
+def test_with_the_faster_paths_installed_the_fixed_rope_index_gives_the_references_silent_video_positions(
+        silent_video_inputs, mindone_model, reference):  # fmt: skip
+    """The faster paths replace get_rope_index but fall back to the function beneath them, and with --no-fast_paths
+    that function runs alone: it must be mindone's as the fix corrects it, giving the reference's positions."""
+    import mindspore as ms
+    import torch
+
+    from omni_helpers.fast_paths import FAST_PATHS, ROPE_OWNER
+
+    beneath = FAST_PATHS.original(f"{ROPE_OWNER}:get_rope_index")  # what the faster path falls back to
+    arguments = {name: silent_video_inputs[name] for name in ("input_ids", "video_grid_thw", "attention_mask", "video_second_per_grid")}
+    positions, deltas = beneath(
+        mindone_model.thinker, ms.Tensor(arguments["input_ids"]), None, ms.Tensor(arguments["video_grid_thw"]),
+        ms.Tensor(arguments["attention_mask"]), False, None, ms.Tensor(arguments["video_second_per_grid"]),
+    )  # fmt: skip
+    expected, expected_deltas = reference.model.thinker.get_rope_index(
+        torch.from_numpy(arguments["input_ids"]), None, torch.from_numpy(arguments["video_grid_thw"]),
+        torch.from_numpy(arguments["attention_mask"]), False, None, torch.from_numpy(arguments["video_second_per_grid"]),
+    )  # fmt: skip
+    np.testing.assert_array_equal(positions.asnumpy(), expected.numpy())
+    np.testing.assert_array_equal(deltas.asnumpy().reshape(-1), expected_deltas.numpy().reshape(-1))
+
+
 def test_the_generation_loop_reports_progress_on_stderr(capsys, runtime_cpu):
     import importlib
 

@@ -12,7 +12,7 @@ import pytest
 import omni_understanding
 from tests.script_runs import (
     SAMPLING, TALKER_SAMPLING, check_both_ranks_ran, check_expert_parallel_as_one_process, check_metrics, check_parallel,
-    WAV_TOLERANCE_EAGER, WAV_TOLERANCE_FLASH, check_run, expected_answer, run_msrun, run_single, script_command,
+    WAV_TOLERANCE_EAGER, WAV_TOLERANCE_FLASH, check_run, expected_answer, run_launcher, run_msrun, run_single, script_command,
     script_env,
 )  # fmt: skip
 
@@ -55,9 +55,11 @@ def test_single_process_streams_the_reference_answer_and_nothing_else(attention,
 
 
 @pytest.mark.slow
-def test_msrun_two_workers_matches_reference(argv, expected, tiny_plan, tmp_path):
-    run = run_msrun("omni_understanding.py", argv, tmp_path / "out")
+def test_the_launcher_on_two_workers_prints_the_reference_answer_alone(argv, expected, tiny_plan, tiny_checkpoint, tmp_path):
+    """scripts/run_omni_understanding.sh (msrun, 2 CPU workers, ZeRO-3): stdout is the answer, nothing else."""
+    run = run_launcher("run_omni_understanding.sh", argv, tmp_path / "out", MODEL_NAME=str(tiny_checkpoint))
     check_run(run, *expected)
+    assert run.stdout == expected[0] + "\n" and run.stderr == ""
     check_both_ranks_ran(run)
     check_parallel(run, tiny_plan, "zero3", with_talker=True)  # the default under msrun
 

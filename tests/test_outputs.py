@@ -40,3 +40,12 @@ def test_a_fresh_run_keeps_an_earlier_file_until_its_first_batch_is_done(tmp_pat
     assert results.finished == {} and "old" in path.read_text()
     results.append([{"id": "new", "text": "x"}])
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["new"]
+
+
+def test_a_resumed_results_file_keeps_every_whole_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"id": "a", "text": "1"}\n{"id": "b", "text": "2"}\n')  # a run that finished its batches
+    results = ResultsFile(str(tmp_path), resume=True)
+    assert list(results.finished) == ["a", "b"]
+    results.append([{"id": "c", "text": "3"}])
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b", "c"]

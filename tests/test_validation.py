@@ -84,6 +84,10 @@ CASES = [
     ("audio from a model without talker", OMNI, "--model_name {no_talker} --prompt hi --return_audio", ["no talker", "drop --return_audio"]),
     ("min above max pixels", OMNI, "--prompt hi --min_pixels 5000 --max_pixels 100", ["--min_pixels 5000", "--max_pixels 100"]),
     ("zero new tokens", OMNI, "--prompt hi --max_new_tokens 0", ["--max_new_tokens 0", "positive"]),
+    ("more tokens than the context holds", OMNI, "--prompt hi --max_new_tokens 40000",
+     ["--max_new_tokens 40000", "thinker's context holds 32768 positions", "ask for at most 32768"]),
+    ("more speech than the talker's context", OMNI, "--prompt hi --return_audio --talker_max_new_tokens 40000",
+     ["--talker_max_new_tokens 40000", "talker's context holds 32768 positions"]),
     ("negative talker tokens", OMNI, "--prompt hi --return_audio --talker_max_new_tokens -1", ["--talker_max_new_tokens -1"]),
     ("model dir missing", OMNI, "--model_name {missing} --prompt hi", ["does_not_exist", "no such directory"]),
     ("model dir without config", OMNI, "--model_name {no_config} --prompt hi", ["no config.json"]),
@@ -111,6 +115,7 @@ CASES = [
     ("captioning a missing file", CAPTION, "--audio {folder}/gone.wav", ["gone.wav", "no such file"]),
     ("captioning a broken file", CAPTION, "--audio {audio} --audio {broken_wav}", ["broken_wav.wav"]),
     ("captioning zero tokens", CAPTION, "--audio {audio} --max_new_tokens -3", ["--max_new_tokens -3"]),
+    ("captioning past the context", CAPTION, "--audio {audio} --max_new_tokens 99999", ["--max_new_tokens 99999", "32768"]),
     ("captioning a file twice", CAPTION, "--audio {audio} --audio {audio}", ["given twice"]),
     ("Captioner with a prompt", CAPTION, "--model_name {captioner} --audio {audio} --prompt hi", ["is the Captioner", "without --prompt"]),
     ("Captioner asked about an image", OMNI, "--model_name {captioner} --image {image}", ["is the Captioner", "exactly one audio"]),
@@ -122,6 +127,10 @@ CASES = [
     ("video start past its end", VIDEO, "--video {video} --prompt hi --video_start 5", ["video_start 5.0 is past the end of the clip (2.00 s)"]),
     ("video start negative", VIDEO, "--video {video} --prompt hi --video_start -1", ["video_start -1.0 is negative"]),
     ("video fps zero", VIDEO, "--video {video} --prompt hi --fps 0", ["fps 0.0 must be positive"]),
+    ("video start exactly at its end", VIDEO, "--video {video} --prompt hi --video_start 2",
+     ["video_start 2.0 is past the end of the clip (2.00 s)"]),
+    ("video range past its end with one frame inside", VIDEO, "--video {video} --prompt hi --video_start 1.9 --video_end 5",
+     ["fewer than 2 frames"]),
     ("video range under two frames", VIDEO, "--video {video} --prompt hi --video_start 1 --video_end 1.1", ["fewer than 2 frames"]),
     ("video conversation and flags", VIDEO, "--conversation {missing_field} --video {video}", ["--conversation replaces --video"]),
 ]
@@ -180,6 +189,16 @@ def test_launchers_without_arguments_print_their_usage_and_exit_2(launcher):
 
     done = subprocess.run(["bash", str(ROOT / "scripts" / launcher)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.startswith("usage: ") and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_launcher_shows_a_bad_requests_error_alone_and_exits_2(checkpoints, tmp_path):
+    from tests.script_runs import run_launcher
+
+    args = ["--device_target", "CPU", "--prompt", "hi", "--return_audio", "--speaker", "Bob"]
+    run = run_launcher("run_omni_understanding.sh", args, tmp_path / "out", MODEL_NAME=checkpoints["no_load"])
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == "error: --speaker Bob: not in this checkpoint; choose one of aiden, chelsie, ethan\n"
 
 
 @pytest.mark.slow

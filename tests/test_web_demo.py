@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -24,13 +25,14 @@ from tests.script_runs import WAV_TOLERANCE_FLASH, expected_answer
 from tests.server_runs import data_url, start_server, wav_samples
 
 QUESTION = "What can you see and hear? Answer in one short sentence."
-NEW_TOKENS, TALKER_FRAMES = 8, 6
+NEW_TOKENS, TALKER_FRAMES = 8, 6  # what the tests ask for
+MOST_TOKENS, MOST_FRAMES = 512, 64  # the servers' limits (--max_new_tokens, --talker_max_new_tokens)
 pytestmark = pytest.mark.slow
 
 
 def server_args(checkpoint, *extra) -> list[str]:
     return ["--device_target", "CPU", "--model_name", str(checkpoint), "--max_queue", "1",
-            "--max_new_tokens", str(NEW_TOKENS), "--talker_max_new_tokens", str(TALKER_FRAMES), *extra]  # fmt: skip
+            "--max_new_tokens", str(MOST_TOKENS), "--talker_max_new_tokens", str(MOST_FRAMES), *extra]  # fmt: skip
 
 
 def client(server):
@@ -59,7 +61,8 @@ def expected(tiny_checkpoint, sample_media, reference, runtime_cpu):
 
 def ask(server, media, stream: bool, speech: bool = True):
     """One image + audio + text request through the openai client: (text, samples, metrics)."""
-    options = {"modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "wav"}} if speech else {}
+    options = {"modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "wav"},
+               "extra_body": {"talker_max_new_tokens": TALKER_FRAMES}} if speech else {}  # fmt: skip
     request = dict(model="any", messages=image_audio_messages(media), max_tokens=NEW_TOKENS, **options)
     if not stream:
         response = client(server).chat.completions.create(**request)
@@ -199,9 +202,138 @@ def test_past_max_queue_a_request_gets_429(server, sample_media):
     assert code == 200 and answer["choices"][0]["message"]["content"]
 
 
-def test_speech_from_a_checkpoint_without_a_talker_is_refused(tiny_thinking, tmp_path):
-    thinking = start_server(server_args(tiny_thinking), tmp_path)
+# ----------------------------------------------------------------------------- admission, limits, errors
+
+
+def server_process(server) -> psutil.Process:
+    return psutil.Process(server.process.pid)
+
+
+@pytest.mark.parametrize("fields,param,words", [
+    ({"max_tokens": 100_000_000}, "max_tokens", f"max_tokens 100000000: above this server's limit of {MOST_TOKENS} (its --max_new_tokens)"),
+    ({"max_completion_tokens": MOST_TOKENS + 1}, "max_tokens", f"above this server's limit of {MOST_TOKENS}"),
+    ({"modalities": ["text", "audio"], "talker_max_new_tokens": 100_000}, "talker_max_new_tokens",
+     f"talker_max_new_tokens 100000: above this server's limit of {MOST_FRAMES} (its --talker_max_new_tokens)"),
+    ({"messages": [{"role": "user", "content": " a" * 32_700}], "max_tokens": 100}, "max_tokens",
+     "the thinker's context holds 32768 positions (max_position_embeddings) and this prompt takes"),
+])  # fmt: skip
+def test_a_request_beyond_the_limits_gets_400_before_anything_is_allocated(fields, param, words, server, sample_media, expected):
+    resident = server_process(server).memory_info().rss
+    code, answer = server.post("/v1/chat/completions", body(**fields))
+    assert code == 400 and answer["error"]["param"] == param and words in answer["error"]["message"]
+    assert server_process(server).memory_info().rss - resident < 64 * 2**20  # nothing sized by the request
+    assert ask(server, sample_media, stream=False, speech=False)[0] == expected[0]  # and the server goes on
+
+
+def test_a_requests_speech_limit_caps_its_speech(server):
+    answer = client(server).chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=4, modalities=["text", "audio"],
+        audio={"voice": "Ethan", "format": "wav"}, extra_body={"talker_max_new_tokens": 5})  # fmt: skip
+    samples, rate, _ = wav_samples(base64.b64decode(answer.choices[0].message.audio.data))
+    frames = answer.model_extra["metrics"]["talker_codec_frames"]
+    assert 0 < frames <= 5 and len(samples) <= 5 * rate / 12.5  # 12.5 codec frames per second of speech
+
+
+@pytest.mark.parametrize("method,path,status,allow,words", [
+    ("GET", "/v1/chat/completions", 405, "POST", "GET /v1/chat/completions: use POST"),
+    ("PUT", "/v1/chat/completions", 405, "POST", "PUT /v1/chat/completions: use POST"),
+    ("POST", "/health", 405, "GET", "POST /health: use GET"),
+    ("GET", "/v1/completions", 404, None, "GET /v1/completions: no such route"),
+    ("POST", "/chat/completions", 404, None, "POST /chat/completions: no such route"),
+])  # fmt: skip
+def test_a_wrong_method_gets_405_and_an_unknown_route_404_in_the_apis_shape(method, path, status, allow, words, server):
+    import urllib.request
+
+    request = urllib.request.Request(server.url + path, data=b"{}" if method != "GET" else None, method=method)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    answer = json.loads(refused.value.read())
+    assert refused.value.code == status and set(answer) == {"error"} and words in answer["error"]["message"]
+    assert refused.value.headers.get("allow") == allow
+
+
+def start_stream(server, max_tokens: int):
+    """A streamed request read up to its third piece of text; returns the open connection."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=120)
+    connection.request("POST", "/v1/chat/completions", body=body(max_tokens=max_tokens, stream=True),
+                       headers={"Content-Type": "application/json"})  # fmt: skip
+    response, pieces = connection.getresponse(), 0
+    while pieces < 3:
+        line = response.fp.readline()
+        assert line, "the stream ended early"
+        pieces += b'"content": "' in line and b'"content": ""' not in line
+    return connection
+
+
+def idle_within(server, seconds: float) -> dict:
+    deadline = time.time() + seconds
+    while (health := server.get("/health"))["busy"] or health["waiting"]:
+        assert time.time() < deadline, health
+        time.sleep(0.05)
+    return health
+
+
+def cancelled_steps(server) -> list[int]:
+    """The decoding steps each cancelled request took, from the server's log."""
+    text = server.log.read_text(errors="replace") if server.log_dir is None else server.worker_log(0)
+    return [int(line.split("cancelled after ")[1].split()[0]) for line in text.splitlines() if "cancelled after" in line]
+
+
+def test_a_stream_closed_mid_answer_stops_its_generation_and_the_next_request_starts_at_once(server, sample_media, expected):
+    before = server.get("/health")["requests_cancelled"]
+    connection = start_stream(server, MOST_TOKENS)
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    assert idle_within(server, 10)["requests_cancelled"] == before + 1
+    assert cancelled_steps(server)[-1] < MOST_TOKENS // 4  # stopped within steps of the disconnect, not at its end
+    started = time.time()
+    assert ask(server, sample_media, stream=False, speech=False)[0] == expected[0]
+    assert time.time() - started < 60
+
+
+def test_a_client_that_hangs_up_on_a_whole_answer_cancels_it(server):
+    before = server.get("/health")["requests_cancelled"]
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as raw:
+        request = body(max_tokens=MOST_TOKENS)
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(request)}\r\n\r\n".encode() + request)  # fmt: skip
+        deadline = time.time() + 60
+        while not server.get("/health")["busy"]:
+            assert time.time() < deadline
+            time.sleep(0.05)
+    assert idle_within(server, 10)["requests_cancelled"] == before + 1
+
+
+def test_an_allocation_failure_gets_500_and_the_server_goes_on(server, sample_media, expected):
+    """The process may grow by nothing more (RLIMIT_AS at its current size): the request's first new buffer fails."""
+    import resource
+
+    process = server_process(server)
+    process.rlimit(psutil.RLIMIT_AS, (process.memory_info().vms, resource.RLIM_INFINITY))
     try:
+        code, answer = server.post("/v1/chat/completions", body(messages=[{"role": "user", "content": "rain " * 3000}], max_tokens=32))
+    finally:
+        process.rlimit(psutil.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert code == 500 and answer["error"]["type"] == "server_error"
+    assert answer["error"]["message"].startswith("the device ran out of memory during this request")
+    assert server.get("/health")["requests_failed"] >= 1
+    assert ask(server, sample_media, stream=False, speech=False)[0] == expected[0]
+
+
+def test_speech_from_a_checkpoint_without_a_talker_is_refused(tiny_thinking, tmp_path):
+    """Also: the server answers from the start, "ready": false and 503 while the model loads."""
+    seen = {}
+
+    def while_loading(server, health):
+        seen["health"], seen["answer"] = health, server.post("/v1/chat/completions", body())
+
+    thinking = start_server(server_args(tiny_thinking), tmp_path, while_loading=while_loading)
+    try:
+        assert (seen["health"]["status"], seen["health"]["ready"]) == ("loading", False)
+        code, answer = seen["answer"]
+        assert code == 503 and "the model is still loading" in answer["error"]["message"]
         assert thinking.get("/health")["speech"] is False
         code, answer = thinking.post("/v1/chat/completions", body(modalities=["text", "audio"], audio={"voice": "Ethan"}))
         assert code == 400 and "has no talker" in answer["error"]["message"]
@@ -237,48 +369,102 @@ def wait_for(check, seconds: float = 180):
     raise AssertionError("the page never showed it")
 
 
-def test_a_browser_asks_with_an_image_and_audio_then_follows_up(server, sample_media, expected, tiny_checkpoint,
-                                                               reference, runtime_cpu, tmp_path):  # fmt: skip
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
+class Page:
+    """The UI in a headless browser, as a user drives it."""
 
-    def bot_texts():
-        return [e.text for e in page.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot]")
+    def __init__(self, server):
+        from selenium.webdriver.common.by import By
+
+        self.by, self.driver = By, browser()
+        self.driver.get(server.url)
+        wait_for(lambda: self.find("#question textarea"), 60)
+
+    def find(self, selector: str):
+        return self.driver.find_elements(self.by.CSS_SELECTOR, selector)
+
+    def bot_texts(self) -> list[str]:
+        return [e.text for e in self.find("#chat [data-testid=bot]")
                 if "component of type audio" not in (e.get_attribute("aria-label") or "")]  # fmt: skip
 
-    def ask_in_page(question, files=()):
+    def set_number(self, elem_id: str, value) -> None:
+        """A slider's number box, typed into as a user does."""
+        from selenium.webdriver.common.keys import Keys
+
+        number = self.find(f"#{elem_id} input[type=number]")[0]
+        number.send_keys(Keys.CONTROL, "a")
+        number.send_keys(str(value), Keys.TAB)
+
+    def ask(self, question: str, files=()) -> None:
+        from selenium.webdriver.common.keys import Keys
+
         if files:
-            page.find_element(By.CSS_SELECTOR, "#question input[type=file]").send_keys("\n".join(map(str, files)))
-            wait_for(lambda: len(page.find_elements(By.CSS_SELECTOR, "#question .thumbnail-item, #question img")) >= 1, 60)
-        box = page.find_element(By.CSS_SELECTOR, "#question textarea")
+            self.find("#question input[type=file]")[0].send_keys("\n".join(map(str, files)))
+            wait_for(lambda: len(self.find("#question .thumbnail-item, #question img")) >= 1, 60)
+        box = self.find("#question textarea")[0]
         box.send_keys(question)
         box.send_keys(Keys.ENTER)
 
-    page = browser()
-    try:
-        page.get(server.url)
-        wait_for(lambda: page.find_elements(By.CSS_SELECTOR, "#question textarea"), 60)
-        page.find_element(By.CSS_SELECTOR, "#speak input").click()
-        ask_in_page(QUESTION, [sample_media["image"], sample_media["audio"]])
-        players = "#chat [data-testid=bot] [data-testid=waveform-Audio]"
-        wait_for(lambda: page.find_elements(By.CSS_SELECTOR, players))
-        assert bot_texts() == [expected[0]]  # the reference's answer, with an audio player after it
+    def question_box(self) -> str:
+        return self.find("#question textarea")[0].get_attribute("value")
 
-        page.find_element(By.CSS_SELECTOR, "#speak input").click()  # text only for the follow-up
-        ask_in_page("And now?")
-        wait_for(lambda: len(bot_texts()) == 2 and bot_texts()[1])
+    def shows(self, words: str) -> bool:
+        return words in self.driver.find_element(self.by.TAG_NAME, "body").text
+
+
+def test_a_browser_asks_with_an_image_and_audio_then_follows_up(server, sample_media, expected, tiny_checkpoint,
+                                                               reference, runtime_cpu, tmp_path):  # fmt: skip
+    page = Page(server)
+    try:
+        page.set_number("max_tokens", NEW_TOKENS)
+        page.find("#speak input")[0].click()
+        page.set_number("speech_seconds", 1)
+        page.ask(QUESTION, [sample_media["image"], sample_media["audio"]])
+        wait_for(lambda: page.find("#chat [data-testid=bot] [data-testid=waveform-Audio]"))
+        assert page.bot_texts() == [expected[0]]  # the reference's answer, with an audio player after it
+
+        page.find("#speak input")[0].click()  # text only for the follow-up
+        page.ask("And now?")
+        wait_for(lambda: len(page.bot_texts()) == 2 and page.bot_texts()[1])
         history = [{"role": "user", "content": [{"type": "image", "image": str(sample_media["image"])},
                                                 {"type": "audio", "audio": str(sample_media["audio"])},
                                                 {"type": "text", "text": QUESTION}]},
                    {"role": "assistant", "content": [{"type": "text", "text": expected[0]}]},
                    {"role": "user", "content": [{"type": "text", "text": "And now?"}]}]  # fmt: skip
         follow_up = expected_answer(reference, tiny_checkpoint, history, NEW_TOKENS)[0]
-        wait_for(lambda: bot_texts()[1] == follow_up, 60)  # answered with the first turn in its history
+        wait_for(lambda: page.bot_texts()[1] == follow_up, 60)  # answered with the first turn in its history
         screenshot = Path(os.environ.get("WEB_DEMO_SCREENSHOT", tmp_path / "web_demo.png"))
-        page.save_screenshot(str(screenshot))
+        page.driver.save_screenshot(str(screenshot))
         assert screenshot.stat().st_size > 10_000
     finally:
-        page.quit()
+        page.driver.quit()
+
+
+def test_a_browser_keeps_a_question_sent_mid_answer_stops_on_request_and_a_closed_tab_cancels(server):
+    from omni_helpers.web_ui import STILL_ANSWERING
+
+    before = server.get("/health")["requests_cancelled"]
+    page = Page(server)
+    try:
+        page.ask("Tell me a long story.")  # the server's limit of tokens: an answer that takes a while
+        wait_for(lambda: page.bot_texts() and page.bot_texts()[-1], 60)
+        page.ask("And then?")  # sent while the answer still streams
+        wait_for(lambda: page.shows(STILL_ANSWERING), 30)
+        assert page.question_box() == "And then?"  # kept, not lost
+        page.find("#stop")[0].click()
+        wait_for(lambda: page.bot_texts()[-1].endswith("⏹ stopped"), 30)
+        assert idle_within(server, 10)["requests_cancelled"] == before + 1
+
+        page.set_number("max_tokens", NEW_TOKENS)
+        page.ask("")  # Enter on the question kept in the box
+        wait_for(lambda: len(page.bot_texts()) == 2 and page.bot_texts()[1], 60)
+        assert page.question_box() == ""
+
+        page.set_number("max_tokens", MOST_TOKENS)
+        page.ask("Once more, at length.")
+        wait_for(lambda: len(page.bot_texts()) == 3 and page.bot_texts()[2], 60)
+    finally:
+        page.driver.quit()  # the tab closes mid-answer
+    assert idle_within(server, 15)["requests_cancelled"] == before + 2
 
 
 # ----------------------------------------------------------------------------- msrun
@@ -294,6 +480,12 @@ def test_msrun_two_workers_answer_as_the_reference(mode, tiny_checkpoint, sample
         code, answer = server.post("/v1/chat/completions", body(modalities=["text", "audio"], audio={"voice": "Bob"}))
         assert code == 400  # refused on rank 0: the workers never hear of it ...
         assert ask(server, sample_media, stream=False, speech=False)[0] == expected[0]  # ... and stay in step
+        connection = start_stream(server, MOST_TOKENS)  # a stream closed mid-answer: every rank stops at one step
+        connection.sock.shutdown(socket.SHUT_RDWR)
+        connection.close()
+        assert idle_within(server, 30)["requests_cancelled"] == 1
+        assert cancelled_steps(server)[-1] < MOST_TOKENS // 4
+        assert ask(server, sample_media, stream=False, speech=False)[0] == expected[0]  # still in step
         assert server.get("/health")["loads"] == 1
     finally:
         returncode = server.stop()
@@ -303,7 +495,7 @@ def test_msrun_two_workers_answer_as_the_reference(mode, tiny_checkpoint, sample
 
 
 def test_a_worker_that_dies_mid_request_ends_the_server(tiny_checkpoint, tmp_path):
-    server = start_server(server_args(tiny_checkpoint), tmp_path, msrun=True, cluster_time_out=30)
+    server = start_server(server_args(tiny_checkpoint, "--verbose"), tmp_path, msrun=True, cluster_time_out=30)
     try:
         thread = threading.Thread(target=lambda: server.post("/v1/chat/completions", body(max_tokens=400), timeout=120),
                                   daemon=True)  # its connection is cut when the server ends
