@@ -33,6 +33,7 @@ esac
 export GLOG_v="${GLOG_v:-3}"
 
 mkdir -p "$LOG_DIR"
+rm -f "$LOG_DIR"/worker_*.log  # msrun writes them anew; gone, they tell when this run's workers have started
 RANK0_STDOUT="$LOG_DIR/worker_0_stdout.log"
 : >"$RANK0_STDOUT"
 export OMNI_RANK0_STDOUT="$RANK0_STDOUT"  # rank 0 writes its stdout there (omni_helpers.runtime.stdout_for_the_launcher)
@@ -47,6 +48,12 @@ msrun \
   --cluster_time_out="$CLUSTER_TIME_OUT" \
   "$ROOT/$SCRIPT" "$@" >"$LOG_DIR/msrun_console.log" 2>&1 &
 MSRUN=$!
+# msrun's own loop watches its workers without pause: once they are started, it yields the cores to them.
+( for _ in $(seq 1200); do
+    [ -f "$LOG_DIR/worker_$((WORKER_NUM - 1)).log" ] && { renice -n 19 -p "$MSRUN" >/dev/null 2>&1; exit 0; }
+    kill -0 "$MSRUN" 2>/dev/null || exit 0
+    sleep 0.1
+  done ) &
 # Ctrl+C or a stop: msrun stops every worker on SIGINT (a background job ignores the terminal's own).
 trap 'kill -INT "$MSRUN" 2>/dev/null || true' INT TERM
 tail -n +1 -f --pid="$MSRUN" "$RANK0_STDOUT" &  # rank 0's stdout as it is written, to the end

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from tests.script_runs import ROOT, free_port, msrun_command, msrun_worker, script_env
+from tests.script_runs import ROOT, calm_msrun, free_port, msrun_command, msrun_worker, script_env
 
 START_TIMEOUT = 300
 
@@ -81,6 +81,8 @@ def start_server(args: list[str], folder: Path, msrun: bool = False, cluster_tim
         log_dir, command = None, [sys.executable, str(ROOT / "web_demo.py"), *argv]
     with open(log, "wb") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=script_env(), cwd=folder)
+    if msrun:
+        calm_msrun(process, log_dir)
     server = Server(process, f"http://127.0.0.1:{port}", log, log_dir)
     deadline = time.time() + START_TIMEOUT
     while time.time() < deadline:

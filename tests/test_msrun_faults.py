@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from tests.script_runs import msrun_command, msrun_worker, script_env
+from tests.script_runs import calm_msrun, msrun_command, msrun_worker, script_env
 
 
 @pytest.mark.slow
@@ -28,6 +28,7 @@ def test_a_dead_worker_ends_the_job_and_leaves_outputs_untouched(tiny_checkpoint
     ]  # fmt: skip
     command = msrun_command("omni_understanding.py", args, log_dir, cluster_time_out=cluster_time_out)
     launch = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=script_env())
+    calm_msrun(launch, log_dir)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:  # wait until rank 1 is decoding
