@@ -6,14 +6,21 @@ plain attribute, not a sub-cell), the latest `GRAPHS_KEPT` of each kind. The gra
 compiled on CPU only: if one fails at its first call, the model records why, keeps to PyNative
 for that kind of graph from then on, and says so once on stderr. A failure after the first call
 is a real one and is raised.
+
+A graph that holds collectives (the decode steps under `--parallel zero3` and `expert`) is
+compiled apart from its first run, and the ranks agree on the outcome before any of them runs
+it: if it failed to build on one rank, every rank keeps to PyNative, since a rank running the
+graph while another runs PyNative would pair their collectives wrongly and hang.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import mindspore as ms
 from mindspore import ops
+from mindspore.common.api import _JitExecutor  # what `mindspore.jit` runs at each call: compiles (once), then runs
 
 GRAPHS_KEPT = 2  # compiled graphs (and their buffers) kept per model and kind, most recent last
 BUCKET_MIN = 64  # the fewest positions a graph is compiled for: below it a graph per count would cost more than padding
@@ -23,10 +30,20 @@ BUCKET_MAX = 2048
 
 
 class Graph:
-    """A step function compiled with `mindspore.jit` at its first call, and whether that call went through."""
+    """A step function compiled as `mindspore.jit` compiles it, at its first call or before it (`compile`),
+    and whether it went through."""
 
     def __init__(self, step):
-        self.step, self.compiled = ms.jit(step), False
+        self.function, self.compiled = step, False
+        self.key = time.time_ns()  # mindspore.jit's key for this function's compiled graphs (one per input shape)
+
+    def step(self, *arguments):
+        """The compiled step: compiled at the first call for these shapes, run."""
+        return _JitExecutor(self.function, self.key)(*arguments)
+
+    def compile(self, *arguments) -> None:
+        """Compile the step for these arguments' shapes without running it (its next `step` runs the graph)."""
+        _JitExecutor(self.function, self.key).compile(self.function.__name__, *arguments)
 
 
 def bucket_for(count: int, least: int = BUCKET_MIN) -> int:
@@ -59,19 +76,48 @@ def failed(owner, kind: str) -> bool:
     return f"_{kind}_error" in owner.__dict__
 
 
-def first_call(graph, owner, kind: str, call, what: str, instead: str):
+BUILD_ERRORS = (RuntimeError, TypeError, ValueError)  # what a graph that does not build raises
+
+
+def first_call(graph, owner, kind: str, call, what: str, instead: str, agree_on=None):
     """`call()`, the graph's call; None when it fails at its first call (the compilation): `owner` then
-    keeps to PyNative for `kind` and the reason is said once, as "the compiled {what} did not build"."""
+    keeps to PyNative for `kind` and the reason is said once, as "the compiled {what} did not build".
+    `agree_on`, for a graph holding collectives under msrun: the step's arguments, to compile it first
+    and agree with every rank on whether it built (`failed_anywhere`) before it runs."""
+    if not graph.compiled and agree_on is not None:
+        try:
+            graph.compile(*agree_on)
+            reason = None
+        except BUILD_ERRORS as error:
+            reason = why(error)
+        if failed_anywhere(reason is not None):
+            give_up(owner, kind, what, instead, reason or "it did not build on another rank")
+            return None
+        graph.compiled = True  # built on every rank: from here a failure is a real one
     try:
         outputs = call()
-    except (RuntimeError, TypeError, ValueError) as error:
+    except BUILD_ERRORS as error:
         if graph.compiled:  # a failure after the compilation is a real one
             raise
-        message = str(error).strip()
-        reason = f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
-        owner.__dict__[f"_{kind}_error"] = reason
-        owner.__dict__.pop(f"_{kind}s", None)
-        print(f"warning: the compiled {what} did not build ({reason}); {instead}", file=sys.stderr)
+        give_up(owner, kind, what, instead, why(error))
         return None
     graph.compiled = True
     return outputs
+
+
+def why(error: BaseException) -> str:
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
+
+
+def give_up(owner, kind: str, what: str, instead: str, reason: str) -> None:
+    """`owner` keeps to PyNative for `kind` graphs from now on; said once."""
+    owner.__dict__[f"_{kind}_error"] = reason
+    owner.__dict__.pop(f"_{kind}s", None)
+    print(f"warning: the compiled {what} did not build ({reason}); {instead}", file=sys.stderr)
+
+
+def failed_anywhere(failed_here: bool) -> bool:
+    """Whether any rank failed: one all-reduce of a flag, read once (a graph's first call only)."""
+    flag = ms.Tensor([1.0 if failed_here else 0.0], ms.float32)
+    return bool(ops.AllReduce()(flag).asnumpy()[0] > 0)

@@ -26,12 +26,20 @@ in the eager path, the code predictor greedy). Decode rope positions are the cac
 plus the row's stored delta (as `decode_steps.decode_rope_positions`), the same value on
 the three rope axes, so the interleaved multimodal rope reduces to plain rope.
 
-Covered: a model loaded with `--parallel none` whose experts were stacked
-(`sparse_moe.StackedExperts`), full attention without biases, default rope, up to
-`DEVICE_DISPATCH_MAX_SLOTS` (row, expert) slots. ZeRO-3 (weights gathered per layer) and
-expert parallelism (an all-reduce per layer) keep the PyNative steps. `applies` decides.
-The compiled steps have run on CPU only: if one fails at its first call, where MindSpore
-compiles it, the model decodes in PyNative from then on and says why once (`run`).
+Every `--parallel` mode, the collectives inside the graph:
+- `none`: the experts stacked (`sparse_moe.StackedExperts`), nothing to communicate.
+- `expert`: each rank's graph routes every token with the full router, runs the chosen experts
+  it holds (the others count nothing) and adds the ranks' partial outputs with one all-reduce
+  per MoE layer, inside the graph; the talker's shared expert is added once, after it.
+- `zero3`: every weight mindone's ZeRO-3 split is all-gathered inside the graph where it is
+  used (attention, routers, the heads, the code predictor), and the chosen experts' shards are
+  picked by device indices and all-gathered (`sparse_moe.GatheredStackedExperts`' way), so a
+  step gathers what the PyNative step gathers, one layer at a time.
+Covered: full attention without biases, default rope, up to `DEVICE_DISPATCH_MAX_SLOTS` (row,
+expert) slots; `applies` decides. The compiled steps have run on CPU only: if one fails at its
+first call, where MindSpore compiles it, the model decodes in PyNative from then on and says why
+once (`run`); under msrun the ranks compile first and agree, so that all of them fall back
+together (`compiled.first_call`).
 """
 
 from __future__ import annotations
@@ -40,10 +48,11 @@ import numpy as np
 
 import mindspore as ms
 from mindspore import Parameter, mint, ops
+from mindspore.communication import get_group_size
 
 from . import compiled
 from .graph_ops import MASKED, batched_linear, dense, linear, rms_norm_with, rotate, route
-from .sparse_moe import DEVICE_DISPATCH_MAX_SLOTS, SPARSE_MOE_BLOCKS, StackedExperts
+from .sparse_moe import DEVICE_DISPATCH_MAX_SLOTS, MOE_BLOCKS, StackedExperts, split_by_zero3
 
 CAPACITY_STEP = 256  # cache lengths are rounded up to this, so nearby request lengths share one compiled graph
 THINKER = "Qwen3OmniMoeThinkerForConditionalGeneration"
@@ -53,10 +62,10 @@ TALKER = "Qwen3OmniMoeTalkerForConditionalGeneration"
 # ----------------------------------------------------------------------------- when, and which graph
 
 
-def applies(model, rows: int, synced_gpus: bool, generation_config) -> bool:
+def applies(model, rows: int, generation_config) -> bool:
     """Whether this generate call's decode steps can run as a compiled graph (asked after the prompt's forward)."""
     kind = type(model).__name__
-    if kind not in (THINKER, TALKER) or synced_gpus or ms.get_context("mode") != ms.PYNATIVE_MODE:
+    if kind not in (THINKER, TALKER) or ms.get_context("mode") != ms.PYNATIVE_MODE:
         return False
     if compiled.failed(model, "decode_graph"):  # it could not compile on this device: PyNative from then on
         return False
@@ -78,7 +87,7 @@ def decoder_covered(text_model, sparse: bool) -> bool:
         return False
     for layer in decoder_layers(text_model):
         mlp = layer.mlp
-        if sparse and not (type(mlp).__name__ in SPARSE_MOE_BLOCKS and isinstance(mlp.experts, StackedExperts)):
+        if sparse and not (type(mlp).__name__ in MOE_BLOCKS and isinstance(mlp.experts, StackedExperts)):
             return False
         if not sparse and not hasattr(mlp, "gate_proj"):
             return False
@@ -93,24 +102,27 @@ def capacity_for(max_length: int) -> int:
     return -(-max_length // CAPACITY_STEP) * CAPACITY_STEP
 
 
-def start(model, model_kwargs, new_tokens: int):
+def start(model, model_kwargs, new_tokens: int, distributed: bool = False):
     """The graph for this request's shape (compiled at its first call, then kept on the model),
-    its cache filled from the prompt's. `new_tokens` is the most the loop may still choose."""
+    its cache filled from the prompt's. `new_tokens` is the most the loop may still choose;
+    `distributed` (msrun: the loop's `synced_gpus`): the ranks agree on the graph's first build."""
     cache = model_kwargs["past_key_values"]
     rows, _, prompt_length, _ = cache.layers[0].keys.shape
     key = (rows, capacity_for(prompt_length + new_tokens))
     kind = ThinkerGraph if type(model).__name__ == THINKER else TalkerGraph
     graph = compiled.kept(model, "decode_graph", key, lambda: kind(model, *key))
     graph.buffers.fill(cache, model_kwargs.get("attention_mask"))
+    graph.distributed = distributed
     return graph
 
 
 def run(graph, model, input_ids, model_kwargs):
     """One decode step through `graph` (the model's forward, so its hooks see it), or None when the
     graph's first call fails (`compiled.first_call`): the model then decodes step by step."""
-    return compiled.first_call(graph, model, "decode_graph",
-                               lambda: model(**graph.inputs(input_ids, model_kwargs), return_dict=True),
-                               "decode step", "decoding step by step instead")  # fmt: skip
+    arguments = graph.inputs(input_ids, model_kwargs)
+    return compiled.first_call(graph, model, "decode_graph", lambda: model(**arguments, return_dict=True),
+                               "decode step", "decoding step by step instead",
+                               agree_on=graph.step_arguments(arguments) if graph.distributed else None)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the KV buffers
@@ -165,6 +177,7 @@ class DecodeGraph(compiled.Graph):
     def __init__(self, buffers: KVBuffers, step):
         super().__init__(step)
         self.buffers = buffers
+        self.distributed = False
 
     def finish(self) -> None:
         self.buffers.hand_back()
@@ -183,12 +196,15 @@ class ThinkerGraph(DecodeGraph):
         """The forward's arguments for a decode step: each row's newest token and its position."""
         return {"input_ids": input_ids[:, -1:], "cache_position": model_kwargs["cache_position"], "decode_graph": self}
 
+    def step_arguments(self, arguments: dict) -> tuple:
+        return arguments["input_ids"], arguments["cache_position"], self.thinker.rope_deltas
+
     def forward(self, arguments: dict):
         from mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
             Qwen3OmniMoeThinkerCausalLMOutputWithPast,
         )
 
-        logits, *hidden_states = self.step(arguments["input_ids"], arguments["cache_position"], self.thinker.rope_deltas)
+        logits, *hidden_states = self.step(*self.step_arguments(arguments))
         self.buffers.length += 1
         return Qwen3OmniMoeThinkerCausalLMOutputWithPast(
             logits=logits, hidden_states=tuple(hidden_states), past_key_values=self.buffers.cache,
@@ -216,13 +232,14 @@ class TalkerGraph(DecodeGraph):
         return {"input_ids": input_ids[:, -1:], "cache_position": model_kwargs["cache_position"], "decode_graph": self,
                 "last_hidden": last_hidden, "text_embeds": text, "generation_step": step}  # fmt: skip
 
+    def step_arguments(self, arguments: dict) -> tuple:
+        return (arguments["input_ids"], arguments["last_hidden"], arguments["text_embeds"], arguments["cache_position"],
+                self.talker.rope_deltas)  # fmt: skip
+
     def forward(self, arguments: dict):
         from mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeTalkerOutputWithPast
 
-        logits, codes, *hidden_states = self.step(
-            arguments["input_ids"], arguments["last_hidden"], arguments["text_embeds"], arguments["cache_position"],
-            self.talker.rope_deltas,
-        )  # fmt: skip
+        logits, codes, *hidden_states = self.step(*self.step_arguments(arguments))
         self.buffers.length += 1
         return Qwen3OmniMoeTalkerOutputWithPast(
             logits=logits, past_key_values=self.buffers.cache,
@@ -239,7 +256,8 @@ def thinker_step(thinker, buffers: KVBuffers):
     rows = buffers.rows
     text = thinker.model
     decoder = decoder_function(text, buffers, tokens=1)
-    embed, head = text.embed_tokens.weight, thinker.lm_head.weight
+    embed, (head, head_split) = text.embed_tokens.weight, split_of(thinker.lm_head)
+    full = whole_weights(head_split)
     rope = rope_function(text.rotary_emb, buffers.dtype)
 
     def step(input_ids, cache_position, rope_deltas):
@@ -247,7 +265,7 @@ def thinker_step(thinker, buffers: KVBuffers):
         cos, sin = rope(ops.cast(ops.cast(position, rope_deltas.dtype) + rope_deltas, ms.float32))  # (rows, 1)
         x = ops.gather(embed, input_ids.reshape(-1), 0)  # (rows, hidden)
         x, hidden_states = decoder(x, cos, sin, position)
-        return (linear(x, head).reshape(rows, 1, -1),) + hidden_states
+        return (linear(x, full(head, head_split)).reshape(rows, 1, -1),) + hidden_states
 
     return step
 
@@ -264,9 +282,10 @@ def talker_step(talker, buffers: KVBuffers, predictor_buffers: KVBuffers):
     predictor_step = decoder_function(predictor.model, predictor_buffers, tokens=1)
     rope = rope_function(talker.model.rotary_emb, dtype)
     predictor_rope = rope_function(predictor.model.rotary_emb, dtype)
-    embed, head = talker.model.codec_embedding.weight, talker.codec_head.weight
+    embed, (head, head_split) = talker.model.codec_embedding.weight, split_of(talker.codec_head)
     code_embeds = [table.weight for table in predictor.model.codec_embedding]
-    code_heads = [linear_layer.weight for linear_layer in predictor.lm_head]
+    code_heads = [split_of(linear_layer) for linear_layer in predictor.lm_head]
+    full = whole_weights(head_split or any(split for _, split in code_heads))
     mask, cleared = predictor_buffers.mask, ms.Tensor(np.full(predictor_buffers.mask.shape, MASKED, np.float32))
     prompt_positions = ms.Tensor(np.tile(np.arange(2, dtype=np.float32), (rows, 1)))
 
@@ -286,7 +305,8 @@ def talker_step(talker, buffers: KVBuffers, predictor_buffers: KVBuffers):
                 position = start + group + 1
                 cos, sin = predictor_rope(ops.cast(ops.broadcast_to(position, (rows, 1)), ms.float32))
                 last, _ = predictor_step(embeds[-1], cos, sin, position)
-            code = ops.argmax(linear(last, code_heads[group]), -1).reshape(rows, 1)
+            code_head, code_head_split = code_heads[group]
+            code = ops.argmax(linear(last, full(code_head, code_head_split)), -1).reshape(rows, 1)
             codes += (ops.cast(code, first_code.dtype),)
             embeds += (ops.gather(code_embeds[group], code.reshape(-1), 0),)
         # the frame's embedding, then the talker's step
@@ -296,7 +316,7 @@ def talker_step(talker, buffers: KVBuffers, predictor_buffers: KVBuffers):
         cos, sin = rope(ops.cast(ops.cast(position, rope_deltas.dtype) + rope_deltas, ms.float32))
         x, hidden_states = decoder(x.reshape(rows, -1), cos, sin, position)
         frame_codes = ops.concat((first_code,) + codes, 1)
-        return (linear(x, head).reshape(rows, 1, -1), frame_codes) + hidden_states
+        return (linear(x, full(head, head_split)).reshape(rows, 1, -1), frame_codes) + hidden_states
 
     return step
 
@@ -318,16 +338,41 @@ def rope_function(rotary, dtype):
     return rope
 
 
+def whole_weights(split_anywhere: bool):
+    """`full(weight, split)`: a weight as the graph uses it, all-gathered from every rank's shard where mindone's
+    ZeRO-3 split it (the world group, where its wrappers gather), as it is otherwise."""
+    if not split_anywhere:
+        return lambda weight, split: weight
+    gather = ops.AllGather()
+
+    def full(weight, split):
+        if split:
+            return gather(weight)
+        return weight
+
+    return full
+
+
+def split_of(cell) -> tuple:
+    """(its weight, whether ZeRO-3 split it): what `whole_weights` takes."""
+    return cell.weight, split_by_zero3(cell)
+
+
 def decoder_function(text_model, buffers: KVBuffers, tokens: int):
     """One decoder's step over `tokens` new positions per row: x (rows * tokens, hidden), cos and sin,
     position (1, 1) of the first new token -> (final-normed x, hidden states as mindone records them:
-    each layer's input, then the final norm's output)."""
+    each layer's input, then the final norm's output). Under ZeRO-3 each split weight is all-gathered where
+    it is used; under expert parallelism each MoE layer's partial output is all-reduced."""
     config = text_model.config
     rows, capacity, dtype = buffers.rows, buffers.capacity, buffers.dtype
     heads, kv_heads, head_dim = config.num_attention_heads, buffers.kv_heads, buffers.head_dim
     groups = heads // kv_heads
     eps, scaling = config.rms_norm_eps, head_dim**-0.5
     layers = [layer_weights(layer) for layer in decoder_layers(text_model)]
+    full = whole_weights(any(any(value is True for key, value in w.items() if key.endswith("_split")) or any(w.get("experts_split", ()))
+                             for w in layers))  # fmt: skip
+    experts_world = get_group_size() if any(any(w.get("experts_split", ())) for w in layers) else 1
+    all_reduce = ops.AllReduce(ops.ReduceOp.SUM) if any(w.get("all_reduce") for w in layers) else None
     final_norm = text_model.norm.weight
     kv_pairs = list(zip(buffers.keys, buffers.values))
     mask = buffers.mask
@@ -343,10 +388,13 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
     def rms_norm(x, weight):
         return rms_norm_with(x, weight, eps, dtype)
 
+    def use(weights, name):
+        return full(weights[name], weights[name + "_split"])
+
     def attention(x, cos, sin, position, weights, keys, values):
-        query = linear(x, weights["q"]).reshape(rows, tokens, heads, head_dim)
-        key = linear(x, weights["k"]).reshape(rows, tokens, kv_heads, head_dim)
-        value = linear(x, weights["v"]).reshape(rows, tokens, kv_heads, head_dim)
+        query = linear(x, use(weights, "q")).reshape(rows, tokens, heads, head_dim)
+        key = linear(x, use(weights, "k")).reshape(rows, tokens, kv_heads, head_dim)
+        value = linear(x, use(weights, "v")).reshape(rows, tokens, kv_heads, head_dim)
         query = rotate(rms_norm(query, weights["q_norm"]), cos, sin)
         key = rotate(rms_norm(key, weights["k_norm"]), cos, sin)
         offset = ops.concat((ops.zeros((1, 2), ms.int64), position), 1)
@@ -364,32 +412,50 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
             scores = scores + later.reshape(1, 1, 1, tokens, capacity)
         probs = ops.cast(ops.softmax(scores, -1), dtype).reshape(rows, kv_heads, groups * tokens, capacity)
         out = ops.matmul(probs, values).reshape(rows, heads, tokens, head_dim)
-        return linear(ops.transpose(out, (0, 2, 1, 3)).reshape(rows * tokens, heads * head_dim), weights["o"])
+        return linear(ops.transpose(out, (0, 2, 1, 3)).reshape(rows * tokens, heads * head_dim), use(weights, "o"))
+
+    def chosen_experts(stack, slots, split):
+        """The stacked weights of each slot's expert; under ZeRO-3 each rank's shards of them, all-gathered and
+        put back together (ranks' shards one after another along the weight's first axis)."""
+        picked = ops.gather(stack, slots, 0)
+        if split:
+            count, part, columns = picked.shape
+            whole = full(picked, True).reshape(experts_world, count, part, columns)
+            picked = ops.transpose(whole, (1, 0, 2, 3)).reshape(count, experts_world * part, columns)
+        return picked
 
     def experts(x, weights):
-        chosen_weights, chosen = route(x, weights, dtype)
+        chosen_weights, chosen = route(x, use(weights, "router"), weights["top_k"], weights["normalize"], dtype)
         ascending, order = ops.sort(ops.cast(chosen, ms.float32))  # mindone adds the experts' outputs in this order
         slot_weights = ops.gather_elements(chosen_weights, 1, order)
         slots = ops.cast(ascending, ms.int32).reshape(-1)
         top_k, count = weights["top_k"], x.shape[0]
+        if weights["all_reduce"]:  # expert parallelism: this rank's experts run, the others' slots count nothing
+            local = slots - weights["first_expert"]
+            mine = ops.logical_and(local >= 0, local < weights["local_experts"])
+            slots = ops.select(mine, local, ops.zeros_like(local))
+            slot_weights = slot_weights * ops.cast(mine, dtype).reshape(count, top_k)
+        gate_split, up_split, down_split = weights["experts_split"]
         inputs = ops.broadcast_to(x.reshape(count, 1, 1, -1), (count, top_k, 1, x.shape[-1])).reshape(count * top_k, 1, -1)
-        gate = batched_linear(inputs, ops.gather(weights["experts_gate"], slots, 0))
-        up = batched_linear(inputs, ops.gather(weights["experts_up"], slots, 0))
-        down = ops.gather(weights["experts_down"], slots, 0)
+        gate = batched_linear(inputs, chosen_experts(weights["experts_gate"], slots, gate_split))
+        up = batched_linear(inputs, chosen_experts(weights["experts_up"], slots, up_split))
+        down = chosen_experts(weights["experts_down"], slots, down_split)
         out = batched_linear(mint.nn.functional.silu(gate) * up, down).reshape(count, top_k, -1)
         out = out * slot_weights.reshape(count, top_k, 1)
         combined = out[:, 0]
         for i in range(1, top_k):
             combined = combined + out[:, i]
-        if "shared_gate" in weights:  # the talker's shared expert, added after the routed ones
-            shared = dense(x, weights["shared_gate_proj"], weights["shared_up"], weights["shared_down"])
-            combined = combined + ops.sigmoid(linear(x, weights["shared_gate"])) * shared
+        if weights["all_reduce"]:
+            combined = all_reduce(combined)
+        if "shared_gate" in weights:  # the talker's shared expert, added after the routed ones (and the all-reduce)
+            shared = dense(x, use(weights, "shared_gate_proj"), use(weights, "shared_up"), use(weights, "shared_down"))
+            combined = combined + ops.sigmoid(linear(x, use(weights, "shared_gate"))) * shared
         return combined
 
     def mlp(x, weights):
         if "router" in weights:
             return experts(x, weights)
-        return dense(x, weights["gate"], weights["up"], weights["down"])
+        return dense(x, use(weights, "gate"), use(weights, "up"), use(weights, "down"))
 
     def decoder(x, cos, sin, position):
         opened_at = mask_slots + ops.concat((ops.zeros((1, 1), ms.int64), position), 1)
@@ -406,20 +472,26 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
 
 
 def layer_weights(layer) -> dict:
-    """A decoder layer's parameters (and its MoE constants), by role."""
+    """A decoder layer's parameters (and its MoE constants), by role; each Linear's weight with `<role>_split`,
+    whether mindone's ZeRO-3 split it (the graph then all-gathers it where it is used)."""
     attention, mlp = layer.self_attn, layer.mlp
-    weights = {
-        "input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
-        "q": attention.q_proj.weight, "k": attention.k_proj.weight, "v": attention.v_proj.weight,
-        "o": attention.o_proj.weight, "q_norm": attention.q_norm.weight, "k_norm": attention.k_norm.weight,
-    }  # fmt: skip
-    if isinstance(getattr(mlp, "experts", None), StackedExperts):
-        weights.update(router=mlp.gate.weight, experts_gate=mlp.experts.gate, experts_up=mlp.experts.up,
-                       experts_down=mlp.experts.down, top_k=mlp.top_k, normalize=bool(mlp.norm_topk_prob))  # fmt: skip
+    weights = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
+               "q_norm": attention.q_norm.weight, "k_norm": attention.k_norm.weight}  # fmt: skip
+    linears = {"q": attention.q_proj, "k": attention.k_proj, "v": attention.v_proj, "o": attention.o_proj}
+    experts = getattr(mlp, "experts", None)
+    if isinstance(experts, StackedExperts):
+        whole_block = type(mlp).__name__ != "ExpertParallelMoeBlock"
+        weights.update(experts_gate=experts.gate, experts_up=experts.up, experts_down=experts.down, top_k=mlp.top_k,
+                       normalize=bool(mlp.norm_topk_prob), experts_split=tuple(getattr(experts, "split", (False,) * 3)),
+                       all_reduce=not whole_block, first_expert=0 if whole_block else mlp.local_experts.start,
+                       local_experts=len(experts))  # fmt: skip
+        linears["router"] = mlp.gate
         shared = getattr(mlp, "shared_expert", None)
         if shared is not None:
-            weights.update(shared_gate=mlp.shared_expert_gate.weight, shared_gate_proj=shared.gate_proj.weight,
-                           shared_up=shared.up_proj.weight, shared_down=shared.down_proj.weight)  # fmt: skip
+            linears.update(shared_gate=mlp.shared_expert_gate, shared_gate_proj=shared.gate_proj, shared_up=shared.up_proj,
+                           shared_down=shared.down_proj)  # fmt: skip
     else:
-        weights.update(gate=mlp.gate_proj.weight, up=mlp.up_proj.weight, down=mlp.down_proj.weight)
+        linears.update(gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj)
+    for role, cell in linears.items():
+        weights[role], weights[f"{role}_split"] = split_of(cell)
     return weights

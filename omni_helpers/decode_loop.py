@@ -7,8 +7,8 @@ left to their longest row (the processor's padding), so every row's last token i
 position. Under ZeRO-3 (`synced_gpus`) mindone reads twice more to agree with the other
 ranks on stopping; here one all-reduce and one read give both answers.
 
-After the prompt's forward, where `decode_graph.applies` (the thinker and the talker with
-`--parallel none`), the decode steps run as a compiled graph on a KV cache written in place:
+After the prompt's forward, where `decode_graph.applies` (the thinker and the talker, in every
+`--parallel` mode), the decode steps run as a compiled graph on a KV cache written in place:
 the loop hands the graph to the model's forward with just the newest tokens, skipping
 mindone's input preparation, whose work the graph does on the device.
 
@@ -67,10 +67,10 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
     graph = None  # the compiled decode step, from the first decode step on where it applies
 
     while True:
-        if step == 1 and decode_graph.applies(model, input_ids.shape[0], synced_gpus, generation_config):
+        if step == 1 and decode_graph.applies(model, input_ids.shape[0], generation_config):
             # from the first decode step on (a request that stops at its first token builds no graph); the
             # length limit counts the ids so far (none for a prompt given as embeddings, as the talker's is)
-            graph = decode_graph.start(model, model_kwargs, generation_config.max_length - input_ids.shape[1])
+            graph = decode_graph.start(model, model_kwargs, generation_config.max_length - input_ids.shape[1], synced_gpus)
         outputs = None if graph is None else decode_graph.run(graph, model, input_ids, model_kwargs)
         if outputs is None:  # the prompt, a stage the graph does not cover, or a graph that could not compile
             graph = None

@@ -33,11 +33,11 @@ def dense(x, gate, up, down):
     return linear(mint.nn.functional.silu(linear(x, gate)) * linear(x, up), down)
 
 
-def route(x, weights: dict, dtype):
+def route(x, router, top_k: int, normalize: bool, dtype):
     """A MoE layer's routing as mindone's: (top-k weights in `dtype`, renormalised if configured; chosen experts)."""
-    routing = ops.softmax(ops.cast(linear(x, weights["router"]), ms.float32), -1)
-    chosen_weights, chosen = ops.topk(routing, weights["top_k"])
-    if weights["normalize"]:
+    routing = ops.softmax(ops.cast(linear(x, router), ms.float32), -1)
+    chosen_weights, chosen = ops.topk(routing, top_k)
+    if normalize:
         chosen_weights = chosen_weights / ops.ReduceSum(keep_dims=True)(chosen_weights, -1)
     return ops.cast(chosen_weights, dtype), chosen
 

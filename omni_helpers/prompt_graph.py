@@ -45,7 +45,7 @@ from mindspore import mint, ops
 from . import compiled
 from .decode_graph import decoder_covered, decoder_layers, layer_weights
 from .graph_ops import MASKED, batched_linear, linear, rms_norm_with, rotate, route
-from .sparse_moe import StackedExperts
+from .sparse_moe import SPARSE_MOE_BLOCKS, StackedExperts
 
 DENSE_EXPERTS_MAX_RATIO = 4  # every expert on every token costs experts / top-k times the routed work
 TEXT_MODEL = "Qwen3OmniMoeThinkerTextModel"
@@ -65,7 +65,10 @@ def applies(text_model, inputs_embeds, past_key_values, use_cache, kwargs: dict)
         return False
     if past_key_values is None or past_key_values.get_seq_length() != 0 or not use_cache:
         return False  # a prompt starts an empty cache (`get_seq_length` reads nothing while it is empty)
-    return decoder_covered(text_model, sparse=True) and all(dense_experts_pay(layer.mlp) for layer in decoder_layers(text_model))
+    mlps = [layer.mlp for layer in decoder_layers(text_model)]
+    if any(type(mlp).__name__ not in SPARSE_MOE_BLOCKS for mlp in mlps):  # one rank's share of a block: PyNative
+        return False
+    return decoder_covered(text_model, sparse=True) and all(dense_experts_pay(mlp) for mlp in mlps)
 
 
 def dense_experts_pay(mlp) -> bool:
@@ -170,7 +173,7 @@ def prompt_step(text_model, rows: int, bucket: int, deepstack_layers: int):
 
     def every_expert(x, weights):
         """Each token through every expert, weighted by its renormalised top-k weights (zero elsewhere)."""
-        chosen_weights, chosen = route(x, weights, dtype)
+        chosen_weights, chosen = route(x, weights["router"], weights["top_k"], weights["normalize"], dtype)
         experts, inner = weights["experts_gate"].shape[:2]
         # (tokens, experts): each token's weight for every expert, zero for those it did not choose
         chosen_onehot = ops.one_hot(chosen, experts, ops.ones((), dtype), ops.zeros((), dtype))  # (tokens, k, experts)

@@ -84,13 +84,12 @@ def test_what_the_graph_does_not_cover_keeps_the_pynative_step(mindone, two_rows
     thinker = mindone.model.thinker
     thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False)  # sets the rope deltas
     config = GenerationConfig(max_length=300)
-    assert decode_graph.applies(thinker, 2, False, config)
-    assert not decode_graph.applies(thinker, 2, True, config)  # ZeRO-3 / expert parallel: ranks step together
+    assert decode_graph.applies(thinker, 2, config)
     too_many = DEVICE_DISPATCH_MAX_SLOTS // thinker.config.text_config.num_experts_per_tok + 1
-    assert not decode_graph.applies(thinker, too_many, False, config)  # more (row, expert) slots than device dispatch takes
+    assert not decode_graph.applies(thinker, too_many, config)  # more (row, expert) slots than device dispatch takes
     monkeypatch.setattr(mindone.model.talker, "rope_deltas", None)  # no prompt run yet: no positions to decode from
-    assert not decode_graph.applies(mindone.model.talker, 1, False, config)
-    assert not decode_graph.applies(thinker, 2, False, GenerationConfig(max_length=300, output_attentions=True))
+    assert not decode_graph.applies(mindone.model.talker, 1, config)
+    assert not decode_graph.applies(thinker, 2, GenerationConfig(max_length=300, output_attentions=True))
 
 
 @pytest.mark.parametrize("sampling_seed", [None, 7], ids=["greedy", "sampled"])
@@ -123,3 +122,48 @@ def test_a_step_that_does_not_build_falls_back_to_pynative_and_says_why(mindone,
                               "decode_graph", capfd, "ScatterNdUpdate", "decode step", "decoding step by step instead")  # fmt: skip
     for result in results:
         np.testing.assert_array_equal(result.sequences.asnumpy(), expected.sequences.asnumpy())
+
+
+# ----------------------------------------------------------------------------- under msrun
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["zero3", "expert"])
+def test_under_msrun_the_compiled_steps_give_the_pynative_steps_answers_on_every_rank(mode, tiny_checkpoint, sample_media,
+                                                                                     tmp_path):  # fmt: skip
+    """tests/msrun_decode_graphs.py on 2 CPU workers, each rank's graphs holding the mode's collectives (ZeRO-3's
+    all-gathers, expert parallelism's all-reduces): greedy tokens and codec codes identical, logits and speech
+    within 1e-5 of the PyNative steps', a batch of 2 rows, sampling with one seed; the same on both ranks; a later
+    request of the same shape reuses the graphs; a graph that does not build on rank 1 alone sends both ranks to
+    PyNative together, with the same answers."""
+    import json
+    import subprocess
+
+    from tests.script_runs import calm_msrun, msrun_command, script_env
+
+    log_dir = tmp_path / "log"
+    command = msrun_command("tests/msrun_decode_graphs.py", [str(tiny_checkpoint), str(sample_media["image"].parent), mode,
+                                                             str(tmp_path)], log_dir)  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=script_env())
+    calm_msrun(process, log_dir)
+    output = process.communicate(timeout=900)[0].decode(errors="replace")
+    assert process.returncode == 0, output[-3000:]
+    ranks = [json.loads((tmp_path / f"rank_{rank}.json").read_text()) for rank in (0, 1)]
+    for seen in ranks:
+        for name in ("speech", "rows", "sampled"):
+            graph, pynative = seen[f"{name}_compiled"], seen[f"{name}_pynative"]
+            assert graph["tokens"] == pynative["tokens"], name
+            for ours, theirs in zip(graph["logits"], pynative["logits"]):
+                assert relative_error(np.array(ours), np.array(theirs)) <= 1e-5, name
+            assert graph["codes"] == pynative["codes"], name
+            if graph["wav"] is not None:
+                assert np.abs(np.array(graph["wav"]) - np.array(pynative["wav"])).max() <= 1e-5, name
+        assert seen["speech_compiled"]["codes"] is not None and len(seen["rows_compiled"]["tokens"]) == 2
+        graphs = seen["thinker_graphs"]
+        assert graphs["before"] == graphs["after"] and graphs["same_objects"] and graphs["compiled"] and graphs["before"]
+        assert seen["talker_graphs"]
+        assert seen["one_rank_fails"]["tokens"] == seen["rows_pynative"]["tokens"]
+    assert "injected on rank 1" in ranks[1]["failure"] and ranks[0]["failure"] == "it did not build on another rank"
+    assert ranks[0]["sampled_compiled"] == ranks[1]["sampled_compiled"] and ranks[0]["speech_compiled"] == ranks[1]["speech_compiled"]
+    for rank in (0, 1):
+        assert "warning: the compiled decode step did not build" in (log_dir / f"worker_{rank}.log").read_text()
