@@ -83,8 +83,8 @@ def main(args: argparse.Namespace) -> dict:
     # 2. Device, msrun ranks, seeds
     runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose)
 
-    # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths
-    install_patches(args.device_target)
+    # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths (unless --no-fast_paths)
+    install_patches(args.device_target, args.fast_paths)
     imported_at = time.time()  # MindSpore, mindone and torch imported and set up
 
     # 4. Load the processor and the model (text only: no talker); spread it as --parallel says
@@ -92,7 +92,8 @@ def main(args: argparse.Namespace) -> dict:
     dtype, attn_implementation = resolve_precision(args.device_target, args.dtype, args.attn_implementation)
     with clock("load"):
         processor = load_processor(checkpoint.path)  # audio only: no image limits
-        model = shard_model(load_model(checkpoint.path, dtype, attn_implementation, False, args.allow_pickle_weights), runtime)
+        model = shard_model(load_model(checkpoint.path, dtype, attn_implementation, False, args.allow_pickle_weights), runtime,
+                            stack=args.fast_paths)
     loaded_at = time.time()
 
     # 5. Caption, --batch_size files at a time (template, audio, processor, generate, decode:

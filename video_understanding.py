@@ -105,8 +105,8 @@ def main(args: argparse.Namespace):
     # 2. Device, msrun ranks, seeds
     runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose)
 
-    # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths
-    install_patches(args.device_target)
+    # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths (unless --no-fast_paths)
+    install_patches(args.device_target, args.fast_paths)
     imported_at = time.time()  # MindSpore, mindone and torch imported and set up
 
     # 4. Load the processor and the model; spread the model over msrun's workers as --parallel says
@@ -115,7 +115,7 @@ def main(args: argparse.Namespace):
     with clock("load"):
         processor = load_processor(checkpoint.path, args.min_pixels, args.max_pixels)
         model = load_model(checkpoint.path, dtype, attn_implementation, settings.return_audio, args.allow_pickle_weights)
-        model = shard_model(model, runtime)
+        model = shard_model(model, runtime, stack=args.fast_paths)
     loaded_at = time.time()
 
     # 5. Generate (template, frames and soundtrack, processor, generate, decode: omni_helpers/core.py)

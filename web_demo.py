@@ -116,8 +116,8 @@ def main(args: argparse.Namespace) -> None:
     # 2. Device, msrun ranks, seeds
     runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose)
 
-    # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths
-    install_patches(args.device_target)
+    # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths (unless --no-fast_paths)
+    install_patches(args.device_target, args.fast_paths)
 
     # 4. Rank 0 serves the UI and the API from a thread at once (/health says "ready": false while the model loads)
     lockstep = Lockstep(runtime)
@@ -131,7 +131,7 @@ def main(args: argparse.Namespace) -> None:
     dtype, attn_implementation = resolve_precision(args.device_target, args.dtype, args.attn_implementation)
     processor = load_processor(checkpoint.path, args.min_pixels, args.max_pixels)
     model = load_model(checkpoint.path, dtype, attn_implementation, checkpoint.has_talker, args.allow_pickle_weights)
-    model = shard_model(model, runtime)
+    model = shard_model(model, runtime, stack=args.fast_paths)
 
     # 6. Every rank but 0 runs the generations rank 0 sends, until it says stop
     if not runtime.is_main_process:

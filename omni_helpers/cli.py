@@ -68,6 +68,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     group.add_argument("--seed", type=int, default=0, help="random seed, the same on every rank")
     group.add_argument("--allow_pickle_weights", action="store_true",
                        help="also load .bin/.pt/.ckpt weights (unpickling runs code from the file; safetensors only by default)")
+    group.add_argument("--fast_paths", action=argparse.BooleanOptionalAction, default=True,
+                       help="this project's faster paths (compiled steps, MoE on the device, host positions); "
+                            "--no-fast_paths runs mindone with this project's bug fixes alone")
     group.add_argument("--verbose", action="store_true", help="log each decoding step's time on stderr")
 
 

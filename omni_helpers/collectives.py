@@ -3,12 +3,15 @@ modes apart (`--parallel zero3` all-gathers weights, `expert` all-reduces hidden
 
 `counting_collectives()` wraps the `AllGather` and `AllReduce` primitives' `__call__` for
 the length of a `with` block only, and yields a counter of this rank's bytes sent plus
-received, as the ring algorithms move them.
+received, as the ring algorithms move them. The collectives inside a compiled graph run
+without a call from Python: each call of a graph adds the bytes its builder worked out
+from its weights (`compiled.Graph.collective_bytes`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 
 from .patching import PatchSet
@@ -50,5 +53,21 @@ def counting_collectives():
     for kind, primitive in (("all_gather", "AllGather"), ("all_reduce", "AllReduce")):
         target = f"{COMMUNICATION_OPS}.{primitive}:__call__"
         counters.replaces(target)(counted(kind, target))
-    with counters.applied():
-        yield traffic
+
+    compiled = sys.modules.get("omni_helpers.compiled")  # not imported: no compiled graph (--no-fast_paths)
+    if compiled is None:
+        with counters.applied():
+            yield traffic
+        return
+    step = compiled.Graph.step
+
+    def counted_step(graph, *arguments):
+        traffic.bytes += graph.collective_bytes
+        return step(graph, *arguments)
+
+    compiled.Graph.step = counted_step
+    try:
+        with counters.applied():
+            yield traffic
+    finally:
+        compiled.Graph.step = step

@@ -33,6 +33,8 @@ class Graph:
     """A step function compiled as `mindspore.jit` compiles it, at its first call or before it (`compile`),
     and whether it went through."""
 
+    collective_bytes = 0.0  # this rank's bytes sent plus received by the collectives of one call (`collectives`)
+
     def __init__(self, step):
         self.function, self.compiled = step, False
         self.key = time.time_ns()  # mindspore.jit's key for this function's compiled graphs (one per input shape)
@@ -118,6 +120,10 @@ def give_up(owner, kind: str, what: str, instead: str, reason: str) -> None:
 
 
 def failed_anywhere(failed_here: bool) -> bool:
-    """Whether any rank failed: one all-reduce of a flag, read once (a graph's first call only)."""
+    """Whether any rank failed: one all-reduce of a flag, read once (a graph's first build only; through
+    `mint.distributed`, which the per-token traffic counters leave out)."""
+    from mindspore import mint
+
     flag = ms.Tensor([1.0 if failed_here else 0.0], ms.float32)
-    return bool(ops.AllReduce()(flag).asnumpy()[0] > 0)
+    mint.distributed.all_reduce(flag)
+    return bool(flag.asnumpy()[0] > 0)

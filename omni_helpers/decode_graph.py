@@ -51,6 +51,7 @@ from mindspore import Parameter, mint, ops
 from mindspore.communication import get_group_size
 
 from . import compiled
+from .collectives import collective_bytes
 from .graph_ops import MASKED, batched_linear, dense, linear, rms_norm_with, rotate, route
 from .sparse_moe import DEVICE_DISPATCH_MAX_SLOTS, MOE_BLOCKS, StackedExperts, split_by_zero3
 
@@ -191,6 +192,7 @@ class ThinkerGraph(DecodeGraph):
         self.thinker = thinker
         buffers = KVBuffers(thinker.model, rows, capacity, "thinker")
         super().__init__(buffers, thinker_step(thinker, buffers))
+        self.collective_bytes = decoder_traffic(thinker.model, rows, buffers.dtype) + head_traffic([thinker.lm_head])
 
     def inputs(self, input_ids, model_kwargs) -> dict:
         """The forward's arguments for a decode step: each row's newest token and its position."""
@@ -222,6 +224,12 @@ class TalkerGraph(DecodeGraph):
         groups = talker.code_predictor.config.num_code_groups
         predictor_buffers = KVBuffers(talker.code_predictor.model, rows, groups, "code_predictor")  # cleared every frame
         super().__init__(buffers, talker_step(talker, buffers, predictor_buffers))
+        predictor = talker.code_predictor
+        self.collective_bytes = (
+            decoder_traffic(talker.model, rows, buffers.dtype) + head_traffic([talker.codec_head, *predictor.lm_head])
+            + decoder_traffic(predictor.model, rows * 2, buffers.dtype)  # the predictor's prompt, then a step per code
+            + (groups - 2) * decoder_traffic(predictor.model, rows, buffers.dtype)
+        )  # fmt: skip
 
     def inputs(self, input_ids, model_kwargs) -> dict:
         """The forward's arguments for a frame: the frame's first code, the talker's last hidden state,
@@ -351,6 +359,35 @@ def whole_weights(split_anywhere: bool):
         return weight
 
     return full
+
+
+def world_size() -> int:
+    from mindspore.communication.management import GlobalComm
+
+    return get_group_size() if GlobalComm.INITED else 1
+
+
+def decoder_traffic(text_model, positions: int, dtype) -> float:
+    """Bytes this rank sends plus receives in the collectives of one pass of `decoder_function`'s graph over
+    `positions` new positions (rows x tokens), as `collectives.counting_collectives` counts them: each split
+    weight all-gathered, the chosen experts' shards of every slot all-gathered, each MoE all-reduce."""
+    world, total = world_size(), 0.0
+    hidden = text_model.config.hidden_size * ms.Tensor(0, dtype).itemsize
+    for weights in (layer_weights(layer) for layer in decoder_layers(text_model)):
+        total += sum(collective_bytes("all_gather", weights[key[: -len("_split")]].nbytes, world)
+                     for key, split in weights.items() if key.endswith("_split") and split is True)  # fmt: skip
+        stacks = (weights.get("experts_gate"), weights.get("experts_up"), weights.get("experts_down"))
+        for stack, split in zip(stacks, weights.get("experts_split", ())):
+            if split:
+                total += collective_bytes("all_gather", stack.nbytes / stack.shape[0] * positions * weights["top_k"], world)
+        if weights.get("all_reduce"):
+            total += collective_bytes("all_reduce", positions * hidden, world)
+    return total
+
+
+def head_traffic(heads) -> float:
+    """Bytes of all-gathering the heads ZeRO-3 split (a weight each, once per step)."""
+    return sum(collective_bytes("all_gather", cell.weight.nbytes, world_size()) for cell in heads if split_by_zero3(cell))
 
 
 def split_of(cell) -> tuple:

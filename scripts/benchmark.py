@@ -39,6 +39,7 @@ Figures are printed, never asserted: they depend on the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -55,9 +56,10 @@ sys.path.insert(0, str(ROOT))
 
 FILLER = " the sound of a short sentence and the image"
 SINGLE_PROCESS = ["stock", "optimized", "reference"]
-DISTRIBUTED = ["zero3", "expert"]
+DISTRIBUTED = ["zero3", "expert", "zero3_pynative", "expert_pynative"]  # *_pynative: the compiled decode steps off
 LOWER_IS_BETTER = ("prefill_seconds", "ops_per_decoded_token", "communicated_bytes_per_decoded_token", "parameter_bytes",
-                   "host_syncs_per_decoded_token", "host_syncs_per_talker_frame")  # fmt: skip
+                   "host_syncs_per_decoded_token", "host_syncs_per_talker_frame", "launches_per_decoded_token",
+                   "launches_per_talker_frame", "peak_host_memory_mb")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -179,6 +181,54 @@ def host_syncs(run) -> tuple[int, int, dict]:
     return syncs.count - cpu_only, cpu_only, figures
 
 
+def launches(run) -> tuple[int, int, dict]:
+    """Calls from Python that launched device work while `run()` ran, and how many of them were compiled steps:
+    each PyNative operation (a kernel MindSpore's profiler names by its type alone, "Concat"), and each call of a
+    compiled graph (`compiled.Graph.step`), one launch however many kernels it runs (the profiler names those by
+    their place in the graph, "Default/Concat-op3"). CPU only."""
+    from mindspore.profiler import Profiler
+
+    from omni_helpers import compiled
+
+    calls = []
+    step = compiled.Graph.step
+
+    def counted_step(graph, *arguments):
+        calls.append(graph)
+        return step(graph, *arguments)
+
+    with tempfile.TemporaryDirectory() as folder:
+        compiled.Graph.step = counted_step
+        try:
+            profiler = Profiler(output_path=folder)
+            figures = run()
+            profiler.stop()
+        finally:
+            compiled.Graph.step = step
+        profiler.analyse()
+        pynative = 0
+        for timeline in Path(folder).glob("**/FRAMEWORK/cpu_op_execute_timestamp_*.txt"):
+            for line in timeline.read_text().splitlines():
+                fields = line.split(";")
+                if len(fields) >= 3 and "/" not in fields[0]:
+                    pynative += len(fields[2].split())  # one timestamp per launch
+    return pynative + len(calls), len(calls), figures
+
+
+def launches_per_step(model, processor, inputs, new_tokens: int, frames: int = 0) -> dict:
+    """Launches per decoded token (runs of N tokens and of 1), or with `frames` per talker frame (runs of F frames
+    and of 2, the thinker's part the same); and how many of them were compiled steps."""
+    if frames:
+        many = launches(lambda: mindspore_run(model, processor, inputs, new_tokens, True, frames))
+        few = launches(lambda: mindspore_run(model, processor, inputs, new_tokens, True, 2))
+        total, graphs = per_step(many, few, "talker_frames")
+        return {"launches_per_talker_frame": total, "compiled_steps_per_talker_frame": graphs}
+    many = launches(lambda: mindspore_run(model, processor, inputs, new_tokens, False, 0))
+    few = launches(lambda: mindspore_run(model, processor, inputs, 1, False, 0))
+    total, graphs = per_step(many, few, "decoded_tokens")
+    return {"launches_per_decoded_token": total, "compiled_steps_per_decoded_token": graphs}
+
+
 def per_step(many: tuple, few: tuple, steps: str, digits: int = 2) -> tuple[float, ...]:
     """Counts per step from two counted runs, each (count, ..., the run's figures): the counts'
     differences over the difference in steps taken."""
@@ -264,6 +314,44 @@ def ratio(a: dict, b: dict) -> dict:
     return out
 
 
+def timed(variant: str, model, processor, inputs, speech: bool, run, args) -> dict:
+    """One variant's speeds on one workload: medians of the timed repeats."""
+    from omni_helpers.metrics import parameter_bytes, peak_host_memory_mb
+
+    # a first request compiles the graphs of its shape (all but stock) and warms caches: it is run once before
+    # the timed repeats, and its decode rate reported apart (stock has nothing to compile)
+    first = None if variant == "stock" else run(model, processor, inputs, args.new_tokens, speech, args.talker_frames)
+    gc.collect()  # the compiler's garbage collected now, not in a timed run (a pass took tens of ms)
+    runs = [run(model, processor, inputs, args.new_tokens, speech, args.talker_frames) for _ in range(args.repeats)]
+    figures = {key: median([r[key] for r in runs]) for key in runs[0]}
+    if first is not None:
+        figures["first_request_decode_tokens_per_second"] = first["decode_tokens_per_second"]
+        if speech:
+            figures["first_request_talker_frames_per_second"] = first["talker_frames_per_second"]
+    if variant in DISTRIBUTED:
+        figures["parameter_bytes"] = parameter_bytes(model)
+        figures["peak_host_memory_mb"] = peak_host_memory_mb()  # this rank's peak so far (see the README on order)
+    return figures
+
+
+def counted(variant: str, model, processor, inputs, speech: bool, args) -> dict:
+    """One variant's counts on one workload: host reads, and on CPU operations and launches per step. They run
+    after every timed run: MindSpore's profiler, once used, slows what runs after it."""
+    figures = {}
+    if not speech:
+        figures.update(host_syncs_per_decoded_token(model, processor, inputs, args.new_tokens))
+    if speech and args.talker_frames > 2:
+        figures.update(host_syncs_per_talker_frame(model, processor, inputs, 2, args.talker_frames))
+    if not (args.count_ops and args.device_target == "CPU"):
+        return figures
+    if variant in SINGLE_PROCESS[:2] and not speech:
+        figures["ops_per_decoded_token"] = ops_per_decoded_token(model, processor, inputs, args.new_tokens)
+    if variant != "stock" and (not speech or args.talker_frames > 2):
+        figures.update(launches_per_step(model, processor, inputs, 2 if speech else args.new_tokens,
+                                         args.talker_frames if speech else 0))  # fmt: skip
+    return figures
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -278,13 +366,16 @@ def parse_args(argv=None):
     parser.add_argument("--talker_frames", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variant", nargs="+", choices=[*SINGLE_PROCESS, *DISTRIBUTED, "all"], default=["all"],
-                        help="all: stock optimized reference; zero3 and expert need msrun with 2+ workers")
+                        help="all: stock optimized reference; zero3, expert and their *_pynative (the compiled decode "
+                             "steps off) need msrun with 2+ workers")
     parser.add_argument("--batch_sizes", type=int, nargs="*", default=[],
                         help="also caption 8 recordings at each of these batch sizes (faster paths)")
     parser.add_argument("--media_dir", default=None, help="sample media (built in a temporary folder if not given)")
     parser.add_argument("--json", required=True, help="where to write the figures")
     parser.add_argument("--startup", action="store_true",
                         help="also time --help, a refused request, and two whole runs of omni_understanding.py")
+    parser.add_argument("--fast_paths", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-fast_paths: every MindSpore variant runs mindone with this project's bug fixes alone")
     parser.add_argument("--no-count_ops", dest="count_ops", action="store_false",
                         help="skip counting operations per decoded token (two extra profiled runs per workload)")
     return parser.parse_args(argv)
@@ -292,20 +383,40 @@ def parse_args(argv=None):
 
 def chosen_variants(args, world_size: int) -> list[str]:
     variants = list(dict.fromkeys(v for chosen in args.variant for v in (SINGLE_PROCESS if chosen == "all" else [chosen])))
+    # a mode's PyNative steps before its compiled ones: a rank's peak memory after each then says what the graphs add
+    distributed = sorted((v for v in variants if v in DISTRIBUTED), key=lambda v: (model_for(v), v == model_for(v)))
+    variants = [v for v in variants if v not in DISTRIBUTED] + distributed
     if args.device_target != "CPU" and "reference" in variants:
         variants.remove("reference")  # the PyTorch reference runs on CPU only here
     if world_size == 1 and set(variants) & set(DISTRIBUTED):
-        sys.exit("error: --variant zero3/expert spread the model over msrun's workers; "
+        sys.exit("error: --variant zero3/expert (and *_pynative) spread the model over msrun's workers; "
                  "run the benchmark under msrun --worker_num=2 (or more)")  # fmt: skip
     return variants
 
 
 def model_for(variant: str) -> str:
-    """Which loaded model a variant runs: stock its own (experts as loaded), optimized the one-process one ("none")."""
-    return variant if variant in ("stock", "reference", *DISTRIBUTED) else "none"
+    """Which loaded model a variant runs: stock its own (experts as loaded), optimized the one-process one ("none"),
+    a distributed mode its own, with the compiled decode steps (`zero3`) or without (`zero3_pynative`)."""
+    if variant in DISTRIBUTED:
+        return variant.removesuffix("_pynative")
+    return variant if variant in ("stock", "reference") else "none"
 
 
-def load_model_for(key: str, model_path: Path, device_target: str, runtime):
+@contextlib.contextmanager
+def decode_steps_for(variant: str):
+    """The variant's decode steps: PyNative for `*_pynative` (the compiled steps off), as the scripts run otherwise."""
+    from omni_helpers import decode_graph
+
+    applies = decode_graph.applies
+    if variant.endswith("_pynative"):
+        decode_graph.applies = lambda *arguments: False
+    try:
+        yield
+    finally:
+        decode_graph.applies = applies
+
+
+def load_model_for(key: str, model_path: Path, device_target: str, runtime, fast_paths: bool = True):
     """The PyTorch reference, or mindone's model loaded as the scripts load it and spread over the ranks as `key` says."""
     if key == "reference":
         import torch
@@ -318,14 +429,15 @@ def load_model_for(key: str, model_path: Path, device_target: str, runtime):
     dtype, attn_implementation = resolve_precision(device_target, None, None)
     model = load_model(model_path, dtype, attn_implementation, with_talker=True)
     parallel = "none" if key == "stock" else key
-    return shard_model(model, dataclasses.replace(runtime, parallel=parallel), stack=key != "stock")
+    return shard_model(model, dataclasses.replace(runtime, parallel=parallel), stack=key != "stock" and fast_paths)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from omni_helpers.runtime import configure_openmp, setup_runtime
+    from omni_helpers.runtime import configure_openmp, setup_runtime, stdout_for_the_launcher
 
+    stdout_for_the_launcher()  # under scripts/msrun_launch.sh, rank 0's figures are what the console shows
     configure_openmp(args.device_target)  # before MindSpore loads, as the scripts do
     from omni_helpers.checkpoint import resolve_checkpoint
     from omni_helpers.patches import install_patches
@@ -339,11 +451,11 @@ def main(argv=None) -> dict:
         sys.exit("error: --model_name: give a checkpoint, or --topology released")
     checkpoint = resolve_checkpoint(args.model_name)
     # zero3 needs MindSpore's data-parallel context; expert and none run the same with it set
-    runtime = setup_runtime(args.device_target, seed=0, parallel="zero3" if "zero3" in args.variant else None)
-    install_patches(args.device_target)
+    zero3 = any(variant.startswith("zero3") for variant in args.variant)
+    runtime = setup_runtime(args.device_target, seed=0, parallel="zero3" if zero3 else None)
+    install_patches(args.device_target, args.fast_paths)
     from omni_helpers.core import prepare_inputs
     from omni_helpers.loading import load_processor
-    from omni_helpers.metrics import parameter_bytes
     from scripts.make_sample_media import build_media
 
     variants = chosen_variants(args, runtime.world_size)
@@ -359,7 +471,7 @@ def main(argv=None) -> dict:
     prepared = {name: (prepare_inputs(processor, [conv], no_video), speech) for name, (conv, speech) in workloads.items()}
 
     keys = dict.fromkeys(map(model_for, variants))  # each model loaded once, in order
-    models = {key: load_model_for(key, checkpoint.path, args.device_target, runtime) for key in keys}
+    models = {key: load_model_for(key, checkpoint.path, args.device_target, runtime, args.fast_paths) for key in keys}
 
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
@@ -370,36 +482,27 @@ def main(argv=None) -> dict:
         "repeats": args.repeats,
         "workloads": {},
     }
-    for name, (inputs, speech) in prepared.items():
-        row = {"prompt_tokens": int(inputs["input_ids"].shape[1])}
-        for variant in variants:
-            install_patches(args.device_target, fast_paths=variant != "stock")
-            model = models[model_for(variant)]
-            run = reference_run if variant == "reference" else mindspore_run
-            # a first request compiles the decode graphs of its shape (optimized) and warms caches: it is run
-            # once before the timed repeats, and its decode rate reported apart (stock has nothing to compile)
-            first = None if variant == "stock" else run(model, processor, inputs, args.new_tokens, speech, args.talker_frames)
-            gc.collect()  # the compiler's garbage collected now, not in a timed run (a pass took tens of ms)
-            runs = [run(model, processor, inputs, args.new_tokens, speech, args.talker_frames) for _ in range(args.repeats)]
-            row[variant] = {key: median([r[key] for r in runs]) for key in runs[0]}
-            if first is not None:
-                row[variant]["first_request_decode_tokens_per_second"] = first["decode_tokens_per_second"]
-                if speech:
-                    row[variant]["first_request_talker_frames_per_second"] = first["talker_frames_per_second"]
-            if variant in DISTRIBUTED:
-                row[variant]["parameter_bytes"] = parameter_bytes(model)
-            if variant != "reference" and not speech:
-                row[variant].update(host_syncs_per_decoded_token(model, processor, inputs, args.new_tokens))
-            if variant != "reference" and speech and args.talker_frames > 2:
-                row[variant].update(host_syncs_per_talker_frame(model, processor, inputs, 2, args.talker_frames))
-            if args.count_ops and args.device_target == "CPU" and variant in SINGLE_PROCESS[:2] and not speech:
-                row[variant]["ops_per_decoded_token"] = ops_per_decoded_token(model, processor, inputs, args.new_tokens)
-            say(f"{name:>20} {variant:>9}: {row[variant]}", flush=True)
-        for better, baseline in (("optimized", "stock"), ("optimized", "reference"), ("expert", "zero3")):
+    for counting in (False, True):  # every timed run first: the profiler, once used, slows later runs
+        for name, (inputs, speech) in prepared.items():
+            row = report["workloads"].setdefault(name, {"prompt_tokens": int(inputs["input_ids"].shape[1])})
+            for variant in variants:
+                if variant == "reference" and counting:
+                    continue
+                install_patches(args.device_target, fast_paths=args.fast_paths and variant != "stock")
+                model = models[model_for(variant)]
+                run = reference_run if variant == "reference" else mindspore_run
+                with decode_steps_for(variant):
+                    if counting:
+                        row[variant].update(counted(variant, model, processor, inputs, speech, args))
+                    else:
+                        row[variant] = timed(variant, model, processor, inputs, speech, run, args)
+                say(f"{name:>20} {variant:>15}: {row[variant]}", flush=True)
+    for row in report["workloads"].values():
+        for better, baseline in (("optimized", "stock"), ("optimized", "reference"), ("expert", "zero3"),
+                                 ("zero3", "zero3_pynative"), ("expert", "expert_pynative")):
             if better in row and baseline in row:
                 row[f"{better}_over_{baseline}"] = ratio(row[better], row[baseline])
-        report["workloads"][name] = row
-    install_patches(args.device_target)
+    install_patches(args.device_target, args.fast_paths)
 
     if args.batch_sizes:
         model = models[next(key for key in models if key != "reference")]

@@ -72,6 +72,10 @@ class Plan:
     parameter_bytes_per_rank: dict[str, dict[str, int]] = field(default_factory=dict)
     # mode -> bytes one rank sends plus receives per decoded thinker token
     communicated_bytes_per_decoded_token: dict[str, float] = field(default_factory=dict)
+    # zero3: the whole weights one thinker decoder layer gathers for one token (attention, router, its top-k
+    # experts), the most a compiled decode step holds gathered at once beyond the LM head, gathered whole too
+    zero3_gathered_layer_bytes: float = 0.0
+    zero3_gathered_head_bytes: float = 0.0
 
 
 def model_skeleton(model_name: str, dtype: str):
@@ -160,6 +164,21 @@ def decode_traffic(table: list[Parameter], mode: str, world_size: int, hidden_by
     return traffic
 
 
+def gathered_for_one_token(table: list[Parameter]) -> tuple[float, float]:
+    """(the largest thinker decoder layer's split weights one token uses, whole; the LM head's, whole)."""
+    layers: dict[str, float] = {}
+    head = 0.0
+    for p in table:
+        if not p.zero3_split:
+            continue
+        if p.decoder_layer_of_thinker:
+            layer = p.name.split(".mlp.")[0].split(".self_attn.")[0]
+            layers[layer] = layers.get(layer, 0.0) + (p.top_k / p.num_experts if p.expert >= 0 else 1.0) * p.nbytes
+        elif p.name.startswith("thinker.lm_head."):
+            head += p.nbytes
+    return max(layers.values(), default=0.0), head
+
+
 def plan(model_name: str, world_size: int, dtype: str = "bfloat16") -> Plan:
     model = model_skeleton(model_name, dtype)
     table = parameter_table(model, world_size)
@@ -173,6 +192,7 @@ def plan(model_name: str, world_size: int, dtype: str = "bfloat16") -> Plan:
             "without_talker": bytes_on_rank(without_talker, mode, world_size),
         }
         result.communicated_bytes_per_decoded_token[mode] = decode_traffic(table, mode, world_size, hidden_bytes)
+    result.zero3_gathered_layer_bytes, result.zero3_gathered_head_bytes = gathered_for_one_token(table)
     return result
 
 
@@ -202,6 +222,9 @@ def report(result: Plan, modes: list[str], device_memory_gib: float) -> str:
         lines.append(f"{mode:<8}{human(traffic[mode]):>18}")
     if traffic["expert"] and {"zero3", "expert"} <= set(modes):
         lines.append(f"zero3 / expert: {traffic['zero3'] / traffic['expert']:,.0f}x")
+    if "zero3" in modes:
+        lines.append(f"zero3, gathered whole for one decoded token: a thinker layer {human(result.zero3_gathered_layer_bytes)}, "
+                     f"the LM head {human(result.zero3_gathered_head_bytes)}")
     return "\n".join(lines)
 
 

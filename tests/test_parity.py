@@ -49,10 +49,31 @@ def test_thinker_logits_match_reference(kind, requests, reference, mindone):
     assert relative_error(actual, expected) <= LOGIT_TOLERANCE
 
 
+@pytest.fixture(scope="module")
+def fixes_only(tiny_checkpoint, mindone):
+    """mindone with this project's bug fixes alone (`--no-fast_paths`): its experts as loaded; the faster paths are
+    taken out for each of its generations (`generate_without_fast_paths`)."""
+    return MindOne(tiny_checkpoint, stack_experts=False)
+
+
+def generate_without_fast_paths(model: MindOne, *args, **kwargs):
+    from omni_helpers.patches import install_patches
+
+    install_patches("CPU", fast_paths=False)
+    try:
+        return model.generate(*args, **kwargs)
+    finally:
+        install_patches("CPU")
+
+
+@pytest.mark.parametrize("fast_paths", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["fast_paths", "fixes_only"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_greedy_text_and_speech_match_reference(kind, requests, reference, mindone):
+def test_greedy_text_and_speech_match_reference(kind, fast_paths, requests, reference, mindone, fixes_only):
     expected = reference.generate(requests[kind], uses_audio_in_video(kind), NEW_TOKENS, return_audio=True)
-    actual = mindone.generate(requests[kind], uses_audio_in_video(kind), NEW_TOKENS, return_audio=True)
+    if fast_paths:
+        actual = mindone.generate(requests[kind], uses_audio_in_video(kind), NEW_TOKENS, return_audio=True)
+    else:
+        actual = generate_without_fast_paths(fixes_only, requests[kind], uses_audio_in_video(kind), NEW_TOKENS, return_audio=True)
 
     # Every greedy choice is clear: flipping one would take an error of half the top-2 gap,
     # five times what the tolerance allows (and the measured error is far below that).
@@ -72,21 +93,14 @@ def test_greedy_text_and_speech_match_reference(kind, requests, reference, mindo
 
 
 @pytest.mark.parametrize("sampling_seed", [None, 7], ids=["greedy", "sampled"])
-def test_fast_paths_change_nothing_but_speed(requests, mindone, tiny_checkpoint, sampling_seed):
+def test_fast_paths_change_nothing_but_speed(requests, mindone, fixes_only, sampling_seed):
     """Stock mindone (fast paths removed, experts as loaded) and the faster paths (experts stacked
     and run from device indices when decoding, no host reads in the step's bookkeeping, the
     decode loop, the talker's decode step and code predictor): the same tokens, codes and
     speech, greedy and sampled from the same seed."""
-    from omni_helpers.fast_paths import install_fast_paths, uninstall_fast_paths
-
     inputs = requests["image_audio"]
     fast = mindone.generate(inputs, False, NEW_TOKENS, return_audio=True, sampling_seed=sampling_seed)
-    stock_model = MindOne(tiny_checkpoint, stack_experts=False)
-    uninstall_fast_paths()
-    try:
-        stock = stock_model.generate(inputs, False, NEW_TOKENS, return_audio=True, sampling_seed=sampling_seed)
-    finally:
-        install_fast_paths("CPU")
+    stock = generate_without_fast_paths(fixes_only, inputs, False, NEW_TOKENS, return_audio=True, sampling_seed=sampling_seed)
     np.testing.assert_array_equal(fast.tokens, stock.tokens)
     assert relative_error(fast.step_logits, stock.step_logits) <= 1e-5
     np.testing.assert_array_equal(fast.codes, stock.codes)

@@ -70,3 +70,29 @@ def test_the_projects_patches_are_written_for_the_installed_versions():
 
     for patches in (CPU_FALLBACKS, FAST_PATHS, MINDONE_FIXES):
         assert patches.installed_version() == patches.written_for, patches.name
+
+
+def test_without_the_faster_paths_their_modules_are_not_even_imported(tiny_checkpoint, tmp_path):
+    """--no-fast_paths: mindone with the bug fixes (and the CPU kernels) only; a renamed faster-path target cannot stop it."""
+    import subprocess
+    import sys
+
+    from tests.script_runs import ROOT, script_env
+
+    program = (
+        "import sys; from pathlib import Path\n"
+        "from omni_helpers.runtime import setup_runtime\n"
+        "from omni_helpers.patches import install_patches\n"
+        "from omni_helpers.loading import load_model, shard_model\n"
+        "runtime = setup_runtime('CPU'); replaced = install_patches('CPU', fast_paths=False)\n"
+        f"shard_model(load_model(Path({str(tiny_checkpoint)!r}), 'float32', 'eager', True), runtime, stack=False)\n"
+        "import omni_helpers.core, omni_helpers.serving\n"
+        "faster = ['fast_paths', 'decode_graph', 'prompt_graph', 'encoder_graph', 'compiled', 'decode_loop', 'decode_steps',"
+        " 'host_positions', 'thinker_prompt', 'graph_ops']\n"
+        "print(sorted(m for m in faster if 'omni_helpers.' + m in sys.modules), len(replaced))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300, env=script_env(),
+                          cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported, replaced = done.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    assert imported == "[]" and int(replaced) > 0

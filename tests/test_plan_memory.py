@@ -78,3 +78,17 @@ def test_command_line_prints_every_mode(tiny_checkpoint, tiny_plan, capsys, tmp_
     traffic = tiny_plan.communicated_bytes_per_decoded_token
     assert f"zero3 / expert: {traffic['zero3'] / traffic['expert']:,.0f}x" in printed
     assert (tmp_path / "plan.json").exists()
+
+
+def test_released_zero3_gathers_a_layer_and_the_head_whole_per_token(released_plan):
+    """An independent count from the config: one thinker layer's attention, router and top-k experts, and the LM head."""
+    import json
+
+    text = json.loads(RELEASED_INSTRUCT_CONFIG.read_text())["thinker_config"]["text_config"]
+    hidden, heads, kv_heads = text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"]
+    head_dim = text.get("head_dim") or hidden // heads
+    attention = 2 * heads * head_dim * hidden + 2 * kv_heads * head_dim * hidden  # q and o, k and v
+    experts = text["num_experts_per_tok"] * 3 * hidden * text["moe_intermediate_size"]
+    bf16 = 2
+    assert released_plan.zero3_gathered_layer_bytes == (attention + text["num_experts"] * hidden + experts) * bf16
+    assert released_plan.zero3_gathered_head_bytes == text["vocab_size"] * hidden * bf16
