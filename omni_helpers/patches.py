@@ -20,7 +20,10 @@ def install_patches(device_target: str, fast_paths: bool = True) -> list[str]:
     from .quiet import quiet_library_chatter
 
     quiet_library_chatter()  # before mindone is first imported
+    from .library_names import check_library_names
     from .mindone_fixes import install_mindone_fixes
+
+    check_library_names()  # what the project calls of mindone, there before anything is replaced
 
     replaced = []
     if device_target == "CPU":

@@ -96,3 +96,14 @@ def test_without_the_faster_paths_their_modules_are_not_even_imported(tiny_check
     assert done.returncode == 0, done.stderr[-2000:]
     imported, replaced = done.stdout.strip().splitlines()[-1].rsplit(" ", 1)
     assert imported == "[]" and int(replaced) > 0
+
+
+def test_every_library_name_the_project_calls_is_there_and_a_missing_one_is_named(runtime_cpu, monkeypatch):
+    from mindone.transformers.generation.utils import GenerationMixin
+
+    from omni_helpers.library_names import check_library_names, missing
+
+    assert missing() == []
+    monkeypatch.delattr(GenerationMixin, "_valid_auto_compile_criteria")
+    with pytest.raises(RuntimeError, match="GenerationMixin._valid_auto_compile_criteria, which the installed"):
+        check_library_names()
