@@ -27,13 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from omni_helpers.cli import (
+from omni_helpers.request.cli import (
     argument_parser, add_generation_args, add_media_args, add_model_args, add_output_args, add_request_args,
     check_request, exit_for, resolve_precision,
 )  # fmt: skip
-from omni_helpers.conversation import resolve_paths, user_turn, with_system_prompt
-from omni_helpers.errors import RequestError
-from omni_helpers.requests import Request
+from omni_helpers.request.conversation import resolve_paths, user_turn, with_system_prompt
+from omni_helpers.request.errors import RequestError
+from omni_helpers.request.request_files import Request
 from omni_helpers.runtime import configure_openmp, stdout_for_the_launcher
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Captioner"
@@ -73,11 +73,11 @@ def main(args: argparse.Namespace) -> dict:
 
     configure_openmp(args.device_target)
     # MindSpore, mindone and torch are imported only now, so that --help and bad requests answer at once.
-    from omni_helpers.answering import Output, answer_in_batches
+    from omni_helpers.outputs.answering import Output, answer_in_batches
     from omni_helpers.loading import load_model, load_processor, shard_model
-    from omni_helpers.metrics import StageClock, combined, run_metrics, summary_line
-    from omni_helpers.outputs import RESULT_FILE, write_json
-    from omni_helpers.patches import install_patches
+    from omni_helpers.measuring.metrics import StageClock, combined, run_metrics, summary_line
+    from omni_helpers.outputs.files import RESULT_FILE, write_json
+    from omni_helpers.mindone_changes.patches import install_patches
     from omni_helpers.runtime import log, setup_runtime
 
     # 2. Device, msrun ranks, seeds
@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> dict:
     loaded_at = time.time()
 
     # 5. Caption, --batch_size files at a time (template, audio, processor, generate, decode:
-    #    omni_helpers/core.py); rank 0 prints and files each caption as its batch finishes
+    #    omni_helpers/generation/core.py); rank 0 prints and files each caption as its batch finishes
     output = Output(runtime, args.output_dir, args.stream, labelled=True,
                     run_metrics=lambda: run_metrics(clock, runtime, model), started=(imported_at, loaded_at))  # fmt: skip
     lines = answer_in_batches(model, processor, requests, settings, output, args.batch_size, args.resume)

@@ -32,14 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from omni_helpers.cli import (
+from omni_helpers.request.cli import (
     argument_parser, add_audio_in_video_arg, add_generation_args, add_media_args, add_model_args, add_output_args,
     add_pixel_args, add_request_args, add_speech_args, check_request, exit_for,
     resolve_precision,
 )  # fmt: skip
-from omni_helpers.conversation import media_in, resolve_paths, user_turn, with_system_prompt
-from omni_helpers.errors import RequestError
-from omni_helpers.requests import Request, load_conversation_file, load_requests_file
+from omni_helpers.request.conversation import media_in, resolve_paths, user_turn, with_system_prompt
+from omni_helpers.request.errors import RequestError
+from omni_helpers.request.request_files import Request, load_conversation_file, load_requests_file
 from omni_helpers.runtime import configure_openmp, stdout_for_the_launcher
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
@@ -90,10 +90,10 @@ def main(args: argparse.Namespace):
 
     configure_openmp(args.device_target)
     # MindSpore, mindone and torch are imported only now, so that --help and bad requests answer at once.
-    from omni_helpers.answering import Output, answer_in_batches, answer_one
+    from omni_helpers.outputs.answering import Output, answer_in_batches, answer_one
     from omni_helpers.loading import load_model, load_processor, shard_model
-    from omni_helpers.metrics import StageClock, run_metrics
-    from omni_helpers.patches import install_patches
+    from omni_helpers.measuring.metrics import StageClock, run_metrics
+    from omni_helpers.mindone_changes.patches import install_patches
     from omni_helpers.runtime import setup_runtime
 
     # 2. Device, msrun ranks, seeds
@@ -112,7 +112,7 @@ def main(args: argparse.Namespace):
         model = shard_model(model, runtime, stack=args.fast_paths)
     loaded_at = time.time()
 
-    # 5. Generate (template, media, processor, generate, decode: omni_helpers/core.py) and
+    # 5. Generate (template, media, processor, generate, decode: omni_helpers/generation/core.py) and
     # 6. print and save on rank 0: result.json for one request, results.jsonl for --requests
     output = Output(runtime, args.output_dir, args.stream, labelled=bool(args.requests),
                     run_metrics=lambda: run_metrics(clock, runtime, model), started=(imported_at, loaded_at))  # fmt: skip

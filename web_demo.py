@@ -35,15 +35,15 @@ import tempfile
 import threading
 from pathlib import Path
 
-from omni_helpers.checkpoint import Checkpoint, resolve_checkpoint
-from omni_helpers.cli import (
+from omni_helpers.request.checkpoint import Checkpoint, resolve_checkpoint
+from omni_helpers.request.cli import (
     argument_parser, add_audio_in_video_arg, add_generation_args, add_model_args, add_pixel_args, add_speech_args,
     check_common_flags, exit_for, generation_settings, resolve_precision,
 )  # fmt: skip
-from omni_helpers.errors import RequestError
+from omni_helpers.request.errors import RequestError
 from omni_helpers.runtime import configure_openmp, progress, stdout_for_the_launcher
-from omni_helpers.settings import GenerationSettings
-from omni_helpers.validation import check_device, check_settings
+from omni_helpers.request.settings import GenerationSettings
+from omni_helpers.request.validation import check_device, check_settings
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 SPEECH_FRAMES = 750  # the server's speech limit: 60 s (12.5 codec frames per second); the scripts' is 4096
@@ -108,10 +108,10 @@ def main(args: argparse.Namespace) -> None:
     # MindSpore, mindone and torch are imported only now, so that --help and bad flags answer at once.
     progress("importing MindSpore, mindone and torch")
     from omni_helpers.loading import load_model, load_processor, shard_model
-    from omni_helpers.lockstep import Lockstep
-    from omni_helpers.patches import install_patches
+    from omni_helpers.serving.lockstep import Lockstep
+    from omni_helpers.mindone_changes.patches import install_patches
     from omni_helpers.runtime import log, setup_runtime
-    from omni_helpers.serving import Engine, follow
+    from omni_helpers.serving.engine import Engine, follow
 
     # 2. Device, msrun ranks, seeds
     runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose)
@@ -152,8 +152,8 @@ def build_app(args: argparse.Namespace, checkpoint: Checkpoint, defaults: Genera
     """The API's routes and the browser UI in one ASGI app; requests wait for `engine` to have the model."""
     import gradio as gr
 
-    from omni_helpers.http_api import ApiErrors, ChatCompletions, build_api
-    from omni_helpers.web_ui import build_ui
+    from omni_helpers.serving.http_api import ApiErrors, ChatCompletions, build_api
+    from omni_helpers.serving.web_ui import build_ui
 
     allowed = Path(args.allowed_local_media_path).resolve() if args.allowed_local_media_path else None
     media_root = Path(tempfile.mkdtemp(prefix="omni_requests_"))

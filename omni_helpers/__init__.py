@@ -1,23 +1,23 @@
-"""What every Qwen3-Omni example script needs, one module per idea.
+"""What every Qwen3-Omni example script needs, one folder per concern, layers importing downward only
+(tests/test_layout.py checks it):
 
-Request (imports nothing heavy, so --help and bad requests answer at once):
-- cli: the shared flags; settings: GenerationSettings; errors: RequestError
-- conversation, requests, media, checkpoint, validation: building a request and checking it
-- openai_api: Chat Completions bodies to conversations and settings, answers to responses
+    request/          flags, settings, errors, conversations, request files, media, checkpoints, validation,
+                      parallel mode names, cancellation: imports no MindSpore, so --help and bad requests
+                      answer before anything loads
+    patching.py       PatchSet: replacing a library's attribute, its target checked at install
+    measuring/        metrics, collective and host-read counters, forward taps
+    runtime.py        device, msrun ranks, seeds, threads
+    parallel/         --parallel expert (each rank's experts) and the MoE forward on stacked experts
+    mindone_changes/  what changes how mindone runs, installed in one place (patches.install_patches):
+                      the names it calls, CPU kernels, bug fixes; faster/: the faster paths and compiled
+                      graphs (not imported with --no-fast_paths)
+    loading.py        from_pretrained, the processor, and --parallel applied
+    generation/       the one generation call (core.generate_answers), streamed text and speech
+    outputs/          printing and filing answers (stdout, results.jsonl, WAV files)
+    serving/          web_demo.py's engine, rank lockstep, OpenAI-compatible HTTP API and Gradio UI
 
-Model (MindSpore and mindone):
-- runtime: device, msrun ranks, seeds
-- patches: install_patches, the one step that changes how mindone runs, from three PatchSets
-  (patching): cpu_fallbacks (CPU only), mindone_fixes and fast_paths (every device)
-- loading, parallel, expert_parallel, sparse_moe: loading, and --parallel zero3 | expert | none
-- decode_loop, decode_steps: the generation loop and the thinker's and talker's decode steps
-  with one host read per step (faster paths); decode_graph: those steps compiled, on KV caches
-  written in place
-- core: the one generation call, generate_answers; inputs, streaming (text), speech_stream (speech),
-  forward_taps (timing forwards without a hook per request)
-- answering, outputs: printing, streaming and filing answers; quiet: library chatter off stdout
-- metrics, collectives, host_syncs: figures returned as values, counters installed only while counting
-
-Server (web_demo.py): serving (the engine, in arrival order), lockstep (jobs to every rank),
-http_api (the OpenAI-compatible routes), web_ui (the Gradio UI).
+A script reads top to bottom as the seed does: `request.cli` parses, `request.validation` refuses bad
+input, `runtime.setup_runtime` and `mindone_changes.patches.install_patches` prepare MindSpore,
+`loading.load_model` loads and shards, `outputs.answering` calls `generation.core.generate_answers` and
+files what comes back.
 """

@@ -11,9 +11,9 @@ from typing import Optional
 
 import mindspore as ms
 
-from .expert_parallel import keep_local_experts
-from .runtime import out_of_garbage_collection, progress
-from .sparse_moe import stack_experts
+from omni_helpers.parallel.expert_parallel import keep_local_experts
+from omni_helpers.runtime import out_of_garbage_collection, progress
+from omni_helpers.parallel.sparse_moe import stack_experts
 
 
 def load_processor(path: Path, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from .parallel import resolve_parallel
+from omni_helpers.request.parallel_modes import resolve_parallel
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def stdout_for_the_launcher() -> None:
 
 def progress(message: str) -> None:
     """A start-up stage on stderr, with the seconds since the process started (a load takes minutes on Ascend)."""
-    from .metrics import process_start
+    from omni_helpers.measuring.metrics import process_start
 
     print(f"[{time.time() - process_start():6.1f} s] {message}", file=sys.stderr, flush=True)
 

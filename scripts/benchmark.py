@@ -9,7 +9,7 @@ captions at several batch sizes; or, under msrun, the two ways of spreading the 
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=bench_log --join=True \
         scripts/benchmark.py --model_name tiny_ckpt --device_target CPU --variant zero3 expert --json bench.json
 
-The MindSpore variants run through the core (`omni_helpers.core.generate_answers`), as the
+The MindSpore variants run through the core (`omni_helpers.generation.core.generate_answers`), as the
 scripts do, and their figures are the answers' own metrics. Workloads (fixed seed, greedy):
 text only at each --prompt_tokens length, and image + audio + question with speech. For
 each variant: medians over the repeats of the thinker's prefill seconds and decode
@@ -99,14 +99,14 @@ def caption_conversations(media_dir: Path, count: int = 8) -> list[list[dict]]:
 
 
 def settings_for(new_tokens: int, speech: bool, talker_frames: int):
-    from omni_helpers.settings import GenerationSettings
+    from omni_helpers.request.settings import GenerationSettings
 
     return GenerationSettings(max_new_tokens=new_tokens, return_audio=speech, talker_max_new_tokens=talker_frames,
                               use_audio_in_video=False)  # fmt: skip
 
 
 def mindspore_run(model, processor, inputs, new_tokens: int, speech: bool, talker_frames: int) -> dict:
-    from omni_helpers.core import generate_from_inputs
+    from omni_helpers.generation.core import generate_from_inputs
 
     metrics = generate_from_inputs(model, processor, inputs, settings_for(new_tokens, speech, talker_frames))[0].metrics
     return {
@@ -125,8 +125,8 @@ def reference_run(model, processor, inputs, new_tokens: int, speech: bool, talke
     talker from its first forward's start to its last forward's end (the loop's own work included)."""
     import torch
 
-    from omni_helpers.metrics import rate
-    from omni_helpers.streaming import StepStream
+    from omni_helpers.measuring.metrics import rate
+    from omni_helpers.generation.streaming import StepStream
 
     thinker, talker = StepStream(), StepStream()
     handles = thinker.watch(model.thinker) + talker.watch(model.talker)  # torch modules take the same hooks
@@ -173,7 +173,7 @@ def launched_ops(run) -> tuple[int, dict]:
 def host_syncs(run) -> tuple[int, int, dict]:
     """Host reads of tensor values while `run()` ran: (those an NPU would also make, the CPU fallbacks' own,
     the run's figures)."""
-    from omni_helpers.host_syncs import counting_host_syncs
+    from omni_helpers.measuring.host_syncs import counting_host_syncs
 
     with counting_host_syncs() as syncs:
         figures = run()
@@ -188,7 +188,7 @@ def launches(run) -> tuple[int, int, dict]:
     their place in the graph, "Default/Concat-op3"). CPU only."""
     from mindspore.profiler import Profiler
 
-    from omni_helpers import compiled
+    from omni_helpers.mindone_changes.faster import compiled
 
     calls = []
     step = compiled.Graph.step
@@ -261,7 +261,7 @@ def ops_per_decoded_token(model, processor, inputs, new_tokens: int) -> float:
 
 def batch_run(model, processor, conversations, batch_size: int, new_tokens: int) -> dict:
     """Caption every conversation, `batch_size` at a time: decode tokens/s summed over a batch's rows, requests/s."""
-    from omni_helpers.core import generate_answers
+    from omni_helpers.generation.core import generate_answers
 
     decoded, decode_seconds, started = 0, 0.0, time.perf_counter()
     for start in range(0, len(conversations), batch_size):
@@ -316,7 +316,7 @@ def ratio(a: dict, b: dict) -> dict:
 
 def timed(variant: str, model, processor, inputs, speech: bool, run, args) -> dict:
     """One variant's speeds on one workload: medians of the timed repeats."""
-    from omni_helpers.metrics import parameter_bytes, peak_host_memory_mb
+    from omni_helpers.measuring.metrics import parameter_bytes, peak_host_memory_mb
 
     # a first request compiles the graphs of its shape (all but stock) and warms caches: it is run once before
     # the timed repeats, and its decode rate reported apart (stock has nothing to compile)
@@ -405,7 +405,7 @@ def model_for(variant: str) -> str:
 @contextlib.contextmanager
 def decode_steps_for(variant: str):
     """The variant's decode steps: PyNative for `*_pynative` (the compiled steps off), as the scripts run otherwise."""
-    from omni_helpers import decode_graph
+    from omni_helpers.mindone_changes.faster import decode_graph
 
     applies = decode_graph.applies
     if variant.endswith("_pynative"):
@@ -423,7 +423,7 @@ def load_model_for(key: str, model_path: Path, device_target: str, runtime, fast
         from transformers import Qwen3OmniMoeForConditionalGeneration as TorchModel
 
         return TorchModel.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager").eval()
-    from omni_helpers.cli import resolve_precision
+    from omni_helpers.request.cli import resolve_precision
     from omni_helpers.loading import load_model, shard_model
 
     dtype, attn_implementation = resolve_precision(device_target, None, None)
@@ -439,8 +439,8 @@ def main(argv=None) -> dict:
 
     stdout_for_the_launcher()  # under scripts/msrun_launch.sh, rank 0's figures are what the console shows
     configure_openmp(args.device_target)  # before MindSpore loads, as the scripts do
-    from omni_helpers.checkpoint import resolve_checkpoint
-    from omni_helpers.patches import install_patches
+    from omni_helpers.request.checkpoint import resolve_checkpoint
+    from omni_helpers.mindone_changes.patches import install_patches
 
     if args.topology == "released":
         from scripts.make_tiny_checkpoint import build_checkpoint
@@ -454,7 +454,7 @@ def main(argv=None) -> dict:
     zero3 = any(variant.startswith("zero3") for variant in args.variant)
     runtime = setup_runtime(args.device_target, seed=0, parallel="zero3" if zero3 else None)
     install_patches(args.device_target, args.fast_paths)
-    from omni_helpers.core import prepare_inputs
+    from omni_helpers.generation.core import prepare_inputs
     from omni_helpers.loading import load_processor
     from scripts.make_sample_media import build_media
 

@@ -12,11 +12,11 @@ holds each, are exactly those the scripts load. The modes' rules:
 - none: every parameter on every rank.
 - zero3: mindone's ZeRO-3 splits the weights of the Cells it wraps (`PARALLEL_MODULES`:
   Linear, Conv) whose first dimension is divisible by N, and replicates everything else.
-- expert: each sparse MoE block keeps `omni_helpers.parallel.expert_range` of its experts;
+- expert: each sparse MoE block keeps `omni_helpers.request.parallel_modes.expert_range` of its experts;
   everything else is replicated. Rank 0 holds the largest share.
 
 Bytes per decoded token (the thinker's; each rank's sent plus received, counted as
-`omni_helpers.metrics.collective_bytes` counts the collectives at run time):
+`omni_helpers.measuring.collectives.collective_bytes` counts the collectives at run time):
 
 - zero3: one all-gather per split weight a one-token forward uses: attention, routers,
   the top-k experts of every layer, the LM head.
@@ -37,8 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from omni_helpers.collectives import collective_bytes  # noqa: E402
-from omni_helpers.parallel import PARALLEL_MODES, expert_range  # noqa: E402
+from omni_helpers.measuring.collectives import collective_bytes  # noqa: E402
+from omni_helpers.request.parallel_modes import PARALLEL_MODES, expert_range  # noqa: E402
 
 GiB = 2**30
 
@@ -84,7 +84,7 @@ def model_skeleton(model_name: str, dtype: str):
     from mindspore.nn.utils import no_init_parameters
     from transformers import Qwen3OmniMoeConfig
 
-    from omni_helpers.patches import install_patches
+    from omni_helpers.mindone_changes.patches import install_patches
     from omni_helpers.runtime import setup_runtime
 
     setup_runtime("CPU")  # the host builds the skeleton; construction uses ops with no CPU kernel of their own
@@ -99,7 +99,7 @@ def model_skeleton(model_name: str, dtype: str):
 def parameter_table(model, world_size: int) -> list[Parameter]:
     """Every parameter once, with what the modes need to know about it."""
     from mindone.models.modules.parallel import PARALLEL_MODULES
-    from omni_helpers.sparse_moe import SPARSE_MOE_BLOCKS
+    from omni_helpers.parallel.sparse_moe import SPARSE_MOE_BLOCKS
 
     experts = {}  # id(cell) -> (expert number, its block)
     for _, cell in model.cells_and_names():

@@ -60,7 +60,7 @@ def short_audio(sample_media, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def runtime_cpu():
     """The project's CPU runtime and patches in the test process (mindone's processor needs the kernels too)."""
-    from omni_helpers.patches import install_patches
+    from omni_helpers.mindone_changes.patches import install_patches
     from omni_helpers.runtime import setup_runtime
 
     runtime = setup_runtime("CPU", seed=0)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from omni_helpers.settings import GenerationSettings
+from omni_helpers.request.settings import GenerationSettings
 
 
 def request_conversation(kind: str, media: dict[str, Path]) -> list[dict]:
@@ -42,7 +42,7 @@ def processor_inputs(
 
 def batch_inputs(checkpoint: Path, conversations: list[list[dict]], use_audio_in_video: bool, **processor_kwargs):
     """Several conversations in one left-padded batch."""
-    from omni_helpers.core import prepare_inputs
+    from omni_helpers.generation.core import prepare_inputs
     from omni_helpers.loading import load_processor
 
     processor = load_processor(checkpoint, **processor_kwargs)
@@ -166,7 +166,7 @@ class MindOne:
         import mindspore as ms
 
         from omni_helpers.loading import load_model, load_processor, shard_model
-        from omni_helpers.patches import install_patches
+        from omni_helpers.mindone_changes.patches import install_patches
         from omni_helpers.runtime import setup_runtime
 
         runtime = setup_runtime("CPU", seed=0)
@@ -178,7 +178,7 @@ class MindOne:
         self.codes_seen = record_codes(self.model.code2wav, lambda codes: codes.asnumpy()) if self.model.has_talker else []
 
     def prefill_logits(self, inputs, use_audio_in_video: bool) -> np.ndarray:
-        from omni_helpers.inputs import to_mindspore
+        from omni_helpers.generation.inputs import to_mindspore
 
         out = self.model.thinker(**to_mindspore(inputs, self.ms.float32), use_audio_in_video=use_audio_in_video)
         return out.logits[0].asnumpy()
@@ -186,7 +186,7 @@ class MindOne:
     def generate(self, inputs, use_audio_in_video: bool, new_tokens: int, return_audio: bool, talker_new_tokens: int = 8,
                  sampling_seed: Optional[int] = None):  # fmt: skip
         """Greedy, or with `sampling_seed` both stages sample (the thinker with the recommended settings)."""
-        from omni_helpers.core import generate_from_inputs
+        from omni_helpers.generation.core import generate_from_inputs
 
         self.codes_seen.clear()
         sampling = {} if sampling_seed is None else {"do_sample": True, "talker_do_sample": True, "seed": sampling_seed}
@@ -218,7 +218,7 @@ def thinker_generate(mindone, inputs, new_tokens: int, monkeypatch, pynative=Non
     of the project's compiled paths, `decode_graph` or `prompt_graph`) that path turned off."""
     import mindspore as ms
 
-    from omni_helpers.inputs import to_mindspore
+    from omni_helpers.generation.inputs import to_mindspore
 
     with monkeypatch.context() as patch:
         if pynative is not None:

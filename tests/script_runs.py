@@ -151,7 +151,7 @@ def expected_answer(reference, checkpoint: Path, conversation: list[dict], new_t
                     use_audio_in_video: bool = True) -> tuple[str, Optional[np.ndarray]]:  # fmt: skip
     """The reference's greedy answer (text, and speech if `talker_frames`) to one conversation,
     preprocessed as the scripts do by default."""
-    from omni_helpers.cli import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+    from omni_helpers.request.cli import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
     from tests.reference import processor_inputs
 
     inputs = processor_inputs(checkpoint, conversation, use_audio_in_video,
@@ -162,7 +162,7 @@ def expected_answer(reference, checkpoint: Path, conversation: list[dict], new_t
 
 # Speech against the reference's: the scripts run flash attention by default (what Ascend runs), whose float16
 # attention inside code2wav moves the samples of the same codes by 3.7e-3 on the sample media (derived per request
-# in tests/test_flash_attention.py, which checks this bound against it); with --attn_implementation eager, 1e-3
+# in tests/mindone_changes/test_flash_attention.py, which checks this bound against it); with --attn_implementation eager, 1e-3
 # (16-bit PCM rounding is 1.5e-5).
 WAV_TOLERANCE_FLASH, WAV_TOLERANCE_EAGER = 1e-2, 1e-3
 

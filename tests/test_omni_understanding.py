@@ -4,13 +4,17 @@ one request, a --requests file in batches (interrupted and resumed), streaming, 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
+import sys
 import time
 
 import pytest
 
 import omni_understanding
 from tests.script_runs import (
+    ROOT, Run,
     SAMPLING, TALKER_SAMPLING, check_both_ranks_ran, check_expert_parallel_as_one_process, check_metrics, check_parallel,
     WAV_TOLERANCE_EAGER, WAV_TOLERANCE_FLASH, check_run, expected_answer, run_launcher, run_msrun, run_single, script_command,
     script_env,
@@ -68,6 +72,38 @@ def test_the_launcher_on_two_workers_prints_the_reference_answer_alone(argv, exp
 def test_msrun_expert_parallel_samples_exactly_as_one_process(argv, tiny_plan, tmp_path):
     """Sampling on: the same logits and the same random stream must give the same tokens and codec codes."""
     check_expert_parallel_as_one_process("omni_understanding.py", argv + SAMPLING + TALKER_SAMPLING, tiny_plan, True, tmp_path)
+
+
+def copy_list(script: str) -> tuple[list[str], list[str]]:
+    """The README's row for `script` in "what to copy": the paths to copy, and those left out ("except ...")."""
+    section = (ROOT / "README.md").read_text().split("## Layout, and what to copy")[1].split("\n## ")[0]
+    (row,) = [line for line in section.splitlines() if line.startswith(f"| `{script}` | ")]
+    copied, left_out = [], []
+    for part in row.split(" | ")[1].strip(" |").split(", "):
+        named = re.findall(r"`([^`]+)`", part)
+        copied.append(named[0])
+        left_out += named[1:] if " except " in part else []
+    return copied, left_out
+
+
+@pytest.mark.slow
+def test_the_script_runs_in_an_empty_folder_with_what_the_readme_says_to_copy(argv, expected, tmp_path):
+    copied, left_out = copy_list("omni_understanding.py")
+    assert "omni_helpers/" in copied and left_out == ["omni_helpers/serving/"]
+    project = tmp_path / "my_project"
+    for path in copied:
+        (project / path).parent.mkdir(parents=True, exist_ok=True)
+        if path.endswith("/"):
+            shutil.copytree(ROOT / path, project / path, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / path, project / path)
+    for path in left_out:
+        shutil.rmtree(project / path)
+    environment = {name: value for name, value in script_env().items() if name != "PYTHONPATH"}  # nothing from here
+    output_dir = tmp_path / "out"
+    done = subprocess.run([sys.executable, "omni_understanding.py", *argv, "--output_dir", str(output_dir)],
+                          cwd=project, env=environment, capture_output=True, timeout=900)  # fmt: skip
+    check_run(Run(done.returncode, done.stdout.decode(), done.stderr.decode(), output_dir), *expected)
 
 
 # ----------------------------------------------------------------------------- --requests

@@ -57,7 +57,7 @@ def fixes_only(tiny_checkpoint, mindone):
 
 
 def generate_without_fast_paths(model: MindOne, *args, **kwargs):
-    from omni_helpers.patches import install_patches
+    from omni_helpers.mindone_changes.patches import install_patches
 
     install_patches("CPU", fast_paths=False)
     try:
@@ -125,8 +125,8 @@ def batch_of(kinds, media, short_audio) -> list[list[dict]]:
 ], ids=["images", "video"])  # fmt: skip
 def test_every_row_of_a_batch_answers_as_its_conversation_alone(kinds, tiny_checkpoint, sample_media, short_audio,
                                                                  reference, mindone):  # fmt: skip
-    from omni_helpers.core import generate_from_inputs
-    from omni_helpers.settings import GenerationSettings
+    from omni_helpers.generation.core import generate_from_inputs
+    from omni_helpers.request.settings import GenerationSettings
 
     conversations = batch_of(kinds, sample_media, short_audio)
     use_audio_in_video = "video" in kinds
@@ -148,8 +148,8 @@ def test_every_row_of_a_batch_answers_as_its_conversation_alone(kinds, tiny_chec
 
 def test_streamed_pieces_arrive_while_the_thinker_decodes_and_join_to_the_answer(requests, mindone):
     """Order of events, not timings: each piece records how many thinker forwards had run."""
-    from omni_helpers.core import generate_from_inputs
-    from omni_helpers.settings import GenerationSettings
+    from omni_helpers.generation.core import generate_from_inputs
+    from omni_helpers.request.settings import GenerationSettings
 
     forwards = []
     handle = mindone.model.thinker.register_forward_hook(lambda *_: forwards.append(1))

@@ -64,9 +64,9 @@ def test_a_dict_entry_is_replaced_and_put_back_over_an_earlier_set():
 
 
 def test_the_projects_patches_are_written_for_the_installed_versions():
-    from omni_helpers.cpu_fallbacks import CPU_FALLBACKS
-    from omni_helpers.fast_paths import FAST_PATHS
-    from omni_helpers.mindone_fixes import MINDONE_FIXES
+    from omni_helpers.mindone_changes.cpu_fallbacks import CPU_FALLBACKS
+    from omni_helpers.mindone_changes.faster.fast_paths import FAST_PATHS
+    from omni_helpers.mindone_changes.mindone_fixes import MINDONE_FIXES
 
     for patches in (CPU_FALLBACKS, FAST_PATHS, MINDONE_FIXES):
         assert patches.installed_version() == patches.written_for, patches.name
@@ -82,11 +82,11 @@ def test_without_the_faster_paths_their_modules_are_not_even_imported(tiny_check
     program = (
         "import sys; from pathlib import Path\n"
         "from omni_helpers.runtime import setup_runtime\n"
-        "from omni_helpers.patches import install_patches\n"
+        "from omni_helpers.mindone_changes.patches import install_patches\n"
         "from omni_helpers.loading import load_model, shard_model\n"
         "runtime = setup_runtime('CPU'); replaced = install_patches('CPU', fast_paths=False)\n"
         f"shard_model(load_model(Path({str(tiny_checkpoint)!r}), 'float32', 'eager', True), runtime, stack=False)\n"
-        "import omni_helpers.core, omni_helpers.serving\n"
+        "import omni_helpers.generation.core, omni_helpers.serving.engine\n"
         "faster = ['fast_paths', 'decode_graph', 'prompt_graph', 'encoder_graph', 'compiled', 'decode_loop', 'decode_steps',"
         " 'host_positions', 'thinker_prompt', 'graph_ops']\n"
         "print(sorted(m for m in faster if 'omni_helpers.' + m in sys.modules), len(replaced))\n"
@@ -101,7 +101,7 @@ def test_without_the_faster_paths_their_modules_are_not_even_imported(tiny_check
 def test_every_library_name_the_project_calls_is_there_and_a_missing_one_is_named(runtime_cpu, monkeypatch):
     from mindone.transformers.generation.utils import GenerationMixin
 
-    from omni_helpers.library_names import check_library_names, missing
+    from omni_helpers.mindone_changes.library_names import check_library_names, missing
 
     assert missing() == []
     monkeypatch.delattr(GenerationMixin, "_valid_auto_compile_criteria")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from omni_helpers.collectives import collective_bytes
-from omni_helpers.metrics import parameter_bytes
+from omni_helpers.measuring.collectives import collective_bytes
+from omni_helpers.measuring.metrics import parameter_bytes
 from scripts.plan_memory import GiB, main, plan
 
 RELEASED_INSTRUCT_CONFIG = Path(__file__).parent / "data" / "qwen3_omni_30b_a3b_instruct_config.json"
@@ -18,7 +18,7 @@ def test_unsharded_and_expert_bytes_are_those_of_the_loaded_model(tiny_checkpoin
     import mindspore as ms
     from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
 
-    from omni_helpers.expert_parallel import keep_local_experts
+    from omni_helpers.parallel.expert_parallel import keep_local_experts
 
     model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=ms.float32, attn_implementation="eager")
     assert parameter_bytes(model) == tiny_plan.parameter_bytes_per_rank["none"]["whole"]

@@ -72,8 +72,8 @@ def test_under_msrun_no_thread_is_moved(runtime_cpu, monkeypatch):
 
 def test_a_request_runs_the_model_on_a_core_of_its_own(mindone, two_rows):
     """The core's request: the forwards run with the caller alone on its core, and nothing stays placed."""
-    from omni_helpers.core import generate_from_inputs
-    from omni_helpers.settings import GenerationSettings
+    from omni_helpers.generation.core import generate_from_inputs
+    from omni_helpers.request.settings import GenerationSettings
 
     cores, seen = os.sched_getaffinity(0), []
     handle = mindone.model.thinker.register_forward_hook(lambda *_: seen.append(os.sched_getaffinity(0)))

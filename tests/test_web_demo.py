@@ -440,7 +440,7 @@ def test_a_browser_asks_with_an_image_and_audio_then_follows_up(server, sample_m
 
 
 def test_a_browser_keeps_a_question_sent_mid_answer_stops_on_request_and_a_closed_tab_cancels(server):
-    from omni_helpers.web_ui import STILL_ANSWERING
+    from omni_helpers.serving.web_ui import STILL_ANSWERING
 
     before = server.get("/health")["requests_cancelled"]
     page = Page(server)

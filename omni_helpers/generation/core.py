@@ -1,0 +1,224 @@
+"""The one generation call every entry point makes: conversations and settings in, answers out.
+
+    answers = generate_answers(model, processor, conversations, settings, on_text=print_piece)
+
+It is the seed's five steps, for a batch: the chat template, `process_mm_info` for the
+media, the processor (left-padded, so that every row's prompt ends at the same place),
+mindone's `generate` with the `thinker_*` / `talker_*` keywords written out below, and
+the decoding of every row. The server runs the first three on rank 0 only
+(`prepare_inputs`) and the rest on every rank (`generate_from_inputs`).
+
+Request errors raise `RequestError`; metrics come back in each `Answer`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from omni_helpers.request.cancellation import Cancellation
+from omni_helpers.measuring.collectives import counting_collectives
+from omni_helpers.request.conversation import Conversation
+from omni_helpers.request.errors import RequestError
+from omni_helpers.measuring.forward_taps import listen
+from omni_helpers.generation.inputs import to_mindspore, videos_to_numpy
+from omni_helpers.measuring.metrics import rate
+from omni_helpers.runtime import caller_on_its_own_core, seed_everything
+from omni_helpers.request.settings import GenerationSettings
+from omni_helpers.generation.speech_stream import SPEECH_SAMPLE_RATE, AudioCallback, SpeechStream
+from omni_helpers.generation.streaming import StepStream, TextCallback
+from omni_helpers.request.validation import Context, check_context
+
+
+@dataclass
+class Answer:
+    text: str
+    waveform: Optional[np.ndarray]  # float32 in [-1, 1], 24 kHz mono; None without speech
+    token_ids: list[int]  # the new tokens, up to and with the end-of-turn token
+    metrics: dict[str, Any] = field(default_factory=dict)
+    step_logits: Optional[np.ndarray] = None  # (tokens, vocab), with keep_logits=True
+    first_token_at: Optional[float] = None  # seconds since the epoch
+
+
+# ----------------------------------------------------------------------------- steps 1-3
+
+
+def read_media(conversation: Conversation, use_audio_in_video: bool) -> tuple[list, list, list]:
+    """One conversation's audio, images and video frames, decoded by qwen_omni_utils."""
+    from qwen_omni_utils import process_mm_info
+
+    try:
+        audios, images, videos = process_mm_info(conversation, use_audio_in_video=use_audio_in_video)
+    except Exception as error:  # any decoder's error: the media were checked, so this is rare
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RequestError(f"the media could not be decoded ({first_line}); check the files") from error
+    return audios or [], images or [], videos or []
+
+
+def prepare_inputs(processor, conversations: list[Conversation], settings: GenerationSettings) -> dict[str, np.ndarray]:
+    """Chat template, media and processor for a batch: numpy arrays, one left-padded row per conversation."""
+    texts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    audios, images, videos = [], [], []
+    for conversation in conversations:  # the processor takes each kind of media in the order of the texts
+        found = read_media(conversation, settings.use_audio_in_video)
+        audios, images, videos = audios + found[0], images + found[1], videos + found[2]
+    inputs = processor(
+        text=texts,
+        audio=audios or None,
+        images=images or None,
+        videos=videos_to_numpy(videos) or None,
+        return_tensors="np",
+        padding=True,
+        use_audio_in_video=settings.use_audio_in_video,
+    )
+    return dict(inputs)
+
+
+# ----------------------------------------------------------------------------- steps 4-5
+
+
+def generate_keywords(settings: GenerationSettings, config, text_streamer: Optional[StepStream],
+                      cancellation: Optional[Cancellation] = None) -> dict[str, Any]:  # fmt: skip
+    """mindone's `generate` keywords: `thinker_*` and `talker_*` go to each stage (a bare
+    `max_new_tokens` would not reach the thinker). The thinker's end-of-turn id comes from
+    the checkpoint; mindone hard-codes the released one (151645). A streamer watches the
+    thinker only when its text is streamed (it costs a host read per step); a cancellation
+    rides along as both stages' stopping criterion (read by the loop, see cancellation.py)."""
+    keywords: dict[str, Any] = {
+        "use_audio_in_video": settings.use_audio_in_video,
+        "return_audio": settings.return_audio,
+        "thinker_max_new_tokens": settings.max_new_tokens,
+        "thinker_eos_token_id": config.im_end_token_id,
+        "thinker_do_sample": settings.do_sample,
+        "thinker_return_dict_in_generate": True,
+        **({"thinker_streamer": text_streamer} if text_streamer is not None else {}),
+    }
+    if cancellation is not None:
+        from mindone.transformers.generation.stopping_criteria import StoppingCriteriaList
+
+        keywords["thinker_stopping_criteria"] = StoppingCriteriaList([cancellation])
+    if settings.do_sample:
+        keywords.update(thinker_temperature=settings.temperature, thinker_top_p=settings.top_p, thinker_top_k=settings.top_k)
+    if settings.return_audio:
+        keywords.update(
+            speaker=settings.speaker,
+            talker_max_new_tokens=settings.talker_max_new_tokens,
+            talker_do_sample=settings.talker_do_sample,
+        )
+        if cancellation is not None:
+            keywords["talker_stopping_criteria"] = keywords["thinker_stopping_criteria"]
+    return keywords
+
+
+def generate_from_inputs(
+    model,
+    processor,
+    inputs: dict[str, np.ndarray],
+    settings: GenerationSettings,
+    on_text: Optional[TextCallback] = None,
+    keep_logits: bool = False,
+    started: Optional[float] = None,
+    on_audio: Optional[AudioCallback] = None,
+    cancellation: Optional[Cancellation] = None,
+) -> list[Answer]:
+    """Generate for prepared inputs (every msrun rank calls this with the same inputs and settings,
+    with `on_audio` on all of them or none: streamed speech runs code2wav as the talker goes, and
+    with a `cancellation` on all of them or none). Raises `errors.Cancelled` once cancelled."""
+    started = time.perf_counter() if started is None else started
+    if settings.seed is not None:
+        seed_everything(settings.seed)
+    rows, prompt_length = inputs["input_ids"].shape
+    eos = model.config.im_end_token_id
+    generating = time.perf_counter()
+    with counting_collectives() as traffic:
+        thinker = StepStream(rows, eos, traffic, processor.tokenizer, on_text)
+        talker = StepStream(1, traffic=traffic)
+        keywords = generate_keywords(settings, model.config, thinker if on_text else None, cancellation)
+        if keep_logits:
+            keywords["thinker_output_logits"] = True
+        hooks = [] if on_text else thinker.watch(model.thinker)
+        speech = SpeechStream(model.code2wav, on_audio) if on_audio and settings.return_audio else None
+        if settings.return_audio:
+            hooks += talker.watch(model.talker)
+            hooks += listen(model.talker, after=speech.hook) if speech else []
+        try:
+            with caller_on_its_own_core():  # CPU only: MindSpore's spinning helper threads kept off its core
+                result, waveform = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    wav = None if waveform is None else waveform.reshape(-1).float().asnumpy()
+    if speech:
+        speech.finish(wav)
+    generate_seconds = time.perf_counter() - generating
+
+    new_tokens = result.sequences.asnumpy()[:, prompt_length:]
+    thinker.take_tokens(new_tokens)  # each row's, up to its end token: the same however the steps were watched
+    texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    logits = np.stack([logit.asnumpy() for logit in result.logits], axis=1) if keep_logits else None
+
+    answers = []
+    for row in range(rows):
+        metrics = answer_metrics(
+            thinker, talker, row, prompt_tokens=int(inputs["attention_mask"][row].sum()),
+            preprocessing_seconds=generating - started, generate_seconds=generate_seconds,
+            time_to_first_token=(thinker.times[1] - started) if len(thinker.times) > 1 else None,
+            audio_seconds=0.0 if wav is None else len(wav) / SPEECH_SAMPLE_RATE,
+        )  # fmt: skip
+        metrics.update(streaming_metrics(thinker, speech, started))
+        answers.append(Answer(texts[row], wav, thinker.tokens[row], metrics, None if logits is None else logits[row],
+                              thinker.first_token_at))  # fmt: skip
+    return answers
+
+
+def streaming_metrics(thinker: StepStream, speech: Optional[SpeechStream], started: float) -> dict[str, Any]:
+    """When the first text and speech went out, in decoding steps (order of events) and seconds."""
+    figures: dict[str, Any] = {"thinker_steps": thinker.steps, "first_text_step": thinker.first_piece_step}
+    if speech is not None:
+        figures.update(
+            talker_steps=speech.steps,
+            first_audio_step=speech.first_audio_step,
+            time_to_first_audio_seconds=None if speech.first_audio_time is None else round(speech.first_audio_time - started, 3),
+        )
+    return figures
+
+
+def generate_answers(
+    model, processor, conversations: list[Conversation], settings: GenerationSettings,
+    on_text: Optional[TextCallback] = None, keep_logits: bool = False, on_audio: Optional[AudioCallback] = None,
+) -> list[Answer]:  # fmt: skip
+    """The whole flow for a batch of conversations: one `Answer` per conversation, in order."""
+    started = time.perf_counter()
+    inputs = prepare_inputs(processor, conversations, settings)
+    check_context(settings, Context.of(model.config.to_dict()), prompt_tokens=inputs["input_ids"].shape[1])
+    return generate_from_inputs(model, processor, inputs, settings, on_text, keep_logits, started, on_audio)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def answer_metrics(thinker: StepStream, talker: StepStream, row: int, prompt_tokens: int, preprocessing_seconds: float,
+                   generate_seconds: float, time_to_first_token: Optional[float], audio_seconds: float) -> dict[str, Any]:  # fmt: skip
+    """One answer's figures. Decode rates are per row: a batch of B rows decodes B times as many tokens."""
+    decoded = max(thinker.steps - 1, 0)  # steps after the first token
+    frames = max(talker.steps - 1, 0)  # the last token the talker chooses never becomes a frame
+    return {
+        "prompt_tokens": prompt_tokens,
+        "batch_size": thinker.rows,
+        "preprocessing_seconds": round(preprocessing_seconds, 3),
+        "generate_seconds": round(generate_seconds, 3),
+        "time_to_first_token_seconds": None if time_to_first_token is None else round(time_to_first_token, 3),
+        "prefill_seconds": round(thinker.prefill_seconds, 4),  # tens of milliseconds: kept to 0.1 ms
+        "thinker_new_tokens": len(thinker.tokens[row]),
+        "decoded_tokens": decoded,
+        "decode_seconds": round(thinker.decode_seconds, 3),
+        "thinker_decode_tokens_per_second": rate(decoded, thinker.decode_seconds),
+        "talker_codec_frames": frames,
+        "talker_frames_per_second": rate(frames, talker.seconds),
+        "audio_seconds": round(audio_seconds, 3),
+        "real_time_factor": round(generate_seconds / audio_seconds, 3) if audio_seconds else None,
+        "communicated_bytes_per_decoded_token": round(thinker.decode_bytes / decoded) if decoded else None,
+    }

@@ -1,0 +1,157 @@
+"""The generation loop with one host read per decoding step: the stopping test.
+
+mindone's `GenerationMixin._sample` reads twice per step. Besides the stopping test it
+reads `attention_mask.sum(-1).max()` to find which position's logits to use, which only
+matters for prompts padded on the right to a static shape. Our prompts are padded on the
+left to their longest row (the processor's padding), so every row's last token is the last
+position. Under ZeRO-3 (`synced_gpus`) mindone reads twice more to agree with the other
+ranks on stopping; here one all-reduce and one read give both answers.
+
+After the prompt's forward, where `decode_graph.applies` (the thinker and the talker, in every
+`--parallel` mode), the decode steps run as a compiled graph on a KV cache written in place:
+the loop hands the graph to the model's forward with just the newest tokens, skipping
+mindone's input preparation, whose work the graph does on the device.
+
+A request the server cancels (`cancellation.Cancellation`, one of the stopping criteria)
+stops at the next step with `errors.Cancelled`; under msrun its flag travels in the same
+all-reduce as the stopping test, so every rank stops at the same step.
+
+Everything else is mindone's loop as it is: the same logits processors, the same
+multinomial draw, the same stopping criteria, the same streamer protocol, so greedy and
+seeded sampling choose the same tokens (tests/test_parity.py). Features our entry
+points never use (encoder-decoder models, paged attention, chunked prefill, compiled
+forwards) are left to mindone's loop (`supports`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import mindspore as ms
+from mindspore import mint, ops
+
+from omni_helpers.mindone_changes.faster import decode_graph
+from omni_helpers.request.cancellation import Cancellation
+from omni_helpers.request.errors import Cancelled
+
+STEP_LOG = logging.getLogger(__name__)  # a line per decoding step with its time, with --verbose
+
+
+def supports(model, generation_config, model_kwargs) -> bool:
+    """Whether this loop covers the call (otherwise mindone's own loop runs)."""
+    return not (
+        model.config.is_encoder_decoder
+        or "paged" in (model.config._attn_implementation or "")
+        or generation_config.prefill_chunk_size is not None
+        or model._valid_auto_compile_criteria(model_kwargs, generation_config)
+        or ms.get_context("mode") == ms.GRAPH_MODE
+    )
+
+
+def sample(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False, streamer=None,
+           **model_kwargs):  # fmt: skip
+    """`GenerationMixin._sample` for decoder-only models, one host read per step."""
+    from mindone.transformers.generation.utils import GenerateDecoderOnlyOutput, get_multinomial_op
+
+    record = Record(generation_config)
+    cancellation = next((criterion for criterion in stopping_criteria if isinstance(criterion, Cancellation)), None)
+    if cancellation is not None:  # read on the host below, never launched as a criterion
+        stopping_criteria = type(stopping_criteria)(c for c in stopping_criteria if c is not cancellation)
+    pad_token = generation_config._pad_token_tensor
+    stops_at_eos = any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria)
+    multinomial = get_multinomial_op()
+    unfinished = mint.ones(input_ids.shape[0], dtype=ms.int64)
+    model_kwargs = model._get_initial_cache_position(input_ids.shape[1], model_kwargs)
+    this_peer_finished, step, step_started = False, 0, time.time()
+    graph = None  # the compiled decode step, from the first decode step on where it applies
+
+    while True:
+        if step == 1 and decode_graph.applies(model, input_ids.shape[0], generation_config):
+            # from the first decode step on (a request that stops at its first token builds no graph); the
+            # length limit counts the ids so far (none for a prompt given as embeddings, as the talker's is)
+            graph = decode_graph.start(model, model_kwargs, generation_config.max_length - input_ids.shape[1], synced_gpus)
+        outputs = None if graph is None else decode_graph.run(graph, model, input_ids, model_kwargs)
+        if outputs is None:  # the prompt, a stage the graph does not cover, or a graph that could not compile
+            graph = None
+            outputs = model(**model.prepare_inputs_for_generation(input_ids, **model_kwargs), return_dict=True)
+        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+        if not this_peer_finished:  # a finished rank keeps running forwards until every rank is done (ZeRO-3)
+            logits = outputs.logits[:, -1, :]  # left padding: the last position is every row's last token
+            scores = logits_processor(input_ids, logits)
+            record.step(scores, logits, outputs)
+            if generation_config.do_sample:
+                probs = mint.softmax(scores, dim=-1, dtype=ms.float32).to(scores.dtype)
+                next_tokens = multinomial(probs, num_samples=1).squeeze(1)
+            else:
+                next_tokens = mint.argmax(scores, dim=-1)
+            if stops_at_eos:  # rows that have finished get padding
+                next_tokens = next_tokens * unfinished + pad_token * (1 - unfinished)
+            input_ids = mint.cat([input_ids, next_tokens[:, None]], dim=-1)
+            if streamer is not None:
+                streamer.put(next_tokens.asnumpy())
+            done = ms.Tensor(stopping_criteria(input_ids, record.scores), ms.bool_)
+            unfinished = unfinished & (~done).to(unfinished.dtype)  # explicit: an implicit promotion is a slow CPU Cast
+        del outputs  # the prompt's logits can be large: do not keep them through the next step
+        step_started = report_progress(step, step_started)
+        step += 1
+        this_peer_finished, everyone_finished, cancelled = stopping_test(unfinished, synced_gpus, cancellation)
+        if cancelled:
+            raise Cancelled(f"cancelled after {step} decoding steps")
+        if everyone_finished:
+            break
+
+    if graph is not None:
+        graph.finish()
+    if streamer is not None:
+        streamer.end()
+    if not generation_config.return_dict_in_generate:
+        return input_ids
+    return GenerateDecoderOnlyOutput(sequences=input_ids, past_key_values=model_kwargs.get("past_key_values"),
+                                     **record.outputs())  # fmt: skip
+
+
+def stopping_test(unfinished, synced_gpus: bool, cancellation=None) -> tuple[bool, bool, bool]:
+    """(this rank has finished, every rank has finished, a rank was cancelled), from one host read."""
+    running = (unfinished.max() > 0).astype(ms.float32).reshape(1)
+    if not synced_gpus:
+        finished = not running.asnumpy()[0]
+        return finished, finished, cancellation is not None and cancellation.cancelled
+    if cancellation is not None:  # the cancel flag rides in the same all-reduce (every rank passes one)
+        running = mint.cat([running, ms.Tensor([float(cancellation.cancelled)], ms.float32)])
+    everyone = ops.AllReduce()(running)  # the number of ranks still running (and of ranks cancelled)
+    flags = mint.cat([running[:1], everyone]).asnumpy()
+    return flags[0] == 0, flags[1] == 0, len(flags) > 2 and flags[2] > 0
+
+
+def report_progress(step: int, started: float) -> float:
+    """With --verbose, one line per step on stderr (stdout carries the answer): how long the step took."""
+    now = time.time()
+    if STEP_LOG.isEnabledFor(logging.DEBUG):
+        STEP_LOG.debug("decode step %d: %.4f s", step, now - started)
+    return now
+
+
+class Record:
+    """What `return_dict_in_generate` asks to keep of each step (scores, logits, attentions, hidden states)."""
+
+    def __init__(self, generation_config):
+        keep = generation_config.return_dict_in_generate
+        self.scores = () if keep and generation_config.output_scores else None
+        self.logits = () if keep and generation_config.output_logits else None
+        self.attentions = () if keep and generation_config.output_attentions else None
+        self.hidden_states = () if keep and generation_config.output_hidden_states else None
+
+    def step(self, scores, logits, outputs) -> None:
+        if self.scores is not None:
+            self.scores += (scores,)
+        if self.logits is not None:
+            self.logits += (logits,)
+        if self.attentions is not None:
+            self.attentions += (outputs.attentions,)
+        if self.hidden_states is not None:
+            self.hidden_states += (outputs.hidden_states,)
+
+    def outputs(self) -> dict:
+        return {"scores": self.scores, "logits": self.logits, "attentions": self.attentions,
+                "hidden_states": self.hidden_states}  # fmt: skip

@@ -1,0 +1,209 @@
+"""A resident Qwen3-Omni: the model loaded once, requests answered one at a time, in arrival order.
+
+Rank 0 runs the `Engine`: the HTTP API and the browser UI submit jobs from their own
+threads; the engine takes them in order in the main thread (where MindSpore runs),
+preprocesses each (template, media, processor), sends it to the other ranks (`lockstep`)
+and generates. Every other rank runs `follow`: the same generations, as rank 0 sends them.
+What a job produces (text pieces, speech chunks, the answer, or its error) arrives on its
+own queue of events.
+
+Admission comes before allocation: a request's tokens and frames are checked against the
+server's ceilings (its --max_new_tokens and --talker_max_new_tokens) and the model's context
+when it is submitted, and again with its prompt's length once the processor has run, before
+anything is sent to a rank or allocated. A job whose client went away or pressed Stop is
+cancelled (`Job.cancel`): skipped if it still waits, stopped at its next decoding step on
+every rank if it runs. A fault inside a generation (the device out of memory, say) fails
+that request alone in one process; under msrun the other ranks may be waiting inside a
+collective, so the server ends and msrun stops them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omni_helpers.request.cancellation import Cancellation
+from omni_helpers.request.checkpoint import Checkpoint
+from omni_helpers.request.conversation import Conversation
+from omni_helpers.generation.core import Answer, generate_from_inputs, prepare_inputs
+from omni_helpers.request.errors import Cancelled, RequestError
+from omni_helpers.serving.lockstep import IDLE, STOP, Lockstep
+from omni_helpers.request.request_files import Request
+from omni_helpers.request.settings import FLAG_NAMES, GenerationSettings
+from omni_helpers.request.validation import Context, check_context, check_requests, check_server_limits, check_settings
+
+HEARTBEAT_SECONDS = 5  # an idle rank 0 tells the others so this often: a rank waiting in a collective
+# times out (after 30 s with MindSpore's mccl on CPU; HCCL_EXEC_TIMEOUT, 30 min by default, on Ascend)
+
+
+class QueueFull(Exception):
+    """More requests are waiting than --max_queue allows (HTTP 429)."""
+
+
+class NotReady(Exception):
+    """The model is still loading (HTTP 503)."""
+
+
+class GenerationFailed(Exception):
+    """A fault inside a generation, not a bad request (HTTP 500): its message says what happened."""
+
+
+@dataclass
+class Job:
+    conversation: Conversation
+    settings: GenerationSettings
+    names: dict[str, str] = field(default_factory=lambda: FLAG_NAMES)  # how the caller spells each setting
+    stream_audio: bool = False  # hand speech out as the talker speaks (else only the whole waveform)
+    submitted: float = field(default_factory=time.perf_counter)
+    cancellation: Cancellation = field(default_factory=Cancellation)
+    # ("started", None), ("text", str), ("audio", samples), then ("done", Answer), ("error", exception) or
+    # ("cancelled", None)
+    events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
+
+    def cancel(self) -> None:
+        """Nobody waits for the answer any more: skip the job, or stop it at its next decoding step."""
+        self.cancellation.cancel()
+
+
+def fault_message(error: BaseException) -> str:
+    """What a client is told of a fault inside its generation, in one line."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    if isinstance(error, MemoryError) or "Allocate memory failed" in text or "Out of memory" in text:
+        return (f"the device ran out of memory during this request ({first}); ask for fewer tokens, "
+                "smaller or fewer media, or no speech")  # fmt: skip
+    return f"the generation failed ({type(error).__name__}: {first})"
+
+
+class Engine:
+    """Made before the model loads (the HTTP server answers meanwhile, `ready` false); `attach` hands it the model."""
+
+    def __init__(self, checkpoint: Checkpoint, lockstep: Lockstep, limits: GenerationSettings, max_queue: int):
+        self.checkpoint, self.lockstep, self.limits, self.max_queue = checkpoint, lockstep, limits, max_queue
+        self.context = Context.of(checkpoint.config)
+        self.model = self.processor = None
+        self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self.lock = threading.Lock()
+        self.waiting = 0
+        self.busy = False
+        self.served = self.cancelled = self.failed = 0
+        self.loads = 0
+
+    def attach(self, model, processor) -> None:
+        self.model, self.processor = model, processor
+        self.loads += 1
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None
+
+    def submit(self, conversation: Conversation, settings: GenerationSettings, stream_audio: bool = False,
+               names: dict[str, str] = FLAG_NAMES) -> Job:  # fmt: skip
+        """Queue a checked request; raises QueueFull past --max_queue waiting requests."""
+        with self.lock:
+            if self.waiting >= self.max_queue:
+                raise QueueFull(f"{self.waiting} requests are waiting already (--max_queue {self.max_queue}); try again shortly")
+            self.waiting += 1
+        job = Job(conversation, settings, names, stream_audio)
+        self.jobs.put(job)
+        return job
+
+    def check_and_submit(self, conversation: Conversation, settings: GenerationSettings, media_folder: Path,
+                         names: dict[str, str], stream_audio: bool = False) -> Job:  # fmt: skip
+        """Check a request against the checkpoint and the server's limits (`names`: how the caller spells each
+        setting), fetch and decode its media into `media_folder`, and queue it. Raises RequestError, QueueFull
+        or NotReady."""
+        if not self.ready:
+            raise NotReady("the model is still loading; try again when GET /health says \"ready\": true")
+        check_server_limits(settings, self.limits, names)
+        check_settings(settings, self.checkpoint, names=names)
+        (request,) = check_requests([Request("request", conversation)], self.checkpoint, settings, media_folder)
+        return self.submit(request.conversation, settings, stream_audio, names)
+
+    def stop(self) -> None:
+        """Let the engine finish the job it runs, tell the other ranks to stop, and return."""
+        self.jobs.put(None)
+
+    def serve_forever(self) -> None:
+        """Rank 0's main thread: answer jobs in arrival order until `stop`."""
+        while True:
+            try:
+                job = self.jobs.get(timeout=HEARTBEAT_SECONDS)
+            except queue.Empty:
+                self.lockstep.send(IDLE)  # the other ranks wait inside a broadcast: keep it short
+                continue
+            if job is None:
+                self.lockstep.send(STOP)
+                return
+            with self.lock:
+                self.waiting -= 1
+            if job.cancellation.cancelled:  # its client left while it waited
+                self.cancelled += 1
+                job.events.put(("cancelled", None))
+                continue
+            self.busy = True
+            try:
+                self.run(job)
+            finally:
+                self.busy = False
+
+    def run(self, job: Job) -> None:
+        try:
+            inputs = prepare_inputs(self.processor, [job.conversation], job.settings)
+            check_context(job.settings, self.context, prompt_tokens=inputs["input_ids"].shape[1], names=job.names)
+        except RequestError as error:  # rejected on rank 0: the other ranks never hear of it
+            job.events.put(("error", error))
+            return
+        self.lockstep.send({"kind": "generate", "settings": dataclasses.asdict(job.settings),
+                            "stream_audio": job.stream_audio, "inputs": inputs})  # fmt: skip
+        job.events.put(("started", None))
+        try:
+            answer: Answer = generate_from_inputs(
+                self.model, self.processor, inputs, job.settings, started=job.submitted,
+                on_text=lambda row, piece: job.events.put(("text", piece)),
+                on_audio=(lambda samples: job.events.put(("audio", samples))) if job.stream_audio else None,
+                cancellation=job.cancellation,
+            )[0]  # fmt: skip
+        except Cancelled as stopped:  # every rank stopped at the same step
+            self.cancelled += 1
+            print(f"a request was {stopped} (its client went away or pressed Stop)", file=sys.stderr, flush=True)
+            job.events.put(("cancelled", None))
+            return
+        except Exception as error:
+            self.failed += 1
+            job.events.put(("error", GenerationFailed(fault_message(error))))
+            if self.lockstep.runtime.distributed:  # the other ranks may be inside a collective: end, msrun stops them
+                raise
+            traceback.print_exc(file=sys.stderr)
+            return
+        self.served += 1
+        job.events.put(("done", answer))
+
+    def health(self) -> dict[str, Any]:
+        return {"ready": self.ready, "loads": self.loads, "requests_served": self.served,
+                "requests_cancelled": self.cancelled, "requests_failed": self.failed, "waiting": self.waiting,
+                "busy": self.busy}  # fmt: skip
+
+
+def follow(model, processor, lockstep: Lockstep) -> None:
+    """Every rank but 0: run the generations rank 0 sends, until it says stop."""
+    while True:
+        job = lockstep.receive()
+        if job["kind"] == STOP["kind"]:
+            return
+        if job["kind"] == IDLE["kind"]:
+            continue
+        settings = GenerationSettings(**job["settings"])
+        on_audio = (lambda samples: None) if job["stream_audio"] else None  # code2wav in step with rank 0
+        try:  # a cancellation of its own, never set: rank 0's travels in the loop's all-reduce
+            generate_from_inputs(model, processor, job["inputs"], settings, on_audio=on_audio, cancellation=Cancellation())
+        except Cancelled:
+            continue
+

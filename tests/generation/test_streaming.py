@@ -1,0 +1,89 @@
+"""Streamed text: the pieces handed to on_text arrive in order and join to the final answer,
+even when a byte-level token splits a character."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+def stream_tokens(tokenizer, ids: list[int]):
+    from omni_helpers.generation.streaming import StepStream
+
+    pieces = []
+    stream = StepStream(rows=1, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer=tokenizer,
+                        on_text=lambda row, piece: pieces.append(piece))  # fmt: skip
+    stream.put(np.array([[1, 2, 3]]))  # the prompt
+    for token in ids:
+        stream.put(np.array([token]))
+    stream.end()
+    return pieces
+
+
+def test_pieces_join_to_the_answer_and_never_hold_a_half_character(tokenizer):
+    ids = tokenizer.encode("héllo wörld, 你好 see") + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert len(ids) > 12  # byte-level: the accented and CJK characters take several tokens each
+    pieces = stream_tokens(tokenizer, ids)
+    assert "".join(pieces) == "héllo wörld, 你好 see"
+    assert len(pieces) > 5 and all("\ufffd" not in piece for piece in pieces)
+
+
+def test_bytes_that_never_form_a_character_still_arrive_at_the_end(tokenizer):
+    stray = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("é")[0])  # the first byte alone
+    pieces = stream_tokens(tokenizer, tokenizer.encode("ab") + [stray])
+    expected = tokenizer.decode(tokenizer.encode("ab") + [stray])
+    assert "".join(pieces) == expected and expected.endswith("\ufffd")
+
+
+def test_several_rows_each_stream_their_own_answer_when_one_ends_first(tokenizer):
+    """Three rows in one call: the first ends after two tokens (then gets padding), the others go on; every row's
+    pieces join to its own answer."""
+    from omni_helpers.generation.streaming import StepStream
+
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answers = ["ok", "a longer answer, still going", "third row too"]
+    ids = [tokenizer.encode(text) + [eos] for text in answers]
+    steps = max(len(row) for row in ids)
+    pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    stream = StepStream(rows=3, eos_token_id=eos, tokenizer=tokenizer, on_text=lambda row, piece: pieces[row].append(piece))
+    stream.put(np.zeros((3, 4), np.int64))  # the prompt
+    for step in range(steps):  # rows that have ended get padding (the end token again), as generate hands them
+        stream.put(np.array([row[step] if step < len(row) else eos for row in ids]))
+    stream.end()
+    assert ["".join(pieces[row]) for row in range(3)] == answers
+    assert stream.tokens == ids and all(len(pieces[row]) > 1 for row in (1, 2))
+
+
+def test_streamed_speech_past_a_code2wav_chunk_joins_to_the_whole_waveform(mindone):
+    """330 frames: past the first 300-frame chunk, so the stream hands out the first chunk's rest, then the second
+    chunk decoded with its 25 frames of left context; every sample once, in order, as `chunked_decode` gives them."""
+    from types import SimpleNamespace
+
+    import mindspore as ms
+
+    from omni_helpers.generation.speech_stream import SpeechStream
+
+    code2wav = mindone.model.code2wav
+    groups, size = code2wav.config.num_quantizers, code2wav.config.codebook_size
+    codes = np.random.default_rng(0).integers(0, size, (330, 1, groups)).astype(np.int64)
+    chunks = []
+    stream = SpeechStream(code2wav, chunks.append, first_frames=4, every_frames=40)
+    stream.hook(None, None, SimpleNamespace(hidden_states=(None, None)))  # the talker's prompt: no frame yet
+    for frame in codes:
+        stream.hook(None, None, SimpleNamespace(hidden_states=(None, ms.Tensor(frame))))
+    whole = code2wav.chunked_decode(ms.Tensor(codes[:, 0].T[None]), chunk_size=300, left_context_size=25)
+    whole = whole.reshape(-1).float().asnumpy()
+    streamed = sum(len(chunk) for chunk in chunks)  # handed out while the talker spoke, before the end
+    assert streamed > 320 * int(code2wav.total_upsample)  # the second chunk's frames too, not only the first's 300
+    stream.finish(whole)
+    joined = np.concatenate(chunks)
+    assert len(chunks) > 8 and stream.first_audio_step == 5  # the first speech after 4 frames
+    assert joined.shape == whole.shape
+    np.testing.assert_allclose(joined, whole, atol=5e-5)  # causal decoding: measured 2.3e-5 at most
