@@ -28,9 +28,16 @@ import time
 from pathlib import Path
 
 from omni_helpers.request.cli import (
-    argument_parser, add_generation_args, add_media_args, add_model_args, add_output_args, add_request_args,
-    check_request, exit_for, resolve_precision,
-)  # fmt: skip
+    argument_parser,
+    add_generation_args,
+    add_media_args,
+    add_model_args,
+    add_output_args,
+    add_request_args,
+    check_request,
+    exit_for,
+    resolve_precision,
+)
 from omni_helpers.request.conversation import resolve_paths, user_turn, with_system_prompt
 from omni_helpers.request.errors import RequestError
 from omni_helpers.request.request_files import Request
@@ -57,7 +64,10 @@ def build_requests(args: argparse.Namespace) -> list[Request]:
     if repeated:
         raise RequestError(f"--audio {repeated[0]} is given twice; give each file once")
     return [
-        Request(audio, resolve_paths(with_system_prompt([user_turn(args.prompt, audios=[audio])], args.system_prompt), Path.cwd()))
+        Request(
+            audio,
+            resolve_paths(with_system_prompt([user_turn(args.prompt, audios=[audio])], args.system_prompt), Path.cwd()),
+        )
         for audio in args.audio
     ]
 
@@ -67,7 +77,9 @@ def main(args: argparse.Namespace) -> dict:
     # 1. The requests, one per audio, checked before anything heavy (bad ones exit with code 2 on every rank)
     media_folder = tempfile.TemporaryDirectory(prefix="omni_media_")
     try:
-        checkpoint, requests, settings = check_request(args, build_requests(args), Path(media_folder.name), "an audio file")
+        checkpoint, requests, settings = check_request(
+            args, build_requests(args), Path(media_folder.name), "an audio file"
+        )
     except RequestError as error:
         exit_for(error)
 
@@ -92,14 +104,23 @@ def main(args: argparse.Namespace) -> dict:
     dtype, attn_implementation = resolve_precision(args.device_target, args.dtype, args.attn_implementation)
     with clock("load"):
         processor = load_processor(checkpoint.path)  # audio only: no image limits
-        model = shard_model(load_model(checkpoint.path, dtype, attn_implementation, False, args.allow_pickle_weights), runtime,
-                            stack=args.fast_paths)
+        model = shard_model(
+            load_model(checkpoint.path, dtype, attn_implementation, False, args.allow_pickle_weights),
+            runtime,
+            stack=args.fast_paths,
+        )
     loaded_at = time.time()
 
     # 5. Caption, --batch_size files at a time (template, audio, processor, generate, decode:
     #    omni_helpers/generation/core.py); rank 0 prints and files each caption as its batch finishes
-    output = Output(runtime, args.output_dir, args.stream, labelled=True,
-                    run_metrics=lambda: run_metrics(clock, runtime, model), started=(imported_at, loaded_at))  # fmt: skip
+    output = Output(
+        runtime,
+        args.output_dir,
+        args.stream,
+        labelled=True,
+        run_metrics=lambda: run_metrics(clock, runtime, model),
+        started=(imported_at, loaded_at),
+    )
     lines = answer_in_batches(model, processor, requests, settings, output, args.batch_size, args.resume)
 
     # 6. Every caption in one result.json (rank 0)

@@ -33,10 +33,19 @@ import time
 from pathlib import Path
 
 from omni_helpers.request.cli import (
-    argument_parser, add_audio_in_video_arg, add_generation_args, add_media_args, add_model_args, add_output_args,
-    add_pixel_args, add_request_args, add_speech_args, check_request, exit_for,
+    argument_parser,
+    add_audio_in_video_arg,
+    add_generation_args,
+    add_media_args,
+    add_model_args,
+    add_output_args,
+    add_pixel_args,
+    add_request_args,
+    add_speech_args,
+    check_request,
+    exit_for,
     resolve_precision,
-)  # fmt: skip
+)
 from omni_helpers.request.conversation import media_in, resolve_paths, user_turn, with_system_prompt
 from omni_helpers.request.errors import RequestError
 from omni_helpers.request.request_files import Request, load_conversation_file, load_requests_file
@@ -49,8 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argument_parser(__doc__)
     add_model_args(parser, DEFAULT_MODEL)
     add_request_args(parser)
-    parser.add_argument("--requests", default=None, metavar="FILE.jsonl",
-                        help='many requests, one JSON object per line: {"id": ..., "conversation": [...]}')
+    parser.add_argument(
+        "--requests",
+        default=None,
+        metavar="FILE.jsonl",
+        help='many requests, one JSON object per line: {"id": ..., "conversation": [...]}',
+    )
     add_media_args(parser)
     add_pixel_args(parser)
     add_generation_args(parser)
@@ -62,8 +75,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_requests(args: argparse.Namespace) -> list[Request]:
     """The requests: a --requests file, a --conversation file, or one built from the flags."""
-    flags = [name for name, value in (("--prompt", args.prompt), ("--system_prompt", args.system_prompt),
-             ("--image", args.image), ("--audio", args.audio), ("--video", args.video)) if value]  # fmt: skip
+    flags = [
+        name
+        for name, value in (
+            ("--prompt", args.prompt),
+            ("--system_prompt", args.system_prompt),
+            ("--image", args.image),
+            ("--audio", args.audio),
+            ("--video", args.video),
+        )
+        if value
+    ]
     if args.requests and args.conversation:
         raise RequestError("--requests and --conversation: give one or the other")
     if (args.requests or args.conversation) and flags:
@@ -108,14 +130,22 @@ def main(args: argparse.Namespace):
     dtype, attn_implementation = resolve_precision(args.device_target, args.dtype, args.attn_implementation)
     with clock("load"):
         processor = load_processor(checkpoint.path, args.min_pixels, args.max_pixels)
-        model = load_model(checkpoint.path, dtype, attn_implementation, settings.return_audio, args.allow_pickle_weights)
+        model = load_model(
+            checkpoint.path, dtype, attn_implementation, settings.return_audio, args.allow_pickle_weights
+        )
         model = shard_model(model, runtime, stack=args.fast_paths)
     loaded_at = time.time()
 
     # 5. Generate (template, media, processor, generate, decode: omni_helpers/generation/core.py) and
     # 6. print and save on rank 0: result.json for one request, results.jsonl for --requests
-    output = Output(runtime, args.output_dir, args.stream, labelled=bool(args.requests),
-                    run_metrics=lambda: run_metrics(clock, runtime, model), started=(imported_at, loaded_at))  # fmt: skip
+    output = Output(
+        runtime,
+        args.output_dir,
+        args.stream,
+        labelled=bool(args.requests),
+        run_metrics=lambda: run_metrics(clock, runtime, model),
+        started=(imported_at, loaded_at),
+    )
     if args.requests:
         return answer_in_batches(model, processor, requests, settings, output, args.batch_size, args.resume)
     conversation = given[0].conversation  # as the user gave it, URLs and all

@@ -27,10 +27,19 @@ import time
 from pathlib import Path
 
 from omni_helpers.request.cli import (
-    argument_parser, add_audio_in_video_arg, add_generation_args, add_media_args, add_model_args, add_output_args,
-    add_pixel_args, add_request_args, add_speech_args, check_request, exit_for,
+    argument_parser,
+    add_audio_in_video_arg,
+    add_generation_args,
+    add_media_args,
+    add_model_args,
+    add_output_args,
+    add_pixel_args,
+    add_request_args,
+    add_speech_args,
+    check_request,
+    exit_for,
     resolve_precision,
-)  # fmt: skip
+)
 from omni_helpers.request.conversation import media_in, media_items, resolve_paths, user_turn, with_system_prompt
 from omni_helpers.request.errors import RequestError
 from omni_helpers.request.request_files import Request, load_conversation_file
@@ -69,8 +78,17 @@ def video_options(args: argparse.Namespace) -> dict:
 
 def build_request(args: argparse.Namespace) -> Request:
     """The request: a --conversation file, or one built from the flags; it must hold a video."""
-    flags = [name for name, value in (("--prompt", args.prompt), ("--system_prompt", args.system_prompt),
-             ("--video", args.video), ("--video_start", args.video_start), ("--video_end", args.video_end)) if value]  # fmt: skip
+    flags = [
+        name
+        for name, value in (
+            ("--prompt", args.prompt),
+            ("--system_prompt", args.system_prompt),
+            ("--video", args.video),
+            ("--video_start", args.video_start),
+            ("--video_end", args.video_end),
+        )
+        if value
+    ]
     if args.conversation and flags:
         raise RequestError(f"--conversation replaces {', '.join(flags)}: give the file or the flags, not both")
     if args.conversation:
@@ -114,14 +132,21 @@ def main(args: argparse.Namespace):
     dtype, attn_implementation = resolve_precision(args.device_target, args.dtype, args.attn_implementation)
     with clock("load"):
         processor = load_processor(checkpoint.path, args.min_pixels, args.max_pixels)
-        model = load_model(checkpoint.path, dtype, attn_implementation, settings.return_audio, args.allow_pickle_weights)
+        model = load_model(
+            checkpoint.path, dtype, attn_implementation, settings.return_audio, args.allow_pickle_weights
+        )
         model = shard_model(model, runtime, stack=args.fast_paths)
     loaded_at = time.time()
 
     # 5. Generate (template, frames and soundtrack, processor, generate, decode: omni_helpers/generation/core.py)
     # 6. Print and save (rank 0): result.json, and output.wav with --return_audio
-    output = Output(runtime, args.output_dir, args.stream, run_metrics=lambda: run_metrics(clock, runtime, model),
-                    started=(imported_at, loaded_at))  # fmt: skip
+    output = Output(
+        runtime,
+        args.output_dir,
+        args.stream,
+        run_metrics=lambda: run_metrics(clock, runtime, model),
+        started=(imported_at, loaded_at),
+    )
     conversation = given.conversation  # as the user gave it, URLs and all
     inputs = {"conversation": conversation, "use_audio_in_video": settings.use_audio_in_video, **media_in(conversation)}
     try:

@@ -37,9 +37,17 @@ from pathlib import Path
 
 from omni_helpers.request.checkpoint import Checkpoint, resolve_checkpoint
 from omni_helpers.request.cli import (
-    argument_parser, add_audio_in_video_arg, add_generation_args, add_model_args, add_pixel_args, add_speech_args,
-    check_common_flags, exit_for, generation_settings, resolve_precision,
-)  # fmt: skip
+    argument_parser,
+    add_audio_in_video_arg,
+    add_generation_args,
+    add_model_args,
+    add_pixel_args,
+    add_speech_args,
+    check_common_flags,
+    exit_for,
+    generation_settings,
+    resolve_precision,
+)
 from omni_helpers.request.errors import RequestError
 from omni_helpers.runtime import configure_openmp, progress, stdout_for_the_launcher
 from omni_helpers.request.settings import GenerationSettings
@@ -60,8 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     server.add_argument("--port", type=int, default=7860, help="port of the UI and the API")
     server.add_argument("--max_queue", type=int, default=8, help="requests that may wait; more get HTTP 429")
-    server.add_argument("--allowed_local_media_path", default=None, metavar="DIR",
-                        help="requests may name local files under DIR (none by default: data: and http(s) URLs only)")
+    server.add_argument(
+        "--allowed_local_media_path",
+        default=None,
+        metavar="DIR",
+        help="requests may name local files under DIR (none by default: data: and http(s) URLs only)",
+    )
     parser.set_defaults(talker_max_new_tokens=SPEECH_FRAMES)
     return parser.parse_args(argv)
 
@@ -82,7 +94,9 @@ def check(args: argparse.Namespace) -> tuple[Checkpoint, GenerationSettings]:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((args.host, args.port))
         except OSError as error:
-            raise RequestError(f"--host {args.host} --port {args.port}: cannot listen there ({error.strerror}); pick another --port") from error
+            raise RequestError(
+                f"--host {args.host} --port {args.port}: cannot listen there ({error.strerror}); pick another --port"
+            ) from error
     return checkpoint, defaults
 
 
@@ -123,9 +137,14 @@ def main(args: argparse.Namespace) -> None:
     lockstep = Lockstep(runtime)
     engine = Engine(checkpoint, lockstep, defaults, args.max_queue)
     if runtime.is_main_process:
-        server, thread = serve_in_background(build_app(args, checkpoint, defaults, engine, runtime), args.host, args.port)
-        print(f"serving {args.model_name} at http://{args.host}:{args.port} (UI at /, API at /v1/chat/completions); "
-              "loading the model", flush=True)  # fmt: skip
+        server, thread = serve_in_background(
+            build_app(args, checkpoint, defaults, engine, runtime), args.host, args.port
+        )
+        print(
+            f"serving {args.model_name} at http://{args.host}:{args.port} (UI at /, API at /v1/chat/completions); "
+            "loading the model",
+            flush=True,
+        )
 
     # 5. Load the processor and the model once (with its talker, if it has one); spread it over the ranks
     dtype, attn_implementation = resolve_precision(args.device_target, args.dtype, args.attn_implementation)
@@ -157,11 +176,18 @@ def build_app(args: argparse.Namespace, checkpoint: Checkpoint, defaults: Genera
 
     allowed = Path(args.allowed_local_media_path).resolve() if args.allowed_local_media_path else None
     media_root = Path(tempfile.mkdtemp(prefix="omni_requests_"))
-    chat = ChatCompletions(engine, checkpoint, args.model_name, defaults, media_root, allowed, checkpoint.config["im_end_token_id"])
-    health = {"model": args.model_name, "checkpoint_kind": checkpoint.kind, "speech": checkpoint.has_talker,
-              "speakers": checkpoint.speakers if checkpoint.has_talker else [], "parallel": runtime.parallel,
-              "world_size": runtime.world_size,
-              "attn_implementation": resolve_precision(args.device_target, args.dtype, args.attn_implementation)[1]}  # fmt: skip
+    chat = ChatCompletions(
+        engine, checkpoint, args.model_name, defaults, media_root, allowed, checkpoint.config["im_end_token_id"]
+    )
+    health = {
+        "model": args.model_name,
+        "checkpoint_kind": checkpoint.kind,
+        "speech": checkpoint.has_talker,
+        "speakers": checkpoint.speakers if checkpoint.has_talker else [],
+        "parallel": runtime.parallel,
+        "world_size": runtime.world_size,
+        "attn_implementation": resolve_precision(args.device_target, args.dtype, args.attn_implementation)[1],
+    }
     ui, speech_folder = build_ui(engine, checkpoint, defaults, f"Qwen3-Omni ({checkpoint.kind}) on MindSpore")
     return ApiErrors(gr.mount_gradio_app(build_api(chat, health), ui, path="/", allowed_paths=[str(speech_folder)]))
 

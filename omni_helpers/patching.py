@@ -97,8 +97,10 @@ class PatchSet:
         return bool(self._originals or self._original_entries)
 
     def targets(self) -> list[str]:
-        return sorted([f"{module}.{attr}" for module, attr in self._replacements]
-                      + [f"{module}.{attr}[{key!r}]" for module, attr, key in self._entries])  # fmt: skip
+        return sorted(
+            [f"{module}.{attr}" for module, attr in self._replacements]
+            + [f"{module}.{attr}[{key!r}]" for module, attr, key in self._entries]
+        )
 
     def installed_version(self) -> Optional[str]:
         try:
@@ -112,14 +114,19 @@ class PatchSet:
         self._version_checked = True
         version = self.installed_version()
         if version != self.written_for:
-            print(f"warning: the {self.name} were written for {self.package} {self.written_for}, "
-                  f"this is {version}; the parity tests tell whether they still hold", file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: the {self.name} were written for {self.package} {self.written_for}, "
+                f"this is {version}; the parity tests tell whether they still hold",
+                file=sys.stderr,
+            )
 
     def _owner_of(self, module: str, attr: str):
         try:
             owner = resolve_owner(module)
         except (ImportError, AttributeError) as error:
-            raise PatchTargetMissing(f"{self.name}: cannot patch {module}.{attr}: {module} is missing ({error})") from error
+            raise PatchTargetMissing(
+                f"{self.name}: cannot patch {module}.{attr}: {module} is missing ({error})"
+            ) from error
         if (module, attr) not in self._new and not hasattr(owner, attr):
             raise PatchTargetMissing(
                 f"{self.name}: cannot patch {module}.{attr}: it does not exist in {self.package} "
@@ -130,8 +137,10 @@ class PatchSet:
     def _registry_of(self, module: str, attr: str, key: str) -> dict:
         registry = getattr(self._owner_of(module, attr), attr)
         if not isinstance(registry, dict) or key not in registry:
-            raise PatchTargetMissing(f"{self.name}: cannot patch {module}.{attr}[{key!r}]: no such entry in "
-                                     f"{self.package} {self.installed_version()} (written for {self.written_for})")  # fmt: skip
+            raise PatchTargetMissing(
+                f"{self.name}: cannot patch {module}.{attr}[{key!r}]: no such entry in "
+                f"{self.package} {self.installed_version()} (written for {self.written_for})"
+            )
         return registry
 
     def install(self) -> list[str]:

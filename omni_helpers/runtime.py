@@ -134,8 +134,9 @@ def seed_everything(seed: int) -> None:
     ms.set_seed(seed)
 
 
-def setup_runtime(device_target: str = "Ascend", seed: int = 0, parallel: Optional[str] = None,
-                  verbose: bool = False) -> Runtime:  # fmt: skip
+def setup_runtime(
+    device_target: str = "Ascend", seed: int = 0, parallel: Optional[str] = None, verbose: bool = False
+) -> Runtime:
     """Select the device, join the msrun job if there is one, seed every random stream.
 
     `parallel` is the --parallel flag (None: zero3 with several msrun workers, none otherwise);

@@ -57,9 +57,17 @@ sys.path.insert(0, str(ROOT))
 FILLER = " the sound of a short sentence and the image"
 SINGLE_PROCESS = ["stock", "optimized", "reference"]
 DISTRIBUTED = ["zero3", "expert", "zero3_pynative", "expert_pynative"]  # *_pynative: the compiled decode steps off
-LOWER_IS_BETTER = ("prefill_seconds", "ops_per_decoded_token", "communicated_bytes_per_decoded_token", "parameter_bytes",
-                   "host_syncs_per_decoded_token", "host_syncs_per_talker_frame", "launches_per_decoded_token",
-                   "launches_per_talker_frame", "peak_host_memory_mb")  # fmt: skip
+LOWER_IS_BETTER = (
+    "prefill_seconds",
+    "ops_per_decoded_token",
+    "communicated_bytes_per_decoded_token",
+    "parameter_bytes",
+    "host_syncs_per_decoded_token",
+    "host_syncs_per_talker_frame",
+    "launches_per_decoded_token",
+    "launches_per_talker_frame",
+    "peak_host_memory_mb",
+)
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -74,11 +82,16 @@ def text_conversation(tokenizer, prompt_tokens: int) -> list[dict]:
 
 
 def media_conversation(media_dir: Path) -> list[dict]:
-    return [{"role": "user", "content": [
-        {"type": "image", "image": str(media_dir / "image.png")},
-        {"type": "audio", "audio": str(media_dir / "audio.wav")},
-        {"type": "text", "text": "What can you see and hear?"},
-    ]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": str(media_dir / "image.png")},
+                {"type": "audio", "audio": str(media_dir / "audio.wav")},
+                {"type": "text", "text": "What can you see and hear?"},
+            ],
+        }
+    ]
 
 
 def caption_conversations(media_dir: Path, count: int = 8) -> list[list[dict]]:
@@ -101,8 +114,9 @@ def caption_conversations(media_dir: Path, count: int = 8) -> list[list[dict]]:
 def settings_for(new_tokens: int, speech: bool, talker_frames: int):
     from omni_helpers.request.settings import GenerationSettings
 
-    return GenerationSettings(max_new_tokens=new_tokens, return_audio=speech, talker_max_new_tokens=talker_frames,
-                              use_audio_in_video=False)  # fmt: skip
+    return GenerationSettings(
+        max_new_tokens=new_tokens, return_audio=speech, talker_max_new_tokens=talker_frames, use_audio_in_video=False
+    )
 
 
 def mindspore_run(model, processor, inputs, new_tokens: int, speech: bool, talker_frames: int) -> dict:
@@ -130,16 +144,25 @@ def reference_run(model, processor, inputs, new_tokens: int, speech: bool, talke
 
     thinker, talker = StepStream(), StepStream()
     handles = thinker.watch(model.thinker) + talker.watch(model.talker)  # torch modules take the same hooks
-    torch_inputs = {k: (torch.from_numpy(v).float() if v.dtype.kind == "f" else torch.from_numpy(v).long()) for k, v in inputs.items()}
+    torch_inputs = {
+        k: (torch.from_numpy(v).float() if v.dtype.kind == "f" else torch.from_numpy(v).long())
+        for k, v in inputs.items()
+    }
     # torch's default, one thread per core, whatever the process's OpenMP setting for MindSpore (`configure_openmp`);
     # the setting is the calling thread's, which MindSpore's own operations share, so it is put back after
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count())
     try:
         with torch.no_grad():
-            model.generate(**torch_inputs, return_audio=speech, thinker_max_new_tokens=new_tokens,
-                           thinker_eos_token_id=model.config.im_end_token_id, thinker_do_sample=False,
-                           talker_do_sample=False, talker_max_new_tokens=talker_frames)  # fmt: skip
+            model.generate(
+                **torch_inputs,
+                return_audio=speech,
+                thinker_max_new_tokens=new_tokens,
+                thinker_eos_token_id=model.config.im_end_token_id,
+                thinker_do_sample=False,
+                talker_do_sample=False,
+                talker_max_new_tokens=talker_frames,
+            )
     finally:
         torch.set_num_threads(threads)
         for handle in handles:
@@ -265,7 +288,9 @@ def batch_run(model, processor, conversations, batch_size: int, new_tokens: int)
 
     decoded, decode_seconds, started = 0, 0.0, time.perf_counter()
     for start in range(0, len(conversations), batch_size):
-        answers = generate_answers(model, processor, conversations[start : start + batch_size], settings_for(new_tokens, False, 0))
+        answers = generate_answers(
+            model, processor, conversations[start : start + batch_size], settings_for(new_tokens, False, 0)
+        )
         decoded += sum(a.metrics["decoded_tokens"] for a in answers)
         decode_seconds += answers[0].metrics["decode_seconds"]  # the batch's, carried by every row
     return {
@@ -287,13 +312,41 @@ def startup(model_name: str, media_dir: Path, device_target: str) -> dict:
         subprocess.run(script + argv, capture_output=True, env=env, timeout=600)
         return round(time.perf_counter() - began, 3)
 
-    figures = {"help_seconds": seconds(["--help"]),
-               "refused_request_seconds": seconds(["--device_target", device_target, "--model_name", model_name,
-                                                   "--image", str(media_dir / "missing.png"), "--prompt", "hi"])}  # fmt: skip
+    figures = {
+        "help_seconds": seconds(["--help"]),
+        "refused_request_seconds": seconds(
+            [
+                "--device_target",
+                device_target,
+                "--model_name",
+                model_name,
+                "--image",
+                str(media_dir / "missing.png"),
+                "--prompt",
+                "hi",
+            ]
+        ),
+    }
     for run in ("first_run", "second_run"):
         with tempfile.TemporaryDirectory() as out:
-            subprocess.run(script + ["--device_target", device_target, "--model_name", model_name, "--prompt", "hi",
-                                     "--max_new_tokens", "4", "--output_dir", out], capture_output=True, env=env, timeout=600)  # fmt: skip
+            subprocess.run(
+                script
+                + [
+                    "--device_target",
+                    device_target,
+                    "--model_name",
+                    model_name,
+                    "--prompt",
+                    "hi",
+                    "--max_new_tokens",
+                    "4",
+                    "--output_dir",
+                    out,
+                ],
+                capture_output=True,
+                env=env,
+                timeout=600,
+            )
             metrics = json.loads((Path(out) / "result.json").read_text())["metrics"]
         figures[run] = {key: value for key, value in metrics.items() if key.startswith("startup_")}
     return figures
@@ -347,8 +400,11 @@ def counted(variant: str, model, processor, inputs, speech: bool, args) -> dict:
     if variant in SINGLE_PROCESS[:2] and not speech:
         figures["ops_per_decoded_token"] = ops_per_decoded_token(model, processor, inputs, args.new_tokens)
     if variant != "stock" and (not speech or args.talker_frames > 2):
-        figures.update(launches_per_step(model, processor, inputs, 2 if speech else args.new_tokens,
-                                         args.talker_frames if speech else 0))  # fmt: skip
+        figures.update(
+            launches_per_step(
+                model, processor, inputs, 2 if speech else args.new_tokens, args.talker_frames if speech else 0
+            )
+        )
     return figures
 
 
@@ -358,39 +414,68 @@ def counted(variant: str, model, processor, inputs, speech: bool, args) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name", default=None, help="a checkpoint (required unless --topology released)")
-    parser.add_argument("--topology", choices=["released"], default=None,
-                        help="measure on a checkpoint built with the released depths, expert and head counts (narrow widths)")
+    parser.add_argument(
+        "--topology",
+        choices=["released"],
+        default=None,
+        help="measure on a checkpoint built with the released depths, expert and head counts (narrow widths)",
+    )
     parser.add_argument("--device_target", choices=["Ascend", "CPU"], default="CPU")
     parser.add_argument("--prompt_tokens", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--talker_frames", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variant", nargs="+", choices=[*SINGLE_PROCESS, *DISTRIBUTED, "all"], default=["all"],
-                        help="all: stock optimized reference; zero3, expert and their *_pynative (the compiled decode "
-                             "steps off) need msrun with 2+ workers")
-    parser.add_argument("--batch_sizes", type=int, nargs="*", default=[],
-                        help="also caption 8 recordings at each of these batch sizes (faster paths)")
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        choices=[*SINGLE_PROCESS, *DISTRIBUTED, "all"],
+        default=["all"],
+        help="all: stock optimized reference; zero3, expert and their *_pynative (the compiled decode "
+        "steps off) need msrun with 2+ workers",
+    )
+    parser.add_argument(
+        "--batch_sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also caption 8 recordings at each of these batch sizes (faster paths)",
+    )
     parser.add_argument("--media_dir", default=None, help="sample media (built in a temporary folder if not given)")
     parser.add_argument("--json", required=True, help="where to write the figures")
-    parser.add_argument("--startup", action="store_true",
-                        help="also time --help, a refused request, and two whole runs of omni_understanding.py")
-    parser.add_argument("--fast_paths", action=argparse.BooleanOptionalAction, default=True,
-                        help="--no-fast_paths: every MindSpore variant runs mindone with this project's bug fixes alone")
-    parser.add_argument("--no-count_ops", dest="count_ops", action="store_false",
-                        help="skip counting operations per decoded token (two extra profiled runs per workload)")
+    parser.add_argument(
+        "--startup",
+        action="store_true",
+        help="also time --help, a refused request, and two whole runs of omni_understanding.py",
+    )
+    parser.add_argument(
+        "--fast_paths",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--no-fast_paths: every MindSpore variant runs mindone with this project's bug fixes alone",
+    )
+    parser.add_argument(
+        "--no-count_ops",
+        dest="count_ops",
+        action="store_false",
+        help="skip counting operations per decoded token (two extra profiled runs per workload)",
+    )
     return parser.parse_args(argv)
 
 
 def chosen_variants(args, world_size: int) -> list[str]:
-    variants = list(dict.fromkeys(v for chosen in args.variant for v in (SINGLE_PROCESS if chosen == "all" else [chosen])))
+    variants = list(
+        dict.fromkeys(v for chosen in args.variant for v in (SINGLE_PROCESS if chosen == "all" else [chosen]))
+    )
     # a mode's PyNative steps before its compiled ones: a rank's peak memory after each then says what the graphs add
     distributed = sorted((v for v in variants if v in DISTRIBUTED), key=lambda v: (model_for(v), v == model_for(v)))
     variants = [v for v in variants if v not in DISTRIBUTED] + distributed
     if args.device_target != "CPU" and "reference" in variants:
         variants.remove("reference")  # the PyTorch reference runs on CPU only here
     if world_size == 1 and set(variants) & set(DISTRIBUTED):
-        sys.exit("error: --variant zero3/expert (and *_pynative) spread the model over msrun's workers; "
-                 "run the benchmark under msrun --worker_num=2 (or more)")  # fmt: skip
+        sys.exit(
+            "error: --variant zero3/expert (and *_pynative) spread the model over msrun's workers; "
+            "run the benchmark under msrun --worker_num=2 (or more)"
+        )
     return variants
 
 
@@ -468,7 +553,9 @@ def main(argv=None) -> dict:
     workloads = {f"text_{n}": (text_conversation(processor.tokenizer, n), False) for n in args.prompt_tokens}
     workloads["image_audio_speech"] = (media_conversation(media_dir), True)
     no_video = settings_for(1, False, 0)
-    prepared = {name: (prepare_inputs(processor, [conv], no_video), speech) for name, (conv, speech) in workloads.items()}
+    prepared = {
+        name: (prepare_inputs(processor, [conv], no_video), speech) for name, (conv, speech) in workloads.items()
+    }
 
     keys = dict.fromkeys(map(model_for, variants))  # each model loaded once, in order
     models = {key: load_model_for(key, checkpoint.path, args.device_target, runtime, args.fast_paths) for key in keys}
@@ -498,8 +585,13 @@ def main(argv=None) -> dict:
                         row[variant] = timed(variant, model, processor, inputs, speech, run, args)
                 say(f"{name:>20} {variant:>15}: {row[variant]}", flush=True)
     for row in report["workloads"].values():
-        for better, baseline in (("optimized", "stock"), ("optimized", "reference"), ("expert", "zero3"),
-                                 ("zero3", "zero3_pynative"), ("expert", "expert_pynative")):
+        for better, baseline in (
+            ("optimized", "stock"),
+            ("optimized", "reference"),
+            ("expert", "zero3"),
+            ("zero3", "zero3_pynative"),
+            ("expert", "expert_pynative"),
+        ):
             if better in row and baseline in row:
                 row[f"{better}_over_{baseline}"] = ratio(row[better], row[baseline])
     install_patches(args.device_target, args.fast_paths)
@@ -509,7 +601,9 @@ def main(argv=None) -> dict:
         conversations = caption_conversations(media_dir)
         batches = {}
         for batch_size in args.batch_sizes:
-            runs = [batch_run(model, processor, conversations, batch_size, args.new_tokens) for _ in range(args.repeats)]
+            runs = [
+                batch_run(model, processor, conversations, batch_size, args.new_tokens) for _ in range(args.repeats)
+            ]
             batches[batch_size] = {key: median([r[key] for r in runs]) for key in runs[0]}
             say(f"{'captions':>20} batch {batch_size:>3}: {batches[batch_size]}", flush=True)
         first = batches[args.batch_sizes[0]]

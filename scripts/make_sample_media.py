@@ -31,9 +31,9 @@ def make_image(size: tuple[int, int] = (96, 64)):
 
     width, height = size
     y, x = np.mgrid[0:height, 0:width]
-    pixels = np.stack(
-        [(x * 255 // width), (y * 255 // height), ((x // 8 + y // 8) % 2) * 255], axis=-1
-    ).astype(np.uint8)
+    pixels = np.stack([(x * 255 // width), (y * 255 // height), ((x // 8 + y // 8) % 2) * 255], axis=-1).astype(
+        np.uint8
+    )
     return Image.fromarray(pixels, "RGB")
 
 
@@ -52,9 +52,7 @@ def make_video_frames(size: int = VIDEO_SIZE, fps: int = VIDEO_FPS, seconds: int
     y, x = np.mgrid[0:size, 0:size]
     for i in range(fps * seconds):
         shift = i * 4
-        frame = np.stack(
-            [((x + shift) * 4) % 256, (y * 4) % 256, (((x + shift) // 8 + y // 8) % 2) * 200], axis=-1
-        )
+        frame = np.stack([((x + shift) * 4) % 256, (y * 4) % 256, (((x + shift) // 8 + y // 8) % 2) * 200], axis=-1)
         frames.append(frame.astype(np.uint8))
     return np.stack(frames)
 
@@ -72,15 +70,49 @@ def write_video(path: Path, frames: np.ndarray, audio: np.ndarray, fps: int = VI
         raw.write_bytes(frames.tobytes())
         sf.write(wav, audio, AUDIO_RATE, subtype="PCM_16")
         command = [
-            ffmpeg, "-y", "-loglevel", "error", "-threads", "1",
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", str(raw),
-            "-i", str(wav),
-            "-map", "0:v", "-map", "1:a",
-            "-c:v", "mpeg4", "-q:v", "2", "-pix_fmt", "yuv420p",
-            "-c:a", "aac", "-ac", "1", "-ar", str(AUDIO_RATE),
-            "-shortest", "-fflags", "+bitexact", "-flags", "+bitexact", "-map_metadata", "-1",
+            ffmpeg,
+            "-y",
+            "-loglevel",
+            "error",
+            "-threads",
+            "1",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            f"{width}x{height}",
+            "-r",
+            str(fps),
+            "-i",
+            str(raw),
+            "-i",
+            str(wav),
+            "-map",
+            "0:v",
+            "-map",
+            "1:a",
+            "-c:v",
+            "mpeg4",
+            "-q:v",
+            "2",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-ac",
+            "1",
+            "-ar",
+            str(AUDIO_RATE),
+            "-shortest",
+            "-fflags",
+            "+bitexact",
+            "-flags",
+            "+bitexact",
+            "-map_metadata",
+            "-1",
             str(path),
-        ]  # fmt: skip
+        ]
         subprocess.run(command, check=True)
 
 

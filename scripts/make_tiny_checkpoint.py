@@ -42,10 +42,35 @@ SPECIAL_TOKENS = [
 ]
 # The role words must each be one token: the talker reads the token after <|im_start|>.
 WORDS = [
-    "system", "user", "assistant", "What", "what", "can", "you", "see", "and", "hear",
-    "Answer", "in", "one", "short", "sentence", "the", "is", "this", "video", "audio",
-    "image", "Describe", "sound", "helpful", "are", "a", "of", "to",
-]  # fmt: skip
+    "system",
+    "user",
+    "assistant",
+    "What",
+    "what",
+    "can",
+    "you",
+    "see",
+    "and",
+    "hear",
+    "Answer",
+    "in",
+    "one",
+    "short",
+    "sentence",
+    "the",
+    "is",
+    "this",
+    "video",
+    "audio",
+    "image",
+    "Describe",
+    "sound",
+    "helpful",
+    "are",
+    "a",
+    "of",
+    "to",
+]
 SPEAKERS = {"chelsie": 0, "ethan": 1, "aiden": 2}
 
 # Official structure: <|im_start|>role\n ... <|im_end|>\n per message, media before text
@@ -127,17 +152,36 @@ def released_topology(config: dict) -> dict:
     narrow_rope = {**thinker["text_config"]["rope_scaling"], "mrope_section": [2, 1, 1]}  # head_dim 8: 4 rotary pairs
     thinker["text_config"].update(rope_scaling=narrow_rope)
     talker["text_config"].update(rope_scaling=narrow_rope)
-    thinker["text_config"].update(num_hidden_layers=48, num_experts=128, num_experts_per_tok=8, num_attention_heads=32,
-                                  num_key_value_heads=4, head_dim=8, moe_intermediate_size=16)  # fmt: skip
+    thinker["text_config"].update(
+        num_hidden_layers=48,
+        num_experts=128,
+        num_experts_per_tok=8,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=8,
+        moe_intermediate_size=16,
+    )
     thinker["audio_config"].update(encoder_layers=32, encoder_attention_heads=20, d_model=40, encoder_ffn_dim=80)
     thinker["vision_config"].update(depth=27, num_heads=16, hidden_size=64, deepstack_visual_indexes=[8, 16, 24])
     talker.update(accept_hidden_layer=24, num_code_groups=16)
-    talker["text_config"].update(num_hidden_layers=20, num_experts=128, num_experts_per_tok=6, num_attention_heads=16,
-                                 num_key_value_heads=2, head_dim=8, moe_intermediate_size=16)  # fmt: skip
-    talker["code_predictor_config"].update(num_hidden_layers=5, num_attention_heads=16, num_key_value_heads=8,
-                                           head_dim=8, num_code_groups=16)  # fmt: skip
-    config["code2wav_config"].update(num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, num_quantizers=16)
+    talker["text_config"].update(
+        num_hidden_layers=20,
+        num_experts=128,
+        num_experts_per_tok=6,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=8,
+        moe_intermediate_size=16,
+    )
+    talker["code_predictor_config"].update(
+        num_hidden_layers=5, num_attention_heads=16, num_key_value_heads=8, head_dim=8, num_code_groups=16
+    )
+    config["code2wav_config"].update(
+        num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, num_quantizers=16
+    )
     return config
+
+
 VARIANT_SEED_OFFSET = {"instruct": 0, "thinking": 100, "captioner": 200}  # each variant its own weights
 
 
@@ -297,9 +341,7 @@ def build_processor(tokenizer):
     mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
     vision = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=mean, image_std=std)
     image_processor = Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=256 * 256, **vision)
-    video_processor = Qwen2VLVideoProcessor(
-        size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128}, **vision
-    )
+    video_processor = Qwen2VLVideoProcessor(size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128}, **vision)
     feature_extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000)
     return Qwen3OmniMoeProcessor(
         image_processor=image_processor,
@@ -374,10 +416,18 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="directory to write the checkpoint into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--variant", choices=VARIANTS, default="instruct",
-                        help="instruct speaks; thinking and captioner have no talker, like the released ones")
-    parser.add_argument("--topology", choices=TOPOLOGIES, default="tiny",
-                        help="released: the released checkpoint's depths, expert and head counts at narrow widths")
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="instruct",
+        help="instruct speaks; thinking and captioner have no talker, like the released ones",
+    )
+    parser.add_argument(
+        "--topology",
+        choices=TOPOLOGIES,
+        default="tiny",
+        help="released: the released checkpoint's depths, expert and head counts at narrow widths",
+    )
     return parser.parse_args(argv)
 
 

@@ -223,8 +223,10 @@ def report(result: Plan, modes: list[str], device_memory_gib: float) -> str:
     if traffic["expert"] and {"zero3", "expert"} <= set(modes):
         lines.append(f"zero3 / expert: {traffic['zero3'] / traffic['expert']:,.0f}x")
     if "zero3" in modes:
-        lines.append(f"zero3, gathered whole for one decoded token: a thinker layer {human(result.zero3_gathered_layer_bytes)}, "
-                     f"the LM head {human(result.zero3_gathered_head_bytes)}")
+        lines.append(
+            f"zero3, gathered whole for one decoded token: a thinker layer {human(result.zero3_gathered_layer_bytes)}, "
+            f"the LM head {human(result.zero3_gathered_head_bytes)}"
+        )
     return "\n".join(lines)
 
 

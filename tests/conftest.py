@@ -124,4 +124,3 @@ def two_rows(tiny_checkpoint, mindone):  # mindone: runtime set up first
         [{"role": "user", "content": "Hi"}],
     ]
     return batch_inputs(tiny_checkpoint, conversations, False)
-

@@ -28,7 +28,10 @@ def request_conversation(kind: str, media: dict[str, Path]) -> list[dict]:
             question,
         ],
         # Small frames keep the video's token count (and the test) small.
-        "video": [{"type": "video", "video": str(media["video"]), "min_pixels": 64 * 64, "max_pixels": 64 * 64}, question],
+        "video": [
+            {"type": "video", "video": str(media["video"]), "min_pixels": 64 * 64, "max_pixels": 64 * 64},
+            question,
+        ],
     }[kind.replace("silent_", "")]
     return [{"role": "user", "content": content}]
 
@@ -62,7 +65,9 @@ def record_codes(code2wav, to_numpy) -> list[np.ndarray]:
     return seen
 
 
-def greedy_settings(config, use_audio_in_video: bool, new_tokens: int, return_audio: bool, talker_new_tokens: int) -> dict:
+def greedy_settings(
+    config, use_audio_in_video: bool, new_tokens: int, return_audio: bool, talker_new_tokens: int
+) -> dict:
     """The same greedy `generate` keywords for both implementations, with the thinker's logits kept."""
     return {
         "use_audio_in_video": use_audio_in_video,
@@ -110,7 +115,10 @@ class Reference:
 
             def pass_the_window_mask(layer, args, kwargs):
                 hidden_states, cu_seqlens = args[0], args[1]
-                return args, {**kwargs, "attention_mask": audio_tower._prepare_attention_mask(hidden_states, cu_seqlens)}
+                return args, {
+                    **kwargs,
+                    "attention_mask": audio_tower._prepare_attention_mask(hidden_states, cu_seqlens),
+                }
 
             for layer in audio_tower.layers:
                 layer.register_forward_pre_hook(pass_the_window_mask, with_kwargs=True)
@@ -143,7 +151,9 @@ class Reference:
             out = self.model.thinker(**self._torch_inputs(inputs), use_audio_in_video=use_audio_in_video)
         return out.logits[0].float().numpy()
 
-    def generate(self, inputs, use_audio_in_video: bool, new_tokens: int, return_audio: bool, talker_new_tokens: int = 8):
+    def generate(
+        self, inputs, use_audio_in_video: bool, new_tokens: int, return_audio: bool, talker_new_tokens: int = 8
+    ):
         import torch
 
         self.codes_seen.clear()
@@ -173,9 +183,13 @@ class MindOne:
         install_patches("CPU")
         self.ms = ms
         model = load_model(checkpoint, "float32", attn_implementation, with_talker=True)
-        self.model = shard_model(model, runtime, stack=stack_experts)  # one process: the experts stacked, as the scripts run
+        self.model = shard_model(
+            model, runtime, stack=stack_experts
+        )  # one process: the experts stacked, as the scripts run
         self.processor = load_processor(checkpoint)
-        self.codes_seen = record_codes(self.model.code2wav, lambda codes: codes.asnumpy()) if self.model.has_talker else []
+        self.codes_seen = (
+            record_codes(self.model.code2wav, lambda codes: codes.asnumpy()) if self.model.has_talker else []
+        )
 
     def prefill_logits(self, inputs, use_audio_in_video: bool) -> np.ndarray:
         from omni_helpers.generation.inputs import to_mindspore
@@ -183,16 +197,27 @@ class MindOne:
         out = self.model.thinker(**to_mindspore(inputs, self.ms.float32), use_audio_in_video=use_audio_in_video)
         return out.logits[0].asnumpy()
 
-    def generate(self, inputs, use_audio_in_video: bool, new_tokens: int, return_audio: bool, talker_new_tokens: int = 8,
-                 sampling_seed: Optional[int] = None):  # fmt: skip
+    def generate(
+        self,
+        inputs,
+        use_audio_in_video: bool,
+        new_tokens: int,
+        return_audio: bool,
+        talker_new_tokens: int = 8,
+        sampling_seed: Optional[int] = None,
+    ):
         """Greedy, or with `sampling_seed` both stages sample (the thinker with the recommended settings)."""
         from omni_helpers.generation.core import generate_from_inputs
 
         self.codes_seen.clear()
         sampling = {} if sampling_seed is None else {"do_sample": True, "talker_do_sample": True, "seed": sampling_seed}
-        settings = GenerationSettings(max_new_tokens=new_tokens, return_audio=return_audio,
-                                      talker_max_new_tokens=talker_new_tokens, use_audio_in_video=use_audio_in_video,
-                                      **sampling)  # fmt: skip
+        settings = GenerationSettings(
+            max_new_tokens=new_tokens,
+            return_audio=return_audio,
+            talker_max_new_tokens=talker_new_tokens,
+            use_audio_in_video=use_audio_in_video,
+            **sampling,
+        )
         answer = generate_from_inputs(self.model, self.processor, inputs, settings, keep_logits=True)[0]
         return Generation(
             tokens=np.array(answer.token_ids),
@@ -213,7 +238,9 @@ def top2_margins(step_logits: np.ndarray) -> np.ndarray:
     return top2[:, 1] - top2[:, 0]
 
 
-def thinker_generate(mindone, inputs, new_tokens: int, monkeypatch, pynative=None, use_audio_in_video=False, **settings):
+def thinker_generate(
+    mindone, inputs, new_tokens: int, monkeypatch, pynative=None, use_audio_in_video=False, **settings
+):
     """The thinker's generate, returning every step's logits and hidden states; with `pynative` (a module
     of the project's compiled paths, `decode_graph` or `prompt_graph`) that path turned off."""
     import mindspore as ms
@@ -224,9 +251,14 @@ def thinker_generate(mindone, inputs, new_tokens: int, monkeypatch, pynative=Non
         if pynative is not None:
             patch.setattr(pynative, "applies", lambda *args: False)
         return mindone.model.thinker.generate(
-            **to_mindspore(inputs, ms.float32), max_new_tokens=new_tokens, return_dict_in_generate=True,
-            output_hidden_states=True, output_logits=True, use_audio_in_video=use_audio_in_video, **settings,
-        )  # fmt: skip
+            **to_mindspore(inputs, ms.float32),
+            max_new_tokens=new_tokens,
+            return_dict_in_generate=True,
+            output_hidden_states=True,
+            output_logits=True,
+            use_audio_in_video=use_audio_in_video,
+            **settings,
+        )
 
 
 def unbuildable(kernel: str):

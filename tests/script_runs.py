@@ -79,13 +79,21 @@ def msrun_worker(msrun_pid: int, rank: int):
     return None
 
 
-def msrun_command(script: str, args: list[str], log_dir: Path, workers: int = 2, cluster_time_out: int = 300) -> list[str]:
+def msrun_command(
+    script: str, args: list[str], log_dir: Path, workers: int = 2, cluster_time_out: int = 300
+) -> list[str]:
     msrun = str(Path(sys.executable).with_name("msrun"))
     return [
-        msrun, f"--worker_num={workers}", f"--local_worker_num={workers}", f"--master_port={free_port()}",
-        f"--log_dir={log_dir}", "--join=True", f"--cluster_time_out={cluster_time_out}",
-        str(ROOT / script), *args,
-    ]  # fmt: skip
+        msrun,
+        f"--worker_num={workers}",
+        f"--local_worker_num={workers}",
+        f"--master_port={free_port()}",
+        f"--log_dir={log_dir}",
+        "--join=True",
+        f"--cluster_time_out={cluster_time_out}",
+        str(ROOT / script),
+        *args,
+    ]
 
 
 def calm_msrun(process: subprocess.Popen, log_dir: Path, workers: int = 2) -> None:
@@ -111,7 +119,9 @@ def calm_msrun(process: subprocess.Popen, log_dir: Path, workers: int = 2) -> No
 def run_msrun(script: str, args: list[str], output_dir: Path, workers: int = 2, cluster_time_out: int = 300) -> Run:
     log_dir = output_dir.parent / f"{output_dir.name}_msrun_log"
     command = msrun_command(script, [*args, "--output_dir", str(output_dir)], log_dir, workers, cluster_time_out)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=script_env(), cwd=output_dir.parent)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=script_env(), cwd=output_dir.parent
+    )
     calm_msrun(process, log_dir, workers)
     try:
         stdout, stderr = process.communicate(timeout=TIMEOUT)
@@ -126,7 +136,9 @@ def run_launcher(launcher: str, args: list[str], output_dir: Path, workers: int 
     log_dir = output_dir.parent / f"{output_dir.name}_msrun_log"
     settings = {"WORKER_NUM": str(workers), "MASTER_PORT": str(free_port()), "LOG_DIR": str(log_dir), **env}
     command = ["bash", str(ROOT / "scripts" / launcher), *args, "--output_dir", str(output_dir)]
-    done = subprocess.run(command, capture_output=True, timeout=TIMEOUT, env=script_env(**settings), cwd=output_dir.parent)
+    done = subprocess.run(
+        command, capture_output=True, timeout=TIMEOUT, env=script_env(**settings), cwd=output_dir.parent
+    )
     return Run(done.returncode, _text(done.stdout), _text(done.stderr), output_dir, log_dir, launcher=True)
 
 
@@ -147,15 +159,22 @@ def decode(checkpoint: Path, tokens: np.ndarray) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def expected_answer(reference, checkpoint: Path, conversation: list[dict], new_tokens: int, talker_frames: int = 0,
-                    use_audio_in_video: bool = True) -> tuple[str, Optional[np.ndarray]]:  # fmt: skip
+def expected_answer(
+    reference,
+    checkpoint: Path,
+    conversation: list[dict],
+    new_tokens: int,
+    talker_frames: int = 0,
+    use_audio_in_video: bool = True,
+) -> tuple[str, Optional[np.ndarray]]:
     """The reference's greedy answer (text, and speech if `talker_frames`) to one conversation,
     preprocessed as the scripts do by default."""
     from omni_helpers.request.cli import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
     from tests.reference import processor_inputs
 
-    inputs = processor_inputs(checkpoint, conversation, use_audio_in_video,
-                              min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS)  # fmt: skip
+    inputs = processor_inputs(
+        checkpoint, conversation, use_audio_in_video, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS
+    )
     generation = reference.generate(inputs, use_audio_in_video, new_tokens, bool(talker_frames), talker_frames or 8)
     return decode(checkpoint, generation.tokens), generation.wav
 
@@ -167,8 +186,13 @@ def expected_answer(reference, checkpoint: Path, conversation: list[dict], new_t
 WAV_TOLERANCE_FLASH, WAV_TOLERANCE_EAGER = 1e-2, 1e-3
 
 
-def check_run(run: Run, expected_text, expected_wav: Optional[np.ndarray], extra_files: frozenset = frozenset(),
-              wav_tolerance: float = WAV_TOLERANCE_FLASH) -> None:  # fmt: skip
+def check_run(
+    run: Run,
+    expected_text,
+    expected_wav: Optional[np.ndarray],
+    extra_files: frozenset = frozenset(),
+    wav_tolerance: float = WAV_TOLERANCE_FLASH,
+) -> None:
     """What every script run must show: exit 0, the answer printed and saved, the speech (if any) whole."""
     assert run.returncode == 0, run.stderr[-3000:]
     printed = run.printed
@@ -200,7 +224,13 @@ def check_metrics(run: Run, new_tokens: int, speech: bool) -> None:
     """The metrics object every run writes: the counts exact, the timings present and positive."""
     metrics = run.result["metrics"]
     assert metrics["prompt_tokens"] > 0 and metrics["thinker_new_tokens"] == new_tokens
-    for key in ("load_seconds", "preprocessing_seconds", "prefill_seconds", "thinker_decode_tokens_per_second", "peak_host_memory_mb"):
+    for key in (
+        "load_seconds",
+        "preprocessing_seconds",
+        "prefill_seconds",
+        "thinker_decode_tokens_per_second",
+        "peak_host_memory_mb",
+    ):
         assert metrics[key] > 0, key
     assert metrics["peak_device_memory_mb"] is None  # CPU reports none
     if speech:
@@ -216,7 +246,9 @@ def check_parallel(run: Run, plan, mode: str, with_talker: bool) -> None:
     in the run, are the planner's figures for `mode` (computed from the config alone)."""
     metrics = run.result["metrics"]
     assert (metrics["parallel"], metrics["world_size"]) == (mode, 1 if mode == "none" else plan.world_size)
-    assert metrics["parameter_bytes"] == plan.parameter_bytes_per_rank[mode]["whole" if with_talker else "without_talker"]
+    assert (
+        metrics["parameter_bytes"] == plan.parameter_bytes_per_rank[mode]["whole" if with_talker else "without_talker"]
+    )
     assert metrics["communicated_bytes_per_decoded_token"] == round(plan.communicated_bytes_per_decoded_token[mode])
 
 

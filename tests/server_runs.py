@@ -67,8 +67,13 @@ class Server:
         return self.process.wait()
 
 
-def start_server(args: list[str], folder: Path, msrun: bool = False, cluster_time_out: int = 60,
-                 while_loading: Optional[Callable[[Server, dict], None]] = None) -> Server:  # fmt: skip
+def start_server(
+    args: list[str],
+    folder: Path,
+    msrun: bool = False,
+    cluster_time_out: int = 60,
+    while_loading: Optional[Callable[[Server, dict], None]] = None,
+) -> Server:
     """Start it and wait for /health to say "ready"; `while_loading(server, health)` is called once if /health
     is seen answering while the model still loads."""
     port = free_port()
@@ -87,7 +92,9 @@ def start_server(args: list[str], folder: Path, msrun: bool = False, cluster_tim
     deadline = time.time() + START_TIMEOUT
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+            raise RuntimeError(
+                f"the server exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
+            )
         try:
             health = server.get("/health")
         except OSError:

@@ -9,9 +9,16 @@ import pytest
 
 import audio_captioning
 from tests.script_runs import (
-    SAMPLING, check_both_ranks_ran, check_expert_parallel_as_one_process, check_metrics, check_parallel, check_run,
-    expected_answer, run_msrun, run_single,
-)  # fmt: skip
+    SAMPLING,
+    check_both_ranks_ran,
+    check_expert_parallel_as_one_process,
+    check_metrics,
+    check_parallel,
+    check_run,
+    expected_answer,
+    run_msrun,
+    run_single,
+)
 
 NEW_TOKENS = 8
 
@@ -20,9 +27,17 @@ NEW_TOKENS = 8
 def argv(tiny_checkpoint, sample_media, short_audio):
     # A second, shorter audio (one encoder chunk) so the two captions differ.
     return [
-        "--device_target", "CPU", "--model_name", str(tiny_checkpoint),
-        "--audio", str(sample_media["audio"]), "--audio", str(short_audio), "--max_new_tokens", str(NEW_TOKENS),
-    ]  # fmt: skip
+        "--device_target",
+        "CPU",
+        "--model_name",
+        str(tiny_checkpoint),
+        "--audio",
+        str(sample_media["audio"]),
+        "--audio",
+        str(short_audio),
+        "--max_new_tokens",
+        str(NEW_TOKENS),
+    ]
 
 
 def captions_of(argv, checkpoint, reference) -> list[str]:
@@ -68,12 +83,25 @@ def test_msrun_expert_parallel_samples_exactly_as_one_process(argv, tiny_plan, t
 
 
 @pytest.mark.slow
-def test_the_captioner_captions_three_files_in_one_batch_as_each_alone(tiny_captioner, sample_media, short_audio,
-                                                                       references, runtime_cpu, tmp_path):  # fmt: skip
+def test_the_captioner_captions_three_files_in_one_batch_as_each_alone(
+    tiny_captioner, sample_media, short_audio, references, runtime_cpu, tmp_path
+):
     video_soundtrack = tmp_path / "soundtrack.mp4"  # an audio-only reading of the video file: a third, different length
     video_soundtrack.write_bytes(sample_media["video"].read_bytes())
-    argv = ["--device_target", "CPU", "--model_name", str(tiny_captioner), "--max_new_tokens", str(NEW_TOKENS),
-            "--audio", str(sample_media["audio"]), "--audio", str(short_audio), "--audio", str(video_soundtrack)]  # fmt: skip
+    argv = [
+        "--device_target",
+        "CPU",
+        "--model_name",
+        str(tiny_captioner),
+        "--max_new_tokens",
+        str(NEW_TOKENS),
+        "--audio",
+        str(sample_media["audio"]),
+        "--audio",
+        str(short_audio),
+        "--audio",
+        str(video_soundtrack),
+    ]
     expected = captions_of(argv, tiny_captioner, references(tiny_captioner))
     run = run_single("audio_captioning.py", argv + ["--batch_size", "3"], tmp_path / "out")
     check_run(run, expected, None, extra_files={"results.jsonl"})

@@ -38,7 +38,9 @@ def imports_of(path) -> set[str]:
             assert node.level == 0, f"{path}: a relative import; the package imports by full name"
             for alias in node.names:
                 as_module = f"{node.module}.{alias.name}"
-                found.add(as_module if (PACKAGE.parent / (as_module.replace(".", "/") + ".py")).exists() else node.module)
+                found.add(
+                    as_module if (PACKAGE.parent / (as_module.replace(".", "/") + ".py")).exists() else node.module
+                )
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.startswith("omni_helpers")}
     return found
@@ -76,7 +78,9 @@ def test_no_module_imports_one_that_imports_it():
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
         for following in graph.get(start, ()):
-            if following == goal or (following not in seen and not seen.add(following) and reaches(following, goal, seen)):
+            if following == goal or (
+                following not in seen and not seen.add(following) and reaches(following, goal, seen)
+            ):
                 return True
         return False
 
@@ -93,3 +97,10 @@ def test_a_script_checks_its_request_without_importing_mindspore():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_the_code_is_formatted_as_pyproject_toml_says():
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "."], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"run `ruff format` here:\n{done.stdout[-2000:]}{done.stderr[-1000:]}"

@@ -28,7 +28,9 @@ def test_video_has_frames_and_an_audio_track(sample_media):
 
     probe = subprocess.run(
         ["ffprobe", "-v", "error", "-show_entries", "stream=codec_type", "-of", "csv=p=0", str(sample_media["video"])],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert sorted(probe.stdout.split()) == ["audio", "video"]
     assert len(decord.VideoReader(str(sample_media["video"]))) == 8

@@ -21,10 +21,22 @@ def test_config_ids_are_the_tokenizers(tiny_checkpoint):
     tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
     ids = tok.convert_tokens_to_ids
     assert config["im_start_token_id"] == ids("<|im_start|>") and config["im_end_token_id"] == ids("<|im_end|>")
-    assert [config[f"{r}_token_id"] for r in ("system", "user", "assistant")] == [ids(r) for r in ("system", "user", "assistant")]
-    assert [tok.encode(r) for r in ("system", "user", "assistant")] == [[ids("system")], [ids("user")], [ids("assistant")]]
+    assert [config[f"{r}_token_id"] for r in ("system", "user", "assistant")] == [
+        ids(r) for r in ("system", "user", "assistant")
+    ]
+    assert [tok.encode(r) for r in ("system", "user", "assistant")] == [
+        [ids("system")],
+        [ids("user")],
+        [ids("assistant")],
+    ]
     thinker = config["thinker_config"]
-    for key, token in [("audio_token_id", "<|audio_pad|>"), ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"), ("audio_start_token_id", "<|audio_start|>")]:
+    for key, token in [
+        ("audio_token_id", "<|audio_pad|>"),
+        ("image_token_id", "<|image_pad|>"),
+        ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"),
+        ("audio_start_token_id", "<|audio_start|>"),
+    ]:
         assert thinker[key] == ids(token) == config["talker_config"][key]
     assert thinker["text_config"]["vocab_size"] == len(tok)
     talker = config["talker_config"]

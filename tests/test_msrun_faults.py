@@ -23,9 +23,20 @@ def test_a_dead_worker_ends_the_job_and_leaves_outputs_untouched(tiny_checkpoint
     (out / "result.json").write_text(json.dumps(previous))
     cluster_time_out = 60
     args = [
-        "--device_target", "CPU", "--model_name", str(tiny_checkpoint), "--audio", str(sample_media["audio"]),
-        "--prompt", "hi", "--max_new_tokens", "400", "--output_dir", str(out), "--verbose",
-    ]  # fmt: skip
+        "--device_target",
+        "CPU",
+        "--model_name",
+        str(tiny_checkpoint),
+        "--audio",
+        str(sample_media["audio"]),
+        "--prompt",
+        "hi",
+        "--max_new_tokens",
+        "400",
+        "--output_dir",
+        str(out),
+        "--verbose",
+    ]
     command = msrun_command("omni_understanding.py", args, log_dir, cluster_time_out=cluster_time_out)
     launch = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=script_env())
     calm_msrun(launch, log_dir)

@@ -14,11 +14,24 @@ import pytest
 
 import omni_understanding
 from tests.script_runs import (
-    ROOT, Run,
-    SAMPLING, TALKER_SAMPLING, check_both_ranks_ran, check_expert_parallel_as_one_process, check_metrics, check_parallel,
-    WAV_TOLERANCE_EAGER, WAV_TOLERANCE_FLASH, check_run, expected_answer, run_launcher, run_msrun, run_single, script_command,
+    ROOT,
+    Run,
+    SAMPLING,
+    TALKER_SAMPLING,
+    check_both_ranks_ran,
+    check_expert_parallel_as_one_process,
+    check_metrics,
+    check_parallel,
+    WAV_TOLERANCE_EAGER,
+    WAV_TOLERANCE_FLASH,
+    check_run,
+    expected_answer,
+    run_launcher,
+    run_msrun,
+    run_single,
+    script_command,
     script_env,
-)  # fmt: skip
+)
 
 NEW_TOKENS, TALKER_FRAMES = 8, 4
 QUESTION = "What can you see and hear? Answer in one short sentence."
@@ -27,10 +40,22 @@ QUESTION = "What can you see and hear? Answer in one short sentence."
 @pytest.fixture(scope="module")
 def argv(tiny_checkpoint, sample_media):
     return [
-        "--device_target", "CPU", "--model_name", str(tiny_checkpoint),
-        "--image", str(sample_media["image"]), "--audio", str(sample_media["audio"]), "--prompt", QUESTION,
-        "--max_new_tokens", str(NEW_TOKENS), "--return_audio", "--talker_max_new_tokens", str(TALKER_FRAMES),
-    ]  # fmt: skip
+        "--device_target",
+        "CPU",
+        "--model_name",
+        str(tiny_checkpoint),
+        "--image",
+        str(sample_media["image"]),
+        "--audio",
+        str(sample_media["audio"]),
+        "--prompt",
+        QUESTION,
+        "--max_new_tokens",
+        str(NEW_TOKENS),
+        "--return_audio",
+        "--talker_max_new_tokens",
+        str(TALKER_FRAMES),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +65,9 @@ def expected(argv, tiny_checkpoint, reference, runtime_cpu):
 
 
 def test_conversation_puts_media_before_the_question(argv, sample_media):
-    (request,) = omni_understanding.build_requests(omni_understanding.parse_args(argv + ["--system_prompt", "Be brief."]))
+    (request,) = omni_understanding.build_requests(
+        omni_understanding.parse_args(argv + ["--system_prompt", "Be brief."])
+    )
     conversation = request.conversation
     assert [m["role"] for m in conversation] == ["system", "user"]
     assert [item["type"] for item in conversation[1]["content"]] == ["image", "audio", "text"]
@@ -51,7 +78,9 @@ def test_conversation_puts_media_before_the_question(argv, sample_media):
 @pytest.mark.parametrize("attention", ["flash_attention_2", "eager"])  # the default (Ascend's path), and eager
 def test_single_process_streams_the_reference_answer_and_nothing_else(attention, argv, expected, tiny_plan, tmp_path):
     run = run_single("omni_understanding.py", argv + ["--stream", "--attn_implementation", attention], tmp_path / "out")
-    check_run(run, *expected, wav_tolerance=WAV_TOLERANCE_FLASH if attention == "flash_attention_2" else WAV_TOLERANCE_EAGER)
+    check_run(
+        run, *expected, wav_tolerance=WAV_TOLERANCE_FLASH if attention == "flash_attention_2" else WAV_TOLERANCE_EAGER
+    )
     assert run.stdout == expected[0] + "\n"  # stdout is the answer only, streamed piece by piece
     check_metrics(run, NEW_TOKENS, speech=True)
     check_parallel(run, tiny_plan, "none", with_talker=True)
@@ -59,7 +88,9 @@ def test_single_process_streams_the_reference_answer_and_nothing_else(attention,
 
 
 @pytest.mark.slow
-def test_the_launcher_on_two_workers_prints_the_reference_answer_alone(argv, expected, tiny_plan, tiny_checkpoint, tmp_path):
+def test_the_launcher_on_two_workers_prints_the_reference_answer_alone(
+    argv, expected, tiny_plan, tiny_checkpoint, tmp_path
+):
     """scripts/run_omni_understanding.sh (msrun, 2 CPU workers, ZeRO-3): stdout is the answer, nothing else."""
     run = run_launcher("run_omni_understanding.sh", argv, tmp_path / "out", MODEL_NAME=str(tiny_checkpoint))
     check_run(run, *expected)
@@ -71,7 +102,9 @@ def test_the_launcher_on_two_workers_prints_the_reference_answer_alone(argv, exp
 @pytest.mark.slow
 def test_msrun_expert_parallel_samples_exactly_as_one_process(argv, tiny_plan, tmp_path):
     """Sampling on: the same logits and the same random stream must give the same tokens and codec codes."""
-    check_expert_parallel_as_one_process("omni_understanding.py", argv + SAMPLING + TALKER_SAMPLING, tiny_plan, True, tmp_path)
+    check_expert_parallel_as_one_process(
+        "omni_understanding.py", argv + SAMPLING + TALKER_SAMPLING, tiny_plan, True, tmp_path
+    )
 
 
 def copy_list(script: str) -> tuple[list[str], list[str]]:
@@ -101,8 +134,13 @@ def test_the_script_runs_in_an_empty_folder_with_what_the_readme_says_to_copy(ar
         shutil.rmtree(project / path)
     environment = {name: value for name, value in script_env().items() if name != "PYTHONPATH"}  # nothing from here
     output_dir = tmp_path / "out"
-    done = subprocess.run([sys.executable, "omni_understanding.py", *argv, "--output_dir", str(output_dir)],
-                          cwd=project, env=environment, capture_output=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "omni_understanding.py", *argv, "--output_dir", str(output_dir)],
+        cwd=project,
+        env=environment,
+        capture_output=True,
+        timeout=900,
+    )
     check_run(Run(done.returncode, done.stdout.decode(), done.stderr.decode(), output_dir), *expected)
 
 
@@ -112,19 +150,28 @@ def test_the_script_runs_in_an_empty_folder_with_what_the_readme_says_to_copy(ar
 def mixed_requests(media: dict, short_audio) -> list[dict]:
     """Different lengths and modalities: text only; image + audio; a shorter audio; text; then a
     video with its soundtrack and an audio alone (a batch never mixes images and videos)."""
+
     def turn(*items):
         return [{"role": "user", "content": [*items, {"type": "text", "text": QUESTION}]}]
 
     return [
         {"id": "text", "conversation": turn()},
-        {"id": "image+audio", "conversation": turn({"type": "image", "image": str(media["image"])},
-                                                    {"type": "audio", "audio": str(media["audio"])})},
+        {
+            "id": "image+audio",
+            "conversation": turn(
+                {"type": "image", "image": str(media["image"])}, {"type": "audio", "audio": str(media["audio"])}
+            ),
+        },
         {"id": "short audio", "conversation": turn({"type": "audio", "audio": str(short_audio)})},
         {"id": "text again", "conversation": [{"role": "user", "content": "Describe the sound of a short sentence."}]},
-        {"id": "video", "conversation": turn({"type": "video", "video": str(media["video"]),
-                                              "min_pixels": 64 * 64, "max_pixels": 64 * 64})},
+        {
+            "id": "video",
+            "conversation": turn(
+                {"type": "video", "video": str(media["video"]), "min_pixels": 64 * 64, "max_pixels": 64 * 64}
+            ),
+        },
         {"id": "audio", "conversation": turn({"type": "audio", "audio": str(media["audio"])})},
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +185,28 @@ def requests_file(sample_media, short_audio, tmp_path_factory):
 def expected_lines(requests_file, tiny_checkpoint, reference, runtime_cpu):
     """Each request answered alone by the reference."""
     return [
-        {"id": r["id"], "text": expected_answer(reference, tiny_checkpoint, r["conversation"], NEW_TOKENS)[0], "audio": None}
+        {
+            "id": r["id"],
+            "text": expected_answer(reference, tiny_checkpoint, r["conversation"], NEW_TOKENS)[0],
+            "audio": None,
+        }
         for r in map(json.loads, requests_file.read_text().splitlines())
     ]
 
 
 def requests_argv(checkpoint, requests_file, batch_size: int) -> list[str]:
-    return ["--device_target", "CPU", "--model_name", str(checkpoint), "--requests", str(requests_file),
-            "--max_new_tokens", str(NEW_TOKENS), "--batch_size", str(batch_size)]  # fmt: skip
+    return [
+        "--device_target",
+        "CPU",
+        "--model_name",
+        str(checkpoint),
+        "--requests",
+        str(requests_file),
+        "--max_new_tokens",
+        str(NEW_TOKENS),
+        "--batch_size",
+        str(batch_size),
+    ]
 
 
 def results(output_dir) -> list[dict]:
@@ -157,7 +218,9 @@ def answers_of(lines: list[dict]) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_requests_in_batches_of_four_answer_each_as_the_reference_does_alone(tiny_checkpoint, requests_file, expected_lines, tmp_path):
+def test_requests_in_batches_of_four_answer_each_as_the_reference_does_alone(
+    tiny_checkpoint, requests_file, expected_lines, tmp_path
+):
     run = run_single("omni_understanding.py", requests_argv(tiny_checkpoint, requests_file, 4), tmp_path / "out")
     assert run.returncode == 0, run.stderr[-3000:]
     lines = results(run.output_dir)
@@ -169,19 +232,28 @@ def test_requests_in_batches_of_four_answer_each_as_the_reference_does_alone(tin
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["zero3", "expert"])
 def test_msrun_requests_in_batches_match_the_reference(tiny_checkpoint, requests_file, expected_lines, mode, tmp_path):
-    run = run_msrun("omni_understanding.py", requests_argv(tiny_checkpoint, requests_file, 4) + ["--parallel", mode],
-                    tmp_path / "out")  # fmt: skip
+    run = run_msrun(
+        "omni_understanding.py",
+        requests_argv(tiny_checkpoint, requests_file, 4) + ["--parallel", mode],
+        tmp_path / "out",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert answers_of(results(run.output_dir)) == expected_lines
     assert {line["metrics"]["parallel"] for line in results(run.output_dir)} == {mode}
 
 
 @pytest.mark.slow
-def test_an_interrupted_run_keeps_its_finished_lines_and_resume_finishes_it(tiny_checkpoint, requests_file, expected_lines, tmp_path):
+def test_an_interrupted_run_keeps_its_finished_lines_and_resume_finishes_it(
+    tiny_checkpoint, requests_file, expected_lines, tmp_path
+):
     out = tmp_path / "out"
     argv = requests_argv(tiny_checkpoint, requests_file, 2) + ["--max_new_tokens", "48", "--output_dir", str(out)]
-    launch = subprocess.Popen(script_command("omni_understanding.py", argv), env=script_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    launch = subprocess.Popen(
+        script_command("omni_understanding.py", argv),
+        env=script_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 300
         while not ((out / "results.jsonl").exists() and (out / "results.jsonl").read_text().count("\n") >= 2):
@@ -205,9 +277,21 @@ def test_an_interrupted_run_keeps_its_finished_lines_and_resume_finishes_it(tiny
 
 
 @pytest.mark.slow
-def test_the_thinking_checkpoint_answers_text_as_its_reference_does(tiny_thinking, sample_media, references, runtime_cpu, tmp_path):
-    argv = ["--device_target", "CPU", "--model_name", str(tiny_thinking), "--image", str(sample_media["image"]),
-            "--prompt", QUESTION, "--max_new_tokens", str(NEW_TOKENS)]  # fmt: skip
+def test_the_thinking_checkpoint_answers_text_as_its_reference_does(
+    tiny_thinking, sample_media, references, runtime_cpu, tmp_path
+):
+    argv = [
+        "--device_target",
+        "CPU",
+        "--model_name",
+        str(tiny_thinking),
+        "--image",
+        str(sample_media["image"]),
+        "--prompt",
+        QUESTION,
+        "--max_new_tokens",
+        str(NEW_TOKENS),
+    ]
     (request,) = omni_understanding.build_requests(omni_understanding.parse_args(argv))
     expected_text, _ = expected_answer(references(tiny_thinking), tiny_thinking, request.conversation, NEW_TOKENS)
     run = run_single("omni_understanding.py", argv, tmp_path / "out")

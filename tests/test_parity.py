@@ -66,14 +66,18 @@ def generate_without_fast_paths(model: MindOne, *args, **kwargs):
         install_patches("CPU")
 
 
-@pytest.mark.parametrize("fast_paths", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["fast_paths", "fixes_only"])
+@pytest.mark.parametrize(
+    "fast_paths", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["fast_paths", "fixes_only"]
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_text_and_speech_match_reference(kind, fast_paths, requests, reference, mindone, fixes_only):
     expected = reference.generate(requests[kind], uses_audio_in_video(kind), NEW_TOKENS, return_audio=True)
     if fast_paths:
         actual = mindone.generate(requests[kind], uses_audio_in_video(kind), NEW_TOKENS, return_audio=True)
     else:
-        actual = generate_without_fast_paths(fixes_only, requests[kind], uses_audio_in_video(kind), NEW_TOKENS, return_audio=True)
+        actual = generate_without_fast_paths(
+            fixes_only, requests[kind], uses_audio_in_video(kind), NEW_TOKENS, return_audio=True
+        )
 
     # Every greedy choice is clear: flipping one would take an error of half the top-2 gap,
     # five times what the tolerance allows (and the measured error is far below that).
@@ -100,7 +104,9 @@ def test_fast_paths_change_nothing_but_speed(requests, mindone, fixes_only, samp
     speech, greedy and sampled from the same seed."""
     inputs = requests["image_audio"]
     fast = mindone.generate(inputs, False, NEW_TOKENS, return_audio=True, sampling_seed=sampling_seed)
-    stock = generate_without_fast_paths(fixes_only, inputs, False, NEW_TOKENS, return_audio=True, sampling_seed=sampling_seed)
+    stock = generate_without_fast_paths(
+        fixes_only, inputs, False, NEW_TOKENS, return_audio=True, sampling_seed=sampling_seed
+    )
     np.testing.assert_array_equal(fast.tokens, stock.tokens)
     assert relative_error(fast.step_logits, stock.step_logits) <= 1e-5
     np.testing.assert_array_equal(fast.codes, stock.codes)
@@ -119,12 +125,17 @@ def batch_of(kinds, media, short_audio) -> list[list[dict]]:
     return [conversations[k] if k in conversations else request_conversation(k, media) for k in kinds]
 
 
-@pytest.mark.parametrize("kinds", [
-    ["text", "image_audio", "short_audio", "plain"],  # images, audio of two lengths, text: four prompt lengths
-    ["video", "short_audio", "text"],  # a video with its soundtrack beside audio and text
-], ids=["images", "video"])  # fmt: skip
-def test_every_row_of_a_batch_answers_as_its_conversation_alone(kinds, tiny_checkpoint, sample_media, short_audio,
-                                                                 reference, mindone):  # fmt: skip
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        ["text", "image_audio", "short_audio", "plain"],  # images, audio of two lengths, text: four prompt lengths
+        ["video", "short_audio", "text"],  # a video with its soundtrack beside audio and text
+    ],
+    ids=["images", "video"],
+)
+def test_every_row_of_a_batch_answers_as_its_conversation_alone(
+    kinds, tiny_checkpoint, sample_media, short_audio, reference, mindone
+):
     from omni_helpers.generation.core import generate_from_inputs
     from omni_helpers.request.settings import GenerationSettings
 
@@ -140,7 +151,9 @@ def test_every_row_of_a_batch_answers_as_its_conversation_alone(kinds, tiny_chec
         single = generate_from_inputs(mindone.model, mindone.processor, alone, settings)[0]
         np.testing.assert_array_equal(np.array(answer.token_ids), expected.tokens)
         assert answer.token_ids == single.token_ids and answer.text == single.text
-        assert answer.metrics["batch_size"] == len(kinds) and answer.metrics["thinker_new_tokens"] == len(answer.token_ids)
+        assert answer.metrics["batch_size"] == len(kinds) and answer.metrics["thinker_new_tokens"] == len(
+            answer.token_ids
+        )
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -155,9 +168,13 @@ def test_streamed_pieces_arrive_while_the_thinker_decodes_and_join_to_the_answer
     handle = mindone.model.thinker.register_forward_hook(lambda *_: forwards.append(1))
     pieces = []
     try:
-        answer = generate_from_inputs(mindone.model, mindone.processor, requests["text"],
-                                      GenerationSettings(max_new_tokens=NEW_TOKENS),
-                                      on_text=lambda row, piece: pieces.append((len(forwards), row, piece)))[0]  # fmt: skip
+        answer = generate_from_inputs(
+            mindone.model,
+            mindone.processor,
+            requests["text"],
+            GenerationSettings(max_new_tokens=NEW_TOKENS),
+            on_text=lambda row, piece: pieces.append((len(forwards), row, piece)),
+        )[0]
     finally:
         handle.remove()
     assert "".join(piece for _, _, piece in pieces) == answer.text and len(pieces) > 1

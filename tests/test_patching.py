@@ -91,8 +91,9 @@ def test_without_the_faster_paths_their_modules_are_not_even_imported(tiny_check
         " 'host_positions', 'thinker_prompt', 'graph_ops']\n"
         "print(sorted(m for m in faster if 'omni_helpers.' + m in sys.modules), len(replaced))\n"
     )
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300, env=script_env(),
-                          cwd=ROOT)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=300, env=script_env(), cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     imported, replaced = done.stdout.strip().splitlines()[-1].rsplit(" ", 1)
     assert imported == "[]" and int(replaced) > 0

@@ -20,7 +20,9 @@ def test_unsharded_and_expert_bytes_are_those_of_the_loaded_model(tiny_checkpoin
 
     from omni_helpers.parallel.expert_parallel import keep_local_experts
 
-    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=ms.float32, attn_implementation="eager")
+    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+        tiny_checkpoint, dtype=ms.float32, attn_implementation="eager"
+    )
     assert parameter_bytes(model) == tiny_plan.parameter_bytes_per_rank["none"]["whole"]
     keep_local_experts(model, rank=0, world_size=2)
     assert parameter_bytes(model) == tiny_plan.parameter_bytes_per_rank["expert"]["whole"]
@@ -35,7 +37,9 @@ def test_tiny_checkpoint_expert_traffic_is_one_all_reduce_per_layer_and_100x_bel
     one_token_hidden_state = text["hidden_size"] * 4  # float32
     traffic = tiny_plan.communicated_bytes_per_decoded_token
     stop_flag = collective_bytes("all_reduce", 4, 2)  # the generation loop's float32 "done?" flag, every step
-    assert traffic["expert"] == stop_flag + text["num_hidden_layers"] * collective_bytes("all_reduce", one_token_hidden_state, 2)
+    assert traffic["expert"] == stop_flag + text["num_hidden_layers"] * collective_bytes(
+        "all_reduce", one_token_hidden_state, 2
+    )
     assert traffic["none"] == 0
     assert traffic["zero3"] / traffic["expert"] >= 100
 
@@ -53,7 +57,9 @@ def test_released_instruct_expert_bytes_are_layers_times_experts_times_three_mat
     expert_params = 0
     for stage in ("thinker_config", "talker_config"):
         text = config[stage]["text_config"]
-        expert_params += text["num_hidden_layers"] * text["num_experts"] * 3 * text["hidden_size"] * text["moe_intermediate_size"]
+        expert_params += (
+            text["num_hidden_layers"] * text["num_experts"] * 3 * text["hidden_size"] * text["moe_intermediate_size"]
+        )
     per_rank = released_plan.parameter_bytes_per_rank
     bf16 = 2
     assert per_rank["none"]["whole"] - per_rank["expert"]["whole"] == expert_params * bf16 // 2  # half the experts gone
@@ -70,7 +76,18 @@ def test_released_instruct_on_two_64_gib_cards(released_plan):
 
 
 def test_command_line_prints_every_mode(tiny_checkpoint, tiny_plan, capsys, tmp_path):
-    result = main(["--model_name", str(tiny_checkpoint), "--world_size", "2", "--dtype", "float32", "--json", str(tmp_path / "plan.json")])
+    result = main(
+        [
+            "--model_name",
+            str(tiny_checkpoint),
+            "--world_size",
+            "2",
+            "--dtype",
+            "float32",
+            "--json",
+            str(tmp_path / "plan.json"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert result.parameter_bytes_per_rank == tiny_plan.parameter_bytes_per_rank
     for mode in ("zero3", "expert", "none"):

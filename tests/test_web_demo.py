@@ -31,8 +31,19 @@ pytestmark = pytest.mark.slow
 
 
 def server_args(checkpoint, *extra) -> list[str]:
-    return ["--device_target", "CPU", "--model_name", str(checkpoint), "--max_queue", "1",
-            "--max_new_tokens", str(MOST_TOKENS), "--talker_max_new_tokens", str(MOST_FRAMES), *extra]  # fmt: skip
+    return [
+        "--device_target",
+        "CPU",
+        "--model_name",
+        str(checkpoint),
+        "--max_queue",
+        "1",
+        "--max_new_tokens",
+        str(MOST_TOKENS),
+        "--talker_max_new_tokens",
+        str(MOST_FRAMES),
+        *extra,
+    ]
 
 
 def client(server):
@@ -43,26 +54,45 @@ def client(server):
 
 def image_audio_messages(media) -> list[dict]:
     audio = base64.b64encode(media["audio"].read_bytes()).decode()
-    return [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(media["image"], "image/png")}},
-        {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}},
-        {"type": "text", "text": QUESTION},
-    ]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(media["image"], "image/png")}},
+                {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}},
+                {"type": "text", "text": QUESTION},
+            ],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
 def expected(tiny_checkpoint, sample_media, reference, runtime_cpu):
     """The reference's greedy text and speech for the image + audio question (the media as files)."""
-    conversation = [{"role": "user", "content": [{"type": "image", "image": str(sample_media["image"])},
-                                                 {"type": "audio", "audio": str(sample_media["audio"])},
-                                                 {"type": "text", "text": QUESTION}]}]  # fmt: skip
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": str(sample_media["image"])},
+                {"type": "audio", "audio": str(sample_media["audio"])},
+                {"type": "text", "text": QUESTION},
+            ],
+        }
+    ]
     return expected_answer(reference, tiny_checkpoint, conversation, NEW_TOKENS, TALKER_FRAMES)
 
 
 def ask(server, media, stream: bool, speech: bool = True):
     """One image + audio + text request through the openai client: (text, samples, metrics)."""
-    options = {"modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "wav"},
-               "extra_body": {"talker_max_new_tokens": TALKER_FRAMES}} if speech else {}  # fmt: skip
+    options = (
+        {
+            "modalities": ["text", "audio"],
+            "audio": {"voice": "Ethan", "format": "wav"},
+            "extra_body": {"talker_max_new_tokens": TALKER_FRAMES},
+        }
+        if speech
+        else {}
+    )
     request = dict(model="any", messages=image_audio_messages(media), max_tokens=NEW_TOKENS, **options)
     if not stream:
         response = client(server).chat.completions.create(**request)
@@ -119,7 +149,12 @@ def server(tiny_checkpoint, sample_media, tmp_path_factory):
 
 def test_health_and_models(server, tiny_checkpoint):
     health = server.get("/health")
-    assert (health["status"], health["model"], health["parallel"], health["world_size"]) == ("ready", str(tiny_checkpoint), "none", 1)
+    assert (health["status"], health["model"], health["parallel"], health["world_size"]) == (
+        "ready",
+        str(tiny_checkpoint),
+        "none",
+        1,
+    )
     assert health["loads"] == 1 and health["speakers"] == ["aiden", "chelsie", "ethan"]
     assert [m.id for m in client(server).models.list().data] == [str(tiny_checkpoint)]
 
@@ -131,54 +166,136 @@ def test_answers_match_the_reference_whole_and_streamed_without_a_reload(server,
     assert health["loads"] == 1 and health["requests_served"] == served + 2
 
 
-def test_a_conversation_with_history_and_a_local_file_in_the_allowed_folder(server, tiny_checkpoint, reference, runtime_cpu):
+def test_a_conversation_with_history_and_a_local_file_in_the_allowed_folder(
+    server, tiny_checkpoint, reference, runtime_cpu
+):
     allowed = server.get("/health")  # the server is up; the image was copied into its allowed folder
     image = server.log.parent / "allowed" / "image.png"
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(image)}}, {"type": "text", "text": "hi"}]},
-                {"role": "assistant", "content": "hello"},
-                {"role": "user", "content": "and now?"}]  # fmt: skip
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": str(image)}}, {"type": "text", "text": "hi"}],
+        },
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and now?"},
+    ]
     response = client(server).chat.completions.create(model="any", messages=messages, max_tokens=NEW_TOKENS)
-    conversation = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "hi"}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
-                    {"role": "user", "content": [{"type": "text", "text": "and now?"}]}]  # fmt: skip
+    conversation = [
+        {"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+        {"role": "user", "content": [{"type": "text", "text": "and now?"}]},
+    ]
     assert allowed["status"] == "ready"
-    assert response.choices[0].message.content == expected_answer(reference, tiny_checkpoint, conversation, NEW_TOKENS)[0]
+    assert (
+        response.choices[0].message.content == expected_answer(reference, tiny_checkpoint, conversation, NEW_TOKENS)[0]
+    )
 
 
 def body(**fields) -> bytes:
-    return json.dumps({"model": "any", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields}).encode()
+    return json.dumps(
+        {"model": "any", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields}
+    ).encode()
 
 
 BAD_REQUESTS = [
     ("malformed JSON", b'{"messages": [', 400, "not valid JSON", None),
     ("no messages", json.dumps({"model": "any"}).encode(), 400, "messages must be", "messages"),
     ("unknown role", body(messages=[{"role": "robot", "content": "hi"}]), 400, "needs a role", "messages[0].role"),
-    ("unknown voice", body(modalities=["text", "audio"], audio={"voice": "Bob"}), 400, "audio.voice Bob", "audio.voice"),
-    ("speech in mp3", body(modalities=["text", "audio"], audio={"voice": "Ethan", "format": "mp3"}), 400, "speaks wav", "audio.format"),
+    (
+        "unknown voice",
+        body(modalities=["text", "audio"], audio={"voice": "Bob"}),
+        400,
+        "audio.voice Bob",
+        "audio.voice",
+    ),
+    (
+        "speech in mp3",
+        body(modalities=["text", "audio"], audio={"voice": "Ethan", "format": "mp3"}),
+        400,
+        "speaks wav",
+        "audio.format",
+    ),
     ("audio alone", body(modalities=["audio"]), 400, "modalities", "modalities"),
     ("zero max_tokens", body(max_tokens=0), 400, "max_tokens 0", "max_tokens"),
-    ("unsupported part", body(messages=[{"role": "user", "content": [{"type": "file", "file": {}}]}]), 400,
-     "'file' is not supported", "messages[0].content[0].type"),
-    ("corrupt audio", body(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {
-        "data": base64.b64encode(b"RIFF0000WAVEfmt nonsense").decode(), "format": "wav"}}]}]), 400, "no decodable audio", None),
-    ("audio not base64", body(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {
-        "data": "@@@", "format": "wav"}}]}]), 400, "not valid base64", "messages[0].content[0].data"),
+    (
+        "unsupported part",
+        body(messages=[{"role": "user", "content": [{"type": "file", "file": {}}]}]),
+        400,
+        "'file' is not supported",
+        "messages[0].content[0].type",
+    ),
+    (
+        "corrupt audio",
+        body(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "input_audio",
+                            "input_audio": {
+                                "data": base64.b64encode(b"RIFF0000WAVEfmt nonsense").decode(),
+                                "format": "wav",
+                            },
+                        }
+                    ],
+                }
+            ]
+        ),
+        400,
+        "no decodable audio",
+        None,
+    ),
+    (
+        "audio not base64",
+        body(
+            messages=[
+                {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}}]}
+            ]
+        ),
+        400,
+        "not valid base64",
+        "messages[0].content[0].data",
+    ),
     ("local file, none allowed here", None, 400, "outside the folder", "messages[0].content[0]"),
-    ("unreachable URL", body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}]),
-     400, "cannot be fetched", None),
+    (
+        "unreachable URL",
+        body(
+            messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}
+            ]
+        ),
+        400,
+        "cannot be fetched",
+        None,
+    ),
     ("temperature a string", body(temperature="hot"), 400, "temperature must be", "temperature"),
     ("images and videos together", None, 400, "images and videos in one request", "messages"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name,payload,status,words,param", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
-def test_a_bad_request_gets_its_error_and_the_next_is_answered(name, payload, status, words, param, server, sample_media, expected):
+def test_a_bad_request_gets_its_error_and_the_next_is_answered(
+    name, payload, status, words, param, server, sample_media, expected
+):
     if name == "local file, none allowed here":
-        payload = body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(sample_media["image"])}}]}])
+        payload = body(
+            messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(sample_media["image"])}}]}
+            ]
+        )
     if name == "images and videos together":
-        payload = body(messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url(sample_media["image"], "image/png")}},
-            {"type": "video_url", "video_url": {"url": data_url(sample_media["video"], "video/mp4")}}]}])  # fmt: skip
+        payload = body(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url(sample_media["image"], "image/png")}},
+                        {"type": "video_url", "video_url": {"url": data_url(sample_media["video"], "video/mp4")}},
+                    ],
+                }
+            ]
+        )
     code, answer = server.post("/v1/chat/completions", payload)
     assert code == status, answer
     assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}
@@ -192,7 +309,10 @@ def test_past_max_queue_a_request_gets_429(server, sample_media):
     """--max_queue 1: one request runs, one waits, a third is refused, whatever the timing."""
     long_request = body(max_tokens=64)
     codes = []
-    threads = [threading.Thread(target=lambda: codes.append(server.post("/v1/chat/completions", long_request)[0])) for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: codes.append(server.post("/v1/chat/completions", long_request)[0]))
+        for _ in range(3)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -209,15 +329,30 @@ def server_process(server) -> psutil.Process:
     return psutil.Process(server.process.pid)
 
 
-@pytest.mark.parametrize("fields,param,words", [
-    ({"max_tokens": 100_000_000}, "max_tokens", f"max_tokens 100000000: above this server's limit of {MOST_TOKENS} (its --max_new_tokens)"),
-    ({"max_completion_tokens": MOST_TOKENS + 1}, "max_tokens", f"above this server's limit of {MOST_TOKENS}"),
-    ({"modalities": ["text", "audio"], "talker_max_new_tokens": 100_000}, "talker_max_new_tokens",
-     f"talker_max_new_tokens 100000: above this server's limit of {MOST_FRAMES} (its --talker_max_new_tokens)"),
-    ({"messages": [{"role": "user", "content": " a" * 32_700}], "max_tokens": 100}, "max_tokens",
-     "the thinker's context holds 32768 positions (max_position_embeddings) and this prompt takes"),
-])  # fmt: skip
-def test_a_request_beyond_the_limits_gets_400_before_anything_is_allocated(fields, param, words, server, sample_media, expected):
+@pytest.mark.parametrize(
+    "fields,param,words",
+    [
+        (
+            {"max_tokens": 100_000_000},
+            "max_tokens",
+            f"max_tokens 100000000: above this server's limit of {MOST_TOKENS} (its --max_new_tokens)",
+        ),
+        ({"max_completion_tokens": MOST_TOKENS + 1}, "max_tokens", f"above this server's limit of {MOST_TOKENS}"),
+        (
+            {"modalities": ["text", "audio"], "talker_max_new_tokens": 100_000},
+            "talker_max_new_tokens",
+            f"talker_max_new_tokens 100000: above this server's limit of {MOST_FRAMES} (its --talker_max_new_tokens)",
+        ),
+        (
+            {"messages": [{"role": "user", "content": " a" * 32_700}], "max_tokens": 100},
+            "max_tokens",
+            "the thinker's context holds 32768 positions (max_position_embeddings) and this prompt takes",
+        ),
+    ],
+)
+def test_a_request_beyond_the_limits_gets_400_before_anything_is_allocated(
+    fields, param, words, server, sample_media, expected
+):
     resident = server_process(server).memory_info().rss
     code, answer = server.post("/v1/chat/completions", body(**fields))
     assert code == 400 and answer["error"]["param"] == param and words in answer["error"]["message"]
@@ -227,20 +362,28 @@ def test_a_request_beyond_the_limits_gets_400_before_anything_is_allocated(field
 
 def test_a_requests_speech_limit_caps_its_speech(server):
     answer = client(server).chat.completions.create(
-        model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=4, modalities=["text", "audio"],
-        audio={"voice": "Ethan", "format": "wav"}, extra_body={"talker_max_new_tokens": 5})  # fmt: skip
+        model="any",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        modalities=["text", "audio"],
+        audio={"voice": "Ethan", "format": "wav"},
+        extra_body={"talker_max_new_tokens": 5},
+    )
     samples, rate, _ = wav_samples(base64.b64decode(answer.choices[0].message.audio.data))
     frames = answer.model_extra["metrics"]["talker_codec_frames"]
     assert 0 < frames <= 5 and len(samples) <= 5 * rate / 12.5  # 12.5 codec frames per second of speech
 
 
-@pytest.mark.parametrize("method,path,status,allow,words", [
-    ("GET", "/v1/chat/completions", 405, "POST", "GET /v1/chat/completions: use POST"),
-    ("PUT", "/v1/chat/completions", 405, "POST", "PUT /v1/chat/completions: use POST"),
-    ("POST", "/health", 405, "GET", "POST /health: use GET"),
-    ("GET", "/v1/completions", 404, None, "GET /v1/completions: no such route"),
-    ("POST", "/chat/completions", 404, None, "POST /chat/completions: no such route"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "method,path,status,allow,words",
+    [
+        ("GET", "/v1/chat/completions", 405, "POST", "GET /v1/chat/completions: use POST"),
+        ("PUT", "/v1/chat/completions", 405, "POST", "PUT /v1/chat/completions: use POST"),
+        ("POST", "/health", 405, "GET", "POST /health: use GET"),
+        ("GET", "/v1/completions", 404, None, "GET /v1/completions: no such route"),
+        ("POST", "/chat/completions", 404, None, "POST /chat/completions: no such route"),
+    ],
+)
 def test_a_wrong_method_gets_405_and_an_unknown_route_404_in_the_apis_shape(method, path, status, allow, words, server):
     import urllib.request
 
@@ -257,8 +400,12 @@ def start_stream(server, max_tokens: int):
     import http.client
 
     connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=120)
-    connection.request("POST", "/v1/chat/completions", body=body(max_tokens=max_tokens, stream=True),
-                       headers={"Content-Type": "application/json"})  # fmt: skip
+    connection.request(
+        "POST",
+        "/v1/chat/completions",
+        body=body(max_tokens=max_tokens, stream=True),
+        headers={"Content-Type": "application/json"},
+    )
     response, pieces = connection.getresponse(), 0
     while pieces < 3:
         line = response.fp.readline()
@@ -278,10 +425,14 @@ def idle_within(server, seconds: float) -> dict:
 def cancelled_steps(server) -> list[int]:
     """The decoding steps each cancelled request took, from the server's log."""
     text = server.log.read_text(errors="replace") if server.log_dir is None else server.worker_log(0)
-    return [int(line.split("cancelled after ")[1].split()[0]) for line in text.splitlines() if "cancelled after" in line]
+    return [
+        int(line.split("cancelled after ")[1].split()[0]) for line in text.splitlines() if "cancelled after" in line
+    ]
 
 
-def test_a_stream_closed_mid_answer_stops_its_generation_and_the_next_request_starts_at_once(server, sample_media, expected):
+def test_a_stream_closed_mid_answer_stops_its_generation_and_the_next_request_starts_at_once(
+    server, sample_media, expected
+):
     before = server.get("/health")["requests_cancelled"]
     connection = start_stream(server, MOST_TOKENS)
     connection.sock.shutdown(socket.SHUT_RDWR)
@@ -297,8 +448,11 @@ def test_a_client_that_hangs_up_on_a_whole_answer_cancels_it(server):
     before = server.get("/health")["requests_cancelled"]
     with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as raw:
         request = body(max_tokens=MOST_TOKENS)
-        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    + f"Content-Length: {len(request)}\r\n\r\n".encode() + request)  # fmt: skip
+        raw.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(request)}\r\n\r\n".encode()
+            + request
+        )
         deadline = time.time() + 60
         while not server.get("/health")["busy"]:
             assert time.time() < deadline
@@ -313,7 +467,9 @@ def test_an_allocation_failure_gets_500_and_the_server_goes_on(server, sample_me
     process = server_process(server)
     process.rlimit(psutil.RLIMIT_AS, (process.memory_info().vms, resource.RLIM_INFINITY))
     try:
-        code, answer = server.post("/v1/chat/completions", body(messages=[{"role": "user", "content": "rain " * 3000}], max_tokens=32))
+        code, answer = server.post(
+            "/v1/chat/completions", body(messages=[{"role": "user", "content": "rain " * 3000}], max_tokens=32)
+        )
     finally:
         process.rlimit(psutil.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     assert code == 500 and answer["error"]["type"] == "server_error"
@@ -335,7 +491,9 @@ def test_speech_from_a_checkpoint_without_a_talker_is_refused(tiny_thinking, tmp
         code, answer = seen["answer"]
         assert code == 503 and "the model is still loading" in answer["error"]["message"]
         assert thinking.get("/health")["speech"] is False
-        code, answer = thinking.post("/v1/chat/completions", body(modalities=["text", "audio"], audio={"voice": "Ethan"}))
+        code, answer = thinking.post(
+            "/v1/chat/completions", body(modalities=["text", "audio"], audio={"voice": "Ethan"})
+        )
         assert code == 400 and "has no talker" in answer["error"]["message"]
         code, answer = thinking.post("/v1/chat/completions", body())
         assert code == 200 and answer["choices"][0]["message"]["content"]
@@ -353,8 +511,17 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,1000"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,1000",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
@@ -383,8 +550,11 @@ class Page:
         return self.driver.find_elements(self.by.CSS_SELECTOR, selector)
 
     def bot_texts(self) -> list[str]:
-        return [e.text for e in self.find("#chat [data-testid=bot]")
-                if "component of type audio" not in (e.get_attribute("aria-label") or "")]  # fmt: skip
+        return [
+            e.text
+            for e in self.find("#chat [data-testid=bot]")
+            if "component of type audio" not in (e.get_attribute("aria-label") or "")
+        ]
 
     def set_number(self, elem_id: str, value) -> None:
         """A slider's number box, typed into as a user does."""
@@ -411,8 +581,9 @@ class Page:
         return words in self.driver.find_element(self.by.TAG_NAME, "body").text
 
 
-def test_a_browser_asks_with_an_image_and_audio_then_follows_up(server, sample_media, expected, tiny_checkpoint,
-                                                               reference, runtime_cpu, tmp_path):  # fmt: skip
+def test_a_browser_asks_with_an_image_and_audio_then_follows_up(
+    server, sample_media, expected, tiny_checkpoint, reference, runtime_cpu, tmp_path
+):
     page = Page(server)
     try:
         page.set_number("max_tokens", NEW_TOKENS)
@@ -425,11 +596,18 @@ def test_a_browser_asks_with_an_image_and_audio_then_follows_up(server, sample_m
         page.find("#speak input")[0].click()  # text only for the follow-up
         page.ask("And now?")
         wait_for(lambda: len(page.bot_texts()) == 2 and page.bot_texts()[1])
-        history = [{"role": "user", "content": [{"type": "image", "image": str(sample_media["image"])},
-                                                {"type": "audio", "audio": str(sample_media["audio"])},
-                                                {"type": "text", "text": QUESTION}]},
-                   {"role": "assistant", "content": [{"type": "text", "text": expected[0]}]},
-                   {"role": "user", "content": [{"type": "text", "text": "And now?"}]}]  # fmt: skip
+        history = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": str(sample_media["image"])},
+                    {"type": "audio", "audio": str(sample_media["audio"])},
+                    {"type": "text", "text": QUESTION},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": expected[0]}]},
+            {"role": "user", "content": [{"type": "text", "text": "And now?"}]},
+        ]
         follow_up = expected_answer(reference, tiny_checkpoint, history, NEW_TOKENS)[0]
         wait_for(lambda: page.bot_texts()[1] == follow_up, 60)  # answered with the first turn in its history
         screenshot = Path(os.environ.get("WEB_DEMO_SCREENSHOT", tmp_path / "web_demo.png"))
@@ -497,8 +675,9 @@ def test_msrun_two_workers_answer_as_the_reference(mode, tiny_checkpoint, sample
 def test_a_worker_that_dies_mid_request_ends_the_server(tiny_checkpoint, tmp_path):
     server = start_server(server_args(tiny_checkpoint, "--verbose"), tmp_path, msrun=True, cluster_time_out=30)
     try:
-        thread = threading.Thread(target=lambda: server.post("/v1/chat/completions", body(max_tokens=400), timeout=120),
-                                  daemon=True)  # its connection is cut when the server ends
+        thread = threading.Thread(
+            target=lambda: server.post("/v1/chat/completions", body(max_tokens=400), timeout=120), daemon=True
+        )  # its connection is cut when the server ends
         thread.start()
         deadline = time.time() + 60
         while "decode step 3" not in server.worker_log(1):

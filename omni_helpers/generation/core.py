@@ -80,8 +80,12 @@ def prepare_inputs(processor, conversations: list[Conversation], settings: Gener
 # ----------------------------------------------------------------------------- steps 4-5
 
 
-def generate_keywords(settings: GenerationSettings, config, text_streamer: Optional[StepStream],
-                      cancellation: Optional[Cancellation] = None) -> dict[str, Any]:  # fmt: skip
+def generate_keywords(
+    settings: GenerationSettings,
+    config,
+    text_streamer: Optional[StepStream],
+    cancellation: Optional[Cancellation] = None,
+) -> dict[str, Any]:
     """mindone's `generate` keywords: `thinker_*` and `talker_*` go to each stage (a bare
     `max_new_tokens` would not reach the thinker). The thinker's end-of-turn id comes from
     the checkpoint; mindone hard-codes the released one (151645). A streamer watches the
@@ -101,7 +105,9 @@ def generate_keywords(settings: GenerationSettings, config, text_streamer: Optio
 
         keywords["thinker_stopping_criteria"] = StoppingCriteriaList([cancellation])
     if settings.do_sample:
-        keywords.update(thinker_temperature=settings.temperature, thinker_top_p=settings.top_p, thinker_top_k=settings.top_k)
+        keywords.update(
+            thinker_temperature=settings.temperature, thinker_top_p=settings.top_p, thinker_top_k=settings.top_k
+        )
     if settings.return_audio:
         keywords.update(
             speaker=settings.speaker,
@@ -163,14 +169,26 @@ def generate_from_inputs(
     answers = []
     for row in range(rows):
         metrics = answer_metrics(
-            thinker, talker, row, prompt_tokens=int(inputs["attention_mask"][row].sum()),
-            preprocessing_seconds=generating - started, generate_seconds=generate_seconds,
+            thinker,
+            talker,
+            row,
+            prompt_tokens=int(inputs["attention_mask"][row].sum()),
+            preprocessing_seconds=generating - started,
+            generate_seconds=generate_seconds,
             time_to_first_token=(thinker.times[1] - started) if len(thinker.times) > 1 else None,
             audio_seconds=0.0 if wav is None else len(wav) / SPEECH_SAMPLE_RATE,
-        )  # fmt: skip
+        )
         metrics.update(streaming_metrics(thinker, speech, started))
-        answers.append(Answer(texts[row], wav, thinker.tokens[row], metrics, None if logits is None else logits[row],
-                              thinker.first_token_at))  # fmt: skip
+        answers.append(
+            Answer(
+                texts[row],
+                wav,
+                thinker.tokens[row],
+                metrics,
+                None if logits is None else logits[row],
+                thinker.first_token_at,
+            )
+        )
     return answers
 
 
@@ -181,15 +199,22 @@ def streaming_metrics(thinker: StepStream, speech: Optional[SpeechStream], start
         figures.update(
             talker_steps=speech.steps,
             first_audio_step=speech.first_audio_step,
-            time_to_first_audio_seconds=None if speech.first_audio_time is None else round(speech.first_audio_time - started, 3),
+            time_to_first_audio_seconds=None
+            if speech.first_audio_time is None
+            else round(speech.first_audio_time - started, 3),
         )
     return figures
 
 
 def generate_answers(
-    model, processor, conversations: list[Conversation], settings: GenerationSettings,
-    on_text: Optional[TextCallback] = None, keep_logits: bool = False, on_audio: Optional[AudioCallback] = None,
-) -> list[Answer]:  # fmt: skip
+    model,
+    processor,
+    conversations: list[Conversation],
+    settings: GenerationSettings,
+    on_text: Optional[TextCallback] = None,
+    keep_logits: bool = False,
+    on_audio: Optional[AudioCallback] = None,
+) -> list[Answer]:
     """The whole flow for a batch of conversations: one `Answer` per conversation, in order."""
     started = time.perf_counter()
     inputs = prepare_inputs(processor, conversations, settings)
@@ -200,8 +225,16 @@ def generate_answers(
 # ----------------------------------------------------------------------------- metrics
 
 
-def answer_metrics(thinker: StepStream, talker: StepStream, row: int, prompt_tokens: int, preprocessing_seconds: float,
-                   generate_seconds: float, time_to_first_token: Optional[float], audio_seconds: float) -> dict[str, Any]:  # fmt: skip
+def answer_metrics(
+    thinker: StepStream,
+    talker: StepStream,
+    row: int,
+    prompt_tokens: int,
+    preprocessing_seconds: float,
+    generate_seconds: float,
+    time_to_first_token: Optional[float],
+    audio_seconds: float,
+) -> dict[str, Any]:
     """One answer's figures. Decode rates are per row: a batch of B rows decodes B times as many tokens."""
     decoded = max(thinker.steps - 1, 0)  # steps after the first token
     frames = max(talker.steps - 1, 0)  # the last token the talker chooses never becomes a frame

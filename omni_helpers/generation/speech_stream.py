@@ -58,7 +58,7 @@ class SpeechStream:
         while True:
             chunk_end = min(self.chunk_start + CHUNK_FRAMES, frames)
             wav = self._decode(self.chunk_start, chunk_end)
-            self._send(wav[self.sent_in_chunk:])
+            self._send(wav[self.sent_in_chunk :])
             self.sent_in_chunk = len(wav)
             if chunk_end - self.chunk_start < CHUNK_FRAMES or chunk_end == frames:
                 break
@@ -72,7 +72,7 @@ class SpeechStream:
         context = LEFT_CONTEXT_FRAMES if start - LEFT_CONTEXT_FRAMES > 0 else start
         codes = mint.stack(self.frames[start - context : end], dim=1).transpose(1, 2)  # (1, groups, frames)
         wav = self.code2wav(codes).reshape(-1).float().asnumpy()
-        return wav[context * int(self.code2wav.total_upsample):]
+        return wav[context * int(self.code2wav.total_upsample) :]
 
     def _send(self, samples: np.ndarray) -> None:
         if not len(samples):
@@ -85,4 +85,4 @@ class SpeechStream:
     def finish(self, waveform: Optional[np.ndarray]) -> None:
         """What `generate` returned beyond the samples already handed out."""
         if waveform is not None:
-            self._send(waveform[self.sent_samples:])
+            self._send(waveform[self.sent_samples :])

@@ -46,15 +46,21 @@ class TextPieces:
         text = self._decode(tokens)
         stable = text if final else text.rstrip(REPLACEMENT)
         if len(stable) > len(self.sent) and stable.startswith(self.sent):
-            self.on_text(self.row, stable[len(self.sent):])
+            self.on_text(self.row, stable[len(self.sent) :])
             self.sent = stable
 
 
 class StepStream:
     """A streamer for one stage of one `generate` call."""
 
-    def __init__(self, rows: int = 1, eos_token_id: Optional[int] = None, traffic=None,
-                 tokenizer=None, on_text: Optional[TextCallback] = None):  # fmt: skip
+    def __init__(
+        self,
+        rows: int = 1,
+        eos_token_id: Optional[int] = None,
+        traffic=None,
+        tokenizer=None,
+        on_text: Optional[TextCallback] = None,
+    ):
         self.rows, self.eos_token_id, self.traffic = rows, eos_token_id, traffic
         self.times: list[float] = []  # perf_counter of every put: [prompt, first token, second token, ...]
         self.bytes: list[float] = []  # collective bytes counted so far, at each put

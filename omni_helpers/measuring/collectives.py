@@ -54,7 +54,9 @@ def counting_collectives():
         target = f"{COMMUNICATION_OPS}.{primitive}:__call__"
         counters.replaces(target)(counted(kind, target))
 
-    compiled = sys.modules.get("omni_helpers.mindone_changes.faster.compiled")  # not imported: no compiled graph (--no-fast_paths)
+    compiled = sys.modules.get(
+        "omni_helpers.mindone_changes.faster.compiled"
+    )  # not imported: no compiled graph (--no-fast_paths)
     if compiled is None:
         with counters.applied():
             yield traffic

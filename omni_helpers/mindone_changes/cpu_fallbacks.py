@@ -181,7 +181,9 @@ def _sum_of_nothing(input, dim, keepdim: bool, dtype):
     counts images with such a sum for a batch row that has none."""
     array = np.zeros(tuple(input.shape), dtype=np.int64 if input.dtype in _INTEGRAL else _np(input).dtype)
     axis = None if dim is None else tuple(dim) if isinstance(dim, (tuple, list)) else dim
-    out = _tensor(np.asarray(array.sum(axis=axis, keepdims=keepdim)), ms.int64 if input.dtype in _INTEGRAL else input.dtype)
+    out = _tensor(
+        np.asarray(array.sum(axis=axis, keepdims=keepdim)), ms.int64 if input.dtype in _INTEGRAL else input.dtype
+    )
     return out if dtype is None else out.astype(dtype)
 
 
@@ -306,16 +308,41 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 # ----------------------------------------------------------------------------- attention
 
 
-_FLASH_DEFAULTS = {"real_shift": None, "drop_mask": None, "padding_mask": None, "prefix": None,
-                   "actual_seq_qlen": None, "actual_seq_kvlen": None, "keep_prob": 1.0,
-                   "pre_tokens": 2147483647, "next_tokens": 2147483647, "sparse_mode": 0}  # fmt: skip
+_FLASH_DEFAULTS = {
+    "real_shift": None,
+    "drop_mask": None,
+    "padding_mask": None,
+    "prefix": None,
+    "actual_seq_qlen": None,
+    "actual_seq_kvlen": None,
+    "keep_prob": 1.0,
+    "pre_tokens": 2147483647,
+    "next_tokens": 2147483647,
+    "sparse_mode": 0,
+}
 
 
 @replaces("mindspore.ops:flash_attention_score")
-def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mask=None, padding_mask=None,
-                          attn_mask=None, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, keep_prob=1.0,
-                          scalar_value=1.0, pre_tokens=2147483647, next_tokens=2147483647, inner_precise=0,
-                          input_layout="BSH", sparse_mode=0):  # fmt: skip
+def flash_attention_score(
+    query,
+    key,
+    value,
+    head_num,
+    real_shift=None,
+    drop_mask=None,
+    padding_mask=None,
+    attn_mask=None,
+    prefix=None,
+    actual_seq_qlen=None,
+    actual_seq_kvlen=None,
+    keep_prob=1.0,
+    scalar_value=1.0,
+    pre_tokens=2147483647,
+    next_tokens=2147483647,
+    inner_precise=0,
+    input_layout="BSH",
+    sparse_mode=0,
+):
     """Ascend's fused attention, computed plainly: softmax(Q K^T * scale, masked) V in float32.
 
     Layouts BSND and BNSD (what mindone passes); `attn_mask` True (or 1) where a query must not see a key,
@@ -323,9 +350,18 @@ def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mas
     heads (grouped-query attention). Returns the query's dtype. What mindone's Qwen3-Omni
     never passes (dropout, sparse modes, variable lengths, positional shifts) raises.
     """
-    given = {"real_shift": real_shift, "drop_mask": drop_mask, "padding_mask": padding_mask, "prefix": prefix,
-             "actual_seq_qlen": actual_seq_qlen, "actual_seq_kvlen": actual_seq_kvlen, "keep_prob": keep_prob,
-             "pre_tokens": pre_tokens, "next_tokens": next_tokens, "sparse_mode": sparse_mode}  # fmt: skip
+    given = {
+        "real_shift": real_shift,
+        "drop_mask": drop_mask,
+        "padding_mask": padding_mask,
+        "prefix": prefix,
+        "actual_seq_qlen": actual_seq_qlen,
+        "actual_seq_kvlen": actual_seq_kvlen,
+        "keep_prob": keep_prob,
+        "pre_tokens": pre_tokens,
+        "next_tokens": next_tokens,
+        "sparse_mode": sparse_mode,
+    }
     unsupported = [name for name, value in given.items() if not _is_default(value, _FLASH_DEFAULTS[name])]
     if unsupported:
         raise NotImplementedError(f"the CPU flash_attention_score does not support {', '.join(unsupported)}")
@@ -431,9 +467,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     out_h = (h - 1) * stride[0] - 2 * padding[0] + dilation[0] * (kernel[0] - 1) + output_padding[0] + 1
     out_w = (w - 1) * stride[1] - 2 * padding[1] + dilation[1] * (kernel[1] - 1) + output_padding[1] + 1
     pads = (padding[0], padding[0] + output_padding[0], padding[1], padding[1] + output_padding[1])
-    primitive = ops.Conv2DTranspose(
-        weight.shape[1], kernel, pad_mode="pad", pad=pads, stride=stride, dilation=dilation
-    )
+    primitive = ops.Conv2DTranspose(weight.shape[1], kernel, pad_mode="pad", pad=pads, stride=stride, dilation=dilation)
     out = primitive(input, weight, (n, weight.shape[1], out_h, out_w))
     if bias is not None:
         out = out + bias.reshape(1, -1, 1, 1)
@@ -445,8 +479,10 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
 
 # Casts numpy performs exactly as MindSpore's Cast does (float32 to float16 rounds to nearest even, integers
 # wrap, anything to bool is "not zero"); float to integer is left to Cast (NaN and overflow are undefined).
-_CAST_BY_NUMPY = {dtype: ms.dtype_to_nptype(dtype)  # looked up once: dtype_to_nptype takes 50 us a call
-                  for dtype in (ms.bool_, ms.uint8, ms.int8, ms.int16, ms.int32, ms.int64, ms.float16, ms.float32, ms.float64)}
+_CAST_BY_NUMPY = {
+    dtype: ms.dtype_to_nptype(dtype)  # looked up once: dtype_to_nptype takes 50 us a call
+    for dtype in (ms.bool_, ms.uint8, ms.int8, ms.int16, ms.int32, ms.int64, ms.float16, ms.float32, ms.float64)
+}
 
 
 @replaces("mindspore.common.tensor.Tensor:to")
@@ -455,7 +491,13 @@ def tensor_to(self, *args, **kwargs):
     the size (an add takes 25 us, the same cast in numpy 10 us on a decode step's tensors), and
     mindone casts about 20 times per decoded token: the float16 round trips around flash
     attention, masks and ids. Other forms of `to` (devices, copies) go to MindSpore's."""
-    dtype = args[0] if len(args) == 1 and not kwargs else kwargs.get("dtype") if set(kwargs) == {"dtype"} and not args else None
+    dtype = (
+        args[0]
+        if len(args) == 1 and not kwargs
+        else kwargs.get("dtype")
+        if set(kwargs) == {"dtype"} and not args
+        else None
+    )
     if dtype is None or dtype == self.dtype or dtype not in _CAST_BY_NUMPY or self.dtype not in _CAST_BY_NUMPY:
         return original("mindspore.common.tensor.Tensor:to")(self, *args, **kwargs)
     if self.dtype.is_floating_point and not dtype.is_floating_point and dtype != ms.bool_:

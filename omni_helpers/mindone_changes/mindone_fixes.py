@@ -110,8 +110,9 @@ def real_token_rows(chunk_lengths: list[int], tokens_per_chunk: int) -> np.ndarr
 def audio_windows(encoder, feature_lens: np.ndarray, tokens_per_chunk: int) -> np.ndarray:
     """The audio encoder's attention windows as cumulative token counts (int32, from 0): n_window_infer
     frames' worth of tokens, per audio."""
-    boundaries = [0] + attention_windows(conv_output_lengths(feature_lens), tokens_per_chunk,
-                                         encoder.n_window_infer // (encoder.n_window * 2))  # fmt: skip
+    boundaries = [0] + attention_windows(
+        conv_output_lengths(feature_lens), tokens_per_chunk, encoder.n_window_infer // (encoder.n_window * 2)
+    )
     return np.cumsum(boundaries).astype(np.int32)
 
 
@@ -183,15 +184,31 @@ class _HostSeconds:
 
 
 @MINDONE_FIXES.replaces(f"{ROPE_OWNER}:get_rope_index")
-def get_rope_index(self, input_ids=None, image_grid_thw=None, video_grid_thw=None, attention_mask=None,
-                   use_audio_in_video=False, audio_seqlens=None, second_per_grids=None):  # fmt: skip
+def get_rope_index(
+    self,
+    input_ids=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    attention_mask=None,
+    use_audio_in_video=False,
+    audio_seqlens=None,
+    second_per_grids=None,
+):
     """mindone's own 3-D rope index, given seconds per grid it can call `.cpu()` on.
     (The talker's get_rope_index calls this class's function by name, so it is fixed too.)"""
     if second_per_grids is not None:
         second_per_grids = [_HostSeconds(second_per_grids[i]) for i in range(second_per_grids.shape[0])]
     stock = MINDONE_FIXES.original(f"{ROPE_OWNER}:get_rope_index")
-    return stock(self, input_ids, image_grid_thw, video_grid_thw, attention_mask,
-                 use_audio_in_video, audio_seqlens, second_per_grids)  # fmt: skip
+    return stock(
+        self,
+        input_ids,
+        image_grid_thw,
+        video_grid_thw,
+        attention_mask,
+        use_audio_in_video,
+        audio_seqlens,
+        second_per_grids,
+    )
 
 
 @MINDONE_FIXES.adds(f"{GENERATION_LOOP}:print")
@@ -202,22 +219,31 @@ def progress_to_stderr(*args, **kwargs):
 
 
 @MINDONE_FIXES.replaces_entry(f"{MASKING}.AttentionMaskInterface:_global_mapping", "flash_attention_2")
-def flash_attention_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_function=None,
-                         attention_mask=None, **kwargs):  # fmt: skip
+def flash_attention_mask(
+    batch_size, cache_position, kv_length, kv_offset=0, mask_function=None, attention_mask=None, **kwargs
+):
     """The boolean (batch, 1, query, key) mask eager attention would use, for flash attention."""
     from mindone.transformers import masking_utils
 
     kwargs.pop("allow_is_causal_skip", None)
     mask = masking_utils.sdpa_mask(
-        batch_size, cache_position, kv_length, kv_offset, mask_function or masking_utils.causal_mask_function,
-        attention_mask, allow_is_causal_skip=False, **kwargs,
-    )  # fmt: skip
+        batch_size,
+        cache_position,
+        kv_length,
+        kv_offset,
+        mask_function or masking_utils.causal_mask_function,
+        attention_mask,
+        allow_is_causal_skip=False,
+        **kwargs,
+    )
     sees_nothing = ~mask.any(axis=-1, keep_dims=True)  # a padding query: let it see all (its output is never read)
     return mask | sees_nothing
 
 
 @MINDONE_FIXES.replaces(f"{MODELING}.Qwen3OmniMoeVisionAttention:construct")
-def vision_attention_construct(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None, **kwargs):
+def vision_attention_construct(
+    self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None, **kwargs
+):
     """mindone's vision attention; with flash attention, each image or frame block attends within itself."""
     if self.config._attn_implementation != "flash_attention_2":
         stock = MINDONE_FIXES.original(f"{MODELING}.Qwen3OmniMoeVisionAttention:construct")

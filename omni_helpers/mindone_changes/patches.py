@@ -35,6 +35,8 @@ def install_patches(device_target: str, fast_paths: bool = True) -> list[str]:
         from omni_helpers.mindone_changes.faster.fast_paths import install_fast_paths
 
         replaced += install_fast_paths(device_target)
-    elif "omni_helpers.mindone_changes.faster.fast_paths" in sys.modules:  # installed earlier in this process (the benchmark's stock runs)
+    elif (
+        "omni_helpers.mindone_changes.faster.fast_paths" in sys.modules
+    ):  # installed earlier in this process (the benchmark's stock runs)
         sys.modules["omni_helpers.mindone_changes.faster.fast_paths"].uninstall_fast_paths()
     return replaced

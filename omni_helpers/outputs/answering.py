@@ -53,8 +53,11 @@ class Output:
 
     def show(self, request: Request, answer: Answer) -> None:
         """Log on every rank; print on rank 0 (only the end of the line if it was streamed)."""
-        log(self.runtime, f"text: {(request.id + ' ') if self.labelled else ''}{answer.text!r}; "
-                          f"speech: {speech_digest(answer.waveform)}")  # fmt: skip
+        log(
+            self.runtime,
+            f"text: {(request.id + ' ') if self.labelled else ''}{answer.text!r}; "
+            f"speech: {speech_digest(answer.waveform)}",
+        )
         if not self.runtime.is_main_process:
             return
         if self.stream and self.pieces_printed:
@@ -70,8 +73,15 @@ class Output:
         return figures
 
 
-def answer_one(model, processor, request: Request, settings: GenerationSettings, output: Output,
-               inputs_for_result: dict[str, Any], model_name: str) -> dict[str, Any]:  # fmt: skip
+def answer_one(
+    model,
+    processor,
+    request: Request,
+    settings: GenerationSettings,
+    output: Output,
+    inputs_for_result: dict[str, Any],
+    model_name: str,
+) -> dict[str, Any]:
     """One request: print it, and (rank 0) write result.json and output.wav. Returns the result."""
     answer = generate_answers(model, processor, [request.conversation], settings, on_text=output.printer(request))[0]
     output.show(request, answer)
@@ -82,16 +92,25 @@ def answer_one(model, processor, request: Request, settings: GenerationSettings,
     return save_result(output.output_dir, result, answer.waveform)
 
 
-def answer_in_batches(model, processor, requests: list[Request], settings: GenerationSettings, output: Output,
-                      batch_size: int, resume: bool) -> list[dict[str, Any]]:  # fmt: skip
+def answer_in_batches(
+    model,
+    processor,
+    requests: list[Request],
+    settings: GenerationSettings,
+    output: Output,
+    batch_size: int,
+    resume: bool,
+) -> list[dict[str, Any]]:
     """Many requests, `batch_size` at a time, filed in OUTPUT_DIR/results.jsonl as each batch
     finishes (rank 0). Returns every request's line, in input order, the skipped ones included."""
     results = ResultsFile(output.output_dir, resume)  # every rank reads it: all must skip the same requests
     positions = {request.id: position for position, request in enumerate(requests, start=1)}
     todo = [r for r in requests if r.id not in results.finished]
     for batch in batches(todo, batch_size):
-        lines = [line_for(request, answer, output, results, positions[request.id])
-                 for request, answer in answer_batch(model, processor, batch, settings, output)]  # fmt: skip
+        lines = [
+            line_for(request, answer, output, results, positions[request.id])
+            for request, answer in answer_batch(model, processor, batch, settings, output)
+        ]
         if output.runtime.is_main_process:
             results.append(lines)
         results.finished.update((line["id"], line) for line in lines)

@@ -51,7 +51,9 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+    _atomic_write(
+        path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    )
 
 
 def wav_bytes(waveform: np.ndarray, sample_rate: int = SPEECH_SAMPLE_RATE) -> bytes:

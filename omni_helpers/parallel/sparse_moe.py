@@ -125,7 +125,9 @@ class GatheredStackedExperts(StackedExperts):
 
     def __init__(self, experts: nn.CellList, world_size: int):
         # a weight whose first axis does not divide by N stays whole on every rank, as in mindone's ZeRO-3
-        split = [split_by_zero3(getattr(experts[0], role)) for role in ("gate_proj", "up_proj", "down_proj")]  # as `weights` orders them
+        split = [
+            split_by_zero3(getattr(experts[0], role)) for role in ("gate_proj", "up_proj", "down_proj")
+        ]  # as `weights` orders them
         super().__init__(experts)
         self.split, self.world_size = split, world_size
         self.all_gather = ops.AllGather()  # the world group, where mindone's ZeRO-3 gathers
@@ -173,7 +175,11 @@ def stack_experts(model: nn.Cell, zero3_world_size: int = 0) -> int:
     stacked = 0
     for path, cell in model.cells_and_names():
         if type(cell).__name__ in MOE_BLOCKS and not isinstance(cell.experts, StackedExperts):
-            cell.experts = GatheredStackedExperts(cell.experts, zero3_world_size) if zero3_world_size else StackedExperts(cell.experts)
+            cell.experts = (
+                GatheredStackedExperts(cell.experts, zero3_world_size)
+                if zero3_world_size
+                else StackedExperts(cell.experts)
+            )
             # named by the block's path (assignment names them "experts.gate", ...): a compiled graph holding
             # several layers' experts (`prompt_graph`) refuses two parameters of the same name
             cell.experts.update_parameters_name(f"{path}.experts.")

@@ -51,8 +51,10 @@ def looks_like_hub_id(model_name: str) -> bool:
 
 
 def download_hint(repo_id: str) -> str:
-    return (f"download it first: huggingface-cli download {repo_id} "
-            f"(or: modelscope download --model {repo_id}), or pass the folder you downloaded it to")  # fmt: skip
+    return (
+        f"download it first: huggingface-cli download {repo_id} "
+        f"(or: modelscope download --model {repo_id}), or pass the folder you downloaded it to"
+    )
 
 
 def cached_snapshot(repo_id: str) -> Optional[Path]:
@@ -74,19 +76,28 @@ def resolve_checkpoint(model_name: str, allow_pickle_weights: bool = False) -> C
     if looks_like_hub_id(model_name):
         path = cached_snapshot(model_name)
         if path is None:
-            raise RequestError(f"--model_name {model_name}: not a local folder and not in the local cache; "
-                               + download_hint(model_name), "model_name")  # fmt: skip
+            raise RequestError(
+                f"--model_name {model_name}: not a local folder and not in the local cache; "
+                + download_hint(model_name),
+                "model_name",
+            )
     else:
         path = Path(model_name).expanduser()
         if not path.is_dir():
-            raise RequestError(f"--model_name {model_name}: no such directory; give a checkpoint directory or a hub id", "model_name")
+            raise RequestError(
+                f"--model_name {model_name}: no such directory; give a checkpoint directory or a hub id", "model_name"
+            )
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise RequestError(f"--model_name {model_name}: no config.json in it; point at a Qwen3-Omni checkpoint directory", "model_name")
+        raise RequestError(
+            f"--model_name {model_name}: no config.json in it; point at a Qwen3-Omni checkpoint directory", "model_name"
+        )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise RequestError(f"--model_name {model_name}: config.json is unreadable ({error}); re-download the checkpoint", "model_name") from error
+        raise RequestError(
+            f"--model_name {model_name}: config.json is unreadable ({error}); re-download the checkpoint", "model_name"
+        ) from error
     if config.get("model_type") != "qwen3_omni_moe":
         raise RequestError(
             f"--model_name {model_name}: model_type is {config.get('model_type')!r}, not 'qwen3_omni_moe'; "
@@ -108,4 +119,6 @@ def check_weight_format(path: Path, allow_pickle_weights: bool) -> None:
             "file: convert them to safetensors, or pass --allow_pickle_weights if you trust the file",
             "model_name",
         )
-    raise RequestError(f"--model_name {path}: no *.safetensors weights in it; download the full checkpoint", "model_name")
+    raise RequestError(
+        f"--model_name {path}: no *.safetensors weights in it; download the full checkpoint", "model_name"
+    )

@@ -28,9 +28,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 # Flags spelled as the OpenAI API (or other tools) spell them, and this collection's name for each.
-OTHER_SPELLINGS = {"--max_tokens": "--max_new_tokens", "--max_completion_tokens": "--max_new_tokens",
-                   "--voice": "--speaker", "--model": "--model_name", "--device": "--device_target",
-                   "--num_workers": "--batch_size", "--talker_max_tokens": "--talker_max_new_tokens"}  # fmt: skip
+OTHER_SPELLINGS = {
+    "--max_tokens": "--max_new_tokens",
+    "--max_completion_tokens": "--max_new_tokens",
+    "--voice": "--speaker",
+    "--model": "--model_name",
+    "--device": "--device_target",
+    "--num_workers": "--batch_size",
+    "--talker_max_tokens": "--talker_max_new_tokens",
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -39,8 +45,11 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if "unrecognized arguments" in message:
             given = message.split(":", 1)[1].split()
-            hints = [f"{flag} is spelled {OTHER_SPELLINGS[flag.split('=')[0]]} here"
-                     for flag in given if flag.split("=")[0] in OTHER_SPELLINGS]  # fmt: skip
+            hints = [
+                f"{flag} is spelled {OTHER_SPELLINGS[flag.split('=')[0]]} here"
+                for flag in given
+                if flag.split("=")[0] in OTHER_SPELLINGS
+            ]
             if hints:
                 message += f" ({'; '.join(hints)})"
         super().error(message)
@@ -54,23 +63,49 @@ def argument_parser(description: str) -> ArgumentParser:
 def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     """Which checkpoint, on which device, spread over msrun's workers how."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model_name", default=default_model,
-                       help="local checkpoint directory, or a hub id already downloaded to the local cache")
-    group.add_argument("--device_target", choices=["Ascend", "CPU"], default="Ascend",
-                       help="CPU installs CPU kernels for Ascend-only ops (flash attention's included) and uses float32")
-    group.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                       help="weights dtype (None: bfloat16 on Ascend, float32 on CPU)")
-    group.add_argument("--attn_implementation", choices=["flash_attention_2", "eager"], default=None,
-                       help="attention kernel (None: flash_attention_2, what Ascend runs, on CPU too)")
-    group.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
-                       help="how msrun's workers share the model: ZeRO-3 weight sharding, a share of the experts "
-                            "each, or a whole copy each (None: zero3 with several workers, none otherwise)")
+    group.add_argument(
+        "--model_name",
+        default=default_model,
+        help="local checkpoint directory, or a hub id already downloaded to the local cache",
+    )
+    group.add_argument(
+        "--device_target",
+        choices=["Ascend", "CPU"],
+        default="Ascend",
+        help="CPU installs CPU kernels for Ascend-only ops (flash attention's included) and uses float32",
+    )
+    group.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="weights dtype (None: bfloat16 on Ascend, float32 on CPU)",
+    )
+    group.add_argument(
+        "--attn_implementation",
+        choices=["flash_attention_2", "eager"],
+        default=None,
+        help="attention kernel (None: flash_attention_2, what Ascend runs, on CPU too)",
+    )
+    group.add_argument(
+        "--parallel",
+        choices=PARALLEL_MODES,
+        default=None,
+        help="how msrun's workers share the model: ZeRO-3 weight sharding, a share of the experts "
+        "each, or a whole copy each (None: zero3 with several workers, none otherwise)",
+    )
     group.add_argument("--seed", type=int, default=0, help="random seed, the same on every rank")
-    group.add_argument("--allow_pickle_weights", action="store_true",
-                       help="also load .bin/.pt/.ckpt weights (unpickling runs code from the file; safetensors only by default)")
-    group.add_argument("--fast_paths", action=argparse.BooleanOptionalAction, default=True,
-                       help="this project's faster paths (compiled steps, MoE on the device, host positions); "
-                            "--no-fast_paths runs mindone with this project's bug fixes alone")
+    group.add_argument(
+        "--allow_pickle_weights",
+        action="store_true",
+        help="also load .bin/.pt/.ckpt weights (unpickling runs code from the file; safetensors only by default)",
+    )
+    group.add_argument(
+        "--fast_paths",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="this project's faster paths (compiled steps, MoE on the device, host positions); "
+        "--no-fast_paths runs mindone with this project's bug fixes alone",
+    )
     group.add_argument("--verbose", action="store_true", help="log each decoding step's time on stderr")
 
 
@@ -85,8 +120,12 @@ def add_request_args(parser: argparse.ArgumentParser, conversation: bool = True)
     group.add_argument("--prompt", default=None, help="the question or instruction")
     group.add_argument("--system_prompt", default=None, help="a system message placed before the request")
     if conversation:
-        group.add_argument("--conversation", default=None, metavar="FILE",
-                           help="a JSON conversation in the official message format, instead of --prompt and the media flags")
+        group.add_argument(
+            "--conversation",
+            default=None,
+            metavar="FILE",
+            help="a JSON conversation in the official message format, instead of --prompt and the media flags",
+        )
 
 
 def add_media_args(parser: argparse.ArgumentParser, image: bool = True, audio: bool = True, video: bool = True) -> None:
@@ -115,14 +154,22 @@ def add_speech_args(parser: argparse.ArgumentParser, return_audio: bool = True) 
     if return_audio:
         group.add_argument("--return_audio", action="store_true", help="also speak the answer (24 kHz mono WAV)")
     group.add_argument("--speaker", default=DEFAULT_SPEAKER, help="voice of the spoken answer (Ethan, Chelsie, Aiden)")
-    group.add_argument("--talker_max_new_tokens", type=int, default=DEFAULTS.talker_max_new_tokens,
-                       help="codec frames to generate at most (one frame is 80 ms of speech)")
+    group.add_argument(
+        "--talker_max_new_tokens",
+        type=int,
+        default=DEFAULTS.talker_max_new_tokens,
+        help="codec frames to generate at most (one frame is 80 ms of speech)",
+    )
     group.add_argument("--talker_do_sample", action="store_true", help="sample the talker (greedy by default)")
 
 
 def add_audio_in_video_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--use_audio_in_video", action=argparse.BooleanOptionalAction, default=True,
-                        help="also listen to each video's audio track (--no-use_audio_in_video to ignore it)")
+    parser.add_argument(
+        "--use_audio_in_video",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also listen to each video's audio track (--no-use_audio_in_video to ignore it)",
+    )
 
 
 def add_output_args(parser: argparse.ArgumentParser, batch: bool = True) -> None:
@@ -130,10 +177,12 @@ def add_output_args(parser: argparse.ArgumentParser, batch: bool = True) -> None
     group.add_argument("--output_dir", default="outputs", help="where rank 0 writes the results")
     group.add_argument("--stream", action="store_true", help="print the answer as it is generated (rank 0)")
     if batch:
-        group.add_argument("--batch_size", type=int, default=1,
-                           help="conversations generated together, left-padded (speech needs 1)")
-        group.add_argument("--resume", action="store_true",
-                           help="skip the requests whose ids are already in OUTPUT_DIR/results.jsonl")
+        group.add_argument(
+            "--batch_size", type=int, default=1, help="conversations generated together, left-padded (speech needs 1)"
+        )
+        group.add_argument(
+            "--resume", action="store_true", help="skip the requests whose ids are already in OUTPUT_DIR/results.jsonl"
+        )
 
 
 def generation_settings(args: argparse.Namespace) -> GenerationSettings:
@@ -155,16 +204,21 @@ def generation_settings(args: argparse.Namespace) -> GenerationSettings:
 def check_common_flags(args: argparse.Namespace) -> None:
     """Flag values that are wrong whatever the checkpoint."""
     if getattr(args, "min_pixels", 0) > getattr(args, "max_pixels", 1):
-        raise RequestError(f"--min_pixels {args.min_pixels} is greater than --max_pixels {args.max_pixels}; swap or lower it")
+        raise RequestError(
+            f"--min_pixels {args.min_pixels} is greater than --max_pixels {args.max_pixels}; swap or lower it"
+        )
     batch_size = getattr(args, "batch_size", 1)
     if batch_size < 1:
         raise RequestError(f"--batch_size {batch_size}: must be at least 1")
     if getattr(args, "stream", False) and batch_size > 1:
-        raise RequestError(f"--stream with --batch_size {batch_size}: streaming prints one answer at a time; use --batch_size 1")
+        raise RequestError(
+            f"--stream with --batch_size {batch_size}: streaming prints one answer at a time; use --batch_size 1"
+        )
 
 
-def check_request(args: argparse.Namespace, requests: list[Request], media_folder: Path,
-                  needs: str = "a prompt or media") -> tuple[Checkpoint, list[Request], GenerationSettings]:  # fmt: skip
+def check_request(
+    args: argparse.Namespace, requests: list[Request], media_folder: Path, needs: str = "a prompt or media"
+) -> tuple[Checkpoint, list[Request], GenerationSettings]:
     """Everything about a script's request that can be wrong, checked with small reads only.
     Returns the checkpoint, the requests as they will run (URLs fetched into `media_folder`)
     and the settings; raises RequestError."""

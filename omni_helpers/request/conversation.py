@@ -85,7 +85,7 @@ def map_media(conversation: Conversation, change) -> Conversation:
 
 def local_path(reference: str) -> Path:
     """The file a local media reference names: a path, or a file:// URL."""
-    return Path(reference[len("file://"):] if reference.startswith("file://") else reference).expanduser()
+    return Path(reference[len("file://") :] if reference.startswith("file://") else reference).expanduser()
 
 
 def resolve_paths(conversation: Conversation, base_dir: Path) -> Conversation:
@@ -108,7 +108,7 @@ def resolve_paths(conversation: Conversation, base_dir: Path) -> Conversation:
 def check_conversation(conversation, source: str) -> None:
     """The official message format: a list of {role, content}, content a string or a list of typed items."""
     if not isinstance(conversation, list) or not conversation:
-        raise RequestError(f"{source}: expected a JSON list of messages like [{{\"role\": \"user\", \"content\": [...]}}]")
+        raise RequestError(f'{source}: expected a JSON list of messages like [{{"role": "user", "content": [...]}}]')
     for i, message in enumerate(conversation):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise RequestError(f"{source}: message {i} needs a 'role' and a 'content'")

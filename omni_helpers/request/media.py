@@ -48,11 +48,15 @@ def _suffix_for(kind: str, reference: str, content_type: Optional[str]) -> str:
 def _decode_data_url(kind: str, reference: str) -> tuple[bytes, Optional[str]]:
     header, _, payload = reference.partition(",")
     if ";base64" not in header:
-        raise RequestError(f"{kind} {reference[:40]}...: only base64 data: URLs are supported; encode the file in base64")
+        raise RequestError(
+            f"{kind} {reference[:40]}...: only base64 data: URLs are supported; encode the file in base64"
+        )
     try:
-        return base64.b64decode(payload, validate=True), header[len("data:"):].split(";")[0] or None
+        return base64.b64decode(payload, validate=True), header[len("data:") :].split(";")[0] or None
     except (binascii.Error, ValueError) as error:
-        raise RequestError(f"{kind} {reference[:40]}...: the base64 data is corrupt ({error}); re-encode the file") from error
+        raise RequestError(
+            f"{kind} {reference[:40]}...: the base64 data is corrupt ({error}); re-encode the file"
+        ) from error
 
 
 def _download(kind: str, url: str) -> tuple[bytes, Optional[str]]:
@@ -65,10 +69,14 @@ def _download(kind: str, url: str) -> tuple[bytes, Optional[str]]:
         raise RequestError(f"{kind} {url}: the server answered HTTP {error.code}; check the URL") from error
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
-        raise RequestError(f"{kind} {url}: cannot be fetched ({reason}); check the URL and the network, "
-                           "or download the file and pass its path") from error  # fmt: skip
+        raise RequestError(
+            f"{kind} {url}: cannot be fetched ({reason}); check the URL and the network, "
+            "or download the file and pass its path"
+        ) from error
     if len(data) > MAX_FETCH_BYTES:
-        raise RequestError(f"{kind} {url}: larger than {MAX_FETCH_BYTES // 2**30} GiB; download it and pass a shorter file")
+        raise RequestError(
+            f"{kind} {url}: larger than {MAX_FETCH_BYTES // 2**30} GiB; download it and pass a shorter file"
+        )
     return data, content_type
 
 
@@ -117,10 +125,20 @@ def probe(path: Path) -> Probe:
     if ffprobe is None:
         raise RequestError("the ffprobe program is missing; install ffmpeg (apt-get install ffmpeg)")
     run = subprocess.run(
-        [ffprobe, "-v", "error", "-of", "json", "-show_entries",
-         "stream=codec_type,avg_frame_rate:format=duration", str(path)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            ffprobe,
+            "-v",
+            "error",
+            "-of",
+            "json",
+            "-show_entries",
+            "stream=codec_type,avg_frame_rate:format=duration",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if run.returncode != 0:
         return Probe((), None, None)
     found = json.loads(run.stdout or "{}")
@@ -157,21 +175,31 @@ def check_image(item: dict) -> None:
         with Image.open(path) as image:
             image.load()
     except Exception as error:  # PIL raises many kinds for broken files
-        raise RequestError(f"image {reference}: not a readable image ({type(error).__name__}); give a PNG/JPEG file") from error
+        raise RequestError(
+            f"image {reference}: not a readable image ({type(error).__name__}); give a PNG/JPEG file"
+        ) from error
 
 
-def check_time_range(kind: str, reference: str, item: dict, duration: Optional[float], video_fps: Optional[float]) -> None:
+def check_time_range(
+    kind: str, reference: str, item: dict, duration: Optional[float], video_fps: Optional[float]
+) -> None:
     """`<kind>_start`/`<kind>_end` (seconds) and `fps` against the clip, as qwen_omni_utils will read them."""
     start, end = item.get(f"{kind}_start"), item.get(f"{kind}_end")
     for name, value in ((f"{kind}_start", start), (f"{kind}_end", end), ("fps", item.get("fps"))):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
             raise RequestError(f"{kind} {reference}: {name} {value!r} is not a number of seconds", name)
     if item.get("fps") is not None and item["fps"] <= 0:
         raise RequestError(f"{kind} {reference}: fps {item['fps']} must be positive (2 is the usual)", "fps")
     if start is not None and start < 0:
-        raise RequestError(f"{kind} {reference}: {kind}_start {start} is negative; give seconds from the beginning", f"{kind}_start")
+        raise RequestError(
+            f"{kind} {reference}: {kind}_start {start} is negative; give seconds from the beginning", f"{kind}_start"
+        )
     if start is not None and end is not None and end <= start:
-        raise RequestError(f"{kind} {reference}: {kind}_end {end} is not after {kind}_start {start}; swap or fix them", f"{kind}_end")
+        raise RequestError(
+            f"{kind} {reference}: {kind}_end {end} is not after {kind}_start {start}; swap or fix them", f"{kind}_end"
+        )
     if duration is None:
         return
     if start is not None and start >= duration:

@@ -29,7 +29,9 @@ def _read_text(path: str, flag: str) -> str:
     try:
         return file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise RequestError(f"{flag} {path}: cannot be read ({error}); give a UTF-8 JSON file", flag.lstrip("-")) from error
+        raise RequestError(
+            f"{flag} {path}: cannot be read ({error}); give a UTF-8 JSON file", flag.lstrip("-")
+        ) from error
 
 
 def load_conversation_file(path: str) -> Conversation:

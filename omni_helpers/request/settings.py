@@ -15,9 +15,16 @@ from omni_helpers.request.errors import RequestError
 
 DEFAULT_SPEAKER = "Ethan"
 # How each setting is spelled where the user gave it, so that an error names what they typed.
-FLAG_NAMES = {"max_new_tokens": "--max_new_tokens", "talker_max_new_tokens": "--talker_max_new_tokens",
-              "temperature": "--temperature", "top_p": "--top_p", "top_k": "--top_k", "speaker": "--speaker",
-              "return_audio": "--return_audio", "batch_size": "--batch_size"}  # fmt: skip
+FLAG_NAMES = {
+    "max_new_tokens": "--max_new_tokens",
+    "talker_max_new_tokens": "--talker_max_new_tokens",
+    "temperature": "--temperature",
+    "top_p": "--top_p",
+    "top_k": "--top_k",
+    "speaker": "--speaker",
+    "return_audio": "--return_audio",
+    "batch_size": "--batch_size",
+}
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class GenerationSettings:
 
     def check(self, names: dict[str, str] = FLAG_NAMES) -> None:
         """Raise RequestError for values no checkpoint could accept (`names`: how the user spelled each)."""
+
         def bad(setting: str, value, problem: str):
             raise RequestError(f"{names[setting]} {value}: {problem}", names[setting].lstrip("-"))
 

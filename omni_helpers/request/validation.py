@@ -36,8 +36,9 @@ def check_device(device_target: str) -> None:
         )
 
 
-def check_settings(settings: GenerationSettings, checkpoint: Checkpoint, batch_size: int = 1,
-                   names: dict[str, str] = FLAG_NAMES) -> None:  # fmt: skip
+def check_settings(
+    settings: GenerationSettings, checkpoint: Checkpoint, batch_size: int = 1, names: dict[str, str] = FLAG_NAMES
+) -> None:
     """The settings make sense, and this checkpoint can do what they ask (`names`: how the user spelled each)."""
     settings.check(names)
     check_context(settings, Context.of(checkpoint.config), names=names)
@@ -79,22 +80,32 @@ class Context:
     def of(cls, config: dict) -> "Context":
         """From a checkpoint's config.json (or a loaded model's `config.to_dict()`)."""
         talker = (config.get("talker_config") or {}).get("text_config") or {}
-        return cls(config["thinker_config"]["text_config"]["max_position_embeddings"], talker.get("max_position_embeddings"))
+        return cls(
+            config["thinker_config"]["text_config"]["max_position_embeddings"], talker.get("max_position_embeddings")
+        )
 
 
-def check_context(settings: GenerationSettings, context: Context, prompt_tokens: int = 0,
-                  names: dict[str, str] = FLAG_NAMES) -> None:  # fmt: skip
+def check_context(
+    settings: GenerationSettings, context: Context, prompt_tokens: int = 0, names: dict[str, str] = FLAG_NAMES
+) -> None:
     """The prompt (when known) and the tokens and frames asked for fit the model's context; checked before any
     cache is allocated: once with the settings alone, again once the processor has counted the prompt."""
+
     def too_many(setting: str, value: int, limit: int, what: str):
         room = limit - prompt_tokens - (TALKER_PREFIX_POSITIONS if setting == "talker_max_new_tokens" else 0)
         prompt = f" and this prompt takes {prompt_tokens}" if prompt_tokens else ""
-        raise RequestError(f"{names[setting]} {value}: the {what} holds {limit} positions (max_position_embeddings){prompt}; "
-                           f"ask for at most {room}", names[setting].lstrip("-"))  # fmt: skip
+        raise RequestError(
+            f"{names[setting]} {value}: the {what} holds {limit} positions (max_position_embeddings){prompt}; "
+            f"ask for at most {room}",
+            names[setting].lstrip("-"),
+        )
 
     if prompt_tokens >= context.thinker:
-        raise RequestError(f"the prompt is {prompt_tokens} tokens, more than the thinker's context of {context.thinker} "
-                           "positions; shorten it (less text, fewer or shorter media, fewer pixels)", "messages")  # fmt: skip
+        raise RequestError(
+            f"the prompt is {prompt_tokens} tokens, more than the thinker's context of {context.thinker} "
+            "positions; shorten it (less text, fewer or shorter media, fewer pixels)",
+            "messages",
+        )
     if prompt_tokens + settings.max_new_tokens > context.thinker:
         too_many("max_new_tokens", settings.max_new_tokens, context.thinker, "thinker's context")
     if settings.return_audio and context.talker is not None:
@@ -107,11 +118,15 @@ def check_server_limits(settings: GenerationSettings, limits: GenerationSettings
     for setting, flag in (("max_new_tokens", "--max_new_tokens"), ("talker_max_new_tokens", "--talker_max_new_tokens")):
         value, limit = getattr(settings, setting), getattr(limits, setting)
         if value > limit and (setting == "max_new_tokens" or settings.return_audio):
-            raise RequestError(f"{names[setting]} {value}: above this server's limit of {limit} (its {flag}); "
-                               f"ask for at most {limit}", names[setting].lstrip("-"))  # fmt: skip
+            raise RequestError(
+                f"{names[setting]} {value}: above this server's limit of {limit} (its {flag}); ask for at most {limit}",
+                names[setting].lstrip("-"),
+            )
 
 
-def check_conversation_for(conversation: Conversation, checkpoint: Checkpoint, needs: str = "a prompt or media") -> None:
+def check_conversation_for(
+    conversation: Conversation, checkpoint: Checkpoint, needs: str = "a prompt or media"
+) -> None:
     """What this checkpoint accepts: anything for Instruct and Thinking, one audio and nothing else for the Captioner."""
     found = list(media_items(conversation))
     if not found and not has_text(conversation):
@@ -139,7 +154,10 @@ def visual_kinds(conversation: Conversation) -> set[str]:
 
 
 def check_requests(
-    requests: list[Request], checkpoint: Checkpoint, settings: GenerationSettings, media_folder: Path,
+    requests: list[Request],
+    checkpoint: Checkpoint,
+    settings: GenerationSettings,
+    media_folder: Path,
     needs: str = "a prompt or media",
 ) -> list[Request]:
     """Every request checked, its URLs fetched into `media_folder` and its media decoded;

@@ -77,8 +77,10 @@ def fault_message(error: BaseException) -> str:
     text = str(error).strip()
     first = text.splitlines()[0] if text else type(error).__name__
     if isinstance(error, MemoryError) or "Allocate memory failed" in text or "Out of memory" in text:
-        return (f"the device ran out of memory during this request ({first}); ask for fewer tokens, "
-                "smaller or fewer media, or no speech")  # fmt: skip
+        return (
+            f"the device ran out of memory during this request ({first}); ask for fewer tokens, "
+            "smaller or fewer media, or no speech"
+        )
     return f"the generation failed ({type(error).__name__}: {first})"
 
 
@@ -104,24 +106,37 @@ class Engine:
     def ready(self) -> bool:
         return self.model is not None
 
-    def submit(self, conversation: Conversation, settings: GenerationSettings, stream_audio: bool = False,
-               names: dict[str, str] = FLAG_NAMES) -> Job:  # fmt: skip
+    def submit(
+        self,
+        conversation: Conversation,
+        settings: GenerationSettings,
+        stream_audio: bool = False,
+        names: dict[str, str] = FLAG_NAMES,
+    ) -> Job:
         """Queue a checked request; raises QueueFull past --max_queue waiting requests."""
         with self.lock:
             if self.waiting >= self.max_queue:
-                raise QueueFull(f"{self.waiting} requests are waiting already (--max_queue {self.max_queue}); try again shortly")
+                raise QueueFull(
+                    f"{self.waiting} requests are waiting already (--max_queue {self.max_queue}); try again shortly"
+                )
             self.waiting += 1
         job = Job(conversation, settings, names, stream_audio)
         self.jobs.put(job)
         return job
 
-    def check_and_submit(self, conversation: Conversation, settings: GenerationSettings, media_folder: Path,
-                         names: dict[str, str], stream_audio: bool = False) -> Job:  # fmt: skip
+    def check_and_submit(
+        self,
+        conversation: Conversation,
+        settings: GenerationSettings,
+        media_folder: Path,
+        names: dict[str, str],
+        stream_audio: bool = False,
+    ) -> Job:
         """Check a request against the checkpoint and the server's limits (`names`: how the caller spells each
         setting), fetch and decode its media into `media_folder`, and queue it. Raises RequestError, QueueFull
         or NotReady."""
         if not self.ready:
-            raise NotReady("the model is still loading; try again when GET /health says \"ready\": true")
+            raise NotReady('the model is still loading; try again when GET /health says "ready": true')
         check_server_limits(settings, self.limits, names)
         check_settings(settings, self.checkpoint, names=names)
         (request,) = check_requests([Request("request", conversation)], self.checkpoint, settings, media_folder)
@@ -161,16 +176,26 @@ class Engine:
         except RequestError as error:  # rejected on rank 0: the other ranks never hear of it
             job.events.put(("error", error))
             return
-        self.lockstep.send({"kind": "generate", "settings": dataclasses.asdict(job.settings),
-                            "stream_audio": job.stream_audio, "inputs": inputs})  # fmt: skip
+        self.lockstep.send(
+            {
+                "kind": "generate",
+                "settings": dataclasses.asdict(job.settings),
+                "stream_audio": job.stream_audio,
+                "inputs": inputs,
+            }
+        )
         job.events.put(("started", None))
         try:
             answer: Answer = generate_from_inputs(
-                self.model, self.processor, inputs, job.settings, started=job.submitted,
+                self.model,
+                self.processor,
+                inputs,
+                job.settings,
+                started=job.submitted,
                 on_text=lambda row, piece: job.events.put(("text", piece)),
                 on_audio=(lambda samples: job.events.put(("audio", samples))) if job.stream_audio else None,
                 cancellation=job.cancellation,
-            )[0]  # fmt: skip
+            )[0]
         except Cancelled as stopped:  # every rank stopped at the same step
             self.cancelled += 1
             print(f"a request was {stopped} (its client went away or pressed Stop)", file=sys.stderr, flush=True)
@@ -187,9 +212,15 @@ class Engine:
         job.events.put(("done", answer))
 
     def health(self) -> dict[str, Any]:
-        return {"ready": self.ready, "loads": self.loads, "requests_served": self.served,
-                "requests_cancelled": self.cancelled, "requests_failed": self.failed, "waiting": self.waiting,
-                "busy": self.busy}  # fmt: skip
+        return {
+            "ready": self.ready,
+            "loads": self.loads,
+            "requests_served": self.served,
+            "requests_cancelled": self.cancelled,
+            "requests_failed": self.failed,
+            "waiting": self.waiting,
+            "busy": self.busy,
+        }
 
 
 def follow(model, processor, lockstep: Lockstep) -> None:
@@ -203,7 +234,8 @@ def follow(model, processor, lockstep: Lockstep) -> None:
         settings = GenerationSettings(**job["settings"])
         on_audio = (lambda samples: None) if job["stream_audio"] else None  # code2wav in step with rank 0
         try:  # a cancellation of its own, never set: rank 0's travels in the loop's all-reduce
-            generate_from_inputs(model, processor, job["inputs"], settings, on_audio=on_audio, cancellation=Cancellation())
+            generate_from_inputs(
+                model, processor, job["inputs"], settings, on_audio=on_audio, cancellation=Cancellation()
+            )
         except Cancelled:
             continue
-

@@ -59,8 +59,16 @@ async def cancel_on_disconnect(http: HttpRequest, job: Job) -> None:
 class ChatCompletions:
     """What POST /v1/chat/completions does, apart from HTTP itself."""
 
-    def __init__(self, engine: Engine, checkpoint: Checkpoint, model_name: str, defaults: GenerationSettings,
-                 media_root: Path, allowed_local: Optional[Path], eos_token_id: int):  # fmt: skip
+    def __init__(
+        self,
+        engine: Engine,
+        checkpoint: Checkpoint,
+        model_name: str,
+        defaults: GenerationSettings,
+        media_root: Path,
+        allowed_local: Optional[Path],
+        eos_token_id: int,
+    ):
         self.engine, self.checkpoint, self.model_name, self.defaults = engine, checkpoint, model_name, defaults
         self.media_root, self.allowed_local, self.eos_token_id = media_root, allowed_local, eos_token_id
 
@@ -69,8 +77,13 @@ class ChatCompletions:
         folder = self.media_root / uuid.uuid4().hex
         try:
             chat = parse_chat_request(body, self.defaults, folder, self.allowed_local)
-            job = self.engine.check_and_submit(chat.conversation, chat.settings, folder, API_NAMES,
-                                               stream_audio=chat.stream and chat.settings.return_audio)  # fmt: skip
+            job = self.engine.check_and_submit(
+                chat.conversation,
+                chat.settings,
+                folder,
+                API_NAMES,
+                stream_audio=chat.stream and chat.settings.return_audio,
+            )
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -90,11 +103,19 @@ class ChatCompletions:
             if kind == "done":
                 answer = value
                 wav = None if answer.waveform is None else wav_bytes(answer.waveform)
-                return completion(request_id, self.model_name, answer.text, wav, self.finish_reason(answer.token_ids),
-                                  usage(answer.metrics["prompt_tokens"], len(answer.token_ids)), answer.metrics)  # fmt: skip
+                return completion(
+                    request_id,
+                    self.model_name,
+                    answer.text,
+                    wav,
+                    self.finish_reason(answer.token_ids),
+                    usage(answer.metrics["prompt_tokens"], len(answer.token_ids)),
+                    answer.metrics,
+                )
 
     async def chunks(self, job: Job, request_id: str) -> AsyncIterator[str]:
         """Server-sent events: the role, then text and speech as they come, then the reason it ended and [DONE]."""
+
         def event(data: dict) -> str:
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -105,15 +126,29 @@ class ChatCompletions:
             if kind == "text":
                 yield event(chunk(request_id, self.model_name, {"content": value}))
             elif kind == "audio":
-                yield event(chunk(request_id, self.model_name, {"audio": {"id": audio_id, "data": base64.b64encode(pcm16(value)).decode()}}))
+                yield event(
+                    chunk(
+                        request_id,
+                        self.model_name,
+                        {"audio": {"id": audio_id, "data": base64.b64encode(pcm16(value)).decode()}},
+                    )
+                )
             elif kind in ("error", "cancelled"):  # after the stream began: say so in the stream, then end it
                 error = value if kind == "error" else GenerationFailed("the request was cancelled")
                 yield event({"error": error_body(error, "server_error")["error"]})
                 break
             elif kind == "done":
                 answer = value
-                yield event(chunk(request_id, self.model_name, {}, self.finish_reason(answer.token_ids),
-                                  usage=usage(answer.metrics["prompt_tokens"], len(answer.token_ids)), metrics=answer.metrics))  # fmt: skip
+                yield event(
+                    chunk(
+                        request_id,
+                        self.model_name,
+                        {},
+                        self.finish_reason(answer.token_ids),
+                        usage=usage(answer.metrics["prompt_tokens"], len(answer.token_ids)),
+                        metrics=answer.metrics,
+                    )
+                )
                 break
         yield "data: [DONE]\n\n"
 
@@ -145,7 +180,10 @@ def build_api(chat: ChatCompletions, health: dict[str, Any]):
 
     @app.get("/v1/models")
     def get_models():
-        return {"object": "list", "data": [{"id": chat.model_name, "object": "model", "created": 0, "owned_by": "qwen"}]}
+        return {
+            "object": "list",
+            "data": [{"id": chat.model_name, "object": "model", "created": 0, "owned_by": "qwen"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def post_chat_completions(http: HttpRequest):
@@ -169,6 +207,7 @@ def build_api(chat: ChatCompletions, health: dict[str, Any]):
             if first_kind in ("error", "cancelled"):  # rejected while preprocessing, or its client left while it waited
                 return failure(first if first_kind == "error" else GenerationFailed("the request was cancelled"))
             if stream:
+
                 async def events():
                     try:
                         async for line in chat.chunks(job, request_id):

@@ -26,9 +26,16 @@ from omni_helpers.request.settings import GenerationSettings
 
 AUDIO_FORMATS = ("wav", "mp3")
 # How each generation setting is spelled in a Chat Completions request (errors name these).
-API_NAMES = {"max_new_tokens": "max_tokens", "talker_max_new_tokens": "talker_max_new_tokens", "temperature": "temperature",
-             "top_p": "top_p", "top_k": "top_k", "speaker": "audio.voice", "return_audio": 'modalities ["text", "audio"]',
-             "batch_size": "n"}  # fmt: skip
+API_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "talker_max_new_tokens": "talker_max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "speaker": "audio.voice",
+    "return_audio": 'modalities ["text", "audio"]',
+    "batch_size": "n",
+}
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,11 @@ def _field(body: dict, name: str, kinds, default=None):
 def local_media(reference: str, allowed: Optional[Path], param: str) -> str:
     """A local path (or file:// URL) as the file it names, if it lies inside the allowed folder."""
     if allowed is None:
-        raise RequestError(f"{reference}: local files are not served; send the file as a data: URL or an http(s) URL "
-                           "(or start the server with --allowed_local_media_path DIR)", param)  # fmt: skip
+        raise RequestError(
+            f"{reference}: local files are not served; send the file as a data: URL or an http(s) URL "
+            "(or start the server with --allowed_local_media_path DIR)",
+            param,
+        )
     path = local_path(reference)
     resolved = (allowed / path).resolve() if not path.is_absolute() else path.resolve()
     if not resolved.is_relative_to(allowed.resolve()):
@@ -61,7 +71,7 @@ def media_url(part: dict, kind: str, allowed: Optional[Path], param: str) -> str
     holder = part.get(f"{kind}_url")
     url = holder.get("url") if isinstance(holder, dict) else holder
     if not isinstance(url, str) or not url:
-        raise RequestError(f"a {kind}_url part needs {{\"url\": ...}}", param)
+        raise RequestError(f'a {kind}_url part needs {{"url": ...}}', param)
     if url.startswith(("data:", "http://", "https://")):
         return url
     return local_media(url, allowed, param)
@@ -105,8 +115,10 @@ def content_items(content, folder: Path, allowed: Optional[Path], param: str) ->
         elif kind == "input_audio":
             media.append({"type": "audio", "audio": audio_file(part, folder, where)})
         else:
-            raise RequestError(f"content part type {kind!r} is not supported; use text, image_url, input_audio or video_url",
-                               f"{where}.type")  # fmt: skip
+            raise RequestError(
+                f"content part type {kind!r} is not supported; use text, image_url, input_audio or video_url",
+                f"{where}.type",
+            )
     return media + texts
 
 
@@ -124,15 +136,19 @@ def parse_chat_request(body, defaults: GenerationSettings, folder: Path, allowed
         if message.get("content") is None:  # an assistant turn that only spoke
             continue
         role = "system" if message["role"] == "developer" else message["role"]
-        conversation.append({"role": role, "content": content_items(message["content"], folder, allowed, f"messages[{i}].content")})
+        conversation.append(
+            {"role": role, "content": content_items(message["content"], folder, allowed, f"messages[{i}].content")}
+        )
 
     modalities = _field(body, "modalities", (list,), ["text"])
     if not set(modalities) <= {"text", "audio"} or "text" not in modalities:
-        raise RequestError(f"modalities {modalities}: use [\"text\"] or [\"text\", \"audio\"]", "modalities")
+        raise RequestError(f'modalities {modalities}: use ["text"] or ["text", "audio"]', "modalities")
     audio = _field(body, "audio", (dict,), {}) or {}
     if audio.get("format", "wav") != "wav":
         raise RequestError(f"audio format {audio.get('format')!r}: this server speaks wav", "audio.format")
-    max_tokens = _field(body, "max_completion_tokens", (int,), _field(body, "max_tokens", (int,), defaults.max_new_tokens))
+    max_tokens = _field(
+        body, "max_completion_tokens", (int,), _field(body, "max_tokens", (int,), defaults.max_new_tokens)
+    )
     talker_frames = _field(body, "talker_max_new_tokens", (int,), defaults.talker_max_new_tokens)
     temperature = _field(body, "temperature", (int, float), None)
     top_p = _field(body, "top_p", (int, float), None)
@@ -165,25 +181,41 @@ def error_body(error: Exception, kind: str = "invalid_request_error") -> dict[st
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion(request_id: str, model: str, text: str, wav: Optional[bytes], finish_reason: str,
-               usage_: dict, metrics: dict) -> dict[str, Any]:  # fmt: skip
+def completion(
+    request_id: str, model: str, text: str, wav: Optional[bytes], finish_reason: str, usage_: dict, metrics: dict
+) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if wav is not None:
-        message["audio"] = {"id": f"audio_{request_id}", "data": base64.b64encode(wav).decode(),
-                            "expires_at": int(time.time()) + 3600, "transcript": text}  # fmt: skip
+        message["audio"] = {
+            "id": f"audio_{request_id}",
+            "data": base64.b64encode(wav).decode(),
+            "expires_at": int(time.time()) + 3600,
+            "transcript": text,
+        }
     return {
-        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
-        "usage": usage_, "metrics": metrics,
-    }  # fmt: skip
+        "usage": usage_,
+        "metrics": metrics,
+    }
 
 
 def chunk(request_id: str, model: str, delta: dict, finish_reason: Optional[str] = None, **extra) -> dict[str, Any]:
     return {
-        "id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra,
-    }  # fmt: skip
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        **extra,
+    }

@@ -32,11 +32,20 @@ from omni_helpers.serving.engine import Engine, Job, NotReady, QueueFull
 from omni_helpers.request.settings import GenerationSettings
 
 KINDS_BY_MIME = {"image": "image", "audio": "audio", "video": "video"}
-UI_NAMES = {"max_new_tokens": "max new tokens", "talker_max_new_tokens": "speech limit",
-            "temperature": "temperature", "top_p": "top p", "top_k": "--top_k", "speaker": "voice",
-            "return_audio": '"speak the answer"', "batch_size": "batch size"}  # fmt: skip
+UI_NAMES = {
+    "max_new_tokens": "max new tokens",
+    "talker_max_new_tokens": "speech limit",
+    "temperature": "temperature",
+    "top_p": "top p",
+    "top_k": "--top_k",
+    "speaker": "voice",
+    "return_audio": '"speak the answer"',
+    "batch_size": "batch size",
+}
 FRAMES_PER_SECOND = SPEECH_SAMPLE_RATE / 1920  # a codec frame is 1920 samples: 12.5 frames per second of speech
-STILL_ANSWERING = "An answer is still coming: your question stays in the box; send it once the answer ends, or press Stop."
+STILL_ANSWERING = (
+    "An answer is still coming: your question stays in the box; send it once the answer ends, or press Stop."
+)
 HEARTBEAT_SECONDS = 1.0  # an answer with nothing new to show yields this often, so that a closed tab is noticed
 
 
@@ -108,29 +117,46 @@ def build_ui(engine: Engine, checkpoint: Checkpoint, defaults: GenerationSetting
             chat.append({"role": "user", "content": message["text"]})
         return None, chat, message
 
-    async def respond(message, chat, conversation, speak, speaker, max_tokens, speech_seconds, temperature, top_p,
-                      request: gr.Request):  # fmt: skip
+    async def respond(
+        message, chat, conversation, speak, speaker, max_tokens, speech_seconds, temperature, top_p, request: gr.Request
+    ):
         if message is None:  # refused by `accept`: this tab's previous answer is still coming
             return
         session = request.session_hash
         try:
-            async for update in answer(message, list(chat or []), list(conversation or []), speak, speaker,
-                                       max_tokens, speech_seconds, temperature, top_p, session):  # fmt: skip
+            async for update in answer(
+                message,
+                list(chat or []),
+                list(conversation or []),
+                speak,
+                speaker,
+                max_tokens,
+                speech_seconds,
+                temperature,
+                top_p,
+                session,
+            ):
                 yield update
         finally:  # the answer ended, or the tab went away (Gradio closes this generator): stop generating for it
             answering.end(session)
 
-    async def answer(message, chat, conversation, speak, speaker, max_tokens, speech_seconds, temperature, top_p,
-                     session):  # fmt: skip
+    async def answer(
+        message, chat, conversation, speak, speaker, max_tokens, speech_seconds, temperature, top_p, session
+    ):
         try:
             turn = user_turn(message)
             settings = defaults.replace(
-                max_new_tokens=int(max_tokens), do_sample=temperature > 0, temperature=float(temperature) or defaults.temperature,
-                top_p=float(top_p), return_audio=bool(speak) and checkpoint.has_talker, speaker=speaker or defaults.speaker,
+                max_new_tokens=int(max_tokens),
+                do_sample=temperature > 0,
+                temperature=float(temperature) or defaults.temperature,
+                top_p=float(top_p),
+                return_audio=bool(speak) and checkpoint.has_talker,
+                speaker=speaker or defaults.speaker,
                 talker_max_new_tokens=speech_frames(float(speech_seconds)),
-            )  # fmt: skip
+            )
             job = await anyio.to_thread.run_sync(  # media may be fetched: not in the event loop
-                engine.check_and_submit, [*conversation, turn], settings, outputs / "fetched", UI_NAMES)
+                engine.check_and_submit, [*conversation, turn], settings, outputs / "fetched", UI_NAMES
+            )
             answering.running(session, job)
         except (RequestError, QueueFull, NotReady) as error:
             chat.append({"role": "assistant", "content": f"⚠️ {error}"})
@@ -153,7 +179,11 @@ def build_ui(engine: Engine, checkpoint: Checkpoint, defaults: GenerationSetting
                 return
             elif kind == "done":
                 chat[-1] = {"role": "assistant", "content": value.text}
-                conversation = [*conversation, turn, {"role": "assistant", "content": [{"type": "text", "text": value.text}]}]
+                conversation = [
+                    *conversation,
+                    turn,
+                    {"role": "assistant", "content": [{"type": "text", "text": value.text}]},
+                ]
                 if value.waveform is not None:
                     wav = outputs / f"answer_{uuid.uuid4().hex[:8]}.wav"
                     write_wav(wav, value.waveform)
@@ -165,34 +195,67 @@ def build_ui(engine: Engine, checkpoint: Checkpoint, defaults: GenerationSetting
         answering.stop(request.session_hash)
 
     with gr.Blocks(title=title) as ui:
-        gr.Markdown(f"## {title}\nAsk anything, and attach images, audio or video (or record with the microphone). "
-                    "Each turn sends the whole conversation so far.")  # fmt: skip
+        gr.Markdown(
+            f"## {title}\nAsk anything, and attach images, audio or video (or record with the microphone). "
+            "Each turn sends the whole conversation so far."
+        )
         conversation = gr.State([])
         asked = gr.State(None)
         chat = gr.Chatbot(label="Qwen3-Omni", height=460, elem_id="chat")
         box = gr.MultimodalTextbox(
-            file_types=["image", "audio", "video"], file_count="multiple", sources=["upload", "microphone"],
-            placeholder="Ask a question; attach images, audio or video", show_label=False, elem_id="question",
-        )  # fmt: skip
+            file_types=["image", "audio", "video"],
+            file_count="multiple",
+            sources=["upload", "microphone"],
+            placeholder="Ask a question; attach images, audio or video",
+            show_label=False,
+            elem_id="question",
+        )
         with gr.Row():
             speak = gr.Checkbox(label="speak the answer", value=False, visible=checkpoint.has_talker, elem_id="speak")
-            speaker = gr.Dropdown(checkpoint.speakers, value=defaults.speaker.lower() if checkpoint.has_talker else None,
-                                  label="voice", visible=checkpoint.has_talker)  # fmt: skip
+            speaker = gr.Dropdown(
+                checkpoint.speakers,
+                value=defaults.speaker.lower() if checkpoint.has_talker else None,
+                label="voice",
+                visible=checkpoint.has_talker,
+            )
             most_seconds = defaults.talker_max_new_tokens / FRAMES_PER_SECOND
-            speech_seconds = gr.Slider(1, most_seconds, value=most_seconds, step=1, label="speech limit (seconds)",
-                                       visible=checkpoint.has_talker, elem_id="speech_seconds")  # fmt: skip
-            max_tokens = gr.Slider(1, defaults.max_new_tokens, value=defaults.max_new_tokens, step=1,
-                                   label="max new tokens", elem_id="max_tokens")  # fmt: skip
-            temperature = gr.Slider(0.0, 2.0, value=defaults.temperature if defaults.do_sample else 0.0, step=0.05,
-                                    label="temperature (0: greedy)")  # fmt: skip
+            speech_seconds = gr.Slider(
+                1,
+                most_seconds,
+                value=most_seconds,
+                step=1,
+                label="speech limit (seconds)",
+                visible=checkpoint.has_talker,
+                elem_id="speech_seconds",
+            )
+            max_tokens = gr.Slider(
+                1,
+                defaults.max_new_tokens,
+                value=defaults.max_new_tokens,
+                step=1,
+                label="max new tokens",
+                elem_id="max_tokens",
+            )
+            temperature = gr.Slider(
+                0.0,
+                2.0,
+                value=defaults.temperature if defaults.do_sample else 0.0,
+                step=0.05,
+                label="temperature (0: greedy)",
+            )
             top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="top p")
         with gr.Row():
             stop_button = gr.Button("Stop", elem_id="stop")
             clear = gr.Button("Clear", elem_id="clear")
         settings = [speak, speaker, max_tokens, speech_seconds, temperature, top_p]
-        answer_event = box.submit(accept, [box, chat], [box, chat, asked], concurrency_limit=None, trigger_mode="multiple").then(
-            respond, [asked, chat, conversation, *settings], [chat, conversation], concurrency_limit=None,
-        )  # fmt: skip
+        answer_event = box.submit(
+            accept, [box, chat], [box, chat, asked], concurrency_limit=None, trigger_mode="multiple"
+        ).then(
+            respond,
+            [asked, chat, conversation, *settings],
+            [chat, conversation],
+            concurrency_limit=None,
+        )
         stop_button.click(stop, None, None, queue=False)
         clear.click(lambda: ([], [], None), None, [chat, conversation, box], cancels=[answer_event])
     return ui, outputs

@@ -17,16 +17,22 @@ def test_a_prompt_and_its_new_tokens_must_fit_the_thinkers_context(mindone):
     conversation = [{"role": "user", "content": "hi"}]
     prompt = prepare_inputs(mindone.processor, [conversation], GenerationSettings())["input_ids"].shape[1]
     with pytest.raises(RequestError) as refused:
-        generate_answers(mindone.model, mindone.processor, [conversation], GenerationSettings(max_new_tokens=CONTEXT - prompt + 1))
-    assert str(refused.value) == (f"--max_new_tokens {CONTEXT - prompt + 1}: the thinker's context holds {CONTEXT} positions "
-                                  f"(max_position_embeddings) and this prompt takes {prompt}; ask for at most {CONTEXT - prompt}")
+        generate_answers(
+            mindone.model, mindone.processor, [conversation], GenerationSettings(max_new_tokens=CONTEXT - prompt + 1)
+        )
+    assert str(refused.value) == (
+        f"--max_new_tokens {CONTEXT - prompt + 1}: the thinker's context holds {CONTEXT} positions "
+        f"(max_position_embeddings) and this prompt takes {prompt}; ask for at most {CONTEXT - prompt}"
+    )
 
 
 def test_a_prompt_longer_than_the_context_is_refused(mindone):
     from omni_helpers.generation.core import generate_answers
 
     conversation = [{"role": "user", "content": "rain " * CONTEXT}]
-    with pytest.raises(RequestError, match=f"the prompt is [0-9]+ tokens, more than the thinker's context of {CONTEXT}"):
+    with pytest.raises(
+        RequestError, match=f"the prompt is [0-9]+ tokens, more than the thinker's context of {CONTEXT}"
+    ):
         generate_answers(mindone.model, mindone.processor, [conversation], GenerationSettings(max_new_tokens=8))
 
 
@@ -34,5 +40,7 @@ def test_speech_must_fit_the_talkers_context(mindone):
     from omni_helpers.generation.core import generate_answers
 
     settings = GenerationSettings(max_new_tokens=8, return_audio=True, talker_max_new_tokens=CONTEXT - 20)
-    with pytest.raises(RequestError, match=f"--talker_max_new_tokens {CONTEXT - 20}: the talker's context holds {CONTEXT}"):
+    with pytest.raises(
+        RequestError, match=f"--talker_max_new_tokens {CONTEXT - 20}: the talker's context holds {CONTEXT}"
+    ):
         generate_answers(mindone.model, mindone.processor, [[{"role": "user", "content": "hi"}]], settings)

@@ -18,8 +18,12 @@ def stream_tokens(tokenizer, ids: list[int]):
     from omni_helpers.generation.streaming import StepStream
 
     pieces = []
-    stream = StepStream(rows=1, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer=tokenizer,
-                        on_text=lambda row, piece: pieces.append(piece))  # fmt: skip
+    stream = StepStream(
+        rows=1,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tokenizer=tokenizer,
+        on_text=lambda row, piece: pieces.append(piece),
+    )
     stream.put(np.array([[1, 2, 3]]))  # the prompt
     for token in ids:
         stream.put(np.array([token]))
@@ -52,7 +56,9 @@ def test_several_rows_each_stream_their_own_answer_when_one_ends_first(tokenizer
     ids = [tokenizer.encode(text) + [eos] for text in answers]
     steps = max(len(row) for row in ids)
     pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
-    stream = StepStream(rows=3, eos_token_id=eos, tokenizer=tokenizer, on_text=lambda row, piece: pieces[row].append(piece))
+    stream = StepStream(
+        rows=3, eos_token_id=eos, tokenizer=tokenizer, on_text=lambda row, piece: pieces[row].append(piece)
+    )
     stream.put(np.zeros((3, 4), np.int64))  # the prompt
     for step in range(steps):  # rows that have ended get padding (the end token again), as generate hands them
         stream.put(np.array([row[step] if step < len(row) else eos for row in ids]))

@@ -36,8 +36,16 @@ def test_rows_stop_collecting_at_their_end_token():
 def test_answer_metrics_count_tokens_frames_and_decode_traffic():
     thinker = stream_with([0.0, 1.0, 1.25, 1.5], [[5, 6], [9, 7], [9, 8]], byte_counts=[0, 100, 300, 500])
     talker = stream_with([2.0, 2.5, 3.0, 3.5, 4.0], [[1], [2], [3], [4]])
-    metrics = answer_metrics(thinker, talker, row=0, prompt_tokens=40, preprocessing_seconds=0.5,
-                             generate_seconds=4.0, time_to_first_token=1.5, audio_seconds=0.24)  # fmt: skip
+    metrics = answer_metrics(
+        thinker,
+        talker,
+        row=0,
+        prompt_tokens=40,
+        preprocessing_seconds=0.5,
+        generate_seconds=4.0,
+        time_to_first_token=1.5,
+        audio_seconds=0.24,
+    )
     assert metrics["thinker_new_tokens"] == 2  # its end token included, the padding after it not
     assert metrics["decoded_tokens"] == 2 and metrics["thinker_decode_tokens_per_second"] == 4.0
     assert metrics["talker_codec_frames"] == 3  # the talker's last choice never becomes a frame
@@ -47,9 +55,18 @@ def test_answer_metrics_count_tokens_frames_and_decode_traffic():
 
 
 def test_batch_times_are_counted_once_per_batch():
-    row = {"prompt_tokens": 10, "thinker_new_tokens": 4, "decoded_tokens": 3, "talker_codec_frames": 0,
-           "audio_seconds": 0.0, "preprocessing_seconds": 1.0, "generate_seconds": 2.0, "prefill_seconds": 0.5,
-           "decode_seconds": 1.5, "batch_size": 2}  # fmt: skip
+    row = {
+        "prompt_tokens": 10,
+        "thinker_new_tokens": 4,
+        "decoded_tokens": 3,
+        "talker_codec_frames": 0,
+        "audio_seconds": 0.0,
+        "preprocessing_seconds": 1.0,
+        "generate_seconds": 2.0,
+        "prefill_seconds": 0.5,
+        "decode_seconds": 1.5,
+        "batch_size": 2,
+    }
     alone = dict(row, batch_size=1, generate_seconds=1.0, decode_seconds=0.75, decoded_tokens=3)
     total = combined([row, row, alone])  # a batch of two, then one alone
     assert total["requests"] == 3 and total["prompt_tokens"] == 30 and total["decoded_tokens"] == 9

@@ -60,7 +60,9 @@ def test_stack_and_mixed_dtype_cat():
 def test_repeat_interleave():
     x = np.arange(6).reshape(2, 3)
     np.testing.assert_array_equal(fb.repeat_interleave(t(x), 2, dim=0).asnumpy(), np.repeat(x, 2, axis=0))
-    np.testing.assert_array_equal(fb.repeat_interleave(t(x), t([1, 2, 0]), dim=1).asnumpy(), np.repeat(x, [1, 2, 0], axis=1))
+    np.testing.assert_array_equal(
+        fb.repeat_interleave(t(x), t([1, 2, 0]), dim=1).asnumpy(), np.repeat(x, [1, 2, 0], axis=1)
+    )
     np.testing.assert_array_equal(fb.repeat_interleave(t(x), 2).asnumpy(), np.repeat(x.reshape(-1), 2))
 
 
@@ -75,7 +77,16 @@ def test_index_select_outer_where():
     np.testing.assert_array_equal(fb.where(t(x > 0), t(x), 0.0).asnumpy(), np.where(x > 0, x, 0))
 
 
-@pytest.mark.parametrize("pad,mode,value", [((1, 2), "constant", None), ((0, 0, 2, 1), "constant", -1.0), ((2, 0), "replicate", None), ((1, 1), "reflect", None), ((-1, 2), "constant", 0.0)])
+@pytest.mark.parametrize(
+    "pad,mode,value",
+    [
+        ((1, 2), "constant", None),
+        ((0, 0, 2, 1), "constant", -1.0),
+        ((2, 0), "replicate", None),
+        ((1, 1), "reflect", None),
+        ((-1, 2), "constant", 0.0),
+    ],
+)
 def test_pad(pad, mode, value):
     x = RNG.standard_normal((2, 3, 4)).astype(np.float32)
     widths = [(0, 0)] * 3
@@ -139,7 +150,9 @@ def test_embedding_and_layer_norm():
     # Through the module mindone builds (mint.nn.LayerNorm, mint.nn.Embedding)
     fb.install_cpu_fallbacks()
     norm = mint.nn.LayerNorm(4)
-    np.testing.assert_allclose(norm(t(x)).asnumpy(), (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5), atol=1e-5)
+    np.testing.assert_allclose(
+        norm(t(x)).asnumpy(), (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5), atol=1e-5
+    )
     assert mint.nn.Embedding(10, 4)(t(ids)).shape == (1, 3, 4)
 
 
@@ -247,11 +260,15 @@ def test_a_narrow_integer_sum_is_widened_first_and_gives_the_promoted_sum():
 
 
 CAST_SOURCES = {
-    "float32": np.concatenate([RNG.standard_normal(200) * 1e3, [0.0, -0.0, 1 + 2**-11, 1 + 3 * 2**-11, 65504, 7e4, -7e4,
-                                                                 np.inf, -np.inf, 6e-8, 1e-9]]).astype(np.float32),
+    "float32": np.concatenate(
+        [
+            RNG.standard_normal(200) * 1e3,
+            [0.0, -0.0, 1 + 2**-11, 1 + 3 * 2**-11, 65504, 7e4, -7e4, np.inf, -np.inf, 6e-8, 1e-9],
+        ]
+    ).astype(np.float32),
     "float16": (RNG.standard_normal(200) * 50).astype(np.float16),
-    "int64": np.concatenate([RNG.integers(-2**40, 2**40, 200), [0, 2**31, -2**31 - 1, 255, 256]]).astype(np.int64),
-    "int32": RNG.integers(-2**31, 2**31 - 1, 200).astype(np.int32),
+    "int64": np.concatenate([RNG.integers(-(2**40), 2**40, 200), [0, 2**31, -(2**31) - 1, 255, 256]]).astype(np.int64),
+    "int32": RNG.integers(-(2**31), 2**31 - 1, 200).astype(np.int32),
     "bool": RNG.random(200) > 0.5,
 }
 CAST_TARGETS = ["float32", "float16", "int64", "int32", "uint8", "bool"]

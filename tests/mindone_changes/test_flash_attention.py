@@ -31,7 +31,15 @@ import mindspore as ms
 from omni_helpers.mindone_changes import cpu_fallbacks as fb
 from omni_helpers.mindone_changes.mindone_fixes import conv_output_lengths
 from tests.script_runs import WAV_TOLERANCE_FLASH
-from tests.reference import MindOne, Reference, batch_inputs, processor_inputs, relative_error, request_conversation, top2_margins
+from tests.reference import (
+    MindOne,
+    Reference,
+    batch_inputs,
+    processor_inputs,
+    relative_error,
+    request_conversation,
+    top2_margins,
+)
 
 FLASH_TOLERANCE = 1e-3  # relative to the logits' range: float16 rounding of q, k, v and the output
 NEW_TOKENS = 16
@@ -58,16 +66,23 @@ def softmax_attention(q, k, v, discard, scale):
 def test_cpu_flash_attention_is_masked_softmax_attention(layout, mask, kv_heads):
     rng = np.random.default_rng(0)
     b, n, s, d = 2, 4, 5, 8
-    q, k, v = rng.standard_normal((b, n, s, d)), rng.standard_normal((b, kv_heads, s, d)), rng.standard_normal((b, kv_heads, s, d))
+    q, k, v = (
+        rng.standard_normal((b, n, s, d)),
+        rng.standard_normal((b, kv_heads, s, d)),
+        rng.standard_normal((b, kv_heads, s, d)),
+    )
     shapes = {"(S, S)": (s, s), "(B, 1, S, S)": (b, 1, s, s), "(B, N, S, S)": (b, n, s, s)}
     discard = None if mask is None else np.triu(np.ones(shapes[mask], bool), 1) | (rng.random(shapes[mask]) < 0.2)
     if discard is not None:
         discard[..., 0] = False  # every query sees at least one key
     to_layout = (lambda x: x.transpose(0, 2, 1, 3)) if layout == "BSND" else (lambda x: x)
     out = fb.flash_attention_score(
-        *(ms.Tensor(to_layout(x).astype(np.float16)) for x in (q, k, v)), head_num=n,
-        attn_mask=None if discard is None else ms.Tensor(discard.astype(np.uint8)), scalar_value=d**-0.5, input_layout=layout,
-    )  # fmt: skip
+        *(ms.Tensor(to_layout(x).astype(np.float16)) for x in (q, k, v)),
+        head_num=n,
+        attn_mask=None if discard is None else ms.Tensor(discard.astype(np.uint8)),
+        scalar_value=d**-0.5,
+        input_layout=layout,
+    )
     assert out.dtype == ms.float16 and out.shape == to_layout(q).shape
     expected = softmax_attention(*(x.astype(np.float16).astype(np.float64) for x in (q, k, v)), discard, d**-0.5)
     np.testing.assert_allclose(out.asnumpy().astype(np.float64), to_layout(expected), atol=2e-3)
@@ -75,7 +90,9 @@ def test_cpu_flash_attention_is_masked_softmax_attention(layout, mask, kv_heads)
 
 def test_a_query_that_sees_nothing_gets_a_finite_answer():
     q = ms.Tensor(np.ones((1, 2, 1, 4), np.float16))
-    out = fb.flash_attention_score(q, q, q, head_num=1, attn_mask=ms.Tensor(np.ones((2, 2), np.uint8)), input_layout="BSND")
+    out = fb.flash_attention_score(
+        q, q, q, head_num=1, attn_mask=ms.Tensor(np.ones((2, 2), np.uint8)), input_layout="BSND"
+    )
     assert np.isfinite(out.asnumpy()).all()
 
 
@@ -112,14 +129,22 @@ def flash(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def requests(tiny_checkpoint, sample_media, flash):  # flash: runtime set up first
-    return {kind: processor_inputs(tiny_checkpoint, request_conversation(kind, sample_media), kind == "video") for kind in KINDS}
+    return {
+        kind: processor_inputs(tiny_checkpoint, request_conversation(kind, sample_media), kind == "video")
+        for kind in KINDS
+    }
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_flash_logits_text_and_speech_match_the_reference(kind, requests, reference, flash):
     use_audio_in_video = kind == "video"
-    assert relative_error(flash.prefill_logits(requests[kind], use_audio_in_video),
-                          reference.prefill_logits(requests[kind], use_audio_in_video)) <= FLASH_TOLERANCE  # fmt: skip
+    assert (
+        relative_error(
+            flash.prefill_logits(requests[kind], use_audio_in_video),
+            reference.prefill_logits(requests[kind], use_audio_in_video),
+        )
+        <= FLASH_TOLERANCE
+    )
 
     expected = reference.generate(requests[kind], use_audio_in_video, NEW_TOKENS, return_audio=True)
     actual = flash.generate(requests[kind], use_audio_in_video, NEW_TOKENS, return_audio=True)
@@ -138,10 +163,13 @@ def code2wav_gap(flash, reference, codes: np.ndarray) -> float:
     reference's (eager, float32) decoding the same codes (groups, frames), chunked as `generate` decodes them."""
     import torch
 
-    ours = flash.model.code2wav.chunked_decode(ms.Tensor(codes[None].astype(np.int64)), chunk_size=300, left_context_size=25)
+    ours = flash.model.code2wav.chunked_decode(
+        ms.Tensor(codes[None].astype(np.int64)), chunk_size=300, left_context_size=25
+    )
     with torch.no_grad():
-        theirs = reference.model.code2wav.chunked_decode(torch.from_numpy(codes[None].astype(np.int64)), chunk_size=300,
-                                                         left_context_size=25)  # fmt: skip
+        theirs = reference.model.code2wav.chunked_decode(
+            torch.from_numpy(codes[None].astype(np.int64)), chunk_size=300, left_context_size=25
+        )
     return float(np.abs(ours.float().asnumpy().reshape(-1) - theirs.float().numpy().reshape(-1)).max())
 
 
@@ -153,9 +181,13 @@ def test_the_vision_encoder_attends_within_each_frame_block(requests, reference,
 
     inputs = requests["silent_video"]
     assert inputs["video_grid_thw"][0, 0] == 2  # two blocks, so attending across them would show
-    hidden = np.random.default_rng(0).standard_normal(
-        (inputs["pixel_values_videos"].shape[0], flash.model.config.thinker_config.vision_config.hidden_size)
-    ).astype(np.float32)
+    hidden = (
+        np.random.default_rng(0)
+        .standard_normal(
+            (inputs["pixel_values_videos"].shape[0], flash.model.config.thinker_config.vision_config.hidden_size)
+        )
+        .astype(np.float32)
+    )
     seen = {}
 
     def attention_output(name, block, run, to_numpy, tensor):
@@ -171,14 +203,24 @@ def test_the_vision_encoder_attends_within_each_frame_block(requests, reference,
             post.remove()
 
     with torch.no_grad():
-        attention_output("reference", reference.model.thinker.visual.blocks[0],
-                         lambda: reference.model.thinker.visual(torch.from_numpy(inputs["pixel_values_videos"]),
-                                                                grid_thw=torch.from_numpy(inputs["video_grid_thw"])),
-                         lambda out: out.numpy(), torch.from_numpy)  # fmt: skip
-    attention_output("project", flash.model.thinker.visual.blocks[0],
-                     lambda: flash.model.thinker.visual(ms.Tensor(inputs["pixel_values_videos"]),
-                                                        grid_thw=ms.Tensor(inputs["video_grid_thw"])),
-                     lambda out: out.asnumpy(), ms.Tensor)  # fmt: skip
+        attention_output(
+            "reference",
+            reference.model.thinker.visual.blocks[0],
+            lambda: reference.model.thinker.visual(
+                torch.from_numpy(inputs["pixel_values_videos"]), grid_thw=torch.from_numpy(inputs["video_grid_thw"])
+            ),
+            lambda out: out.numpy(),
+            torch.from_numpy,
+        )
+    attention_output(
+        "project",
+        flash.model.thinker.visual.blocks[0],
+        lambda: flash.model.thinker.visual(
+            ms.Tensor(inputs["pixel_values_videos"]), grid_thw=ms.Tensor(inputs["video_grid_thw"])
+        ),
+        lambda out: out.asnumpy(),
+        ms.Tensor,
+    )
     assert relative_error(seen["project"], seen["reference"]) <= FLASH_TOLERANCE
 
 
@@ -203,10 +245,15 @@ def test_every_row_of_a_padded_batch_answers_as_alone(tiny_checkpoint, sample_me
     from omni_helpers.request.settings import GenerationSettings
 
     question = {"type": "text", "text": "What can you see and hear? Answer in one short sentence."}
-    conversations = [request_conversation("text", sample_media), request_conversation("image_audio", sample_media),
-                     [{"role": "user", "content": [{"type": "audio", "audio": str(short_audio)}, question]}]]  # fmt: skip
+    conversations = [
+        request_conversation("text", sample_media),
+        request_conversation("image_audio", sample_media),
+        [{"role": "user", "content": [{"type": "audio", "audio": str(short_audio)}, question]}],
+    ]
     settings = GenerationSettings(max_new_tokens=NEW_TOKENS, use_audio_in_video=False)
-    answers = generate_from_inputs(flash.model, flash.processor, batch_inputs(tiny_checkpoint, conversations, False), settings)
+    answers = generate_from_inputs(
+        flash.model, flash.processor, batch_inputs(tiny_checkpoint, conversations, False), settings
+    )
     for conversation, answer in zip(conversations, answers):
         expected = reference.generate(processor_inputs(tiny_checkpoint, conversation, False), False, NEW_TOKENS, False)
         np.testing.assert_array_equal(np.array(answer.token_ids), expected.tokens)
@@ -233,9 +280,12 @@ def audio_attention_output(model, frames: list[int]) -> np.ndarray:
     layer = model.model.thinker.audio_tower.layers[0]
     seen = []
     if isinstance(model, Reference):
-        pre = layer.register_forward_pre_hook(lambda module, args: (torch.from_numpy(hidden.astype(np.float32)), *args[1:]))
+        pre = layer.register_forward_pre_hook(
+            lambda module, args: (torch.from_numpy(hidden.astype(np.float32)), *args[1:])
+        )
         post = layer.self_attn.register_forward_hook(
-            lambda module, args, out: seen.append((out if isinstance(out, torch.Tensor) else out[0]).numpy()))
+            lambda module, args, out: seen.append((out if isinstance(out, torch.Tensor) else out[0]).numpy())
+        )
         with torch.no_grad():
             model.model.thinker.audio_tower(torch.from_numpy(features), feature_lens=torch.tensor(frames))
     else:
@@ -248,7 +298,9 @@ def audio_attention_output(model, frames: list[int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("attention", ["flash_attention_2", "eager"])
-def test_audio_longer_than_a_window_attends_within_its_windows(attention, tiny_checkpoint, windowed_reference, reference):
+def test_audio_longer_than_a_window_attends_within_its_windows(
+    attention, tiny_checkpoint, windowed_reference, reference
+):
     """Two audios in one request, 2.6 and 1.5 windows long (8 s, 800 mel frames each), through
     the audio encoder of the project (both attention paths) and of the windowed reference."""
     frames = [2100, 1200]
@@ -271,9 +323,11 @@ def test_audio_window_boundaries_are_the_references(frames, windowed_reference, 
         seen.setdefault(name, [int(n) for n in cu_seqlens])
 
     handle = windowed_reference.model.thinker.audio_tower.layers[0].register_forward_pre_hook(
-        lambda layer, args: keep("reference", args[1].numpy()))
+        lambda layer, args: keep("reference", args[1].numpy())
+    )
     hook = flash.model.thinker.audio_tower.layers[0].register_forward_pre_hook(
-        lambda cell, args: keep("project", args[1].asnumpy()))  # fmt: skip
+        lambda cell, args: keep("project", args[1].asnumpy())
+    )
     features = np.random.default_rng(0).standard_normal((128, sum(frames))).astype(np.float32)
     try:
         with torch.no_grad():
@@ -283,4 +337,3 @@ def test_audio_window_boundaries_are_the_references(frames, windowed_reference, 
         handle.remove()
         hook.remove()
     assert seen["project"] == seen["reference"]
-

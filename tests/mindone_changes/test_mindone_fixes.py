@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from omni_helpers.mindone_changes.mindone_fixes import MINDONE_FIXES, audio_chunks, conv_output_lengths, split_into_chunks
+from omni_helpers.mindone_changes.mindone_fixes import (
+    MINDONE_FIXES,
+    audio_chunks,
+    conv_output_lengths,
+    split_into_chunks,
+)
 from omni_helpers.mindone_changes.patches import install_patches
 
 
@@ -75,7 +80,9 @@ def test_audio_encoder_matches_reference_at_any_length(audio_towers, frames):
 def silent_video_inputs(tiny_checkpoint, sample_media, runtime_cpu):
     from tests.reference import processor_inputs, request_conversation
 
-    return processor_inputs(tiny_checkpoint, request_conversation("silent_video", sample_media), use_audio_in_video=False)
+    return processor_inputs(
+        tiny_checkpoint, request_conversation("silent_video", sample_media), use_audio_in_video=False
+    )
 
 
 def test_a_video_watched_without_its_soundtrack_fails_without_the_fix(audio_towers, silent_video_inputs, mindone_model):
@@ -96,7 +103,8 @@ def test_a_video_watched_without_its_soundtrack_fails_without_the_fix(audio_towe
 
 
 def test_with_the_faster_paths_installed_the_fixed_rope_index_gives_the_references_silent_video_positions(
-        silent_video_inputs, mindone_model, reference):  # fmt: skip
+    silent_video_inputs, mindone_model, reference
+):
     """The faster paths replace get_rope_index but fall back to the function beneath them, and with --no-fast_paths
     that function runs alone: it must be mindone's as the fix corrects it, giving the reference's positions."""
     import mindspore as ms
@@ -105,15 +113,29 @@ def test_with_the_faster_paths_installed_the_fixed_rope_index_gives_the_referenc
     from omni_helpers.mindone_changes.faster.fast_paths import FAST_PATHS, ROPE_OWNER
 
     beneath = FAST_PATHS.original(f"{ROPE_OWNER}:get_rope_index")  # what the faster path falls back to
-    arguments = {name: silent_video_inputs[name] for name in ("input_ids", "video_grid_thw", "attention_mask", "video_second_per_grid")}
+    arguments = {
+        name: silent_video_inputs[name]
+        for name in ("input_ids", "video_grid_thw", "attention_mask", "video_second_per_grid")
+    }
     positions, deltas = beneath(
-        mindone_model.thinker, ms.Tensor(arguments["input_ids"]), None, ms.Tensor(arguments["video_grid_thw"]),
-        ms.Tensor(arguments["attention_mask"]), False, None, ms.Tensor(arguments["video_second_per_grid"]),
-    )  # fmt: skip
+        mindone_model.thinker,
+        ms.Tensor(arguments["input_ids"]),
+        None,
+        ms.Tensor(arguments["video_grid_thw"]),
+        ms.Tensor(arguments["attention_mask"]),
+        False,
+        None,
+        ms.Tensor(arguments["video_second_per_grid"]),
+    )
     expected, expected_deltas = reference.model.thinker.get_rope_index(
-        torch.from_numpy(arguments["input_ids"]), None, torch.from_numpy(arguments["video_grid_thw"]),
-        torch.from_numpy(arguments["attention_mask"]), False, None, torch.from_numpy(arguments["video_second_per_grid"]),
-    )  # fmt: skip
+        torch.from_numpy(arguments["input_ids"]),
+        None,
+        torch.from_numpy(arguments["video_grid_thw"]),
+        torch.from_numpy(arguments["attention_mask"]),
+        False,
+        None,
+        torch.from_numpy(arguments["video_second_per_grid"]),
+    )
     np.testing.assert_array_equal(positions.asnumpy(), expected.numpy())
     np.testing.assert_array_equal(deltas.asnumpy().reshape(-1), expected_deltas.numpy().reshape(-1))
 
@@ -141,4 +163,3 @@ def test_the_faster_paths_stay_layered_on_the_fixes_after_a_test_removes_them(ru
 
     assert modeling.Qwen3OmniMoePreTrainedModelForConditionalGeneration.get_rope_index is fast_paths.get_rope_index
     assert modeling.Qwen3OmniMoeAudioEncoder.construct is fast_paths.audio_construct
-

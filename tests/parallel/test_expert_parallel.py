@@ -44,13 +44,17 @@ def test_rank_shares_add_up_to_the_whole_block(mindone_model, which, tokens, wor
 def test_a_rank_keeps_its_share_of_the_experts_and_nothing_else(tiny_checkpoint, mindone_model, runtime_cpu):
     from mindone.transformers import Qwen3OmniMoeForConditionalGeneration
 
-    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=ms.float32, attn_implementation="eager")
+    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+        tiny_checkpoint, dtype=ms.float32, attn_implementation="eager"
+    )
     whole_bytes = parameter_bytes(model)
     replaced = keep_local_experts(model, rank=1, world_size=2)
     assert replaced == len(model.thinker.model.layers) + len(model.talker.model.layers)
     block, original = blocks(model)["thinker"], blocks(mindone_model)["thinker"]
     assert block.local_experts == range(2, 4) and len(block.experts) == 2
-    np.testing.assert_array_equal(block.experts[0].gate_proj.weight.asnumpy(), original.experts[2].gate_proj.weight.asnumpy())
+    np.testing.assert_array_equal(
+        block.experts[0].gate_proj.weight.asnumpy(), original.experts[2].gate_proj.weight.asnumpy()
+    )
     np.testing.assert_array_equal(block.gate.weight.asnumpy(), original.gate.weight.asnumpy())  # the router stays whole
     every_block = [layer.mlp for stage in (mindone_model.thinker, mindone_model.talker) for layer in stage.model.layers]
     dropped = sum(parameter_bytes(b.experts[i]) for b in every_block for i in (0, 1))
@@ -96,8 +100,9 @@ def loaded_blocks(tiny_checkpoint, runtime_cpu):
 @pytest.mark.parametrize("shape", [(5, 1), (1, 9)], ids=["decode_step_of_5_rows", "prompt_of_9_tokens"])
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "loaded"])
-def test_each_ranks_block_through_its_all_reduce_gives_the_whole_blocks_output(loaded_blocks, which, shape, world_size,
-                                                                              stacked):  # fmt: skip
+def test_each_ranks_block_through_its_all_reduce_gives_the_whole_blocks_output(
+    loaded_blocks, which, shape, world_size, stacked
+):
     """The class a rank runs (`ExpertParallelMoeBlock`), its experts stacked as the scripts leave them (decode steps
     then run from device indices) or as loaded: every rank's output equals the whole block's at 1e-5, and each
     forward calls its all-reduce exactly once. A rank with the wrong experts, or a partial output left out of the
@@ -107,7 +112,9 @@ def test_each_ranks_block_through_its_all_reduce_gives_the_whole_blocks_output(l
     from omni_helpers.parallel.sparse_moe import StackedExperts
 
     block = loaded_blocks[which]
-    x = ms.Tensor(np.random.default_rng(world_size).standard_normal((*shape, block.gate.weight.shape[1])).astype(np.float32))
+    x = ms.Tensor(
+        np.random.default_rng(world_size).standard_normal((*shape, block.gate.weight.shape[1])).astype(np.float32)
+    )
     whole, whole_logits = FAST_PATHS.original(f"{type(block).__module__}.{type(block).__name__}:construct")(block, x)
     ranks = [ExpertParallelMoeBlock(block, rank, world_size) for rank in range(world_size)]
     if stacked:

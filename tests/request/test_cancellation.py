@@ -27,8 +27,15 @@ def generate(mindone, inputs, cancellation=None, on_text=None, on_audio=None, **
     from omni_helpers.generation.core import generate_from_inputs
 
     settings = GenerationSettings(**{"max_new_tokens": NEW_TOKENS, "use_audio_in_video": False, **settings})
-    return generate_from_inputs(mindone.model, mindone.processor, inputs, settings, on_text=on_text, on_audio=on_audio,
-                                cancellation=cancellation)[0]  # fmt: skip
+    return generate_from_inputs(
+        mindone.model,
+        mindone.processor,
+        inputs,
+        settings,
+        on_text=on_text,
+        on_audio=on_audio,
+        cancellation=cancellation,
+    )[0]
 
 
 def steps_taken(error: pytest.ExceptionInfo) -> int:
@@ -69,8 +76,15 @@ def test_speech_is_cancelled_at_the_talkers_next_frame(mindone, text_inputs):
         cancellation.cancel()
 
     with pytest.raises(Cancelled) as stopped:
-        generate(mindone, text_inputs, cancellation, on_audio=cancel_at_first_speech, max_new_tokens=4,
-                 return_audio=True, talker_max_new_tokens=40)  # fmt: skip
+        generate(
+            mindone,
+            text_inputs,
+            cancellation,
+            on_audio=cancel_at_first_speech,
+            max_new_tokens=4,
+            return_audio=True,
+            talker_max_new_tokens=40,
+        )
     assert len(chunks) == 1 and steps_taken(stopped) <= 6
 
 

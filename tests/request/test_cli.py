@@ -41,14 +41,26 @@ def test_help_needs_no_heavy_import(script, tmp_path):
     for package in ("mindspore", "mindone", "torch", "torchvision"):
         (tmp_path / package).mkdir()
         (tmp_path / package / "__init__.py").write_text("raise ImportError('imported for --help')\n")
-    done = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=60,
-                          env=script_env(PYTHONPATH=f"{tmp_path}:{ROOT}"))  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(ROOT / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=script_env(PYTHONPATH=f"{tmp_path}:{ROOT}"),
+    )
     assert done.returncode == 0 and "usage:" in done.stdout and done.stderr == ""
 
 
 @pytest.mark.parametrize("given,meant", [("--max_tokens", "--max_new_tokens"), ("--voice", "--speaker")])
 def test_a_flag_spelled_as_the_api_spells_it_names_the_flag_meant(given, meant):
-    done = subprocess.run([sys.executable, str(ROOT / "omni_understanding.py"), given, "16"], capture_output=True, text=True,
-                          timeout=60, env=script_env())  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "omni_understanding.py"), given, "16"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=script_env(),
+    )
     assert done.returncode == 2
-    assert done.stderr.splitlines()[-1].endswith(f"unrecognized arguments: {given} 16 ({given} is spelled {meant} here)")
+    assert done.stderr.splitlines()[-1].endswith(
+        f"unrecognized arguments: {given} 16 ({given} is spelled {meant} here)"
+    )

@@ -26,19 +26,34 @@ def media(sample_media, tmp_path_factory):
     video = sample_media["video"].read_bytes()
     (folder / "truncated.mp4").write_bytes(video[: len(video) // 8])
     silent = folder / "silent.mp4"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(sample_media["video"]), "-an", "-c:v", "copy", str(silent)], check=True)
-    (folder / "bad.json").write_text("[{\"role\": \"user\", \"content\": [")
-    (folder / "unknown_type.json").write_text(json.dumps([{"role": "user", "content": [{"type": "smell", "smell": "x"}]}]))
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-i", str(sample_media["video"]), "-an", "-c:v", "copy", str(silent)],
+        check=True,
+    )
+    (folder / "bad.json").write_text('[{"role": "user", "content": [')
+    (folder / "unknown_type.json").write_text(
+        json.dumps([{"role": "user", "content": [{"type": "smell", "smell": "x"}]}])
+    )
     (folder / "missing_field.json").write_text(json.dumps([{"role": "user", "content": [{"type": "image"}]}]))
     (folder / "no_role.json").write_text(json.dumps([{"content": "hi"}]))
-    (folder / "batch.json").write_text(json.dumps([[{"role": "user", "content": "hi"}], [{"role": "user", "content": "yo"}]]))
+    (folder / "batch.json").write_text(
+        json.dumps([[{"role": "user", "content": "hi"}], [{"role": "user", "content": "yo"}]])
+    )
     (folder / "twice.jsonl").write_text('{"id": "a", "conversation": [{"role": "user", "content": "hi"}]}\n' * 2)
-    (folder / "bad_line.jsonl").write_text('{"id": "a", "conversation": [{"role": "user", "content": "hi"}]}\n{"id": \n')
+    (folder / "bad_line.jsonl").write_text(
+        '{"id": "a", "conversation": [{"role": "user", "content": "hi"}]}\n{"id": \n'
+    )
     (folder / "empty.jsonl").write_text("\n")
-    (folder / "two.jsonl").write_text('{"id": "a", "conversation": [{"role": "user", "content": "hi"}]}\n'
-                                      '{"id": "b", "conversation": [{"role": "user", "content": "yo"}]}\n')
-    (folder / "url.json").write_text(json.dumps([{"role": "user", "content": [{"type": "image", "image": "http://127.0.0.1:9/cars.jpg"}]}]))
-    (folder / "bad_data.json").write_text(json.dumps([{"role": "user", "content": [{"type": "audio", "audio": "data:audio/wav;base64,@@@"}]}]))
+    (folder / "two.jsonl").write_text(
+        '{"id": "a", "conversation": [{"role": "user", "content": "hi"}]}\n'
+        '{"id": "b", "conversation": [{"role": "user", "content": "yo"}]}\n'
+    )
+    (folder / "url.json").write_text(
+        json.dumps([{"role": "user", "content": [{"type": "image", "image": "http://127.0.0.1:9/cars.jpg"}]}])
+    )
+    (folder / "bad_data.json").write_text(
+        json.dumps([{"role": "user", "content": [{"type": "audio", "audio": "data:audio/wav;base64,@@@"}]}])
+    )
     paths.update({p.stem: str(p) for p in folder.iterdir()})
     paths["folder"] = str(folder)
     return paths
@@ -67,8 +82,14 @@ def checkpoints(tiny_checkpoint, tmp_path_factory):
     captioner = copy("no_load_captioner")  # named as the released Captioner is
     config["enable_audio_output"] = False
     (captioner / "config.json").write_text(json.dumps(config))
-    return {"no_load": str(no_load), "no_talker": str(no_talker), "pickle_only": str(pickle_only),
-            "no_config": str(no_config), "captioner": str(captioner), "missing": str(root / "does_not_exist")}  # fmt: skip
+    return {
+        "no_load": str(no_load),
+        "no_talker": str(no_talker),
+        "pickle_only": str(pickle_only),
+        "no_config": str(no_config),
+        "captioner": str(captioner),
+        "missing": str(root / "does_not_exist"),
+    }
 
 
 OMNI, CAPTION, VIDEO = "omni_understanding.py", "audio_captioning.py", "video_understanding.py"
@@ -81,58 +102,157 @@ CASES = [
     ("truncated video", OMNI, "--video {truncated} --prompt hi", ["truncated.mp4", "no decodable video"]),
     ("empty request", OMNI, "", ["empty request"]),
     ("unknown speaker", OMNI, "--prompt hi --return_audio --speaker Bob", ["--speaker Bob", "aiden, chelsie, ethan"]),
-    ("audio from a model without talker", OMNI, "--model_name {no_talker} --prompt hi --return_audio", ["no talker", "drop --return_audio"]),
-    ("min above max pixels", OMNI, "--prompt hi --min_pixels 5000 --max_pixels 100", ["--min_pixels 5000", "--max_pixels 100"]),
+    (
+        "audio from a model without talker",
+        OMNI,
+        "--model_name {no_talker} --prompt hi --return_audio",
+        ["no talker", "drop --return_audio"],
+    ),
+    (
+        "min above max pixels",
+        OMNI,
+        "--prompt hi --min_pixels 5000 --max_pixels 100",
+        ["--min_pixels 5000", "--max_pixels 100"],
+    ),
     ("zero new tokens", OMNI, "--prompt hi --max_new_tokens 0", ["--max_new_tokens 0", "positive"]),
-    ("more tokens than the context holds", OMNI, "--prompt hi --max_new_tokens 40000",
-     ["--max_new_tokens 40000", "thinker's context holds 32768 positions", "ask for at most 32768"]),
-    ("more speech than the talker's context", OMNI, "--prompt hi --return_audio --talker_max_new_tokens 40000",
-     ["--talker_max_new_tokens 40000", "talker's context holds 32768 positions"]),
-    ("negative talker tokens", OMNI, "--prompt hi --return_audio --talker_max_new_tokens -1", ["--talker_max_new_tokens -1"]),
+    (
+        "more tokens than the context holds",
+        OMNI,
+        "--prompt hi --max_new_tokens 40000",
+        ["--max_new_tokens 40000", "thinker's context holds 32768 positions", "ask for at most 32768"],
+    ),
+    (
+        "more speech than the talker's context",
+        OMNI,
+        "--prompt hi --return_audio --talker_max_new_tokens 40000",
+        ["--talker_max_new_tokens 40000", "talker's context holds 32768 positions"],
+    ),
+    (
+        "negative talker tokens",
+        OMNI,
+        "--prompt hi --return_audio --talker_max_new_tokens -1",
+        ["--talker_max_new_tokens -1"],
+    ),
     ("model dir missing", OMNI, "--model_name {missing} --prompt hi", ["does_not_exist", "no such directory"]),
     ("model dir without config", OMNI, "--model_name {no_config} --prompt hi", ["no config.json"]),
     ("pickle weights", OMNI, "--model_name {pickle_only} --prompt hi", ["pytorch_model.bin", "--allow_pickle_weights"]),
-    ("hub id not downloaded", OMNI, "--model_name Qwen/Qwen3-Omni-30B-A3B-Instruct --prompt hi",
-     ["not in the local cache", "huggingface-cli download Qwen/Qwen3-Omni-30B-A3B-Instruct", "modelscope download"]),
+    (
+        "hub id not downloaded",
+        OMNI,
+        "--model_name Qwen/Qwen3-Omni-30B-A3B-Instruct --prompt hi",
+        ["not in the local cache", "huggingface-cli download Qwen/Qwen3-Omni-30B-A3B-Instruct", "modelscope download"],
+    ),
     ("no NPU here", OMNI, "--device_target Ascend --prompt hi", ["no Ascend NPU", "--device_target CPU"]),
     ("conversation not JSON", OMNI, "--conversation {bad}", ["bad.json", "not valid JSON"]),
     ("conversation unknown type", OMNI, "--conversation {unknown_type}", ["unknown type 'smell'"]),
-    ("conversation item without field", OMNI, "--conversation {missing_field}", ["image item without its 'image' field"]),
+    (
+        "conversation item without field",
+        OMNI,
+        "--conversation {missing_field}",
+        ["image item without its 'image' field"],
+    ),
     ("conversation message without role", OMNI, "--conversation {no_role}", ["needs a 'role'"]),
     ("several conversations at once", OMNI, "--conversation {batch}", ["several conversations", "--requests"]),
     ("conversation file missing", OMNI, "--conversation {folder}/none.json", ["none.json", "no such file"]),
-    ("images and videos together", OMNI, "--image {image} --video {video} --prompt hi", ["images and videos in one request", "separate requests"]),
-    ("conversation and flags", OMNI, "--conversation {missing_field} --prompt hi --image {image}",
-     ["--conversation replaces --prompt, --image", "not both"]),
+    (
+        "images and videos together",
+        OMNI,
+        "--image {image} --video {video} --prompt hi",
+        ["images and videos in one request", "separate requests"],
+    ),
+    (
+        "conversation and flags",
+        OMNI,
+        "--conversation {missing_field} --prompt hi --image {image}",
+        ["--conversation replaces --prompt, --image", "not both"],
+    ),
     ("unreachable URL", OMNI, "--conversation {url}", ["http://127.0.0.1:9/cars.jpg", "cannot be fetched"]),
     ("corrupt data URL", OMNI, "--conversation {bad_data}", ["base64 data is corrupt"]),
     ("requests with a repeated id", OMNI, "--requests {twice}", ["twice.jsonl line 2", "id 'a' is used twice"]),
     ("requests line not JSON", OMNI, "--requests {bad_line}", ["bad_line.jsonl line 2", "not valid JSON"]),
     ("requests file empty", OMNI, "--requests {empty}", ["no requests"]),
-    ("speech for a batch", OMNI, "--requests {two} --return_audio --batch_size 2", ["--batch_size 2", "one request at a time"]),
+    (
+        "speech for a batch",
+        OMNI,
+        "--requests {two} --return_audio --batch_size 2",
+        ["--batch_size 2", "one request at a time"],
+    ),
     ("streaming a batch", OMNI, "--prompt hi --stream --batch_size 3", ["--stream", "--batch_size 1"]),
     ("captioning without audio", CAPTION, "", ["no audio", "--audio"]),
     ("captioning a missing file", CAPTION, "--audio {folder}/gone.wav", ["gone.wav", "no such file"]),
     ("captioning a broken file", CAPTION, "--audio {audio} --audio {broken_wav}", ["broken_wav.wav"]),
     ("captioning zero tokens", CAPTION, "--audio {audio} --max_new_tokens -3", ["--max_new_tokens -3"]),
-    ("captioning past the context", CAPTION, "--audio {audio} --max_new_tokens 99999", ["--max_new_tokens 99999", "32768"]),
+    (
+        "captioning past the context",
+        CAPTION,
+        "--audio {audio} --max_new_tokens 99999",
+        ["--max_new_tokens 99999", "32768"],
+    ),
     ("captioning a file twice", CAPTION, "--audio {audio} --audio {audio}", ["given twice"]),
-    ("Captioner with a prompt", CAPTION, "--model_name {captioner} --audio {audio} --prompt hi", ["is the Captioner", "without --prompt"]),
-    ("Captioner asked about an image", OMNI, "--model_name {captioner} --image {image}", ["is the Captioner", "exactly one audio"]),
-    ("video without audio track", VIDEO, "--video {silent} --prompt hi", ["silent.mp4", "no audio track", "--no-use_audio_in_video"]),
+    (
+        "Captioner with a prompt",
+        CAPTION,
+        "--model_name {captioner} --audio {audio} --prompt hi",
+        ["is the Captioner", "without --prompt"],
+    ),
+    (
+        "Captioner asked about an image",
+        OMNI,
+        "--model_name {captioner} --image {image}",
+        ["is the Captioner", "exactly one audio"],
+    ),
+    (
+        "video without audio track",
+        VIDEO,
+        "--video {silent} --prompt hi",
+        ["silent.mp4", "no audio track", "--no-use_audio_in_video"],
+    ),
     ("video script without video", VIDEO, "--prompt hi", ["no video", "--video"]),
     ("video missing", VIDEO, "--video {folder}/gone.mp4 --prompt hi", ["gone.mp4", "no such file"]),
-    ("video with unknown speaker", VIDEO, "--video {video} --prompt hi --return_audio --speaker Zed", ["--speaker Zed"]),
-    ("video range backwards", VIDEO, "--video {video} --prompt hi --video_start 5 --video_end 2", ["video_end 2.0 is not after video_start 5.0"]),
-    ("video start past its end", VIDEO, "--video {video} --prompt hi --video_start 5", ["video_start 5.0 is past the end of the clip (2.00 s)"]),
+    (
+        "video with unknown speaker",
+        VIDEO,
+        "--video {video} --prompt hi --return_audio --speaker Zed",
+        ["--speaker Zed"],
+    ),
+    (
+        "video range backwards",
+        VIDEO,
+        "--video {video} --prompt hi --video_start 5 --video_end 2",
+        ["video_end 2.0 is not after video_start 5.0"],
+    ),
+    (
+        "video start past its end",
+        VIDEO,
+        "--video {video} --prompt hi --video_start 5",
+        ["video_start 5.0 is past the end of the clip (2.00 s)"],
+    ),
     ("video start negative", VIDEO, "--video {video} --prompt hi --video_start -1", ["video_start -1.0 is negative"]),
     ("video fps zero", VIDEO, "--video {video} --prompt hi --fps 0", ["fps 0.0 must be positive"]),
-    ("video start exactly at its end", VIDEO, "--video {video} --prompt hi --video_start 2",
-     ["video_start 2.0 is past the end of the clip (2.00 s)"]),
-    ("video range past its end with one frame inside", VIDEO, "--video {video} --prompt hi --video_start 1.9 --video_end 5",
-     ["fewer than 2 frames"]),
-    ("video range under two frames", VIDEO, "--video {video} --prompt hi --video_start 1 --video_end 1.1", ["fewer than 2 frames"]),
-    ("video conversation and flags", VIDEO, "--conversation {missing_field} --video {video}", ["--conversation replaces --video"]),
+    (
+        "video start exactly at its end",
+        VIDEO,
+        "--video {video} --prompt hi --video_start 2",
+        ["video_start 2.0 is past the end of the clip (2.00 s)"],
+    ),
+    (
+        "video range past its end with one frame inside",
+        VIDEO,
+        "--video {video} --prompt hi --video_start 1.9 --video_end 5",
+        ["fewer than 2 frames"],
+    ),
+    (
+        "video range under two frames",
+        VIDEO,
+        "--video {video} --prompt hi --video_start 1 --video_end 1.1",
+        ["fewer than 2 frames"],
+    ),
+    (
+        "video conversation and flags",
+        VIDEO,
+        "--conversation {missing_field} --video {video}",
+        ["--conversation replaces --video"],
+    ),
 ]
 
 
@@ -145,7 +265,9 @@ def heavy_imports_fail(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("heavy_imports_fail")
     for package in ("mindspore", "mindone", "torch", "torchvision"):
         (folder / package).mkdir()
-        (folder / package / "__init__.py").write_text(f"raise ImportError('{package} imported before the request was checked')\n")
+        (folder / package / "__init__.py").write_text(
+            f"raise ImportError('{package} imported before the request was checked')\n"
+        )
     return f"{folder}:{ROOT}"
 
 
@@ -155,7 +277,9 @@ def expand(template: str, media: dict, checkpoints: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("script,template,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_request_exits_2_with_one_line_before_loading(script, template, words, media, checkpoints, heavy_imports_fail, tmp_path):
+def test_bad_request_exits_2_with_one_line_before_loading(
+    script, template, words, media, checkpoints, heavy_imports_fail, tmp_path
+):
     args = expand(template, media, checkpoints)
     if "--model_name" not in args:
         args = ["--model_name", checkpoints["no_load"], *args]
@@ -177,13 +301,18 @@ def test_relative_media_paths_in_a_conversation_file_are_taken_from_its_folder(s
     folder = tmp_path / "request"
     folder.mkdir()
     shutil.copy(sample_media["image"], folder / "photo.png")
-    (folder / "ask.json").write_text(json.dumps([{"role": "user", "content": [{"type": "image", "image": "photo.png"}]}]))
+    (folder / "ask.json").write_text(
+        json.dumps([{"role": "user", "content": [{"type": "image", "image": "photo.png"}]}])
+    )
     args = omni_understanding.parse_args(["--conversation", str(folder / "ask.json")])
     (request,) = omni_understanding.build_requests(args)  # built from another working directory
     assert request.conversation[0]["content"][0]["image"] == str((folder / "photo.png").resolve())
 
 
-@pytest.mark.parametrize("launcher", ["msrun_launch.sh", "run_omni_understanding.sh", "run_audio_captioning.sh", "run_video_understanding.sh"])
+@pytest.mark.parametrize(
+    "launcher",
+    ["msrun_launch.sh", "run_omni_understanding.sh", "run_audio_captioning.sh", "run_video_understanding.sh"],
+)
 def test_launchers_without_arguments_print_their_usage_and_exit_2(launcher):
     from tests.script_runs import ROOT
 
@@ -203,7 +332,11 @@ def test_a_launcher_shows_a_bad_requests_error_alone_and_exits_2(checkpoints, tm
 
 @pytest.mark.slow
 def test_under_msrun_the_first_rank_to_check_ends_the_job_with_code_2(media, checkpoints, tmp_path):
-    run = run_msrun(OMNI, ["--device_target", "CPU", "--model_name", checkpoints["no_load"], "--image", media["broken"]], tmp_path / "out")
+    run = run_msrun(
+        OMNI,
+        ["--device_target", "CPU", "--model_name", checkpoints["no_load"], "--image", media["broken"]],
+        tmp_path / "out",
+    )
     assert run.returncode != 0
     # Every rank checks the request first. msrun stops the other workers as soon as one exits
     # non-zero, so a slower rank may be stopped before it prints: the first to finish must have

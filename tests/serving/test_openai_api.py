@@ -20,18 +20,31 @@ def test_a_part_of_an_unknown_type_beside_text_is_refused_by_name(tmp_path):
     with pytest.raises(RequestError) as refused:
         parse([{"type": "text", "text": "What is in this file?"}, {"type": "file", "file": {}}], tmp_path)
     assert refused.value.param == "messages[0].content[1].type"
-    assert str(refused.value) == "content part type 'file' is not supported; use text, image_url, input_audio or video_url"
+    assert (
+        str(refused.value) == "content part type 'file' is not supported; use text, image_url, input_audio or video_url"
+    )
 
 
 def test_media_come_before_text_whatever_order_the_parts_have(tmp_path):
-    chat = parse([{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}], tmp_path)
+    chat = parse(
+        [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}],
+        tmp_path,
+    )
     assert [item["type"] for item in chat.conversation[0]["content"]] == ["image", "text"]
 
 
 def test_speech_settings_come_from_the_request_or_the_servers_defaults(tmp_path):
     chat = parse("hi", tmp_path, modalities=["text", "audio"], audio={"voice": "Chelsie"}, talker_max_new_tokens=7)
-    assert (chat.settings.return_audio, chat.settings.speaker, chat.settings.talker_max_new_tokens) == (True, "Chelsie", 7)
+    assert (chat.settings.return_audio, chat.settings.speaker, chat.settings.talker_max_new_tokens) == (
+        True,
+        "Chelsie",
+        7,
+    )
     plain = parse("hi", tmp_path, max_tokens=5)
-    assert (plain.settings.return_audio, plain.settings.max_new_tokens, plain.settings.talker_max_new_tokens) == (False, 5, 100)
+    assert (plain.settings.return_audio, plain.settings.max_new_tokens, plain.settings.talker_max_new_tokens) == (
+        False,
+        5,
+        100,
+    )
     with pytest.raises(RequestError, match="talker_max_new_tokens must be int"):
         parse("hi", tmp_path, talker_max_new_tokens="long")

@@ -52,7 +52,15 @@ from mindspore.communication import get_group_size
 
 from omni_helpers.mindone_changes.faster import compiled
 from omni_helpers.measuring.collectives import collective_bytes
-from omni_helpers.mindone_changes.faster.graph_ops import MASKED, batched_linear, dense, linear, rms_norm_with, rotate, route
+from omni_helpers.mindone_changes.faster.graph_ops import (
+    MASKED,
+    batched_linear,
+    dense,
+    linear,
+    rms_norm_with,
+    rotate,
+    route,
+)
 from omni_helpers.parallel.sparse_moe import DEVICE_DISPATCH_MAX_SLOTS, MOE_BLOCKS, StackedExperts, split_by_zero3
 
 CAPACITY_STEP = 256  # cache lengths are rounded up to this, so nearby request lengths share one compiled graph
@@ -121,9 +129,15 @@ def run(graph, model, input_ids, model_kwargs):
     """One decode step through `graph` (the model's forward, so its hooks see it), or None when the
     graph's first call fails (`compiled.first_call`): the model then decodes step by step."""
     arguments = graph.inputs(input_ids, model_kwargs)
-    return compiled.first_call(graph, model, "decode_graph", lambda: model(**arguments, return_dict=True),
-                               "decode step", "decoding step by step instead",
-                               agree_on=graph.step_arguments(arguments) if graph.distributed else None)  # fmt: skip
+    return compiled.first_call(
+        graph,
+        model,
+        "decode_graph",
+        lambda: model(**arguments, return_dict=True),
+        "decode step",
+        "decoding step by step instead",
+        agree_on=graph.step_arguments(arguments) if graph.distributed else None,
+    )
 
 
 # ----------------------------------------------------------------------------- the KV buffers
@@ -141,8 +155,9 @@ class KVBuffers:
         layers = range(len(decoder_layers(text_model)))
         self.keys = [Parameter(ms.Tensor(zeros), name=f"{name}.keys.{i}", requires_grad=False) for i in layers]
         self.values = [Parameter(ms.Tensor(zeros), name=f"{name}.values.{i}", requires_grad=False) for i in layers]
-        self.mask = Parameter(ms.Tensor(np.full((rows, capacity), MASKED, np.float32)), name=f"{name}.mask",
-                              requires_grad=False)  # fmt: skip
+        self.mask = Parameter(
+            ms.Tensor(np.full((rows, capacity), MASKED, np.float32)), name=f"{name}.mask", requires_grad=False
+        )
         self.cache, self.length = None, 0
 
     def fill(self, cache, attention_mask) -> None:
@@ -151,7 +166,9 @@ class KVBuffers:
         prompt_length = cache.layers[0].keys.shape[2]
         for layer, keys, values in zip(cache.layers, self.keys, self.values):
             for buffer, states in ((keys, layer.keys), (values, layer.values)):
-                rest = mint.zeros((self.rows, self.kv_heads, self.capacity - prompt_length, self.head_dim), dtype=self.dtype)
+                rest = mint.zeros(
+                    (self.rows, self.kv_heads, self.capacity - prompt_length, self.head_dim), dtype=self.dtype
+                )
                 ops.assign(buffer, mint.cat([states.astype(self.dtype), rest], dim=2))
         hidden = ops.fill(ms.float32, (self.rows, self.capacity - prompt_length), MASKED)
         if attention_mask is None:
@@ -209,9 +226,11 @@ class ThinkerGraph(DecodeGraph):
         logits, *hidden_states = self.step(*self.step_arguments(arguments))
         self.buffers.length += 1
         return Qwen3OmniMoeThinkerCausalLMOutputWithPast(
-            logits=logits, hidden_states=tuple(hidden_states), past_key_values=self.buffers.cache,
+            logits=logits,
+            hidden_states=tuple(hidden_states),
+            past_key_values=self.buffers.cache,
             rope_deltas=self.thinker.rope_deltas,
-        )  # fmt: skip
+        )
 
 
 class TalkerGraph(DecodeGraph):
@@ -222,14 +241,17 @@ class TalkerGraph(DecodeGraph):
         self.talker = talker
         buffers = KVBuffers(talker.model, rows, capacity, "talker")
         groups = talker.code_predictor.config.num_code_groups
-        predictor_buffers = KVBuffers(talker.code_predictor.model, rows, groups, "code_predictor")  # cleared every frame
+        predictor_buffers = KVBuffers(
+            talker.code_predictor.model, rows, groups, "code_predictor"
+        )  # cleared every frame
         super().__init__(buffers, talker_step(talker, buffers, predictor_buffers))
         predictor = talker.code_predictor
         self.collective_bytes = (
-            decoder_traffic(talker.model, rows, buffers.dtype) + head_traffic([talker.codec_head, *predictor.lm_head])
+            decoder_traffic(talker.model, rows, buffers.dtype)
+            + head_traffic([talker.codec_head, *predictor.lm_head])
             + decoder_traffic(predictor.model, rows * 2, buffers.dtype)  # the predictor's prompt, then a step per code
             + (groups - 2) * decoder_traffic(predictor.model, rows, buffers.dtype)
-        )  # fmt: skip
+        )
 
     def inputs(self, input_ids, model_kwargs) -> dict:
         """The forward's arguments for a frame: the frame's first code, the talker's last hidden state,
@@ -237,12 +259,23 @@ class TalkerGraph(DecodeGraph):
         step, text_hidden = model_kwargs["generation_step"], model_kwargs["trailing_text_hidden"]
         text = text_hidden[:, step].unsqueeze(1) if step < text_hidden.shape[1] else model_kwargs["tts_pad_embed"]
         last_hidden = model_kwargs["hidden_states"][0][-1][:, -1:]  # the talker's last layer at its last position
-        return {"input_ids": input_ids[:, -1:], "cache_position": model_kwargs["cache_position"], "decode_graph": self,
-                "last_hidden": last_hidden, "text_embeds": text, "generation_step": step}  # fmt: skip
+        return {
+            "input_ids": input_ids[:, -1:],
+            "cache_position": model_kwargs["cache_position"],
+            "decode_graph": self,
+            "last_hidden": last_hidden,
+            "text_embeds": text,
+            "generation_step": step,
+        }
 
     def step_arguments(self, arguments: dict) -> tuple:
-        return (arguments["input_ids"], arguments["last_hidden"], arguments["text_embeds"], arguments["cache_position"],
-                self.talker.rope_deltas)  # fmt: skip
+        return (
+            arguments["input_ids"],
+            arguments["last_hidden"],
+            arguments["text_embeds"],
+            arguments["cache_position"],
+            self.talker.rope_deltas,
+        )
 
     def forward(self, arguments: dict):
         from mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeTalkerOutputWithPast
@@ -250,10 +283,11 @@ class TalkerGraph(DecodeGraph):
         logits, codes, *hidden_states = self.step(*self.step_arguments(arguments))
         self.buffers.length += 1
         return Qwen3OmniMoeTalkerOutputWithPast(
-            logits=logits, past_key_values=self.buffers.cache,
+            logits=logits,
+            past_key_values=self.buffers.cache,
             hidden_states=(tuple(hidden_states), codes),  # mindone carries the frame's codes here
             generation_step=arguments["generation_step"] + 1,
-        )  # fmt: skip
+        )
 
 
 # ----------------------------------------------------------------------------- the step functions
@@ -374,12 +408,17 @@ def decoder_traffic(text_model, positions: int, dtype) -> float:
     world, total = world_size(), 0.0
     hidden = text_model.config.hidden_size * ms.Tensor(0, dtype).itemsize
     for weights in (layer_weights(layer) for layer in decoder_layers(text_model)):
-        total += sum(collective_bytes("all_gather", weights[key[: -len("_split")]].nbytes, world)
-                     for key, split in weights.items() if key.endswith("_split") and split is True)  # fmt: skip
+        total += sum(
+            collective_bytes("all_gather", weights[key[: -len("_split")]].nbytes, world)
+            for key, split in weights.items()
+            if key.endswith("_split") and split is True
+        )
         stacks = (weights.get("experts_gate"), weights.get("experts_up"), weights.get("experts_down"))
         for stack, split in zip(stacks, weights.get("experts_split", ())):
             if split:
-                total += collective_bytes("all_gather", stack.nbytes / stack.shape[0] * positions * weights["top_k"], world)
+                total += collective_bytes(
+                    "all_gather", stack.nbytes / stack.shape[0] * positions * weights["top_k"], world
+                )
         if weights.get("all_reduce"):
             total += collective_bytes("all_reduce", positions * hidden, world)
     return total
@@ -387,7 +426,9 @@ def decoder_traffic(text_model, positions: int, dtype) -> float:
 
 def head_traffic(heads) -> float:
     """Bytes of all-gathering the heads ZeRO-3 split (a weight each, once per step)."""
-    return sum(collective_bytes("all_gather", cell.weight.nbytes, world_size()) for cell in heads if split_by_zero3(cell))
+    return sum(
+        collective_bytes("all_gather", cell.weight.nbytes, world_size()) for cell in heads if split_by_zero3(cell)
+    )
 
 
 def split_of(cell) -> tuple:
@@ -406,15 +447,21 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
     groups = heads // kv_heads
     eps, scaling = config.rms_norm_eps, head_dim**-0.5
     layers = [layer_weights(layer) for layer in decoder_layers(text_model)]
-    full = whole_weights(any(any(value is True for key, value in w.items() if key.endswith("_split")) or any(w.get("experts_split", ()))
-                             for w in layers))  # fmt: skip
+    full = whole_weights(
+        any(
+            any(value is True for key, value in w.items() if key.endswith("_split")) or any(w.get("experts_split", ()))
+            for w in layers
+        )
+    )
     experts_world = get_group_size() if any(any(w.get("experts_split", ())) for w in layers) else 1
     all_reduce = ops.AllReduce(ops.ReduceOp.SUM) if any(w.get("all_reduce") for w in layers) else None
     final_norm = text_model.norm.weight
     kv_pairs = list(zip(buffers.keys, buffers.values))
     mask = buffers.mask
     # where each new (row, kv head, token) key goes, and which (row, token) mask entries open, before the offset
-    grid = np.stack(np.meshgrid(np.arange(rows), np.arange(kv_heads), np.arange(tokens), indexing="ij"), -1).reshape(-1, 3)
+    grid = np.stack(np.meshgrid(np.arange(rows), np.arange(kv_heads), np.arange(tokens), indexing="ij"), -1).reshape(
+        -1, 3
+    )
     key_slots = ms.Tensor(grid.astype(np.int64))
     mask_grid = np.stack(np.meshgrid(np.arange(rows), np.arange(tokens), indexing="ij"), -1).reshape(-1, 2)
     mask_slots = ms.Tensor(mask_grid.astype(np.int64))
@@ -473,7 +520,9 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
             slots = ops.select(mine, local, ops.zeros_like(local))
             slot_weights = slot_weights * ops.cast(mine, dtype).reshape(count, top_k)
         gate_split, up_split, down_split = weights["experts_split"]
-        inputs = ops.broadcast_to(x.reshape(count, 1, 1, -1), (count, top_k, 1, x.shape[-1])).reshape(count * top_k, 1, -1)
+        inputs = ops.broadcast_to(x.reshape(count, 1, 1, -1), (count, top_k, 1, x.shape[-1])).reshape(
+            count * top_k, 1, -1
+        )
         gate = batched_linear(inputs, chosen_experts(weights["experts_gate"], slots, gate_split))
         up = batched_linear(inputs, chosen_experts(weights["experts_up"], slots, up_split))
         down = chosen_experts(weights["experts_down"], slots, down_split)
@@ -512,21 +561,36 @@ def layer_weights(layer) -> dict:
     """A decoder layer's parameters (and its MoE constants), by role; each Linear's weight with `<role>_split`,
     whether mindone's ZeRO-3 split it (the graph then all-gathers it where it is used)."""
     attention, mlp = layer.self_attn, layer.mlp
-    weights = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
-               "q_norm": attention.q_norm.weight, "k_norm": attention.k_norm.weight}  # fmt: skip
+    weights = {
+        "input_norm": layer.input_layernorm.weight,
+        "post_norm": layer.post_attention_layernorm.weight,
+        "q_norm": attention.q_norm.weight,
+        "k_norm": attention.k_norm.weight,
+    }
     linears = {"q": attention.q_proj, "k": attention.k_proj, "v": attention.v_proj, "o": attention.o_proj}
     experts = getattr(mlp, "experts", None)
     if isinstance(experts, StackedExperts):
         whole_block = type(mlp).__name__ != "ExpertParallelMoeBlock"
-        weights.update(experts_gate=experts.gate, experts_up=experts.up, experts_down=experts.down, top_k=mlp.top_k,
-                       normalize=bool(mlp.norm_topk_prob), experts_split=tuple(getattr(experts, "split", (False,) * 3)),
-                       all_reduce=not whole_block, first_expert=0 if whole_block else mlp.local_experts.start,
-                       local_experts=len(experts))  # fmt: skip
+        weights.update(
+            experts_gate=experts.gate,
+            experts_up=experts.up,
+            experts_down=experts.down,
+            top_k=mlp.top_k,
+            normalize=bool(mlp.norm_topk_prob),
+            experts_split=tuple(getattr(experts, "split", (False,) * 3)),
+            all_reduce=not whole_block,
+            first_expert=0 if whole_block else mlp.local_experts.start,
+            local_experts=len(experts),
+        )
         linears["router"] = mlp.gate
         shared = getattr(mlp, "shared_expert", None)
         if shared is not None:
-            linears.update(shared_gate=mlp.shared_expert_gate, shared_gate_proj=shared.gate_proj, shared_up=shared.up_proj,
-                           shared_down=shared.down_proj)  # fmt: skip
+            linears.update(
+                shared_gate=mlp.shared_expert_gate,
+                shared_gate_proj=shared.gate_proj,
+                shared_up=shared.up_proj,
+                shared_down=shared.down_proj,
+            )
     else:
         linears.update(gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj)
     for role, cell in linears.items():

@@ -49,8 +49,16 @@ def supports(model, generation_config, model_kwargs) -> bool:
     )
 
 
-def sample(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False, streamer=None,
-           **model_kwargs):  # fmt: skip
+def sample(
+    model,
+    input_ids,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus=False,
+    streamer=None,
+    **model_kwargs,
+):
     """`GenerationMixin._sample` for decoder-only models, one host read per step."""
     from mindone.transformers.generation.utils import GenerateDecoderOnlyOutput, get_multinomial_op
 
@@ -70,7 +78,9 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
         if step == 1 and decode_graph.applies(model, input_ids.shape[0], generation_config):
             # from the first decode step on (a request that stops at its first token builds no graph); the
             # length limit counts the ids so far (none for a prompt given as embeddings, as the talker's is)
-            graph = decode_graph.start(model, model_kwargs, generation_config.max_length - input_ids.shape[1], synced_gpus)
+            graph = decode_graph.start(
+                model, model_kwargs, generation_config.max_length - input_ids.shape[1], synced_gpus
+            )
         outputs = None if graph is None else decode_graph.run(graph, model, input_ids, model_kwargs)
         if outputs is None:  # the prompt, a stage the graph does not cover, or a graph that could not compile
             graph = None
@@ -107,8 +117,9 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
         streamer.end()
     if not generation_config.return_dict_in_generate:
         return input_ids
-    return GenerateDecoderOnlyOutput(sequences=input_ids, past_key_values=model_kwargs.get("past_key_values"),
-                                     **record.outputs())  # fmt: skip
+    return GenerateDecoderOnlyOutput(
+        sequences=input_ids, past_key_values=model_kwargs.get("past_key_values"), **record.outputs()
+    )
 
 
 def stopping_test(unfinished, synced_gpus: bool, cancellation=None) -> tuple[bool, bool, bool]:
@@ -153,5 +164,9 @@ class Record:
             self.hidden_states += (outputs.hidden_states,)
 
     def outputs(self) -> dict:
-        return {"scores": self.scores, "logits": self.logits, "attentions": self.attentions,
-                "hidden_states": self.hidden_states}  # fmt: skip
+        return {
+            "scores": self.scores,
+            "logits": self.logits,
+            "attentions": self.attentions,
+            "hidden_states": self.hidden_states,
+        }

@@ -76,17 +76,23 @@ def predict_residual_codes(predictor, embeds):
         if step == 0:
             inputs = {"inputs_embeds": embeds, "cache_position": mint.arange(length)}
         else:
-            inputs = {"input_ids": codes[-1], "generation_steps": step, "cache_position": mint.arange(length - 1, length)}
-        outputs = predictor(**inputs, attention_mask=attention_mask[:, :length], past_key_values=cache, use_cache=True,
-                            return_dict=True)  # fmt: skip
+            inputs = {
+                "input_ids": codes[-1],
+                "generation_steps": step,
+                "cache_position": mint.arange(length - 1, length),
+            }
+        outputs = predictor(
+            **inputs, attention_mask=attention_mask[:, :length], past_key_values=cache, use_cache=True, return_dict=True
+        )
         code = mint.argmax(outputs.logits[:, -1, :], dim=-1)[:, None]
         codes.append(code)
         code_embeds.append(code_embeddings[step](code))
     return mint.cat(codes, dim=-1), code_embeds
 
 
-def talker_prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
-                                         cache_position=None, **kwargs):  # fmt: skip
+def talker_prepare_inputs_for_generation(
+    self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, cache_position=None, **kwargs
+):
     """The talker's step inputs; a decode step's embedding is the sum of the last frame's code embeddings
     (plus the next text position's hidden state, or the padding embedding once the text has run out)."""
     from mindone.transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
@@ -100,7 +106,9 @@ def talker_prepare_inputs_for_generation(self, input_ids, past_key_values=None, 
     first_code = input_ids[:, -1:]
     first_embed = self.get_input_embeddings()(first_code)
     last_hidden = hidden_states[0][-1][:, -1:]  # the talker's last layer at its last position
-    residual_codes, residual_embeds = predict_residual_codes(self.code_predictor, mint.cat((last_hidden, first_embed), dim=1))
+    residual_codes, residual_embeds = predict_residual_codes(
+        self.code_predictor, mint.cat((last_hidden, first_embed), dim=1)
+    )
     step_embeds = mint.cat([first_embed, *residual_embeds], dim=1).sum(1, keepdim=True)
     step, text_hidden = kwargs.get("generation_step"), kwargs.get("trailing_text_hidden")
     if step < text_hidden.shape[1]:
@@ -131,13 +139,26 @@ def talker_decode_forward(self, original, kwargs: dict):
     kwargs = dict(kwargs)
     inputs_embeds, cache_position = kwargs.pop("inputs_embeds"), kwargs.pop("cache_position")
     residual_codes, step = kwargs.pop("residual_codes", None), kwargs.pop("generation_step", None)
-    for unused in ("return_dict", "input_ids", "position_ids", "labels", "output_router_logits", "use_audio_in_video",
-                   "audio_feature_lengths", "video_second_per_grid", "image_grid_thw", "video_grid_thw",
-                   "trailing_text_hidden", "tts_pad_embed", "talker_input_ids"):  # fmt: skip
+    for unused in (
+        "return_dict",
+        "input_ids",
+        "position_ids",
+        "labels",
+        "output_router_logits",
+        "use_audio_in_video",
+        "audio_feature_lengths",
+        "video_second_per_grid",
+        "image_grid_thw",
+        "video_grid_thw",
+        "trailing_text_hidden",
+        "tts_pad_embed",
+        "talker_input_ids",
+    ):
         kwargs.pop(unused, None)
     positions = decode_rope_positions(cache_position, self.rope_deltas, *inputs_embeds.shape[:2])
-    outputs = self.model(input_ids=None, position_ids=positions, inputs_embeds=inputs_embeds,
-                         cache_position=cache_position, **kwargs)  # fmt: skip
+    outputs = self.model(
+        input_ids=None, position_ids=positions, inputs_embeds=inputs_embeds, cache_position=cache_position, **kwargs
+    )
     return modeling.Qwen3OmniMoeTalkerOutputWithPast(
         logits=self.codec_head(outputs.last_hidden_state),
         past_key_values=outputs.past_key_values,

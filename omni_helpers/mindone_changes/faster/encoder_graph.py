@@ -38,8 +38,24 @@ from mindspore import ops
 
 from omni_helpers.mindone_changes.faster import compiled
 from omni_helpers.mindone_changes.faster import host_positions
-from omni_helpers.mindone_changes.faster.graph_ops import MASKED, attention, convolution, gelu, layer_norm, linear, linear_with_bias, rotate
-from omni_helpers.mindone_changes.mindone_fixes import audio_chunks, audio_windows, conv_output_lengths, real_token_rows, split_into_chunks, within_blocks
+from omni_helpers.mindone_changes.faster.graph_ops import (
+    MASKED,
+    attention,
+    convolution,
+    gelu,
+    layer_norm,
+    linear,
+    linear_with_bias,
+    rotate,
+)
+from omni_helpers.mindone_changes.mindone_fixes import (
+    audio_chunks,
+    audio_windows,
+    conv_output_lengths,
+    real_token_rows,
+    split_into_chunks,
+    within_blocks,
+)
 from omni_helpers.parallel.sparse_moe import split_by_zero3
 
 ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # configured activations, as `gelu` takes them
@@ -81,8 +97,14 @@ def vision_forward(vision, pixel_values, grid_thw):
     coordinates = ms.Tensor(np.pad(coordinates, [(0, bucket - patches), (0, 0)]))
     graph = compiled.kept(vision, "vision_graph", (bucket,), lambda: compiled.Graph(vision_step(vision, bucket)))
     mask = ms.Tensor(block_mask(frame_boundaries(grid), bucket))
-    outputs = compiled.first_call(graph, vision, "vision_graph", lambda: graph.step(compiled.padded(pixel_values, bucket),
-                                  *positions, coordinates, mask), "vision encoder", "running it step by step instead")  # fmt: skip
+    outputs = compiled.first_call(
+        graph,
+        vision,
+        "vision_graph",
+        lambda: graph.step(compiled.padded(pixel_values, bucket), *positions, coordinates, mask),
+        "vision encoder",
+        "running it step by step instead",
+    )
     if outputs is None:
         return None
     merged_rows = patches // merge**2
@@ -114,7 +136,10 @@ def vision_step(vision, bucket: int):
     scaling, activation = head_dim**-0.5, ACTIVATIONS[config.hidden_act]
     dtype = vision.patch_embed.proj.weight.dtype
     blocks = [block_weights(block) for block in vision.blocks]
-    deepstack = {layer: merger_weights(vision.deepstack_merger_list[i]) for i, layer in enumerate(vision.deepstack_visual_indexes)}
+    deepstack = {
+        layer: merger_weights(vision.deepstack_merger_list[i])
+        for i, layer in enumerate(vision.deepstack_visual_indexes)
+    }
     final_merger = merger_weights(vision.merger)
 
     def block(x, cos, sin, mask, weights):
@@ -137,8 +162,13 @@ def vision_step(vision, bucket: int):
         return linear_with_bias(gelu(linear_with_bias(h, *weights["fc1"]), weights["activation"]), *weights["fc2"])
 
     patch_embed, table = vision.patch_embed, vision.pos_embed.weight
-    pixels_shape = (bucket, patch_embed.in_channels, patch_embed.temporal_patch_size, patch_embed.patch_size,
-                    patch_embed.patch_size)  # fmt: skip
+    pixels_shape = (
+        bucket,
+        patch_embed.in_channels,
+        patch_embed.temporal_patch_size,
+        patch_embed.patch_size,
+        patch_embed.patch_size,
+    )
     inverse_frequencies = vision.rotary_pos_emb.inv_freq.reshape(1, 1, -1)
 
     def embed(pixels, corners, weights):
@@ -169,20 +199,25 @@ def block_weights(block) -> dict:
     """A vision block's parameters, by role (each Linear as (weight, bias))."""
     attention_cell, mlp = block.attn, block.mlp
     return {
-        "norm1": norm_weights(block.norm1), "norm2": norm_weights(block.norm2),
+        "norm1": norm_weights(block.norm1),
+        "norm2": norm_weights(block.norm2),
         "qkv": (attention_cell.qkv.weight, attention_cell.qkv.bias),
         "proj": (attention_cell.proj.weight, attention_cell.proj.bias),
-        "fc1": (mlp.linear_fc1.weight, mlp.linear_fc1.bias), "fc2": (mlp.linear_fc2.weight, mlp.linear_fc2.bias),
-    }  # fmt: skip
+        "fc1": (mlp.linear_fc1.weight, mlp.linear_fc1.bias),
+        "fc2": (mlp.linear_fc2.weight, mlp.linear_fc2.bias),
+    }
 
 
 def merger_weights(merger) -> dict:
     first, act, second = merger.mlp
     return {
-        "width": merger.hidden_size, "postshuffle": bool(merger.use_postshuffle_norm),
-        "norm": norm_weights(merger.ln_q), "activation": getattr(act, "approximate", "none"),
-        "fc1": (first.weight, first.bias), "fc2": (second.weight, second.bias),
-    }  # fmt: skip
+        "width": merger.hidden_size,
+        "postshuffle": bool(merger.use_postshuffle_norm),
+        "norm": norm_weights(merger.ln_q),
+        "activation": getattr(act, "approximate", "none"),
+        "fc1": (first.weight, first.bias),
+        "fc2": (second.weight, second.bias),
+    }
 
 
 def norm_weights(norm) -> tuple:
@@ -210,8 +245,14 @@ def audio_forward(audio, input_features, feature_lens):
     graph = compiled.kept(audio, "audio_graph", key, lambda: compiled.Graph(audio_step(audio, token_bucket)))
     mask = ms.Tensor(block_mask(audio_windows(audio, lengths, tokens_per_chunk), token_bucket))
     gather = ms.Tensor(np.pad(rows, (0, token_bucket - len(rows))))  # padding gathers row 0: it is masked out
-    outputs = compiled.first_call(graph, audio, "audio_graph", lambda: graph.step(compiled.padded(chunks, chunk_bucket),
-                                  gather, mask), "audio encoder", "running it step by step instead")  # fmt: skip
+    outputs = compiled.first_call(
+        graph,
+        audio,
+        "audio_graph",
+        lambda: graph.step(compiled.padded(chunks, chunk_bucket), gather, mask),
+        "audio encoder",
+        "running it step by step instead",
+    )
     return None if outputs is None else BaseModelOutput(last_hidden_state=outputs[: len(rows)])
 
 
@@ -229,8 +270,10 @@ def audio_step(audio, tokens: int):
 
     def layer(x, mask, weights):
         h = layer_norm(x, *weights["attention_norm"])
-        query, key, value = (ops.transpose(linear_with_bias(h, *weights[name]).reshape(tokens, heads, head_dim), (1, 0, 2))
-                             for name in ("q", "k", "v"))  # (heads, tokens, head dim)  # fmt: skip
+        query, key, value = (
+            ops.transpose(linear_with_bias(h, *weights[name]).reshape(tokens, heads, head_dim), (1, 0, 2))
+            for name in ("q", "k", "v")
+        )  # (heads, tokens, head dim)
         out = ops.transpose(attention(query, key, value, mask, scaling, dtype), (1, 0, 2)).reshape(tokens, -1)
         x = x + linear_with_bias(out, *weights["out"])
         h = layer_norm(x, *weights["final_norm"])
@@ -251,8 +294,11 @@ def audio_step(audio, tokens: int):
         for weights in layers:
             x = layer(x, mask, weights)
         x = layer_norm(x, *post_norm)
-        return linear_with_bias(gelu(linear_with_bias(x, audio.proj1.weight, audio.proj1.bias), activation),
-                                audio.proj2.weight, audio.proj2.bias)  # fmt: skip
+        return linear_with_bias(
+            gelu(linear_with_bias(x, audio.proj1.weight, audio.proj1.bias), activation),
+            audio.proj2.weight,
+            audio.proj2.bias,
+        )
 
     return step
 
@@ -260,9 +306,12 @@ def audio_step(audio, tokens: int):
 def audio_layer_weights(layer) -> dict:
     attention_cell = layer.self_attn
     return {
-        "attention_norm": norm_weights(layer.self_attn_layer_norm), "final_norm": norm_weights(layer.final_layer_norm),
-        **{name: (getattr(attention_cell, f"{name}_proj").weight, getattr(attention_cell, f"{name}_proj").bias)
-           for name in ("q", "k", "v", "out")},
-        "fc1": (layer.fc1.weight, layer.fc1.bias), "fc2": (layer.fc2.weight, layer.fc2.bias),
-    }  # fmt: skip
-
+        "attention_norm": norm_weights(layer.self_attn_layer_norm),
+        "final_norm": norm_weights(layer.final_layer_norm),
+        **{
+            name: (getattr(attention_cell, f"{name}_proj").weight, getattr(attention_cell, f"{name}_proj").bias)
+            for name in ("q", "k", "v", "out")
+        },
+        "fc1": (layer.fc1.weight, layer.fc1.bias),
+        "fc2": (layer.fc2.weight, layer.fc2.bias),
+    }

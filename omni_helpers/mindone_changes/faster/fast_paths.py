@@ -104,8 +104,9 @@ FLASH_MASKS = "mindone.transformers.masking_utils.AttentionMaskInterface:_global
 
 
 @FAST_PATHS.replaces_entry(FLASH_MASKS, "flash_attention_2")
-def flash_attention_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_function=None, attention_mask=None,
-                         **kwargs):  # fmt: skip
+def flash_attention_mask(
+    batch_size, cache_position, kv_length, kv_offset=0, mask_function=None, attention_mask=None, **kwargs
+):
     """A decode step's flash-attention mask from its padding mask: one causal query, the newest
     token, sees every key its padding mask keeps. Three operations instead of the mask function
     evaluated over every key (by `mindone_fixes.flash_attention_mask`, which this falls back to)."""
@@ -149,34 +150,79 @@ def cache_dependant_input_preparation(self, input_ids, inputs_embeds, cache_posi
     """The tokens a step still has to process: the last `len(cache_position)` ones (the cache
     positions of a step are always the last positions so far), without reading them."""
     if inputs_embeds is not None and input_ids.shape[1] == 0:
-        inputs_embeds = inputs_embeds[:, -cache_position.shape[0]:]
+        inputs_embeds = inputs_embeds[:, -cache_position.shape[0] :]
     elif inputs_embeds is not None or input_ids.shape[1] != cache_position.shape[0]:
-        input_ids = input_ids[:, -cache_position.shape[0]:]
+        input_ids = input_ids[:, -cache_position.shape[0] :]
     return inputs_embeds, input_ids
 
 
 @FAST_PATHS.replaces(f"{THINKER}:prepare_inputs_for_generation")
-def thinker_prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
-                                          cache_position=None, position_ids=None, use_cache=True, pixel_values=None,
-                                          pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
-                                          input_features=None, feature_attention_mask=None, use_audio_in_video=False,
-                                          video_second_per_grid=None, **kwargs):  # fmt: skip
+def thinker_prepare_inputs_for_generation(
+    self,
+    input_ids,
+    past_key_values=None,
+    attention_mask=None,
+    inputs_embeds=None,
+    cache_position=None,
+    position_ids=None,
+    use_cache=True,
+    pixel_values=None,
+    pixel_values_videos=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    input_features=None,
+    feature_attention_mask=None,
+    use_audio_in_video=False,
+    video_second_per_grid=None,
+    **kwargs,
+):
     """(mindone's parameters, spelled out: `generate` checks its keywords against them)"""
     return decode_steps.thinker_prepare_inputs_for_generation(
-        self, input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-        cache_position=cache_position, position_ids=position_ids, use_cache=use_cache, pixel_values=pixel_values,
-        pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-        input_features=input_features, feature_attention_mask=feature_attention_mask,
-        use_audio_in_video=use_audio_in_video, video_second_per_grid=video_second_per_grid, **kwargs,
-    )  # fmt: skip
+        self,
+        input_ids,
+        past_key_values=past_key_values,
+        attention_mask=attention_mask,
+        inputs_embeds=inputs_embeds,
+        cache_position=cache_position,
+        position_ids=position_ids,
+        use_cache=use_cache,
+        pixel_values=pixel_values,
+        pixel_values_videos=pixel_values_videos,
+        image_grid_thw=image_grid_thw,
+        video_grid_thw=video_grid_thw,
+        input_features=input_features,
+        feature_attention_mask=feature_attention_mask,
+        use_audio_in_video=use_audio_in_video,
+        video_second_per_grid=video_second_per_grid,
+        **kwargs,
+    )
 
 
 @FAST_PATHS.replaces(f"{THINKER}:construct")
-def thinker_construct(self, input_ids=None, input_features=None, pixel_values=None, pixel_values_videos=None,
-                      image_grid_thw=None, video_grid_thw=None, attention_mask=None, feature_attention_mask=None,
-                      audio_feature_lengths=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-                      rope_deltas=None, labels=None, use_cache=None, output_router_logits=None, use_audio_in_video=None,
-                      cache_position=None, video_second_per_grid=None, decode_graph=None, **kwargs):  # fmt: skip
+def thinker_construct(
+    self,
+    input_ids=None,
+    input_features=None,
+    pixel_values=None,
+    pixel_values_videos=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    attention_mask=None,
+    feature_attention_mask=None,
+    audio_feature_lengths=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    rope_deltas=None,
+    labels=None,
+    use_cache=None,
+    output_router_logits=None,
+    use_audio_in_video=None,
+    cache_position=None,
+    video_second_per_grid=None,
+    decode_graph=None,
+    **kwargs,
+):
     """mindone's thinker forward, with its parameters spelled out (`generate` checks its keywords against
     them); a decode step the generation loop hands a compiled graph (`decode_graph`) runs as that graph."""
     arguments = {name: value for name, value in locals().items() if name not in ("self", "kwargs", "decode_graph")}
@@ -192,18 +238,35 @@ ROPE_OWNER = f"{MODELING}.Qwen3OmniMoePreTrainedModelForConditionalGeneration"
 
 
 @FAST_PATHS.replaces(f"{ROPE_OWNER}:get_rope_index")
-def get_rope_index(self, input_ids=None, image_grid_thw=None, video_grid_thw=None, attention_mask=None,
-                   use_audio_in_video=False, audio_seqlens=None, second_per_grids=None):  # fmt: skip
+def get_rope_index(
+    self,
+    input_ids=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    attention_mask=None,
+    use_audio_in_video=False,
+    audio_seqlens=None,
+    second_per_grids=None,
+):
     """mindone's 3-D rope positions (thinker and talker), computed on the host in numpy (`host_positions`)."""
     if input_ids is None or attention_mask is None:  # the cases mindone's walk does not handle either
         return FAST_PATHS.original(f"{ROPE_OWNER}:get_rope_index")(
-            self, input_ids, image_grid_thw, video_grid_thw, attention_mask, use_audio_in_video, audio_seqlens,
+            self,
+            input_ids,
+            image_grid_thw,
+            video_grid_thw,
+            attention_mask,
+            use_audio_in_video,
+            audio_seqlens,
             second_per_grids,
-        )  # fmt: skip
-    ids, images, videos, mask, audio_lengths, seconds = map(host_positions.on_host, (
-        input_ids, image_grid_thw, video_grid_thw, attention_mask, audio_seqlens, second_per_grids))  # fmt: skip
-    positions, deltas = host_positions.rope_index(self.config, self.spatial_merge_size, ids, images, videos, mask,
-                                              use_audio_in_video, audio_lengths, seconds)  # fmt: skip
+        )
+    ids, images, videos, mask, audio_lengths, seconds = map(
+        host_positions.on_host,
+        (input_ids, image_grid_thw, video_grid_thw, attention_mask, audio_seqlens, second_per_grids),
+    )
+    positions, deltas = host_positions.rope_index(
+        self.config, self.spatial_merge_size, ids, images, videos, mask, use_audio_in_video, audio_lengths, seconds
+    )
     return ms.Tensor(positions), ms.Tensor(deltas)
 
 
@@ -237,8 +300,9 @@ def vision_construct(self, hidden_states, grid_thw, **kwargs):
 def vision_position_embeddings(self, grid_thw):
     """Each patch's learned position embedding, interpolated to its frame's grid: the four neighbours'
     table rows and weights from the host (`host_positions`), one lookup and three adds on the device."""
-    indices, weights = host_positions.interpolated_patch_positions(grid_thw.asnumpy(), self.num_grid_per_side,
-                                                                   self.config.spatial_merge_size)  # fmt: skip
+    indices, weights = host_positions.interpolated_patch_positions(
+        grid_thw.asnumpy(), self.num_grid_per_side, self.config.spatial_merge_size
+    )
     embeds = self.pos_embed(ms.Tensor(indices)) * ms.Tensor(weights).to(self.pos_embed.weight.dtype)[:, :, None]
     return embeds[0] + embeds[1] + embeds[2] + embeds[3]  # mindone's order
 
@@ -253,26 +317,54 @@ def vision_rotary_embeddings(self, grid_thw):
 
 
 @FAST_PATHS.replaces(f"{MODELING}.Qwen3OmniMoeThinkerTextModel:construct")
-def thinker_text_construct(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                           inputs_embeds=None, use_cache=None, cache_position=None, visual_pos_masks=None,
-                           deepstack_visual_embeds=None, output_hidden_states=None, **kwargs):  # fmt: skip
+def thinker_text_construct(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    use_cache=None,
+    cache_position=None,
+    visual_pos_masks=None,
+    deepstack_visual_embeds=None,
+    output_hidden_states=None,
+    **kwargs,
+):
     """mindone's thinker text model; a prompt it covers runs as one compiled graph (`prompt_graph`)."""
     if position_ids is not None and prompt_graph.applies(self, inputs_embeds, past_key_values, use_cache, kwargs):
-        outputs = prompt_graph.forward(self, inputs_embeds, attention_mask, position_ids, past_key_values,
-                                       visual_pos_masks, deepstack_visual_embeds, output_hidden_states)  # fmt: skip
+        outputs = prompt_graph.forward(
+            self,
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            visual_pos_masks,
+            deepstack_visual_embeds,
+            output_hidden_states,
+        )
         if outputs is not None:
             return outputs
     return FAST_PATHS.original(f"{MODELING}.Qwen3OmniMoeThinkerTextModel:construct")(
-        self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-        cache_position=cache_position, visual_pos_masks=visual_pos_masks,
-        deepstack_visual_embeds=deepstack_visual_embeds, output_hidden_states=output_hidden_states, **kwargs,
-    )  # fmt: skip
+        self,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        cache_position=cache_position,
+        visual_pos_masks=visual_pos_masks,
+        deepstack_visual_embeds=deepstack_visual_embeds,
+        output_hidden_states=output_hidden_states,
+        **kwargs,
+    )
 
 
 @FAST_PATHS.replaces(f"{TALKER}:prepare_inputs_for_generation")
-def talker_prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
-                                         cache_position=None, **kwargs):  # fmt: skip
+def talker_prepare_inputs_for_generation(
+    self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, cache_position=None, **kwargs
+):
     """(mindone's parameters, spelled out: `generate` checks its keywords against them)"""
     return decode_steps.talker_prepare_inputs_for_generation(
         self, input_ids, past_key_values, attention_mask, inputs_embeds, cache_position, **kwargs
@@ -280,11 +372,30 @@ def talker_prepare_inputs_for_generation(self, input_ids, past_key_values=None, 
 
 
 @FAST_PATHS.replaces(f"{TALKER}:construct")
-def talker_construct(self, input_ids=None, attention_mask=None, use_audio_in_video=None, audio_feature_lengths=None,
-                     video_second_per_grid=None, image_grid_thw=None, video_grid_thw=None, position_ids=None,
-                     past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, output_router_logits=None,
-                     cache_position=None, residual_codes=None, trailing_text_hidden=None, tts_pad_embed=None,
-                     generation_step=None, talker_input_ids=None, decode_graph=None, **kwargs):  # fmt: skip
+def talker_construct(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    use_audio_in_video=None,
+    audio_feature_lengths=None,
+    video_second_per_grid=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    output_router_logits=None,
+    cache_position=None,
+    residual_codes=None,
+    trailing_text_hidden=None,
+    tts_pad_embed=None,
+    generation_step=None,
+    talker_input_ids=None,
+    decode_graph=None,
+    **kwargs,
+):
     """mindone's talker forward, with its parameters spelled out (`generate` checks its keywords against
     them); a decode step runs without a host read, as a compiled graph when the loop hands one over."""
     arguments = {name: value for name, value in locals().items() if name not in ("self", "kwargs", "decode_graph")}
@@ -326,17 +437,36 @@ def suppress_tokens(self, input_ids, scores):
     vocab = scores.shape[-1]
     mask = self.__dict__.get("suppressed_mask")
     if mask is None or mask.shape[0] != vocab:
-        ids = self.suppressed_ids if hasattr(self, "suppressed_ids") else self.suppress_tokens.asnumpy()  # made before install
+        ids = (
+            self.suppressed_ids if hasattr(self, "suppressed_ids") else self.suppress_tokens.asnumpy()
+        )  # made before install
         mask = self.suppressed_mask = ms.Tensor(np.isin(np.arange(vocab), np.asarray(ids, np.int64)))
     return mint.where(mask, -float("inf"), scores)
 
 
 @FAST_PATHS.replaces(f"{GENERATION}.GenerationMixin:_sample")
-def sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False, streamer=None,
-           **model_kwargs):  # fmt: skip
+def sample(
+    self,
+    input_ids,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus=False,
+    streamer=None,
+    **model_kwargs,
+):
     if not decode_loop.supports(self, generation_config, model_kwargs):
         original = FAST_PATHS.original(f"{GENERATION}.GenerationMixin:_sample")
-        return original(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
-                        **model_kwargs)  # fmt: skip
-    return decode_loop.sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
-                              streamer, **model_kwargs)  # fmt: skip
+        return original(
+            self,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            synced_gpus,
+            streamer,
+            **model_kwargs,
+        )
+    return decode_loop.sample(
+        self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, **model_kwargs
+    )

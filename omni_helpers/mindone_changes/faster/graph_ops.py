@@ -85,6 +85,13 @@ def convolution(x, conv):
     pad = ()
     for side in conv.padding:  # the same before and after, per axis (a loop: graphs parse one comprehension only)
         pad += (side, side)
-    out = primitive(conv.weight.shape[0], kernel, pad_mode="pad", pad=pad, stride=conv.stride, dilation=conv.dilation,
-                    group=conv.groups)(x, conv.weight)  # fmt: skip
+    out = primitive(
+        conv.weight.shape[0],
+        kernel,
+        pad_mode="pad",
+        pad=pad,
+        stride=conv.stride,
+        dilation=conv.dilation,
+        group=conv.groups,
+    )(x, conv.weight)
     return out if conv.bias is None else out + conv.bias.reshape((1, -1) + (1,) * spatial)

@@ -29,8 +29,17 @@ def on_host(value):
     return None if value is None else value.asnumpy() if isinstance(value, ms.Tensor) else np.asarray(value)
 
 
-def rope_index(config, spatial_merge_size: int, input_ids: np.ndarray, image_grid_thw, video_grid_thw,
-               attention_mask: np.ndarray, use_audio_in_video: bool, audio_seqlens, second_per_grids):  # fmt: skip
+def rope_index(
+    config,
+    spatial_merge_size: int,
+    input_ids: np.ndarray,
+    image_grid_thw,
+    video_grid_thw,
+    attention_mask: np.ndarray,
+    use_audio_in_video: bool,
+    audio_seqlens,
+    second_per_grids,
+):
     """(positions (3, rows, length) float32, deltas (rows, 1) float32) as mindone's `get_rope_index` returns them;
     the optional inputs are numpy arrays or None."""
     if image_grid_thw is None and video_grid_thw is None:
@@ -40,9 +49,17 @@ def rope_index(config, spatial_merge_size: int, input_ids: np.ndarray, image_gri
     counters = {"image": 0, "video": 0, "audio": 0}  # which image, video and audio come next, across rows
     for row in range(input_ids.shape[0]):
         real = attention_mask[row] == 1
-        row_positions = row_rope_positions(config, spatial_merge_size, input_ids[row][real], image_grid_thw,
-                                           video_grid_thw, use_audio_in_video, audio_seqlens, second_per_grids,
-                                           counters)  # fmt: skip
+        row_positions = row_rope_positions(
+            config,
+            spatial_merge_size,
+            input_ids[row][real],
+            image_grid_thw,
+            video_grid_thw,
+            use_audio_in_video,
+            audio_seqlens,
+            second_per_grids,
+            counters,
+        )
         positions[:, row, real] = row_positions
         deltas.append(row_positions.max() + np.float32(1) - np.float32(real.sum()))
     return positions, np.array(deltas, np.float32).reshape(-1, 1)
@@ -64,8 +81,17 @@ def audio_output_length(feature_length: int) -> int:
     return ((features - 1) // 2 + 1 - 1) // 2 + 1 + (feature_length // 100) * 13
 
 
-def row_rope_positions(config, merge: int, ids: np.ndarray, image_grid_thw, video_grid_thw, use_audio_in_video: bool,
-                       audio_seqlens, second_per_grids, counters: dict) -> np.ndarray:  # fmt: skip
+def row_rope_positions(
+    config,
+    merge: int,
+    ids: np.ndarray,
+    image_grid_thw,
+    video_grid_thw,
+    use_audio_in_video: bool,
+    audio_seqlens,
+    second_per_grids,
+    counters: dict,
+) -> np.ndarray:
     """One row's positions (3, real tokens): text runs count on from the last maximum, each image, audio clip and
     video gets its own block (a video heard with its soundtrack interleaves the two by time)."""
     vision_start, audio_start = config.vision_start_token_id, config.audio_start_token_id
@@ -115,14 +141,18 @@ def row_rope_positions(config, merge: int, ids: np.ndarray, image_grid_thw, vide
             remain_images -= 1
         elif ids[vision_at + 1] == video_token:
             grid = video_grid_thw[counters["video"]]
-            pieces.append(vision_positions(first, grid, merge, video_times(grid, second_per_grids[counters["video"]], per_second)))
+            pieces.append(
+                vision_positions(first, grid, merge, video_times(grid, second_per_grids[counters["video"]], per_second))
+            )
             start += text_length + bos + int(np.prod(grid)) // merge**2 + eos
             counters["video"] += 1
             remain_videos -= 1
         elif audio_in_video:
             audio_length = audio_output_length(int(audio_seqlens[counters["audio"]]))
             grid = video_grid_thw[counters["video"]]
-            video = vision_positions(first, grid, merge, video_times(grid, second_per_grids[counters["video"]], per_second))
+            video = vision_positions(
+                first, grid, merge, video_times(grid, second_per_grids[counters["video"]], per_second)
+            )
             pieces.extend(interleaved_by_time(video, run(audio_length, first)))
             start += text_length + bos + audio_length + int(np.prod(grid)) // merge**2 + eos
             counters["audio"] += 1
@@ -208,10 +238,15 @@ def bilinear_corners(height: int, width: int, grid_per_side: int) -> tuple[np.nd
     dr, dc = rows - row_floor.astype(np.float32), columns - column_floor.astype(np.float32)
     one = np.float32(1)
     indices = [
-        row_floor[:, None] * grid_per_side + column_floor[None], row_floor[:, None] * grid_per_side + column_ceil[None],
-        row_ceil[:, None] * grid_per_side + column_floor[None], row_ceil[:, None] * grid_per_side + column_ceil[None],
-    ]  # fmt: skip
-    weights = [(one - dr)[:, None] * (one - dc)[None], (one - dr)[:, None] * dc[None],
-               dr[:, None] * (one - dc)[None], dr[:, None] * dc[None]]  # fmt: skip
+        row_floor[:, None] * grid_per_side + column_floor[None],
+        row_floor[:, None] * grid_per_side + column_ceil[None],
+        row_ceil[:, None] * grid_per_side + column_floor[None],
+        row_ceil[:, None] * grid_per_side + column_ceil[None],
+    ]
+    weights = [
+        (one - dr)[:, None] * (one - dc)[None],
+        (one - dr)[:, None] * dc[None],
+        dr[:, None] * (one - dc)[None],
+        dr[:, None] * dc[None],
+    ]
     return np.stack([i.reshape(-1) for i in indices]).astype(np.int64), np.stack([w.reshape(-1) for w in weights])
-

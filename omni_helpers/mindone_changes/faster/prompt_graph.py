@@ -77,8 +77,16 @@ def dense_experts_pay(mlp) -> bool:
     return type(experts) is StackedExperts and len(experts) <= DENSE_EXPERTS_MAX_RATIO * mlp.top_k
 
 
-def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_values, visual_pos_masks=None,
-            deepstack_visual_embeds=None, output_hidden_states=None):  # fmt: skip
+def forward(
+    text_model,
+    inputs_embeds,
+    attention_mask,
+    position_ids,
+    past_key_values,
+    visual_pos_masks=None,
+    deepstack_visual_embeds=None,
+    output_hidden_states=None,
+):
     """The text model's outputs for a prompt (mindone's `BaseModelOutputWithPast`), its keys and values
     added to `past_key_values`; None when the graph fails at its first call (the model then stays in PyNative)."""
     from mindone.transformers.modeling_outputs import BaseModelOutputWithPast
@@ -88,7 +96,9 @@ def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_va
     deepstack = deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds, bucket)
     key = (rows, bucket, len(deepstack))
     graph = compiled.kept(text_model, "prompt_graph", key, lambda: compiled.Graph(prompt_step(text_model, *key)))
-    if position_ids.ndim == 3 and position_ids.shape[0] == 4:  # text positions first, as mindone's text model reads them
+    if (
+        position_ids.ndim == 3 and position_ids.shape[0] == 4
+    ):  # text positions first, as mindone's text model reads them
         position_ids = position_ids[1:]
     elif position_ids.ndim == 2:
         position_ids = position_ids[None].expand((3, rows, length))
@@ -97,8 +107,9 @@ def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_va
     real = np.zeros((rows, bucket), np.float32)
     real[:, :length] = 1 if attention_mask is None else attention_mask.asnumpy()
     inputs = (compiled.padded(inputs_embeds, bucket, axis=1), positions, ms.Tensor(real), *deepstack)
-    outputs = compiled.first_call(graph, text_model, "prompt_graph", lambda: graph.step(*inputs), "prompt",
-                                  "running prompts step by step instead")  # fmt: skip
+    outputs = compiled.first_call(
+        graph, text_model, "prompt_graph", lambda: graph.step(*inputs), "prompt", "running prompts step by step instead"
+    )
     if outputs is None:
         return None
     hidden, *rest = outputs
@@ -107,9 +118,10 @@ def forward(text_model, inputs_embeds, attention_mask, position_ids, past_key_va
     for layer, (key, value) in enumerate(zip(keys, values)):
         past_key_values.update(key[:, :, :length], value[:, :, :length], layer)
     return BaseModelOutputWithPast(
-        last_hidden_state=hidden[:, :length], past_key_values=past_key_values,
+        last_hidden_state=hidden[:, :length],
+        past_key_values=past_key_values,
         hidden_states=tuple(h[:, :length] for h in hidden_states) if output_hidden_states else None,
-    )  # fmt: skip
+    )
 
 
 def deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds, bucket: int) -> list:
@@ -124,8 +136,10 @@ def deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds
     index[:, :length][where] = 1 + np.arange(int(where.sum()))
     index = ms.Tensor(index.reshape(-1))
     zero = mint.zeros((1, inputs_embeds.shape[-1]), dtype=inputs_embeds.dtype)
-    return [ops.gather(mint.cat([zero, embeds.to(inputs_embeds.dtype)]), index, 0).reshape(rows, bucket, -1)
-            for embeds in deepstack_visual_embeds]  # fmt: skip
+    return [
+        ops.gather(mint.cat([zero, embeds.to(inputs_embeds.dtype)]), index, 0).reshape(rows, bucket, -1)
+        for embeds in deepstack_visual_embeds
+    ]
 
 
 def mrope_axes(section, frequencies: int) -> np.ndarray:
@@ -160,7 +174,9 @@ def prompt_step(text_model, rows: int, bucket: int, deepstack_layers: int):
         key = linear(x, weights["k"]).reshape(rows, bucket, kv_heads, head_dim)
         value = linear(x, weights["v"]).reshape(rows, bucket, kv_heads, head_dim)
         query = rotate(norm(query, weights["q_norm"]), cos, sin)
-        key = ops.transpose(rotate(norm(key, weights["k_norm"]), cos, sin), (0, 2, 1, 3))  # (rows, kv heads, bucket, dim)
+        key = ops.transpose(
+            rotate(norm(key, weights["k_norm"]), cos, sin), (0, 2, 1, 3)
+        )  # (rows, kv heads, bucket, dim)
         value = ops.transpose(value, (0, 2, 1, 3))
         # heads sharing a kv head are adjacent: (rows, kv heads, groups * bucket, head dim)
         query = ops.transpose(query, (0, 2, 1, 3)).reshape(rows, kv_heads, groups * bucket, head_dim)
@@ -194,8 +210,10 @@ def prompt_step(text_model, rows: int, bucket: int, deepstack_layers: int):
         freqs = ops.ReduceSum()(positions.reshape(3, rows, bucket, 1) * inverse_frequencies * axes, 0)
         emb = ops.concat((freqs, freqs), -1)
         scaling = rotary.attention_scaling
-        return (ops.cast(ops.cos(emb) * scaling, dtype).reshape(rows, bucket, 1, head_dim),
-                ops.cast(ops.sin(emb) * scaling, dtype).reshape(rows, bucket, 1, head_dim))  # fmt: skip
+        return (
+            ops.cast(ops.cos(emb) * scaling, dtype).reshape(rows, bucket, 1, head_dim),
+            ops.cast(ops.sin(emb) * scaling, dtype).reshape(rows, bucket, 1, head_dim),
+        )
 
     def step(embeds, positions, real, *deepstack):
         cos, sin = rope(positions)

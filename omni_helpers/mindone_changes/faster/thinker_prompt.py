@@ -53,10 +53,24 @@ def used(arguments: dict) -> dict:
     return {name: value for name, value in arguments.items() if name not in ignored}
 
 
-def forward(thinker, input_ids, attention_mask, past_key_values, input_features=None, feature_attention_mask=None,
-            pixel_values=None, pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
-            use_audio_in_video=False, video_second_per_grid=None, use_cache=None, cache_position=None,
-            output_router_logits=None, **kwargs):  # fmt: skip
+def forward(
+    thinker,
+    input_ids,
+    attention_mask,
+    past_key_values,
+    input_features=None,
+    feature_attention_mask=None,
+    pixel_values=None,
+    pixel_values_videos=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    use_audio_in_video=False,
+    video_second_per_grid=None,
+    use_cache=None,
+    cache_position=None,
+    output_router_logits=None,
+    **kwargs,
+):
     """mindone's thinker outputs (`Qwen3OmniMoeThinkerCausalLMOutputWithPast`) for a prompt; sets the
     model's `rope_deltas` as mindone's forward does."""
     from mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
@@ -80,8 +94,9 @@ def forward(thinker, input_ids, attention_mask, past_key_values, input_features=
     embeds = thinker.get_input_embeddings()(input_ids)
     features, deepstack = {}, {}
     if input_features is not None:
-        features["audio"] = thinker.audio_tower(audio_frames(input_features, audio_mask),
-                                                feature_lens=ms.Tensor(audio_lengths)).last_hidden_state
+        features["audio"] = thinker.audio_tower(
+            audio_frames(input_features, audio_mask), feature_lens=ms.Tensor(audio_lengths)
+        ).last_hidden_state
     if pixel_values is not None:
         features["image"], deepstack["image"] = thinker.get_image_features(pixel_values, image_grid_thw)
     if pixel_values_videos is not None:
@@ -90,21 +105,39 @@ def forward(thinker, input_ids, attention_mask, past_key_values, input_features=
     visual = placeholders["image"] | placeholders["video"]
     visual_embeds = merged_deepstack(deepstack, placeholders, visual)
 
-    positions, deltas = host_positions.rope_index(config, thinker.spatial_merge_size, ids, images, videos, mask,
-                                                  use_audio_in_video, audio_lengths, host_positions.on_host(video_second_per_grid))  # fmt: skip
+    positions, deltas = host_positions.rope_index(
+        config,
+        thinker.spatial_merge_size,
+        ids,
+        images,
+        videos,
+        mask,
+        use_audio_in_video,
+        audio_lengths,
+        host_positions.on_host(video_second_per_grid),
+    )
     # mindone subtracts each row's count of padding (float32 minus int64: float32)
     thinker.rope_deltas = ms.Tensor((deltas - (1 - mask).sum(-1, keepdims=True)).astype(np.float32))
 
     outputs = thinker.model(
-        attention_mask=attention_mask, position_ids=ms.Tensor(positions), past_key_values=past_key_values,
-        inputs_embeds=embeds, use_cache=use_cache, output_router_logits=False, cache_position=cache_position,
+        attention_mask=attention_mask,
+        position_ids=ms.Tensor(positions),
+        past_key_values=past_key_values,
+        inputs_embeds=embeds,
+        use_cache=use_cache,
+        output_router_logits=False,
+        cache_position=cache_position,
         deepstack_visual_embeds=visual_embeds,
-        visual_pos_masks=None if visual_embeds is None else ms.Tensor(visual[..., None]), **kwargs,
-    )  # fmt: skip
+        visual_pos_masks=None if visual_embeds is None else ms.Tensor(visual[..., None]),
+        **kwargs,
+    )
     return Qwen3OmniMoeThinkerCausalLMOutputWithPast(
-        logits=thinker.lm_head(outputs[0]), hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-        past_key_values=outputs.past_key_values, rope_deltas=thinker.rope_deltas,
-    )  # fmt: skip
+        logits=thinker.lm_head(outputs[0]),
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+        past_key_values=outputs.past_key_values,
+        rope_deltas=thinker.rope_deltas,
+    )
 
 
 def patch_rows(grid_thw, vision) -> int | None:
@@ -155,4 +188,6 @@ def merged_deepstack(deepstack: dict, placeholders: dict, visual: np.ndarray):
     is_video = placeholders["video"][visual]
     order = np.where(is_video, len(is_video) - is_video.sum() + np.cumsum(is_video) - 1, np.cumsum(~is_video) - 1)
     index = ms.Tensor(order.astype(np.int64))
-    return [ops.gather(mint.cat([image, video]), index, 0) for image, video in zip(deepstack["image"], deepstack["video"])]
+    return [
+        ops.gather(mint.cat([image, video]), index, 0) for image, video in zip(deepstack["image"], deepstack["video"])
+    ]

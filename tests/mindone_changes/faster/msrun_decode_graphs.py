@@ -36,10 +36,15 @@ def main(checkpoint: Path, media: Path, mode: str, out: Path) -> None:
     model = shard_model(load_model(checkpoint, "float32", "eager", with_talker=True), runtime)
     processor = load_processor(checkpoint)
     codes_seen = record_codes(model.code2wav, lambda codes: codes.asnumpy())
-    files = {kind: media / name for kind, name in (("image", "image.png"), ("audio", "audio.wav"), ("video", "video.mp4"))}
+    files = {
+        kind: media / name for kind, name in (("image", "image.png"), ("audio", "audio.wav"), ("video", "video.mp4"))
+    }
     speech_inputs = batch_inputs(checkpoint, [request_conversation("image_audio", files)], False)
-    rows_inputs = batch_inputs(checkpoint, [[{"role": "user", "content": "Describe the sound of a short sentence."}],
-                                            [{"role": "user", "content": "Hi"}]], False)  # fmt: skip
+    rows_inputs = batch_inputs(
+        checkpoint,
+        [[{"role": "user", "content": "Describe the sound of a short sentence."}], [{"role": "user", "content": "Hi"}]],
+        False,
+    )
 
     def generate(inputs, pynative: bool, **settings) -> dict:
         settings = GenerationSettings(**{"max_new_tokens": NEW_TOKENS, "use_audio_in_video": False, **settings})
@@ -48,9 +53,12 @@ def main(checkpoint: Path, media: Path, mode: str, out: Path) -> None:
                 patch.setattr(decode_graph, "applies", lambda *args: False)
             codes_seen.clear()
             answers = generate_from_inputs(model, processor, inputs, settings, keep_logits=True)
-        return {"tokens": [a.token_ids for a in answers], "logits": [a.step_logits.tolist() for a in answers],
-                "codes": codes_seen[-1].tolist() if codes_seen else None,
-                "wav": None if answers[0].waveform is None else answers[0].waveform.tolist()}  # fmt: skip
+        return {
+            "tokens": [a.token_ids for a in answers],
+            "logits": [a.step_logits.tolist() for a in answers],
+            "codes": codes_seen[-1].tolist() if codes_seen else None,
+            "wav": None if answers[0].waveform is None else answers[0].waveform.tolist(),
+        }
 
     speech = {"return_audio": True, "talker_max_new_tokens": TALKER_FRAMES}
     sampled = {"do_sample": True, "temperature": 1.5, "top_k": 50, "top_p": 1.0, "talker_do_sample": True, "seed": 7}
@@ -65,13 +73,17 @@ def main(checkpoint: Path, media: Path, mode: str, out: Path) -> None:
     graphs = model.thinker.__dict__.get("_decode_graphs", {})
     first = dict(graphs)
     generate(speech_inputs, False, **speech)  # a later request of the same shapes
-    seen["thinker_graphs"] = {"before": [list(key) for key in first], "after": [list(key) for key in graphs],
-                              "same_objects": all(graphs.get(key) is graph for key, graph in first.items()),
-                              "compiled": all(graph.compiled for graph in graphs.values())}  # fmt: skip
+    seen["thinker_graphs"] = {
+        "before": [list(key) for key in first],
+        "after": [list(key) for key in graphs],
+        "same_objects": all(graphs.get(key) is graph for key, graph in first.items()),
+        "compiled": all(graph.compiled for graph in graphs.values()),
+    }
     seen["talker_graphs"] = [list(key) for key in model.talker.__dict__.get("_decode_graphs", {})]
 
     # A graph that does not build on rank 1 only: every rank must fall back to PyNative, together.
     if runtime.rank == 1:
+
         def failing_step(thinker, buffers):
             def step(input_ids, cache_position, rope_deltas):
                 raise TypeError("injected on rank 1")

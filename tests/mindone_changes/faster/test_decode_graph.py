@@ -24,9 +24,12 @@ def graphs_of(mindone) -> dict:
     return mindone.model.thinker.__dict__.get("_decode_graphs", {})
 
 
-@pytest.mark.parametrize("sampling", [{"do_sample": False}, {"do_sample": True, "top_k": 20, "temperature": 0.8}],
-                         ids=["greedy", "sampled"])  # fmt: skip
-def test_compiled_step_gives_the_pynative_steps_tokens_logits_and_hidden_states(mindone, two_rows, monkeypatch, sampling):
+@pytest.mark.parametrize(
+    "sampling", [{"do_sample": False}, {"do_sample": True, "top_k": 20, "temperature": 0.8}], ids=["greedy", "sampled"]
+)
+def test_compiled_step_gives_the_pynative_steps_tokens_logits_and_hidden_states(
+    mindone, two_rows, monkeypatch, sampling
+):
     results = []
     for graph in (True, False):
         ms.set_seed(5)
@@ -93,14 +96,16 @@ def test_what_the_graph_does_not_cover_keeps_the_pynative_step(mindone, two_rows
 
 
 @pytest.mark.parametrize("sampling_seed", [None, 7], ids=["greedy", "sampled"])
-def test_compiled_talker_step_gives_the_pynative_steps_codes_and_speech(mindone, tiny_checkpoint, sample_media,
-                                                                        monkeypatch, sampling_seed):  # fmt: skip
+def test_compiled_talker_step_gives_the_pynative_steps_codes_and_speech(
+    mindone, tiny_checkpoint, sample_media, monkeypatch, sampling_seed
+):
     """Frames after the first run the code predictor from a cleared cache: every frame's codes must match."""
     from tests.reference import processor_inputs, request_conversation
 
     inputs = processor_inputs(tiny_checkpoint, request_conversation("image_audio", sample_media), False)
-    compiled, pynative = generate_both_ways(mindone, inputs, monkeypatch, decode_graph, talker_new_tokens=12,
-                                            sampling_seed=sampling_seed)  # fmt: skip
+    compiled, pynative = generate_both_ways(
+        mindone, inputs, monkeypatch, decode_graph, talker_new_tokens=12, sampling_seed=sampling_seed
+    )
     assert mindone.model.talker.__dict__.get("_decode_graphs"), "the compiled talker step did not run"
     assert compiled.codes.shape == pynative.codes.shape and compiled.codes.shape[-1] > 2  # several frames
     np.testing.assert_array_equal(compiled.codes, pynative.codes)
@@ -108,8 +113,9 @@ def test_compiled_talker_step_gives_the_pynative_steps_codes_and_speech(mindone,
     assert np.abs(compiled.wav - pynative.wav).max() <= 1e-5
 
 
-def test_a_step_that_does_not_build_falls_back_to_pynative_and_says_why(mindone, two_rows, monkeypatch, capfd,
-                                                                        tmp_path):  # fmt: skip
+def test_a_step_that_does_not_build_falls_back_to_pynative_and_says_why(
+    mindone, two_rows, monkeypatch, capfd, tmp_path
+):
     """The compiled steps have run on CPU only: a device where one fails at its first call (where
     MindSpore compiles it) must still answer, step by step, and say why once on stderr."""
     monkeypatch.chdir(tmp_path)  # MindSpore writes a failed graph's analysis to ./rank_0/om
@@ -118,8 +124,15 @@ def test_a_step_that_does_not_build_falls_back_to_pynative_and_says_why(mindone,
 
     monkeypatch.setattr(decode_graph, "thinker_step", unbuildable("ScatterNdUpdate"))
     monkeypatch.setitem(thinker.__dict__, "_decode_graphs", {})  # no graph of this shape built yet
-    results = falls_back_once(lambda: thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False), thinker,
-                              "decode_graph", capfd, "ScatterNdUpdate", "decode step", "decoding step by step instead")  # fmt: skip
+    results = falls_back_once(
+        lambda: thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False),
+        thinker,
+        "decode_graph",
+        capfd,
+        "ScatterNdUpdate",
+        "decode step",
+        "decoding step by step instead",
+    )
     for result in results:
         np.testing.assert_array_equal(result.sequences.asnumpy(), expected.sequences.asnumpy())
 
@@ -129,8 +142,9 @@ def test_a_step_that_does_not_build_falls_back_to_pynative_and_says_why(mindone,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["zero3", "expert"])
-def test_under_msrun_the_compiled_steps_give_the_pynative_steps_answers_on_every_rank(mode, tiny_checkpoint, sample_media,
-                                                                                     tmp_path):  # fmt: skip
+def test_under_msrun_the_compiled_steps_give_the_pynative_steps_answers_on_every_rank(
+    mode, tiny_checkpoint, sample_media, tmp_path
+):
     """tests/mindone_changes/faster/msrun_decode_graphs.py on 2 CPU workers, each rank's graphs holding the mode's collectives (ZeRO-3's
     all-gathers, expert parallelism's all-reduces): greedy tokens and codec codes identical, logits and speech
     within 1e-5 of the PyNative steps', a batch of 2 rows, sampling with one seed; the same on both ranks; a later
@@ -142,8 +156,11 @@ def test_under_msrun_the_compiled_steps_give_the_pynative_steps_answers_on_every
     from tests.script_runs import calm_msrun, msrun_command, script_env
 
     log_dir = tmp_path / "log"
-    command = msrun_command("tests/mindone_changes/faster/msrun_decode_graphs.py", [str(tiny_checkpoint), str(sample_media["image"].parent), mode,
-                                                             str(tmp_path)], log_dir)  # fmt: skip
+    command = msrun_command(
+        "tests/mindone_changes/faster/msrun_decode_graphs.py",
+        [str(tiny_checkpoint), str(sample_media["image"].parent), mode, str(tmp_path)],
+        log_dir,
+    )
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=script_env())
     calm_msrun(process, log_dir)
     output = process.communicate(timeout=900)[0].decode(errors="replace")
@@ -160,10 +177,15 @@ def test_under_msrun_the_compiled_steps_give_the_pynative_steps_answers_on_every
                 assert np.abs(np.array(graph["wav"]) - np.array(pynative["wav"])).max() <= 1e-5, name
         assert seen["speech_compiled"]["codes"] is not None and len(seen["rows_compiled"]["tokens"]) == 2
         graphs = seen["thinker_graphs"]
-        assert graphs["before"] == graphs["after"] and graphs["same_objects"] and graphs["compiled"] and graphs["before"]
+        assert (
+            graphs["before"] == graphs["after"] and graphs["same_objects"] and graphs["compiled"] and graphs["before"]
+        )
         assert seen["talker_graphs"]
         assert seen["one_rank_fails"]["tokens"] == seen["rows_pynative"]["tokens"]
     assert "injected on rank 1" in ranks[1]["failure"] and ranks[0]["failure"] == "it did not build on another rank"
-    assert ranks[0]["sampled_compiled"] == ranks[1]["sampled_compiled"] and ranks[0]["speech_compiled"] == ranks[1]["speech_compiled"]
+    assert (
+        ranks[0]["sampled_compiled"] == ranks[1]["sampled_compiled"]
+        and ranks[0]["speech_compiled"] == ranks[1]["speech_compiled"]
+    )
     for rank in (0, 1):
         assert "warning: the compiled decode step did not build" in (log_dir / f"worker_{rank}.log").read_text()

@@ -49,7 +49,12 @@ def test_frames_see_only_themselves_and_padding_nothing():
     mask = encoder_graph.block_mask(boundaries, 32)
     visible = mask == 0
     assert visible[:4, :4].all() and visible[4:8, 4:8].all() and visible[8:16, 8:16].all()
-    assert not visible[:4, 4:].any() and not visible[4:8, 8:].any() and not visible[16:].any() and not visible[:, 16:].any()
+    assert (
+        not visible[:4, 4:].any()
+        and not visible[4:8, 8:].any()
+        and not visible[16:].any()
+        and not visible[:, 16:].any()
+    )
 
 
 @pytest.mark.parametrize("name", list(encoder_graph.ACTIVATIONS))
@@ -60,7 +65,9 @@ def test_the_graphs_activation_is_the_configured_one(runtime_cpu, name):
     from omni_helpers.mindone_changes.faster.graph_ops import gelu
 
     x = ms.Tensor(np.linspace(-6, 6, 2001, dtype=np.float32))
-    np.testing.assert_allclose(gelu(x, encoder_graph.ACTIVATIONS[name]).asnumpy(), ACT2FN[name](x).asnumpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        gelu(x, encoder_graph.ACTIVATIONS[name]).asnumpy(), ACT2FN[name](x).asnumpy(), rtol=0, atol=1e-6
+    )
 
 
 def test_an_activation_the_graph_does_not_write_keeps_pynative(mindone, monkeypatch):
@@ -69,8 +76,9 @@ def test_an_activation_the_graph_does_not_write_keeps_pynative(mindone, monkeypa
     assert not encoder_graph.vision_applies(vision)
 
 
-def test_an_encoder_that_does_not_build_falls_back_to_pynative_and_says_why(mindone, tiny_checkpoint, sample_media,
-                                                                            monkeypatch, capfd, tmp_path):  # fmt: skip
+def test_an_encoder_that_does_not_build_falls_back_to_pynative_and_says_why(
+    mindone, tiny_checkpoint, sample_media, monkeypatch, capfd, tmp_path
+):
     monkeypatch.chdir(tmp_path)  # MindSpore writes a failed graph's analysis to ./rank_0/om
     vision = mindone.model.thinker.visual
     pixel_values, grid = pixels(tiny_checkpoint, sample_media, "image_audio")
@@ -78,8 +86,15 @@ def test_an_encoder_that_does_not_build_falls_back_to_pynative_and_says_why(mind
 
     monkeypatch.setattr(encoder_graph, "vision_step", unbuildable("LayerNorm"))
     monkeypatch.setitem(vision.__dict__, "_vision_graphs", {})  # no graph of this shape built yet
-    results = falls_back_once(lambda: vision(pixel_values, grid_thw=grid), vision, "vision_graph", capfd, "LayerNorm",
-                              "vision encoder", "running it step by step instead")  # fmt: skip
+    results = falls_back_once(
+        lambda: vision(pixel_values, grid_thw=grid),
+        vision,
+        "vision_graph",
+        capfd,
+        "LayerNorm",
+        "vision encoder",
+        "running it step by step instead",
+    )
     for merged, deepstack in results:
         np.testing.assert_array_equal(merged.asnumpy(), expected[0].asnumpy())
         for mine, reference in zip(deepstack, expected[1]):
@@ -117,7 +132,9 @@ def test_audio_tokens_attend_within_their_windows(mindone, tiny_checkpoint, samp
     whole = fast_paths.FAST_PATHS.original(f"{fast_paths.AUDIO}:construct")
     assert relative_error(ours.asnumpy(), theirs.asnumpy()) <= 1e-6
     monkeypatch.setattr(audio, "n_window_infer", 800)
-    assert relative_error(ours.asnumpy(), whole(audio, features, lengths).last_hidden_state.asnumpy()) > 1e-4  # windows matter
+    assert (
+        relative_error(ours.asnumpy(), whole(audio, features, lengths).last_hidden_state.asnumpy()) > 1e-4
+    )  # windows matter
 
 
 def test_compiled_audio_encoder_on_audios_several_windows_long(mindone):
@@ -143,4 +160,3 @@ def test_encoders_beyond_the_largest_bucket_keep_pynative(mindone):
     frames = 100 * (compiled.BUCKET_MAX // 13 + 1)  # 13 tokens per 100 frames
     features = ms.Tensor(np.zeros((128, frames), np.float32))
     assert encoder_graph.audio_forward(audio, features, ms.Tensor(np.array([frames], np.int64))) is None
-

@@ -70,7 +70,9 @@ def stacked_blocks(tiny_checkpoint, runtime_cpu):
 
 
 @pytest.mark.parametrize("which", ["thinker", "talker"])
-@pytest.mark.parametrize("rows,length", [(1, 1), (7, 1), (1, 7), (1, 100)])  # decode steps from device indices; prompts read once
+@pytest.mark.parametrize(
+    "rows,length", [(1, 1), (7, 1), (1, 7), (1, 100)]
+)  # decode steps from device indices; prompts read once
 def test_stacked_experts_give_mindones_output(moe_blocks, stacked_blocks, which, rows, length):
     from omni_helpers.measuring.host_syncs import counting_host_syncs
     from omni_helpers.measuring.metrics import parameter_bytes
@@ -84,7 +86,9 @@ def test_stacked_experts_give_mindones_output(moe_blocks, stacked_blocks, which,
         actual, logits = type(stacked).construct(stacked, x)
     np.testing.assert_array_equal(logits.asnumpy(), expected_logits.asnumpy())
     np.testing.assert_allclose(actual.asnumpy(), expected.asnumpy(), rtol=1e-5, atol=1e-6)
-    cpu_only = sum(n for site, n in syncs.sites.items() if "cpu_fallbacks" in site)  # numpy kernels of the CPU fallbacks
+    cpu_only = sum(
+        n for site, n in syncs.sites.items() if "cpu_fallbacks" in site
+    )  # numpy kernels of the CPU fallbacks
     assert (syncs.count - cpu_only == 0) if length == 1 else syncs.count - cpu_only == 1
     assert parameter_bytes(stacked.experts) == sum(parameter_bytes(e) for e in block.experts)  # stacked, not copied
 
@@ -104,8 +108,13 @@ def test_code_predictor_loop_gives_mindones_generate(mindone_model):
     embeds = ms.Tensor(rng.standard_normal((1, 2, predictor.config.hidden_size)).astype(np.float32))
     uninstall_fast_paths()
     try:
-        stock = predictor.generate(inputs_embeds=embeds, max_new_tokens=groups, do_sample=False,
-                                   output_hidden_states=True, return_dict_in_generate=True)  # fmt: skip
+        stock = predictor.generate(
+            inputs_embeds=embeds,
+            max_new_tokens=groups,
+            do_sample=False,
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+        )
     finally:
         install_fast_paths("CPU")
     codes, code_embeds = predict_residual_codes(predictor, embeds)
@@ -134,7 +143,9 @@ def device_reads(one_process, **settings) -> int:
 
     model, inputs = one_process
     with counting_host_syncs() as syncs:
-        generate_from_inputs(model.model, model.processor, inputs, GenerationSettings(use_audio_in_video=False, **settings))
+        generate_from_inputs(
+            model.model, model.processor, inputs, GenerationSettings(use_audio_in_video=False, **settings)
+        )
     return syncs.count - sum(n for site, n in syncs.sites.items() if "cpu_fallbacks" in site)
 
 
@@ -149,7 +160,9 @@ def test_one_host_read_per_decoded_token(one_process):
 
 def test_one_host_read_per_talker_frame(one_process):
     """A talker step, its code predictor included, reads once: its own stopping test."""
-    device_reads(one_process, max_new_tokens=2, return_audio=True, talker_max_new_tokens=2)  # compiles the thinker's step
+    device_reads(
+        one_process, max_new_tokens=2, return_audio=True, talker_max_new_tokens=2
+    )  # compiles the thinker's step
     many = device_reads(one_process, max_new_tokens=2, return_audio=True, talker_max_new_tokens=10)
     two = device_reads(one_process, max_new_tokens=2, return_audio=True, talker_max_new_tokens=2)
     assert many - two == 8

@@ -17,12 +17,20 @@ KINDS = {"text": False, "image_audio": False, "video": True, "silent_video": Fal
 
 def rope_arguments(inputs: dict, use_audio_in_video: bool) -> tuple:
     """The thinker's arguments to get_rope_index for processor outputs, as MindSpore tensors."""
+
     def tensor(name):
         return ms.Tensor(inputs[name]) if name in inputs else None
 
     audio = inputs.get("feature_attention_mask")
-    return (tensor("input_ids"), tensor("image_grid_thw"), tensor("video_grid_thw"), tensor("attention_mask"),
-            use_audio_in_video, None if audio is None else ms.Tensor(audio.sum(1)), tensor("video_second_per_grid"))  # fmt: skip
+    return (
+        tensor("input_ids"),
+        tensor("image_grid_thw"),
+        tensor("video_grid_thw"),
+        tensor("attention_mask"),
+        use_audio_in_video,
+        None if audio is None else ms.Tensor(audio.sum(1)),
+        tensor("video_second_per_grid"),
+    )
 
 
 def assert_same_positions(thinker, arguments):
@@ -42,8 +50,11 @@ def test_positions_are_mindones_for_every_kind_of_request(mindone, tiny_checkpoi
 def test_positions_are_mindones_for_padded_batches(mindone, tiny_checkpoint, sample_media, two_rows):
     """Left padding, and media counted across rows (the second row's image is the batch's second)."""
     assert_same_positions(mindone.model.thinker, rope_arguments(two_rows, False))
-    mixed = [request_conversation("image_audio", sample_media), [{"role": "user", "content": "Hi"}],
-             request_conversation("image_audio", sample_media)]  # fmt: skip
+    mixed = [
+        request_conversation("image_audio", sample_media),
+        [{"role": "user", "content": "Hi"}],
+        request_conversation("image_audio", sample_media),
+    ]
     inputs = batch_inputs(tiny_checkpoint, mixed, False)
     assert inputs["attention_mask"].min() == 0 and len(inputs["image_grid_thw"]) == 2
     assert_same_positions(mindone.model.thinker, rope_arguments(inputs, False))
@@ -69,8 +80,11 @@ def test_two_videos_in_one_request_each_keep_their_own_time_step(mindone, tiny_c
 
 @pytest.mark.parametrize("heard", [True, False], ids=["with_soundtracks", "silent"])
 def test_a_batch_of_two_videos_keeps_each_rows_time_step(mindone, tiny_checkpoint, sample_media, heard):
-    rows = [request_conversation("video" if heard else "silent_video", sample_media), [{"role": "user", "content": "Hi"}],
-            request_conversation("video" if heard else "silent_video", sample_media)]  # fmt: skip
+    rows = [
+        request_conversation("video" if heard else "silent_video", sample_media),
+        [{"role": "user", "content": "Hi"}],
+        request_conversation("video" if heard else "silent_video", sample_media),
+    ]
     inputs = batch_inputs(tiny_checkpoint, rows, heard)
     inputs["video_second_per_grid"] = np.array([0.5, 1.5], np.float32)
     assert_same_positions(mindone.model.thinker, rope_arguments(inputs, heard))
@@ -96,4 +110,3 @@ def test_vision_patch_positions_are_mindones(mindone, grids, method):
     ours = getattr(vision, method)(grid)
     assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
     np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy())
-

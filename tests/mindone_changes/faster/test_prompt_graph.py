@@ -11,8 +11,14 @@ import mindspore as ms
 
 from omni_helpers.mindone_changes.faster import compiled
 from omni_helpers.mindone_changes.faster import prompt_graph
-from tests.reference import (falls_back_once, generate_both_ways, processor_inputs, relative_error, request_conversation,
-                             unbuildable)  # fmt: skip
+from tests.reference import (
+    falls_back_once,
+    generate_both_ways,
+    processor_inputs,
+    relative_error,
+    request_conversation,
+    unbuildable,
+)
 from tests.reference import thinker_generate as generate
 
 NEW_TOKENS = 6
@@ -54,13 +60,16 @@ def test_compiled_prompt_gives_the_pynative_prompts_tokens_hidden_states_and_cac
     assert_prompt_matches(ours, pynative, two_rows["attention_mask"])
 
 
-def test_compiled_prompt_with_an_image_and_audio_adds_deepstack_features_as_mindone_does(mindone, tiny_checkpoint,
-                                                                                      sample_media, monkeypatch):  # fmt: skip
+def test_compiled_prompt_with_an_image_and_audio_adds_deepstack_features_as_mindone_does(
+    mindone, tiny_checkpoint, sample_media, monkeypatch
+):
     inputs = processor_inputs(tiny_checkpoint, request_conversation("image_audio", sample_media), False)
     ours = thinker_generate(mindone, inputs, True, monkeypatch)
     pynative = thinker_generate(mindone, inputs, False, monkeypatch)
     deepstack = len(mindone.model.thinker.config.vision_config.deepstack_visual_indexes)
-    assert deepstack > 0 and any(key[2] == deepstack for key in graphs_of(mindone)), "no prompt graph with DeepStack ran"
+    assert deepstack > 0 and any(key[2] == deepstack for key in graphs_of(mindone)), (
+        "no prompt graph with DeepStack ran"
+    )
     assert_prompt_matches(ours, pynative, inputs["attention_mask"])
 
 
@@ -78,7 +87,9 @@ def test_every_expert_runs_only_where_that_costs_at_most_four_times_the_routed_w
     experts = len(mlp.experts)
     assert prompt_graph.dense_experts_pay(mlp)  # the tiny checkpoint: 4 experts, top 2
     assert prompt_graph.dense_experts_pay(types.SimpleNamespace(experts=mlp.experts, top_k=experts // 4))
-    released = types.SimpleNamespace(experts=mlp.experts, top_k=experts / 16)  # the released thinker's 128 experts, top 8
+    released = types.SimpleNamespace(
+        experts=mlp.experts, top_k=experts / 16
+    )  # the released thinker's 128 experts, top 8
     assert not prompt_graph.dense_experts_pay(released)
 
 
@@ -113,8 +124,9 @@ def test_each_rotary_frequency_reads_the_axis_mindones_interleaving_gives_it(min
     np.testing.assert_array_equal(axes.sum(0), np.ones(frequencies))
 
 
-def test_a_prompt_that_does_not_build_falls_back_to_pynative_and_says_why(mindone, two_rows, monkeypatch, capfd,
-                                                                          tmp_path):  # fmt: skip
+def test_a_prompt_that_does_not_build_falls_back_to_pynative_and_says_why(
+    mindone, two_rows, monkeypatch, capfd, tmp_path
+):
     """Compiled on CPU only: a device where the prompt fails at its first call must still answer, and say why once."""
     monkeypatch.chdir(tmp_path)  # MindSpore writes a failed graph's analysis to ./rank_0/om
     expected = thinker_generate(mindone, two_rows, False, monkeypatch)
@@ -122,7 +134,14 @@ def test_a_prompt_that_does_not_build_falls_back_to_pynative_and_says_why(mindon
 
     monkeypatch.setattr(prompt_graph, "prompt_step", unbuildable("OneHot"))
     monkeypatch.setitem(text_model.__dict__, "_prompt_graphs", {})  # no graph of this shape built yet
-    results = falls_back_once(lambda: thinker_generate(mindone, two_rows, True, monkeypatch), text_model, "prompt_graph",
-                              capfd, "OneHot", "prompt", "running prompts step by step instead")  # fmt: skip
+    results = falls_back_once(
+        lambda: thinker_generate(mindone, two_rows, True, monkeypatch),
+        text_model,
+        "prompt_graph",
+        capfd,
+        "OneHot",
+        "prompt",
+        "running prompts step by step instead",
+    )
     for result in results:
         np.testing.assert_array_equal(result.sequences.asnumpy(), expected.sequences.asnumpy())

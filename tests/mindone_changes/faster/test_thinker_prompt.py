@@ -17,21 +17,34 @@ NEW_TOKENS = 4
 
 def image_and_video(media) -> list[dict]:
     """An image and a video in one request: DeepStack's features of both, joined in prompt order."""
-    return [{"role": "user", "content": [
-        {"type": "video", "video": str(media["video"]), "min_pixels": 64 * 64, "max_pixels": 64 * 64},
-        {"type": "image", "image": str(media["image"])},
-        {"type": "text", "text": "Which came first?"},
-    ]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": str(media["video"]), "min_pixels": 64 * 64, "max_pixels": 64 * 64},
+                {"type": "image", "image": str(media["image"])},
+                {"type": "text", "text": "Which came first?"},
+            ],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
 def requests(tiny_checkpoint, sample_media, short_audio, mindone) -> dict:  # mindone: runtime set up first
     two_audios = [
-        [{"role": "user", "content": [{"type": "audio", "audio": str(sample_media["audio"])}, {"type": "text", "text": "Hm?"}]}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "audio", "audio": str(sample_media["audio"])}, {"type": "text", "text": "Hm?"}],
+            }
+        ],
         [{"role": "user", "content": [{"type": "audio", "audio": str(short_audio)}]}],
-    ]  # fmt: skip
+    ]
     return {
-        "image_audio": (processor_inputs(tiny_checkpoint, request_conversation("image_audio", sample_media), False), False),
+        "image_audio": (
+            processor_inputs(tiny_checkpoint, request_conversation("image_audio", sample_media), False),
+            False,
+        ),
         "video_heard": (processor_inputs(tiny_checkpoint, request_conversation("video", sample_media), True), True),
         "image_and_video": (processor_inputs(tiny_checkpoint, image_and_video(sample_media), False), False),
         "two_audios": (batch_inputs(tiny_checkpoint, two_audios, False), False),
@@ -44,12 +57,20 @@ def run_both_ways(mindone, inputs, use_audio_in_video: bool, monkeypatch) -> tup
     calls, forward = [], thinker_prompt.forward
     with monkeypatch.context() as patch:
         patch.setattr(thinker_prompt, "forward", lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs))
-        ours = thinker_generate(mindone, inputs, NEW_TOKENS, monkeypatch, use_audio_in_video=use_audio_in_video,
-                                do_sample=False)  # fmt: skip
+        ours = thinker_generate(
+            mindone, inputs, NEW_TOKENS, monkeypatch, use_audio_in_video=use_audio_in_video, do_sample=False
+        )
     assert calls == [1], "the host bookkeeping did not run for the prompt"
     ours_deltas = mindone.model.thinker.rope_deltas.asnumpy()
-    theirs = thinker_generate(mindone, inputs, NEW_TOKENS, monkeypatch, pynative=thinker_prompt,
-                              use_audio_in_video=use_audio_in_video, do_sample=False)  # fmt: skip
+    theirs = thinker_generate(
+        mindone,
+        inputs,
+        NEW_TOKENS,
+        monkeypatch,
+        pynative=thinker_prompt,
+        use_audio_in_video=use_audio_in_video,
+        do_sample=False,
+    )
     return ours, ours_deltas, theirs, mindone.model.thinker.rope_deltas.asnumpy()
 
 
@@ -64,7 +85,9 @@ def test_host_bookkeeping_gives_mindones_prompt_bit_for_bit(mindone, requests, k
     for a, b in zip(ours.logits, theirs.logits):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
     assert len(ours.hidden_states[0]) == len(theirs.hidden_states[0])
-    for a, b in zip(ours.hidden_states[0], theirs.hidden_states[0]):  # the prompt's: embeddings, every layer, final norm
+    for a, b in zip(
+        ours.hidden_states[0], theirs.hidden_states[0]
+    ):  # the prompt's: embeddings, every layer, final norm
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
 
 
@@ -103,7 +126,8 @@ def test_audio_frames_are_mindones_boolean_selection(requests):
 
 @pytest.mark.parametrize("kind,token", [("image", "image_token_id"), ("video", "video_token_id")])
 def test_a_placeholder_count_that_does_not_match_the_media_is_mindones_error_before_any_encoder_runs(
-        mindone, requests, kind, token, monkeypatch):  # fmt: skip
+    mindone, requests, kind, token, monkeypatch
+):
     inputs, _ = requests["image_and_video"]
     thinker = mindone.model.thinker
     ids = inputs["input_ids"].copy()
@@ -132,14 +156,21 @@ def test_more_audio_placeholders_than_audio_features_is_a_one_line_error(runtime
         thinker_prompt.merged_embeddings(embeds, {"audio": ms.Tensor(np.ones((2, 2), np.float32))}, placeholders)
 
 
-@pytest.mark.parametrize("argument", ["inputs_embeds", "position_ids", "labels", "no_mask", "no_cache", "router_logits",
-                                      "audio_without_mask"])  # fmt: skip
+@pytest.mark.parametrize(
+    "argument",
+    ["inputs_embeds", "position_ids", "labels", "no_mask", "no_cache", "router_logits", "audio_without_mask"],
+)
 def test_what_the_host_bookkeeping_does_not_cover_keeps_mindones_forward(mindone, argument):
     from mindone.transformers.cache_utils import DynamicCache
 
     thinker = mindone.model.thinker
-    arguments = {"input_ids": ms.Tensor([[1, 2]]), "attention_mask": ms.Tensor([[1, 1]]), "past_key_values": DynamicCache(),
-                 "input_features": ms.Tensor(np.zeros((1, 8, 4), np.float32)), "feature_attention_mask": ms.Tensor([[1] * 4])}  # fmt: skip
+    arguments = {
+        "input_ids": ms.Tensor([[1, 2]]),
+        "attention_mask": ms.Tensor([[1, 1]]),
+        "past_key_values": DynamicCache(),
+        "input_features": ms.Tensor(np.zeros((1, 8, 4), np.float32)),
+        "feature_attention_mask": ms.Tensor([[1] * 4]),
+    }
     assert thinker_prompt.applies(thinker, arguments)
     changed = {
         "inputs_embeds": {"inputs_embeds": ms.Tensor(np.zeros((1, 2, 8), np.float32))},
