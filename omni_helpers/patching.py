@@ -92,6 +92,11 @@ class PatchSet:
             return self._original_entries[(module, attr, key)]
         return getattr(resolve_owner(module), attr)[key]
 
+    def replacement(self, target: str, key: Optional[str] = None):
+        """What this set puts at `target` (at its entry `key`, for a dict) when installed."""
+        module, attr = target.split(":")
+        return self._replacements[(module, attr)] if key is None else self._entries[(module, attr, key)]
+
     @property
     def installed(self) -> bool:
         return bool(self._originals or self._original_entries)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from omni_helpers.patching import PatchSet, PatchTargetMissing
@@ -108,3 +110,22 @@ def test_every_library_name_the_project_calls_is_there_and_a_missing_one_is_name
     monkeypatch.delattr(GenerationMixin, "_valid_auto_compile_criteria")
     with pytest.raises(RuntimeError, match="GenerationMixin._valid_auto_compile_criteria, which the installed"):
         check_library_names()
+
+
+def test_each_target_replaced_twice_chains_faster_path_then_fix_then_mindone(runtime_cpu):
+    from omni_helpers.mindone_changes.faster.fast_paths import FAST_PATHS
+    from omni_helpers.mindone_changes.mindone_fixes import MINDONE_FIXES
+    from omni_helpers.mindone_changes.patches import TWICE_REPLACED
+    from omni_helpers.patching import resolve_owner
+
+    named = {target.replace(":", ".") + ("" if key is None else f"[{key!r}]") for target, key in TWICE_REPLACED}
+    assert set(MINDONE_FIXES.targets()) & set(FAST_PATHS.targets()) == named  # no other target is replaced twice
+    for target, key in TWICE_REPLACED:
+        module, attribute = target.split(":")
+        installed = getattr(resolve_owner(module), attribute)
+        installed = installed if key is None else installed[key]
+        original = FAST_PATHS.original if key is None else functools.partial(FAST_PATHS.original_entry, key=key)
+        stock = MINDONE_FIXES.original if key is None else functools.partial(MINDONE_FIXES.original_entry, key=key)
+        assert installed is FAST_PATHS.replacement(target, key)
+        assert original(target) is MINDONE_FIXES.replacement(target, key)  # what the faster path falls back to
+        assert stock(target).__module__.startswith("mindone.")  # what the fix wraps

@@ -35,41 +35,59 @@ def collective_bytes(kind: str, input_bytes: float, world_size: int) -> float:
     raise ValueError(f"unknown collective {kind!r}")
 
 
-@contextlib.contextmanager
-def counting_collectives():
-    """Count this rank's collective bytes inside the block; the primitives are restored after it."""
-    from mindspore.communication import get_group_size
+COUNTERS = PatchSet("collective counters", package="mindspore", written_for="2.7.1")  # built once: one version warning
+_open: list[Traffic] = []  # the counters of the `with` blocks open now; nested blocks each count everything
 
-    traffic = Traffic()
-    counters = PatchSet("collective counters", package="mindspore", written_for="2.7.1")
 
-    def counted(kind: str, target: str):
-        def call(primitive, *args, **kwargs):
-            traffic.bytes += collective_bytes(kind, args[0].nbytes, get_group_size(primitive.group))
-            return counters.original(target)(primitive, *args, **kwargs)
+def _counted(kind: str, target: str):
+    def call(primitive, *args, **kwargs):
+        from mindspore.communication import get_group_size
 
-        return call
+        moved = collective_bytes(kind, args[0].nbytes, get_group_size(primitive.group))
+        for traffic in _open:
+            traffic.bytes += moved
+        return COUNTERS.original(target)(primitive, *args, **kwargs)
 
-    for kind, primitive in (("all_gather", "AllGather"), ("all_reduce", "AllReduce")):
-        target = f"{COMMUNICATION_OPS}.{primitive}:__call__"
-        counters.replaces(target)(counted(kind, target))
+    return call
 
-    compiled = sys.modules.get(
-        "omni_helpers.mindone_changes.faster.compiled"
-    )  # not imported: no compiled graph (--no-fast_paths)
-    if compiled is None:
-        with counters.applied():
-            yield traffic
-        return
-    step = compiled.Graph.step
 
+for _kind, _primitive in (("all_gather", "AllGather"), ("all_reduce", "AllReduce")):
+    _target = f"{COMMUNICATION_OPS}.{_primitive}:__call__"
+    COUNTERS.replaces(_target)(_counted(_kind, _target))
+
+
+def _counted_step(step):
     def counted_step(graph, *arguments):
-        traffic.bytes += graph.collective_bytes
+        for traffic in _open:
+            traffic.bytes += graph.collective_bytes
         return step(graph, *arguments)
 
-    compiled.Graph.step = counted_step
+    counted_step.original = step
+    return counted_step
+
+
+@contextlib.contextmanager
+def counting_collectives():
+    """Count this rank's collective bytes inside the block; the primitives are restored after the outermost one."""
+    traffic = Traffic()
+    if not _open:
+        COUNTERS.install()
+        graph = _compiled_graph()
+        if graph is not None:
+            graph.step = _counted_step(graph.step)
+    _open.append(traffic)
     try:
-        with counters.applied():
-            yield traffic
+        yield traffic
     finally:
-        compiled.Graph.step = step
+        _open.remove(traffic)
+        if not _open:
+            COUNTERS.uninstall()
+            graph = _compiled_graph()
+            if graph is not None and hasattr(graph.step, "original"):
+                graph.step = graph.step.original
+
+
+def _compiled_graph():
+    """compiled.Graph if the faster paths are imported (with --no-fast_paths no graph runs: nothing to count)."""
+    compiled = sys.modules.get("omni_helpers.mindone_changes.faster.compiled")
+    return None if compiled is None else compiled.Graph

@@ -27,7 +27,6 @@ READS = ("asnumpy", "item", "tolist", "__bool__", "__int__", "__float__", "__ind
 class HostSyncs:
     count: int = 0
     sites: collections.Counter = field(default_factory=collections.Counter)  # "file:line" of the caller
-    depth: int = 0
 
 
 def _caller() -> str:
@@ -37,28 +36,44 @@ def _caller() -> str:
     return f"{frame.f_code.co_filename.split('site-packages/')[-1]}:{frame.f_lineno}" if frame else "?"
 
 
+COUNTERS = PatchSet("host-sync counters", package="mindspore", written_for="2.7.1")  # built once: one version warning
+_open: list[HostSyncs] = []  # the counters of the `with` blocks open now; nested blocks each count everything
+_depth = 0  # reads in progress: one read may call another inside, and only the outermost counts
+
+
+def _counted(name: str):
+    target = f"{TENSOR}:{name}"
+
+    def read(tensor, *args, **kwargs):
+        global _depth
+        if _depth == 0:
+            site = _caller()
+            for syncs in _open:
+                syncs.count += 1
+                syncs.sites[site] += 1
+        _depth += 1
+        try:
+            return COUNTERS.original(target)(tensor, *args, **kwargs)
+        finally:
+            _depth -= 1
+
+    return read
+
+
+for _name in READS:
+    COUNTERS.replaces(f"{TENSOR}:{_name}")(_counted(_name))
+
+
 @contextlib.contextmanager
 def counting_host_syncs():
-    """Count host reads of tensor values inside the block; the methods are restored after it."""
+    """Count host reads of tensor values inside the block; the methods are restored after the outermost one."""
     syncs = HostSyncs()
-    patches = PatchSet("host-sync counters", package="mindspore", written_for="2.7.1")
-
-    def counted(name: str):
-        target = f"{TENSOR}:{name}"
-
-        def read(tensor, *args, **kwargs):
-            if syncs.depth == 0:
-                syncs.count += 1
-                syncs.sites[_caller()] += 1
-            syncs.depth += 1
-            try:
-                return patches.original(target)(tensor, *args, **kwargs)
-            finally:
-                syncs.depth -= 1
-
-        return read
-
-    for name in READS:
-        patches.replaces(f"{TENSOR}:{name}")(counted(name))
-    with patches.applied():
+    if not _open:
+        COUNTERS.install()
+    _open.append(syncs)
+    try:
         yield syncs
+    finally:
+        _open.remove(syncs)
+        if not _open:
+            COUNTERS.uninstall()

@@ -6,13 +6,24 @@
   mindone runs with this project's bug fixes alone, and the faster-path and compiled-graph
   modules are not even imported.
 Each is a `patching.PatchSet`; installing one whose target is missing raises. The order is
-fixed here: the faster paths replace some of the methods the fixes replace (get_rope_index,
-the audio encoder's forward, flash attention's mask), and fall back to the fixed ones.
+fixed here, and only here: CPU fallbacks, then the fixes, then the faster paths, because the faster
+paths replace three of the methods the fixes replace (`TWICE_REPLACED`) and fall back to the fixed
+ones (tests/test_patching.py follows each chain).
 """
 
 from __future__ import annotations
 
 import sys
+
+FASTER_PATHS_MODULE = "omni_helpers.mindone_changes.faster.fast_paths"
+
+
+MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
+TWICE_REPLACED = [  # (target, dict entry): faster path -> fix -> mindone's own
+    (f"{MODELING}.Qwen3OmniMoePreTrainedModelForConditionalGeneration:get_rope_index", None),
+    (f"{MODELING}.Qwen3OmniMoeAudioEncoder:construct", None),
+    ("mindone.transformers.masking_utils.AttentionMaskInterface:_global_mapping", "flash_attention_2"),
+]
 
 
 def install_patches(device_target: str, fast_paths: bool = True) -> list[str]:
@@ -35,8 +46,6 @@ def install_patches(device_target: str, fast_paths: bool = True) -> list[str]:
         from omni_helpers.mindone_changes.faster.fast_paths import install_fast_paths
 
         replaced += install_fast_paths(device_target)
-    elif (
-        "omni_helpers.mindone_changes.faster.fast_paths" in sys.modules
-    ):  # installed earlier in this process (the benchmark's stock runs)
-        sys.modules["omni_helpers.mindone_changes.faster.fast_paths"].uninstall_fast_paths()
+    elif FASTER_PATHS_MODULE in sys.modules:  # installed earlier in this process (the benchmark's stock runs)
+        sys.modules[FASTER_PATHS_MODULE].uninstall_fast_paths()
     return replaced
