@@ -56,8 +56,10 @@ from omni_helpers.mindone_changes.faster.graph_ops import (
     MASKED,
     batched_linear,
     dense,
+    grouped_query_attention,
     linear,
     rms_norm_with,
+    rope,
     rotate,
     route,
 )
@@ -370,14 +372,7 @@ def rope_function(rotary, dtype):
     """positions (rows, tokens), float -> cos, sin (rows, tokens, 1, head dim), as mindone's rotary computes them
     when the three rope axes agree."""
     inv_freq, scaling = rotary.inv_freq, float(rotary.attention_scaling)
-
-    def rope(positions):
-        rows, tokens = positions.shape
-        freqs = positions.reshape(rows, tokens, 1, 1) * ops.cast(inv_freq, ms.float32).reshape(1, 1, 1, -1)
-        angles = ops.concat((freqs, freqs), -1)
-        return ops.cast(ops.cos(angles) * scaling, dtype), ops.cast(ops.sin(angles) * scaling, dtype)
-
-    return rope
+    return lambda positions: rope(positions, inv_freq, scaling, dtype)
 
 
 def whole_weights(split_anywhere: bool):
@@ -444,7 +439,6 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
     config = text_model.config
     rows, capacity, dtype = buffers.rows, buffers.capacity, buffers.dtype
     heads, kv_heads, head_dim = config.num_attention_heads, buffers.kv_heads, buffers.head_dim
-    groups = heads // kv_heads
     eps, scaling = config.rms_norm_eps, head_dim**-0.5
     layers = [layer_weights(layer) for layer in decoder_layers(text_model)]
     full = whole_weights(
@@ -487,16 +481,12 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
         new_values = ops.transpose(value, (0, 2, 1, 3)).reshape(-1, head_dim)
         keys = ops.depend(keys, ops.scatter_nd_update(keys, write_at, new_keys))
         values = ops.depend(values, ops.scatter_nd_update(values, write_at, new_values))
-        # heads sharing a kv head are adjacent: (rows, kv heads, groups * tokens, head dim)
-        query = ops.transpose(query, (0, 2, 1, 3)).reshape(rows, kv_heads, groups * tokens, head_dim)
-        scores = ops.cast(batched_linear(query, keys) * scaling, ms.float32)
-        scores = scores.reshape(rows, kv_heads, groups, tokens, capacity) + mask.reshape(rows, 1, 1, 1, capacity)
+        visible = mask.reshape(rows, 1, 1, 1, capacity)
         if tokens > 1:  # new tokens see each other causally
             later = ops.cast(key_index > position + token_index, ms.float32) * MASKED  # (tokens, capacity)
-            scores = scores + later.reshape(1, 1, 1, tokens, capacity)
-        probs = ops.cast(ops.softmax(scores, -1), dtype).reshape(rows, kv_heads, groups * tokens, capacity)
-        out = ops.matmul(probs, values).reshape(rows, heads, tokens, head_dim)
-        return linear(ops.transpose(out, (0, 2, 1, 3)).reshape(rows * tokens, heads * head_dim), use(weights, "o"))
+            visible = visible + later.reshape(1, 1, 1, tokens, capacity)
+        out = grouped_query_attention(query, keys, values, visible, scaling, dtype)
+        return linear(out, use(weights, "o"))
 
     def chosen_experts(stack, slots, split):
         """The stacked weights of each slot's expert; under ZeRO-3 each rank's shards of them, all-gathered and

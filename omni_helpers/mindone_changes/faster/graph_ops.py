@@ -73,9 +73,40 @@ def gelu(x, approximate: str = "none"):
 
 
 def attention(query, key, value, mask, scaling: float, dtype):
-    """Softmax attention in float32 over (..., queries, dim) x (..., keys, dim), an additive mask added."""
+    """Softmax attention in float32 over (..., queries, dim) x (..., keys, dim), an additive mask added: every
+    compiled graph's attention (the encoders call it directly, the decoders through `grouped_query_attention`)."""
     scores = ops.cast(batched_linear(query, key) * scaling, ms.float32) + mask
     return ops.matmul(ops.cast(ops.softmax(scores, -1), dtype), value)
+
+
+def grouped_query_attention(query, keys, values, mask, scaling: float, dtype):
+    """A decoder's attention: queries (rows, new tokens, heads, dim) over keys and values (rows, kv heads, keys,
+    dim), the heads that share a kv head adjacent, `mask` broadcastable to (rows, kv heads, groups, new tokens,
+    keys) -> (rows * new tokens, heads * dim), ready for the output projection."""
+    rows, tokens, heads, dim = query.shape
+    kv_heads, key_count = keys.shape[1], keys.shape[2]
+    groups = heads // kv_heads
+    query = ops.transpose(query, (0, 2, 1, 3)).reshape(rows, kv_heads, groups * tokens, dim)
+    mask = ops.broadcast_to(mask, (rows, kv_heads, groups, tokens, key_count)).reshape(rows, kv_heads, -1, key_count)
+    out = attention(query, keys, values, mask, scaling, dtype).reshape(rows, heads, tokens, dim)
+    return ops.transpose(out, (0, 2, 1, 3)).reshape(rows * tokens, heads * dim)
+
+
+def rope(positions, inverse_frequencies, scaling: float, dtype, axes=None):
+    """cos and sin (rows, tokens, 1, head dim) as mindone's rotary embeddings compute them, for `rotate`.
+    positions: (rows, tokens) float; or (3, rows, tokens) with `axes` (3, 1, 1, head dim / 2), one-hot: the
+    multimodal rope, each frequency taking the time, height or width position its interleaved section gives
+    it (the other two add exact zeros)."""
+    inverse_frequencies = ops.cast(inverse_frequencies, ms.float32).reshape(1, 1, 1, -1)
+    if axes is None:
+        rows, tokens = positions.shape
+        freqs = positions.reshape(rows, tokens, 1, 1) * inverse_frequencies
+    else:
+        _, rows, tokens = positions.shape
+        freqs = ops.ReduceSum()(positions.reshape(3, rows, tokens, 1) * inverse_frequencies * axes, 0)
+        freqs = freqs.reshape(rows, tokens, 1, -1)
+    angles = ops.concat((freqs, freqs), -1)
+    return ops.cast(ops.cos(angles) * scaling, dtype), ops.cast(ops.sin(angles) * scaling, dtype)
 
 
 def convolution(x, conv):

@@ -44,7 +44,16 @@ from mindspore import mint, ops
 
 from omni_helpers.mindone_changes.faster import compiled
 from omni_helpers.mindone_changes.faster.decode_graph import decoder_covered, decoder_layers, layer_weights
-from omni_helpers.mindone_changes.faster.graph_ops import MASKED, batched_linear, linear, rms_norm_with, rotate, route
+from omni_helpers.mindone_changes.faster.graph_ops import (
+    MASKED,
+    batched_linear,
+    grouped_query_attention,
+    linear,
+    rms_norm_with,
+    rope,
+    rotate,
+    route,
+)
 from omni_helpers.parallel.sparse_moe import SPARSE_MOE_BLOCKS, StackedExperts
 
 DENSE_EXPERTS_MAX_RATIO = 4  # every expert on every token costs experts / top-k times the routed work
@@ -159,12 +168,11 @@ def prompt_step(text_model, rows: int, bucket: int, deepstack_layers: int):
     attention0 = decoder_layers(text_model)[0].self_attn
     dtype, head_dim = attention0.q_proj.weight.dtype, attention0.head_dim
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    groups, eps, scaling = heads // kv_heads, config.rms_norm_eps, head_dim**-0.5
+    eps, scaling = config.rms_norm_eps, head_dim**-0.5
     final_norm = text_model.norm.weight
     causal = ms.Tensor(np.tril(np.ones((bucket, bucket), np.float32)).reshape(1, 1, 1, bucket, bucket))
     rotary = text_model.rotary_emb
-    inverse_frequencies = ops.cast(rotary.inv_freq, ms.float32).reshape(1, 1, 1, -1)
-    axes = ms.Tensor(mrope_axes(rotary.mrope_section, inverse_frequencies.shape[-1]).reshape(3, 1, 1, -1))
+    axes = ms.Tensor(mrope_axes(rotary.mrope_section, rotary.inv_freq.shape[-1]).reshape(3, 1, 1, -1))
 
     def norm(x, weight):
         return rms_norm_with(x, weight, eps, dtype)
@@ -174,17 +182,12 @@ def prompt_step(text_model, rows: int, bucket: int, deepstack_layers: int):
         key = linear(x, weights["k"]).reshape(rows, bucket, kv_heads, head_dim)
         value = linear(x, weights["v"]).reshape(rows, bucket, kv_heads, head_dim)
         query = rotate(norm(query, weights["q_norm"]), cos, sin)
-        key = ops.transpose(
-            rotate(norm(key, weights["k_norm"]), cos, sin), (0, 2, 1, 3)
+        key = rotate(norm(key, weights["k_norm"]), cos, sin)
+        key, value = (
+            ops.transpose(key, (0, 2, 1, 3)),
+            ops.transpose(value, (0, 2, 1, 3)),
         )  # (rows, kv heads, bucket, dim)
-        value = ops.transpose(value, (0, 2, 1, 3))
-        # heads sharing a kv head are adjacent: (rows, kv heads, groups * bucket, head dim)
-        query = ops.transpose(query, (0, 2, 1, 3)).reshape(rows, kv_heads, groups * bucket, head_dim)
-        scores = ops.cast(batched_linear(query, key) * scaling, ms.float32)
-        scores = scores.reshape(rows, kv_heads, groups, bucket, bucket) + mask
-        probs = ops.cast(ops.softmax(scores, -1), dtype).reshape(rows, kv_heads, groups * bucket, bucket)
-        out = ops.matmul(probs, value).reshape(rows, heads, bucket, head_dim)
-        out = linear(ops.transpose(out, (0, 2, 1, 3)).reshape(rows * bucket, heads * head_dim), weights["o"])
+        out = linear(grouped_query_attention(query, key, value, mask, scaling, dtype), weights["o"])
         return out, key, value
 
     def every_expert(x, weights):
@@ -204,19 +207,8 @@ def prompt_step(text_model, rows: int, bucket: int, deepstack_layers: int):
         combined = ops.ReduceSum()(out, 0)
         return combined
 
-    def rope(positions):
-        """mindone's multimodal rotary cos and sin: each frequency takes the time, height or width position
-        its interleaved section gives it (the other two add exact zeros)."""
-        freqs = ops.ReduceSum()(positions.reshape(3, rows, bucket, 1) * inverse_frequencies * axes, 0)
-        emb = ops.concat((freqs, freqs), -1)
-        scaling = rotary.attention_scaling
-        return (
-            ops.cast(ops.cos(emb) * scaling, dtype).reshape(rows, bucket, 1, head_dim),
-            ops.cast(ops.sin(emb) * scaling, dtype).reshape(rows, bucket, 1, head_dim),
-        )
-
     def step(embeds, positions, real, *deepstack):
-        cos, sin = rope(positions)
+        cos, sin = rope(positions, rotary.inv_freq, rotary.attention_scaling, dtype, axes)
         visible = causal * real.reshape(rows, 1, 1, 1, bucket)  # a key is visible when real and not later
         mask = ops.select(visible > 0, ops.zeros_like(visible), ops.fill(ms.float32, visible.shape, MASKED))
         x = embeds.reshape(rows * bucket, -1)

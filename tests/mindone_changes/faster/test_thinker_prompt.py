@@ -10,7 +10,7 @@ import mindspore as ms
 
 from omni_helpers.mindone_changes.faster import thinker_prompt
 from omni_helpers.generation.inputs import to_mindspore
-from tests.reference import batch_inputs, processor_inputs, relative_error, request_conversation, thinker_generate
+from tests.reference import batch_inputs, processor_inputs, request_conversation, thinker_generate
 
 NEW_TOKENS = 4
 
