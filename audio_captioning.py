@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 from omni_helpers.request.cli import (
-    argument_parser,
     add_generation_args,
     add_media_args,
     add_model_args,
     add_output_args,
     add_request_args,
+    argument_parser,
     check_request,
     exit_for,
     resolve_precision,
@@ -85,11 +85,11 @@ def main(args: argparse.Namespace) -> dict:
 
     configure_openmp(args.device_target)
     # MindSpore, mindone and torch are imported only now, so that --help and bad requests answer at once.
-    from omni_helpers.outputs.answering import Output, answer_in_batches
     from omni_helpers.loading import load_model, load_processor, shard_model
     from omni_helpers.measuring.metrics import StageClock, combined, run_metrics, summary_line
-    from omni_helpers.outputs.files import RESULT_FILE, write_json
     from omni_helpers.mindone_changes.patches import install_patches
+    from omni_helpers.outputs.answering import Output, answer_in_batches
+    from omni_helpers.outputs.files import RESULT_FILE, write_json
     from omni_helpers.runtime import log, setup_runtime
 
     # 2. Device, msrun ranks, seeds

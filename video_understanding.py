@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 from omni_helpers.request.cli import (
-    argument_parser,
     add_audio_in_video_arg,
     add_generation_args,
     add_media_args,
@@ -36,6 +35,7 @@ from omni_helpers.request.cli import (
     add_pixel_args,
     add_request_args,
     add_speech_args,
+    argument_parser,
     check_request,
     exit_for,
     resolve_precision,
@@ -114,10 +114,10 @@ def main(args: argparse.Namespace):
 
     configure_openmp(args.device_target)
     # MindSpore, mindone and torch are imported only now, so that --help and bad requests answer at once.
-    from omni_helpers.outputs.answering import Output, answer_one
     from omni_helpers.loading import load_model, load_processor, shard_model
     from omni_helpers.measuring.metrics import StageClock, run_metrics
     from omni_helpers.mindone_changes.patches import install_patches
+    from omni_helpers.outputs.answering import Output, answer_one
     from omni_helpers.runtime import setup_runtime
 
     # 2. Device, msrun ranks, seeds

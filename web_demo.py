@@ -37,21 +37,21 @@ from pathlib import Path
 
 from omni_helpers.request.checkpoint import Checkpoint, resolve_checkpoint
 from omni_helpers.request.cli import (
-    argument_parser,
     add_audio_in_video_arg,
     add_generation_args,
     add_model_args,
     add_pixel_args,
     add_speech_args,
+    argument_parser,
     check_common_flags,
     exit_for,
     generation_settings,
     resolve_precision,
 )
 from omni_helpers.request.errors import RequestError
-from omni_helpers.runtime import configure_openmp, progress, stdout_for_the_launcher
 from omni_helpers.request.settings import GenerationSettings
 from omni_helpers.request.validation import check_device, check_settings
+from omni_helpers.runtime import configure_openmp, progress, stdout_for_the_launcher
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 SPEECH_FRAMES = 750  # the server's speech limit: 60 s (12.5 codec frames per second); the scripts' is 4096
@@ -122,10 +122,10 @@ def main(args: argparse.Namespace) -> None:
     # MindSpore, mindone and torch are imported only now, so that --help and bad flags answer at once.
     progress("importing MindSpore, mindone and torch")
     from omni_helpers.loading import load_model, load_processor, shard_model
-    from omni_helpers.serving.lockstep import Lockstep
     from omni_helpers.mindone_changes.patches import install_patches
     from omni_helpers.runtime import log, setup_runtime
     from omni_helpers.serving.engine import Engine, follow
+    from omni_helpers.serving.lockstep import Lockstep
 
     # 2. Device, msrun ranks, seeds
     runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose)

@@ -12,8 +12,8 @@ from typing import Optional
 import mindspore as ms
 
 from omni_helpers.parallel.expert_parallel import keep_local_experts
-from omni_helpers.runtime import out_of_garbage_collection, progress
 from omni_helpers.parallel.sparse_moe import stack_experts
+from omni_helpers.runtime import out_of_garbage_collection, progress
 
 
 def load_processor(path: Path, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):
@@ -51,9 +51,8 @@ def shard_model(model, runtime, stack: bool = True):
     ZeRO-3, each rank's shards of them) so that decode steps route on the device."""
     progress(f"spreading the model over {runtime.world_size} rank(s): --parallel {runtime.parallel}")
     if runtime.parallel == "zero3":
-        from mindspore.communication import GlobalComm
-
         from mindone.trainers.zero import prepare_network
+        from mindspore.communication import GlobalComm
 
         # each rank keeps 1/N of every weight and gathers it when used; the experts' shards are then stacked
         model = prepare_network(model, zero_stage=3, optimizer_parallel_group=GlobalComm.WORLD_COMM_GROUP)

@@ -139,8 +139,8 @@ def reference_run(model, processor, inputs, new_tokens: int, speech: bool, talke
     talker from its first forward's start to its last forward's end (the loop's own work included)."""
     import torch
 
-    from omni_helpers.measuring.metrics import rate
     from omni_helpers.generation.streaming import StepStream
+    from omni_helpers.measuring.metrics import rate
 
     thinker, talker = StepStream(), StepStream()
     handles = thinker.watch(model.thinker) + talker.watch(model.talker)  # torch modules take the same hooks
@@ -508,8 +508,8 @@ def load_model_for(key: str, model_path: Path, device_target: str, runtime, fast
         from transformers import Qwen3OmniMoeForConditionalGeneration as TorchModel
 
         return TorchModel.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager").eval()
-    from omni_helpers.request.cli import resolve_precision
     from omni_helpers.loading import load_model, shard_model
+    from omni_helpers.request.cli import resolve_precision
 
     dtype, attn_implementation = resolve_precision(device_target, None, None)
     model = load_model(model_path, dtype, attn_implementation, with_talker=True)
@@ -524,8 +524,8 @@ def main(argv=None) -> dict:
 
     stdout_for_the_launcher()  # under scripts/msrun_launch.sh, rank 0's figures are what the console shows
     configure_openmp(args.device_target)  # before MindSpore loads, as the scripts do
-    from omni_helpers.request.checkpoint import resolve_checkpoint
     from omni_helpers.mindone_changes.patches import install_patches
+    from omni_helpers.request.checkpoint import resolve_checkpoint
 
     if args.topology == "released":
         from scripts.make_tiny_checkpoint import build_checkpoint

@@ -99,6 +99,7 @@ def model_skeleton(model_name: str, dtype: str):
 def parameter_table(model, world_size: int) -> list[Parameter]:
     """Every parameter once, with what the modes need to know about it."""
     from mindone.models.modules.parallel import PARALLEL_MODULES
+
     from omni_helpers.parallel.sparse_moe import SPARSE_MOE_BLOCKS
 
     experts = {}  # id(cell) -> (expert number, its block)

@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.script_runs import ROOT
 
 PACKAGE = ROOT / "omni_helpers"
@@ -99,8 +101,9 @@ def test_a_script_checks_its_request_without_importing_mindspore():
     assert done.stdout.strip() == "[]"
 
 
-def test_the_code_is_formatted_as_pyproject_toml_says():
-    done = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--check", "."], cwd=ROOT, capture_output=True, text=True, timeout=120
+@pytest.mark.parametrize("command", [["format", "--check"], ["check"]])
+def test_the_code_is_formatted_and_its_imports_sorted_and_used_as_pyproject_toml_says(command):
+    done = subprocess.run([sys.executable, "-m", "ruff", *command, "."], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, (
+        f"run `ruff format .` and `ruff check --fix .` here:\n{done.stdout[-2000:]}{done.stderr[-1000:]}"
     )
-    assert done.returncode == 0, f"run `ruff format` here:\n{done.stdout[-2000:]}{done.stderr[-1000:]}"

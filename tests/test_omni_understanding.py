@@ -15,15 +15,15 @@ import pytest
 import omni_understanding
 from tests.script_runs import (
     ROOT,
-    Run,
     SAMPLING,
     TALKER_SAMPLING,
+    WAV_TOLERANCE_EAGER,
+    WAV_TOLERANCE_FLASH,
+    Run,
     check_both_ranks_ran,
     check_expert_parallel_as_one_process,
     check_metrics,
     check_parallel,
-    WAV_TOLERANCE_EAGER,
-    WAV_TOLERANCE_FLASH,
     check_run,
     expected_answer,
     run_launcher,

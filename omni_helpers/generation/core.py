@@ -19,18 +19,16 @@ from typing import Any, Optional
 
 import numpy as np
 
+from omni_helpers.generation.inputs import to_mindspore, videos_to_numpy
+from omni_helpers.generation.instruments import Instruments
+from omni_helpers.generation.speech_stream import SPEECH_SAMPLE_RATE, AudioCallback
+from omni_helpers.generation.streaming import StepStream, TextCallback
 from omni_helpers.request.cancellation import Cancellation
-from omni_helpers.measuring.collectives import counting_collectives
 from omni_helpers.request.conversation import Conversation
 from omni_helpers.request.errors import RequestError
-from omni_helpers.measuring.forward_taps import listen
-from omni_helpers.generation.inputs import to_mindspore, videos_to_numpy
-from omni_helpers.measuring.metrics import rate
-from omni_helpers.runtime import caller_on_its_own_core, seed_everything
 from omni_helpers.request.settings import GenerationSettings
-from omni_helpers.generation.speech_stream import SPEECH_SAMPLE_RATE, AudioCallback, SpeechStream
-from omni_helpers.generation.streaming import StepStream, TextCallback
 from omni_helpers.request.validation import Context, check_context
+from omni_helpers.runtime import seed_everything
 
 
 @dataclass
@@ -85,6 +83,7 @@ def generate_keywords(
     config,
     text_streamer: Optional[StepStream],
     cancellation: Optional[Cancellation] = None,
+    keep_logits: bool = False,
 ) -> dict[str, Any]:
     """mindone's `generate` keywords: `thinker_*` and `talker_*` go to each stage (a bare
     `max_new_tokens` would not reach the thinker). The thinker's end-of-turn id comes from
@@ -99,6 +98,7 @@ def generate_keywords(
         "thinker_do_sample": settings.do_sample,
         "thinker_return_dict_in_generate": True,
         **({"thinker_streamer": text_streamer} if text_streamer is not None else {}),
+        **({"thinker_output_logits": True} if keep_logits else {}),
     }
     if cancellation is not None:
         from mindone.transformers.generation.stopping_criteria import StoppingCriteriaList
@@ -133,77 +133,35 @@ def generate_from_inputs(
     """Generate for prepared inputs (every msrun rank calls this with the same inputs and settings,
     with `on_audio` on all of them or none: streamed speech runs code2wav as the talker goes, and
     with a `cancellation` on all of them or none). Raises `errors.Cancelled` once cancelled."""
-    started = time.perf_counter() if started is None else started
     if settings.seed is not None:
         seed_everything(settings.seed)
     rows, prompt_length = inputs["input_ids"].shape
-    eos = model.config.im_end_token_id
-    generating = time.perf_counter()
-    with counting_collectives() as traffic:
-        thinker = StepStream(rows, eos, traffic, processor.tokenizer, on_text)
-        talker = StepStream(1, traffic=traffic)
-        keywords = generate_keywords(settings, model.config, thinker if on_text else None, cancellation)
-        if keep_logits:
-            keywords["thinker_output_logits"] = True
-        hooks = [] if on_text else thinker.watch(model.thinker)
-        speech = SpeechStream(model.code2wav, on_audio) if on_audio and settings.return_audio else None
-        if settings.return_audio:
-            hooks += talker.watch(model.talker)
-            hooks += listen(model.talker, after=speech.hook) if speech else []
-        try:
-            with caller_on_its_own_core():  # CPU only: MindSpore's spinning helper threads kept off its core
-                result, waveform = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
-        finally:
-            for hook in hooks:
-                hook.remove()
-    wav = None if waveform is None else waveform.reshape(-1).float().asnumpy()
-    if speech:
-        speech.finish(wav)
-    generate_seconds = time.perf_counter() - generating
+    instruments = Instruments(model, processor.tokenizer, settings.return_audio, rows, on_text, on_audio, started)
 
+    # 4. generate: the thinker's tokens, then (with speech) the talker's codes and code2wav's waveform
+    with instruments:
+        keywords = generate_keywords(settings, model.config, instruments.text_streamer, cancellation, keep_logits)
+        result, waveform = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
+    waveform = None if waveform is None else waveform.reshape(-1).float().asnumpy()
+
+    # 5. decode every row's new tokens
     new_tokens = result.sequences.asnumpy()[:, prompt_length:]
-    thinker.take_tokens(new_tokens)  # each row's, up to its end token: the same however the steps were watched
+    instruments.finish(new_tokens, waveform)
     texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     logits = np.stack([logit.asnumpy() for logit in result.logits], axis=1) if keep_logits else None
 
-    answers = []
-    for row in range(rows):
-        metrics = answer_metrics(
-            thinker,
-            talker,
-            row,
-            prompt_tokens=int(inputs["attention_mask"][row].sum()),
-            preprocessing_seconds=generating - started,
-            generate_seconds=generate_seconds,
-            time_to_first_token=(thinker.times[1] - started) if len(thinker.times) > 1 else None,
-            audio_seconds=0.0 if wav is None else len(wav) / SPEECH_SAMPLE_RATE,
+    audio_seconds = 0.0 if waveform is None else len(waveform) / SPEECH_SAMPLE_RATE
+    return [
+        Answer(
+            text=texts[row],
+            waveform=waveform,
+            token_ids=instruments.thinker.tokens[row],
+            metrics=instruments.metrics(row, int(inputs["attention_mask"][row].sum()), audio_seconds),
+            step_logits=None if logits is None else logits[row],
+            first_token_at=instruments.thinker.first_token_at,
         )
-        metrics.update(streaming_metrics(thinker, speech, started))
-        answers.append(
-            Answer(
-                texts[row],
-                wav,
-                thinker.tokens[row],
-                metrics,
-                None if logits is None else logits[row],
-                thinker.first_token_at,
-            )
-        )
-    return answers
-
-
-def streaming_metrics(thinker: StepStream, speech: Optional[SpeechStream], started: float) -> dict[str, Any]:
-    """When the first text and speech went out, in decoding steps (order of events) and seconds."""
-    figures: dict[str, Any] = {"thinker_steps": thinker.steps, "first_text_step": thinker.first_piece_step}
-    if speech is not None:
-        figures.update(
-            talker_steps=speech.steps,
-            first_audio_step=speech.first_audio_step,
-            time_to_first_audio_seconds=None
-            if speech.first_audio_time is None
-            else round(speech.first_audio_time - started, 3),
-        )
-    return figures
+        for row in range(rows)
+    ]
 
 
 def generate_answers(
@@ -220,38 +178,3 @@ def generate_answers(
     inputs = prepare_inputs(processor, conversations, settings)
     check_context(settings, Context.of(model.config.to_dict()), prompt_tokens=inputs["input_ids"].shape[1])
     return generate_from_inputs(model, processor, inputs, settings, on_text, keep_logits, started, on_audio)
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def answer_metrics(
-    thinker: StepStream,
-    talker: StepStream,
-    row: int,
-    prompt_tokens: int,
-    preprocessing_seconds: float,
-    generate_seconds: float,
-    time_to_first_token: Optional[float],
-    audio_seconds: float,
-) -> dict[str, Any]:
-    """One answer's figures. Decode rates are per row: a batch of B rows decodes B times as many tokens."""
-    decoded = max(thinker.steps - 1, 0)  # steps after the first token
-    frames = max(talker.steps - 1, 0)  # the last token the talker chooses never becomes a frame
-    return {
-        "prompt_tokens": prompt_tokens,
-        "batch_size": thinker.rows,
-        "preprocessing_seconds": round(preprocessing_seconds, 3),
-        "generate_seconds": round(generate_seconds, 3),
-        "time_to_first_token_seconds": None if time_to_first_token is None else round(time_to_first_token, 3),
-        "prefill_seconds": round(thinker.prefill_seconds, 4),  # tens of milliseconds: kept to 0.1 ms
-        "thinker_new_tokens": len(thinker.tokens[row]),
-        "decoded_tokens": decoded,
-        "decode_seconds": round(thinker.decode_seconds, 3),
-        "thinker_decode_tokens_per_second": rate(decoded, thinker.decode_seconds),
-        "talker_codec_frames": frames,
-        "talker_frames_per_second": rate(frames, talker.seconds),
-        "audio_seconds": round(audio_seconds, 3),
-        "real_time_factor": round(generate_seconds / audio_seconds, 3) if audio_seconds else None,
-        "communicated_bytes_per_decoded_token": round(thinker.decode_bytes / decoded) if decoded else None,
-    }

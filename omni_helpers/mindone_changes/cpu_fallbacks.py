@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import ops
 
 from omni_helpers.patching import PatchSet

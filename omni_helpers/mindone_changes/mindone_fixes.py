@@ -41,9 +41,8 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import mint, ops
 
 from omni_helpers.patching import PatchSet

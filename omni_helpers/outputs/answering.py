@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from omni_helpers.generation.core import Answer, generate_answers
-from omni_helpers.request.errors import RequestError
 from omni_helpers.measuring.metrics import startup_metrics, summary_line
 from omni_helpers.outputs.files import ResultsFile, save_result, speech_digest, write_wav
+from omni_helpers.request.errors import RequestError
 from omni_helpers.request.request_files import Request
-from omni_helpers.runtime import Runtime, log
 from omni_helpers.request.settings import GenerationSettings
 from omni_helpers.request.validation import visual_kinds
+from omni_helpers.runtime import Runtime, log
 
 
 @dataclass

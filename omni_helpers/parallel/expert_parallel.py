@@ -6,8 +6,8 @@ import gc
 
 from mindspore import nn, ops
 
-from omni_helpers.request.parallel_modes import expert_range
 from omni_helpers.parallel.sparse_moe import SPARSE_MOE_BLOCKS, sparse_moe_forward
+from omni_helpers.request.parallel_modes import expert_range
 
 
 class ExpertParallelMoeBlock(nn.Cell):

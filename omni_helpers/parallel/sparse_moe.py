@@ -16,9 +16,8 @@ experts a step runs are all-gathered by device indices (`GatheredStackedExperts`
 
 from __future__ import annotations
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, mint, nn, ops
 
 # A decode step (one new token per row) of up to this many (token, expert) slots runs its experts

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
-
 from pathlib import Path
+from typing import NoReturn
 
 from omni_helpers.request.checkpoint import Checkpoint, resolve_checkpoint
 from omni_helpers.request.errors import RequestError

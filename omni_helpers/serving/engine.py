@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from omni_helpers.generation.core import Answer, generate_from_inputs, prepare_inputs
 from omni_helpers.request.cancellation import Cancellation
 from omni_helpers.request.checkpoint import Checkpoint
 from omni_helpers.request.conversation import Conversation
-from omni_helpers.generation.core import Answer, generate_from_inputs, prepare_inputs
 from omni_helpers.request.errors import Cancelled, RequestError
-from omni_helpers.serving.lockstep import IDLE, STOP, Lockstep
 from omni_helpers.request.request_files import Request
 from omni_helpers.request.settings import FLAG_NAMES, GenerationSettings
 from omni_helpers.request.validation import Context, check_context, check_requests, check_server_limits, check_settings
+from omni_helpers.serving.lockstep import IDLE, STOP, Lockstep
 
 HEARTBEAT_SECONDS = 5  # an idle rank 0 tells the others so this often: a rank waiting in a collective
 # times out (after 30 s with MindSpore's mccl on CPU; HCCL_EXEC_TIMEOUT, 30 min by default, on Ascend)

@@ -23,12 +23,12 @@ from typing import Any, AsyncIterator, Optional
 import numpy as np
 from fastapi import Request as HttpRequest  # at module level: FastAPI reads the route's annotations from here
 
+from omni_helpers.outputs.files import wav_bytes
 from omni_helpers.request.checkpoint import Checkpoint
 from omni_helpers.request.errors import RequestError
-from omni_helpers.serving.openai_api import API_NAMES, chunk, completion, error_body, new_id, parse_chat_request, usage
-from omni_helpers.outputs.files import wav_bytes
-from omni_helpers.serving.engine import Engine, GenerationFailed, Job, NotReady, QueueFull
 from omni_helpers.request.settings import GenerationSettings
+from omni_helpers.serving.engine import Engine, GenerationFailed, Job, NotReady, QueueFull
+from omni_helpers.serving.openai_api import API_NAMES, chunk, completion, error_body, new_id, parse_chat_request, usage
 
 # The API's routes and their methods: anything else under them gets the API's own 404 or 405 (the browser UI,
 # mounted at "/", would otherwise answer with its own 404).

@@ -23,13 +23,13 @@ from pathlib import Path
 import anyio.to_thread
 import gradio as gr  # at module level: Gradio reads the handlers' annotations (gr.Request) from here
 
-from omni_helpers.request.checkpoint import Checkpoint
-from omni_helpers.request.errors import RequestError
-from omni_helpers.serving.http_api import next_event
 from omni_helpers.generation.speech_stream import SPEECH_SAMPLE_RATE
 from omni_helpers.outputs.files import write_wav
-from omni_helpers.serving.engine import Engine, Job, NotReady, QueueFull
+from omni_helpers.request.checkpoint import Checkpoint
+from omni_helpers.request.errors import RequestError
 from omni_helpers.request.settings import GenerationSettings
+from omni_helpers.serving.engine import Engine, Job, NotReady, QueueFull
+from omni_helpers.serving.http_api import next_event
 
 KINDS_BY_MIME = {"image": "image", "audio": "audio", "video": "video"}
 UI_NAMES = {

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from omni_helpers.measuring.collectives import COMMUNICATION_OPS, collective_bytes, counting_collectives
-from omni_helpers.generation.core import answer_metrics
-from omni_helpers.measuring.metrics import combined
 from omni_helpers.generation.streaming import StepStream
+from omni_helpers.measuring.collectives import COMMUNICATION_OPS, collective_bytes, counting_collectives
+from omni_helpers.measuring.metrics import combined
 
 
 def stream_with(times: list[float], tokens: list[list[int]], eos: int = 9, byte_counts=None) -> StepStream:
@@ -31,27 +30,6 @@ def test_prefill_is_the_prompt_to_the_first_token_and_decode_the_rest():
 def test_rows_stop_collecting_at_their_end_token():
     stream = stream_with([0, 1, 2, 3], [[4, 9], [9, 9], [9, 9]])  # row 1 ends at once; row 0 at step 2
     assert stream.tokens == [[4, 9], [9]] and stream.finished == [True, True]
-
-
-def test_answer_metrics_count_tokens_frames_and_decode_traffic():
-    thinker = stream_with([0.0, 1.0, 1.25, 1.5], [[5, 6], [9, 7], [9, 8]], byte_counts=[0, 100, 300, 500])
-    talker = stream_with([2.0, 2.5, 3.0, 3.5, 4.0], [[1], [2], [3], [4]])
-    metrics = answer_metrics(
-        thinker,
-        talker,
-        row=0,
-        prompt_tokens=40,
-        preprocessing_seconds=0.5,
-        generate_seconds=4.0,
-        time_to_first_token=1.5,
-        audio_seconds=0.24,
-    )
-    assert metrics["thinker_new_tokens"] == 2  # its end token included, the padding after it not
-    assert metrics["decoded_tokens"] == 2 and metrics["thinker_decode_tokens_per_second"] == 4.0
-    assert metrics["talker_codec_frames"] == 3  # the talker's last choice never becomes a frame
-    assert metrics["talker_frames_per_second"] == 1.5
-    assert metrics["communicated_bytes_per_decoded_token"] == 200  # decode steps only, not the prefill's 100
-    assert metrics["batch_size"] == 2 and metrics["real_time_factor"] == round(4.0 / 0.24, 3)
 
 
 def test_batch_times_are_counted_once_per_batch():

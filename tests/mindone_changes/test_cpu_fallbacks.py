@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 import pytest
-
-import mindspore as ms
 from mindspore import mint
 
 from omni_helpers.mindone_changes import cpu_fallbacks as fb

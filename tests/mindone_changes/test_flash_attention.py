@@ -23,14 +23,12 @@ encoder's blocks. Against the transformers reference (eager, float32):
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 import pytest
 
-import mindspore as ms
-
 from omni_helpers.mindone_changes import cpu_fallbacks as fb
 from omni_helpers.mindone_changes.mindone_fixes import conv_output_lengths
-from tests.script_runs import WAV_TOLERANCE_FLASH
 from tests.reference import (
     MindOne,
     Reference,
@@ -40,6 +38,7 @@ from tests.reference import (
     request_conversation,
     top2_margins,
 )
+from tests.script_runs import WAV_TOLERANCE_FLASH
 
 FLASH_TOLERANCE = 1e-3  # relative to the logits' range: float16 rounding of q, k, v and the output
 NEW_TOKENS = 16
@@ -112,8 +111,7 @@ def flash_attention_everywhere():
     on Ascend (the compiled prompt applies to the tiny checkpoint's few experts only, the compiled encoders
     up to 2,048 positions): this module tests mindone's flash path and its fixes. The compiled graphs are
     compared with this path in tests/mindone_changes/faster/test_prompt_graph.py and tests/mindone_changes/faster/test_encoder_graph.py."""
-    from omni_helpers.mindone_changes.faster import encoder_graph
-    from omni_helpers.mindone_changes.faster import prompt_graph
+    from omni_helpers.mindone_changes.faster import encoder_graph, prompt_graph
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(prompt_graph, "applies", lambda *args: False)

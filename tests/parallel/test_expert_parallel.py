@@ -4,15 +4,14 @@ itself runs in the scripts' msrun tests.)"""
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 import pytest
-
-import mindspore as ms
 from mindspore import nn
 
+from omni_helpers.measuring.metrics import parameter_bytes
 from omni_helpers.parallel.expert_parallel import keep_local_experts
 from omni_helpers.parallel.sparse_moe import dispatch_experts, route
-from omni_helpers.measuring.metrics import parameter_bytes
 from omni_helpers.request.parallel_modes import expert_range
 
 
@@ -107,8 +106,8 @@ def test_each_ranks_block_through_its_all_reduce_gives_the_whole_blocks_output(
     then run from device indices) or as loaded: every rank's output equals the whole block's at 1e-5, and each
     forward calls its all-reduce exactly once. A rank with the wrong experts, or a partial output left out of the
     sum (the talker's shared expert added before the all-reduce, say), changes the output."""
-    from omni_helpers.parallel.expert_parallel import ExpertParallelMoeBlock
     from omni_helpers.mindone_changes.faster.fast_paths import FAST_PATHS
+    from omni_helpers.parallel.expert_parallel import ExpertParallelMoeBlock
     from omni_helpers.parallel.sparse_moe import StackedExperts
 
     block = loaded_blocks[which]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from omni_helpers.request.errors import RequestError
-from omni_helpers.serving.openai_api import parse_chat_request
 from omni_helpers.request.settings import GenerationSettings
+from omni_helpers.serving.openai_api import parse_chat_request
 
 DEFAULTS = GenerationSettings(max_new_tokens=64, talker_max_new_tokens=100)
 

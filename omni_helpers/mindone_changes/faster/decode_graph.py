@@ -44,14 +44,13 @@ together (`compiled.first_call`).
 
 from __future__ import annotations
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, mint, ops
 from mindspore.communication import get_group_size
 
-from omni_helpers.mindone_changes.faster import compiled
 from omni_helpers.measuring.collectives import collective_bytes
+from omni_helpers.mindone_changes.faster import compiled
 from omni_helpers.mindone_changes.faster.graph_ops import (
     MASKED,
     batched_linear,

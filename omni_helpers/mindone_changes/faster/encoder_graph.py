@@ -31,13 +31,11 @@ call sends that encoder back to PyNative, with one warning (`compiled`).
 
 from __future__ import annotations
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import ops
 
-from omni_helpers.mindone_changes.faster import compiled
-from omni_helpers.mindone_changes.faster import host_positions
+from omni_helpers.mindone_changes.faster import compiled, host_positions
 from omni_helpers.mindone_changes.faster.graph_ops import (
     MASKED,
     attention,

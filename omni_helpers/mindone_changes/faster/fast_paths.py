@@ -43,19 +43,20 @@ with them installed and tests/mindone_changes/faster/test_fast_paths.py compares
 
 from __future__ import annotations
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import mint
 
-from omni_helpers.mindone_changes.faster import decode_loop
-from omni_helpers.mindone_changes.faster import decode_steps
-from omni_helpers.mindone_changes.faster import encoder_graph
-from omni_helpers.mindone_changes.faster import host_positions
-from omni_helpers.mindone_changes.faster import prompt_graph
-from omni_helpers.mindone_changes.faster import thinker_prompt
-from omni_helpers.patching import PatchSet
+from omni_helpers.mindone_changes.faster import (
+    decode_loop,
+    decode_steps,
+    encoder_graph,
+    host_positions,
+    prompt_graph,
+    thinker_prompt,
+)
 from omni_helpers.parallel.sparse_moe import sparse_moe_forward
+from omni_helpers.patching import PatchSet
 
 FAST_PATHS = PatchSet("fast paths", package="mindone", written_for="0.5.0")
 MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import mint, ops
 
 MASKED = float(np.finfo(np.float32).min)  # an additive mask's "not visible", as mindone's masks use it

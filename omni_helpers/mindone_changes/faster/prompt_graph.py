@@ -37,9 +37,8 @@ failure at its first call sends the model back to PyNative prompts, with one war
 
 from __future__ import annotations
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import mint, ops
 
 from omni_helpers.mindone_changes.faster import compiled

@@ -23,9 +23,8 @@ empty cache, no labels, no router logits; anything else keeps mindone's forward.
 
 from __future__ import annotations
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import mint, ops
 
 from omni_helpers.mindone_changes.faster import host_positions

@@ -22,12 +22,12 @@ def main(checkpoint: Path, media: Path, mode: str, out: Path) -> None:
     configure_openmp("CPU")
     import pytest
 
-    from omni_helpers.mindone_changes.faster import decode_graph
     from omni_helpers.generation.core import generate_from_inputs
     from omni_helpers.loading import load_model, load_processor, shard_model
+    from omni_helpers.mindone_changes.faster import decode_graph
     from omni_helpers.mindone_changes.patches import install_patches
-    from omni_helpers.runtime import setup_runtime
     from omni_helpers.request.settings import GenerationSettings
+    from omni_helpers.runtime import setup_runtime
     from tests.reference import batch_inputs, record_codes, request_conversation
 
     runtime = setup_runtime("CPU", seed=0, parallel=mode)

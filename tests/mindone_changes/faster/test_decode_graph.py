@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 import pytest
-
-import mindspore as ms
 
 from omni_helpers.mindone_changes.faster import decode_graph
 from omni_helpers.parallel.sparse_moe import DEVICE_DISPATCH_MAX_SLOTS

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 import pytest
 
-import mindspore as ms
-
-from omni_helpers.mindone_changes.faster import compiled
-from omni_helpers.mindone_changes.faster import encoder_graph
-from omni_helpers.mindone_changes.faster import fast_paths
+from omni_helpers.mindone_changes.faster import compiled, encoder_graph, fast_paths
 from tests.reference import falls_back_once, processor_inputs, relative_error, request_conversation, unbuildable
 
 

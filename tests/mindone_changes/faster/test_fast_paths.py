@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 import pytest
-
-import mindspore as ms
 
 from omni_helpers.mindone_changes.cpu_fallbacks import install_cpu_fallbacks
 from omni_helpers.mindone_changes.faster.fast_paths import FAST_PATHS, broadcast_mask
@@ -99,8 +98,8 @@ def test_stacked_experts_give_mindones_output(moe_blocks, stacked_blocks, which,
 def test_code_predictor_loop_gives_mindones_generate(mindone_model):
     """The fixed greedy loop chooses the codes mindone's `generate` chooses, and hands back the
     embeddings mindone takes from its hidden states."""
-    from omni_helpers.mindone_changes.faster.fast_paths import uninstall_fast_paths, install_fast_paths
     from omni_helpers.mindone_changes.faster.decode_steps import predict_residual_codes
+    from omni_helpers.mindone_changes.faster.fast_paths import install_fast_paths, uninstall_fast_paths
 
     predictor = mindone_model.talker.code_predictor
     groups = predictor.config.num_code_groups - 1

@@ -3,10 +3,9 @@ mindone's own code, which they replace: the 3-D rope index and the vision encode
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 import pytest
-
-import mindspore as ms
 
 from omni_helpers.mindone_changes.faster import fast_paths
 from omni_helpers.mindone_changes.faster.host_positions import audio_output_length

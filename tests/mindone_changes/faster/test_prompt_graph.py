@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import types
 
+import mindspore as ms
 import numpy as np
 import pytest
 
-import mindspore as ms
-
-from omni_helpers.mindone_changes.faster import compiled
-from omni_helpers.mindone_changes.faster import prompt_graph
+from omni_helpers.mindone_changes.faster import compiled, prompt_graph
 from tests.reference import (
     falls_back_once,
     generate_both_ways,

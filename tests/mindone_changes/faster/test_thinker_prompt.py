@@ -3,13 +3,12 @@ mindone's forward it replaces."""
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 import pytest
 
-import mindspore as ms
-
-from omni_helpers.mindone_changes.faster import thinker_prompt
 from omni_helpers.generation.inputs import to_mindspore
+from omni_helpers.mindone_changes.faster import thinker_prompt
 from tests.reference import batch_inputs, processor_inputs, request_conversation, thinker_generate
 
 NEW_TOKENS = 4
