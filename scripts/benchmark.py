@@ -55,8 +55,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FILLER = " the sound of a short sentence and the image"
-SINGLE_PROCESS = ["stock", "optimized", "reference"]
-DISTRIBUTED = ["zero3", "expert", "zero3_pynative", "expert_pynative"]  # *_pynative: the compiled decode steps off
+# optimized_loop, expert_loop: prompts' MoE layers as a host read and a loop over the chosen experts, not grouped
+SINGLE_PROCESS = ["stock", "optimized", "optimized_loop", "reference"]
+DISTRIBUTED = ["zero3", "expert", "zero3_pynative", "expert_pynative", "expert_loop"]  # *_pynative: compiled steps off
 LOWER_IS_BETTER = (
     "prefill_seconds",
     "ops_per_decoded_token",
@@ -67,6 +68,8 @@ LOWER_IS_BETTER = (
     "launches_per_decoded_token",
     "launches_per_talker_frame",
     "peak_host_memory_mb",
+    "host_syncs_per_prompt",
+    "launches_per_prompt_moe_layer",
 )
 
 
@@ -267,6 +270,25 @@ def host_syncs_per_decoded_token(model, processor, inputs, new_tokens: int) -> d
     return {"host_syncs_per_decoded_token": device, "cpu_only_host_syncs_per_decoded_token": cpu_only}
 
 
+def host_syncs_per_prompt(model, processor, inputs) -> dict:
+    """Host reads of a run that stops at its first token: the prompt's forward and the loop's first step."""
+    device, cpu_only, _ = host_syncs(lambda: mindspore_run(model, processor, inputs, 1, False, 0))
+    return {"host_syncs_per_prompt": device, "cpu_only_host_syncs_per_prompt": cpu_only}
+
+
+def launches_per_prompt_moe_layer(model, prompt_tokens: int) -> dict:
+    """Launches of the thinker's first MoE layer on a prompt's worth of hidden states (random, the model's dtype)."""
+    import mindspore as ms
+    import numpy as np
+
+    block = model.thinker.model.layers[0].mlp
+    shape = (1, prompt_tokens, block.gate.weight.shape[1])
+    x = ms.Tensor(np.random.default_rng(0).standard_normal(shape).astype(np.float32)).astype(block.gate.weight.dtype)
+    block(x)  # once before counting: first calls build caches
+    total, _, _ = launches(lambda: (block(x), {})[1])
+    return {"launches_per_prompt_moe_layer": total}
+
+
 def host_syncs_per_talker_frame(model, processor, inputs, new_tokens: int, frames: int) -> dict:
     """The same for the talker: runs of F frames and of 2 frames, the thinker's part the same."""
     many = host_syncs(lambda: mindspore_run(model, processor, inputs, new_tokens, True, frames))
@@ -393,12 +415,15 @@ def counted(variant: str, model, processor, inputs, speech: bool, args) -> dict:
     figures = {}
     if not speech:
         figures.update(host_syncs_per_decoded_token(model, processor, inputs, args.new_tokens))
+        figures.update(host_syncs_per_prompt(model, processor, inputs))
     if speech and args.talker_frames > 2:
         figures.update(host_syncs_per_talker_frame(model, processor, inputs, 2, args.talker_frames))
     if not (args.count_ops and args.device_target == "CPU"):
         return figures
     if variant in SINGLE_PROCESS[:2] and not speech:
         figures["ops_per_decoded_token"] = ops_per_decoded_token(model, processor, inputs, args.new_tokens)
+    if variant != "stock" and not speech:
+        figures.update(launches_per_prompt_moe_layer(model, int(inputs["input_ids"].shape[1])))
     if variant != "stock" and (not speech or args.talker_frames > 2):
         figures.update(
             launches_per_step(
@@ -483,22 +508,26 @@ def model_for(variant: str) -> str:
     """Which loaded model a variant runs: stock its own (experts as loaded), optimized the one-process one ("none"),
     a distributed mode its own, with the compiled decode steps (`zero3`) or without (`zero3_pynative`)."""
     if variant in DISTRIBUTED:
-        return variant.removesuffix("_pynative")
+        return variant.removesuffix("_pynative").removesuffix("_loop")
     return variant if variant in ("stock", "reference") else "none"
 
 
 @contextlib.contextmanager
-def decode_steps_for(variant: str):
-    """The variant's decode steps: PyNative for `*_pynative` (the compiled steps off), as the scripts run otherwise."""
+def paths_for(variant: str):
+    """The variant's paths: PyNative decode steps for `*_pynative` (the compiled steps off), the per-expert prompt
+    loop for `*_loop`, as the scripts run otherwise."""
     from omni_helpers.mindone_changes.faster import decode_graph
+    from omni_helpers.parallel import sparse_moe
 
-    applies = decode_graph.applies
+    applies, dispatch = decode_graph.applies, sparse_moe.PROMPT_DISPATCH
     if variant.endswith("_pynative"):
         decode_graph.applies = lambda *arguments: False
+    if variant.endswith("_loop"):
+        sparse_moe.PROMPT_DISPATCH = "loop"
     try:
         yield
     finally:
-        decode_graph.applies = applies
+        decode_graph.applies, sparse_moe.PROMPT_DISPATCH = applies, dispatch
 
 
 def load_model_for(key: str, model_path: Path, device_target: str, runtime, fast_paths: bool = True):
@@ -578,7 +607,7 @@ def main(argv=None) -> dict:
                 install_patches(args.device_target, fast_paths=args.fast_paths and variant != "stock")
                 model = models[model_for(variant)]
                 run = reference_run if variant == "reference" else mindspore_run
-                with decode_steps_for(variant):
+                with paths_for(variant):
                     if counting:
                         row[variant].update(counted(variant, model, processor, inputs, speech, args))
                     else:
@@ -591,6 +620,8 @@ def main(argv=None) -> dict:
             ("expert", "zero3"),
             ("zero3", "zero3_pynative"),
             ("expert", "expert_pynative"),
+            ("optimized", "optimized_loop"),
+            ("expert", "expert_loop"),
         ):
             if better in row and baseline in row:
                 row[f"{better}_over_{baseline}"] = ratio(row[better], row[baseline])

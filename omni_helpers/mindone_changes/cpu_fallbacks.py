@@ -392,6 +392,102 @@ def flash_attention_score(
     return _tensor(out).astype(query.dtype)
 
 
+# ----------------------------------------------------------------------------- Ascend's grouped MoE kernels
+# Stand-ins for the three kernels `parallel.sparse_moe.dispatch_grouped` calls, each computing what its
+# MindSpore 2.7.1 docstring says for the forms the project passes; anything else raises. They read the
+# routing to the host (numpy), as the CPU fallbacks do; on Ascend the kernels read nothing back.
+
+
+@replaces("mindspore.ops:moe_token_permute")
+def moe_token_permute(tokens, indices, num_out_tokens=None, padded_mode=False):
+    """The (token, k) slots ordered by their index, stably (slots of one index keep token order), each
+    slot's token row copied: (permuted tokens (slots, hidden), sorted_indices (slots,) int32, where
+    sorted_indices[t * topk + k] is the output row of token t's k-th slot). tokens 2-D; indices (tokens,) or
+    (tokens, topk) int32 or int64, topk at most 512. Dropping tokens (num_out_tokens) and padded mode raise."""
+    if padded_mode:
+        raise ValueError("moe_token_permute: padded_mode can only be False")
+    if tokens.ndim != 2 or indices.ndim not in (1, 2) or indices.dtype not in (ms.int32, ms.int64):
+        raise NotImplementedError("the CPU moe_token_permute takes 2-D tokens and 1-D or 2-D int32/int64 indices")
+    topk = 1 if indices.ndim == 1 else indices.shape[1]
+    if topk > 512 or indices.shape[0] != tokens.shape[0]:
+        raise ValueError("moe_token_permute: top-k above 512, or tokens and indices of different lengths")
+    if num_out_tokens not in (None, tokens.shape[0] * topk):
+        raise NotImplementedError("the CPU moe_token_permute does not drop tokens (num_out_tokens)")
+    order = np.argsort(_np(indices).reshape(-1), kind="stable")  # output row -> slot
+    output_row = np.empty_like(order)
+    output_row[order] = np.arange(len(order))
+    permuted = ops.gather(tokens, _tensor((order // topk).astype(np.int64)), 0)
+    return permuted, _tensor(output_row.astype(np.int32))
+
+
+@replaces("mindspore.ops.auto_generate:grouped_matmul")
+def grouped_matmul(
+    x,
+    weight,
+    bias=None,
+    scale=None,
+    offset=None,
+    antiquant_scale=None,
+    antiquant_offset=None,
+    group_list=None,
+    split_item=0,
+    group_type=-1,
+    transpose_a=False,
+    transpose_b=False,
+):
+    """The grouped product in its single-tensor form (split_item 3, group_type 0): x a list of one (M, K)
+    tensor, weight a list of one (E, K, N) tensor ((E, N, K) with transpose_b), group_list (E,) int64, the
+    cumulative ends of the groups along M: rows group_list[e-1] to group_list[e] times weight[e]. Rows past
+    the last end come out zero. A list of one (M, N) tensor of x's dtype. Bias, quantisation, transpose_a and
+    the list form raise."""
+    extras = [bias, scale, offset, antiquant_scale, antiquant_offset]
+    if (split_item, group_type) != (3, 0) or group_list is None or any(e is not None for e in extras) or transpose_a:
+        raise NotImplementedError("the CPU grouped_matmul computes split_item=3, group_type=0 with a group_list only")
+    (rows,), (weights,) = x, weight
+    experts = weights.shape[0]
+    ends = _np(group_list).astype(np.int64)
+    if ends.shape != (experts,) or np.any(np.diff(ends) < 0) or ends[-1] > rows.shape[0]:
+        raise ValueError("grouped_matmul: group_list must be one increasing end per expert, at most x's rows")
+    # each group's rows padded to the largest group, one batched product, the real rows taken back
+    starts = np.concatenate([[0], ends[:-1]])
+    sizes = ends - starts
+    width = max(int(sizes.max()), 1)
+    zero_row = rows.shape[0]
+    padded = np.full((experts, width), zero_row, np.int64)
+    for expert in np.flatnonzero(sizes):
+        padded[expert, : sizes[expert]] = np.arange(starts[expert], ends[expert])
+    with_zero = ops.concat((rows, ops.zeros((1, rows.shape[1]), rows.dtype)), 0)
+    grouped = ops.gather(with_zero, _tensor(padded.reshape(-1)), 0).reshape(experts, width, -1)
+    products = ops.BatchMatMul(transpose_b=transpose_b)(grouped, weights.astype(rows.dtype))
+    taken = np.full(rows.shape[0], experts * width, np.int64)  # rows past the last end read a zero row
+    taken[: ends[-1]] = (np.repeat(np.arange(experts), sizes) * width) + (
+        np.arange(ends[-1]) - np.repeat(starts, sizes)
+    )
+    flat = ops.concat((products.reshape(experts * width, -1), ops.zeros((1, products.shape[-1]), rows.dtype)), 0)
+    return [ops.gather(flat, _tensor(taken), 0)]
+
+
+@replaces("mindspore.ops:moe_token_unpermute")
+def moe_token_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
+    """The inverse of `moe_token_permute`: token t's rows (sorted_indices[t * topk + k], k in order) gathered
+    back, weighted by probs[t, k] and added; without probs, topk is 1. The permuted tokens' dtype. Padded mode
+    raises."""
+    if padded_mode or restore_shape is not None:
+        raise ValueError("moe_token_unpermute: only padded_mode=False is supported")
+    if sorted_indices.dtype != ms.int32:
+        raise TypeError("moe_token_unpermute: sorted_indices must be int32")
+    topk = 1 if probs is None else probs.shape[1]
+    gathered = ops.gather(permuted_tokens, sorted_indices.astype(ms.int64), 0)
+    gathered = gathered.reshape(-1, topk, permuted_tokens.shape[-1])
+    if probs is None:
+        return gathered[:, 0]
+    weighted = gathered * probs.astype(permuted_tokens.dtype).reshape(-1, topk, 1)
+    combined = weighted[:, 0]
+    for k in range(1, topk):
+        combined = combined + weighted[:, k]
+    return combined
+
+
 def _is_default(value, default) -> bool:
     return value is None if default is None else (not isinstance(value, ms.Tensor) and value == default)
 

@@ -17,6 +17,7 @@ experts a step runs are all-gathered by device indices (`GatheredStackedExperts`
 from __future__ import annotations
 
 import mindspore as ms
+import mindspore.ops.auto_generate as generated_ops  # grouped_matmul, looked up when called (CPU stand-in)
 import numpy as np
 from mindspore import Parameter, mint, nn, ops
 
@@ -25,6 +26,10 @@ from mindspore import Parameter, mint, nn, ops
 # routing once: gathering every slot's weights would copy more than running each expert once on
 # its tokens (the image + audio prompt of the tiny checkpoint: 6.3 ms per layer gathered, 4.6 read once).
 DEVICE_DISPATCH_MAX_SLOTS = 128
+# How prompts (and batches past DEVICE_DISPATCH_MAX_SLOTS) run stacked experts: "grouped" (`dispatch_grouped`, no
+# host read) or "loop" (`dispatch_experts`, one host read per layer and each chosen expert on its own: the
+# benchmark's `optimized_loop`).
+PROMPT_DISPATCH = "grouped"
 SPARSE_MOE_BLOCKS = ("Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTalkerTextSparseMoeBlock")  # mindone's
 MOE_BLOCKS = (*SPARSE_MOE_BLOCKS, "ExpertParallelMoeBlock")  # and one rank's share of one (expert_parallel)
 
@@ -103,6 +108,10 @@ class StackedExperts(nn.Cell):
         gate, up, down = (w[0] for w in self.weights(ms.Tensor([expert], ms.int64)))
         return mint.matmul(self.act_fn(mint.matmul(x, gate.T)) * mint.matmul(x, up.T), down.T)
 
+    def stacks(self):
+        """The gate, up and down weights of every expert, stacked (what the grouped products take)."""
+        return self.gate, self.up, self.down
+
     def weights(self, experts):
         """The gate, up and down weights of the experts numbered by `experts` (a device tensor), stacked."""
         return tuple(mint.index_select(w, 0, experts) for w in (self.gate, self.up, self.down))
@@ -135,6 +144,10 @@ class GatheredStackedExperts(StackedExperts):
         local = super().weights(experts)  # (k, rows / N, cols) each
         return tuple(self._gather(w) if split else w for w, split in zip(local, self.split))
 
+    def stacks(self):
+        """Every expert's weights whole: each split stack all-gathered once (one layer's experts, for a prompt)."""
+        return tuple(self._gather(w) if split else w for w, split in zip(super().stacks(), self.split))
+
     def _gather(self, shard):
         k, rows, cols = shard.shape
         gathered = self.all_gather(shard).reshape(self.world_size, k, rows, cols)  # ranks' shards, rank by rank
@@ -164,6 +177,38 @@ def dispatch_on_device(experts: StackedExperts, hidden_states, weights, selected
     for i in range(1, k):
         combined = combined + outputs[:, i]
     return combined
+
+
+def dispatch_grouped(experts: StackedExperts, hidden_states, weights, selected, first_expert: int = 0, shared=False):
+    """Every chosen expert once on its tokens, with no host read: the (token, expert) slots permuted so that each
+    expert's are adjacent (`ops.moe_token_permute`), the gate and up products as one grouped product each over
+    the stacked experts, SiLU-and-multiply, the down product grouped, and the slots un-permuted, weighted by
+    their routing weights and added per token (`ops.moe_token_unpermute`). Ascend's kernels; on CPU the
+    stand-ins among the CPU fallbacks. `shared`: expert parallelism, where slots routed to other ranks' experts
+    sort after this rank's, outside every group, and count zero."""
+    count = len(experts)
+    selected, order = mint.sort(selected, dim=1)  # each token's slots by ascending expert: mindone's order of adding
+    weights = mint.gather(weights, 1, order)
+    local = selected - first_expert
+    mine = mint.logical_and(local >= 0, local < count)
+    index = mint.where(mine, local, mint.full_like(local, count)).astype(ms.int32)  # other ranks' slots: last
+    permuted, sorted_indices = ops.moe_token_permute(hidden_states, index)
+    sizes = ops.one_hot(index.reshape(-1), count + 1, ms.Tensor(1, ms.int64), ms.Tensor(0, ms.int64)).sum(0)
+    ends = ops.cumsum(sizes[:count], 0)  # each expert's last slot + 1, on the device
+    gate, up, down = experts.stacks()
+
+    def grouped(x, stack):
+        (out,) = generated_ops.grouped_matmul(
+            [x], [stack], group_list=ends, split_item=3, group_type=0, transpose_b=True
+        )
+        return out
+
+    inner = experts.act_fn(grouped(permuted, gate)) * grouped(permuted, up)
+    out = grouped(inner, down)
+    if shared:  # rows past the last group (other ranks' slots) may be left unwritten: zeroed, lest 0 x NaN
+        written = (ops.arange(out.shape[0]) < ends[-1]).reshape(-1, 1)
+        out = mint.where(written, out, mint.zeros_like(out))
+    return ops.moe_token_unpermute(out, sorted_indices, weights * mine.astype(weights.dtype))
 
 
 def stack_experts(model: nn.Cell, zero3_world_size: int = 0) -> int:
@@ -197,6 +242,8 @@ def sparse_moe_forward(block, hidden_states, first_expert: int = 0, all_reduce=N
     decoding = length == 1 and flat.shape[0] * block.top_k <= DEVICE_DISPATCH_MAX_SLOTS  # one new token per row
     if isinstance(block.experts, StackedExperts) and decoding:
         routed = dispatch_on_device(block.experts, flat, weights, selected, first_expert)
+    elif isinstance(block.experts, StackedExperts) and PROMPT_DISPATCH == "grouped":
+        routed = dispatch_grouped(block.experts, flat, weights, selected, first_expert, shared=all_reduce is not None)
     else:
         routed = dispatch_experts(block.experts, flat, weights, selected, first_expert)
     if all_reduce is not None:
