@@ -438,12 +438,14 @@ def grouped_matmul(
     """The grouped product in its single-tensor form (split_item 3, group_type 0): x a list of one (M, K)
     tensor, weight a list of one (E, K, N) tensor ((E, N, K) with transpose_b), group_list (E,) int64, the
     cumulative ends of the groups along M: rows group_list[e-1] to group_list[e] times weight[e]. Rows past
-    the last end come out zero. A list of one (M, N) tensor of x's dtype. Bias, quantisation, transpose_a and
-    the list form raise."""
+    the last end come out zero. A list of one (M, N) tensor of x's dtype, float16 or float32 (the docstring's
+    table). Bias, quantisation, transpose_a, other dtypes and the list form raise."""
     extras = [bias, scale, offset, antiquant_scale, antiquant_offset]
     if (split_item, group_type) != (3, 0) or group_list is None or any(e is not None for e in extras) or transpose_a:
         raise NotImplementedError("the CPU grouped_matmul computes split_item=3, group_type=0 with a group_list only")
     (rows,), (weights,) = x, weight
+    if rows.dtype != weights.dtype or rows.dtype not in (ms.float16, ms.float32):
+        raise NotImplementedError("the CPU grouped_matmul takes float16 or float32 x and weight of one dtype")
     experts = weights.shape[0]
     ends = _np(group_list).astype(np.int64)
     if ends.shape != (experts,) or np.any(np.diff(ends) < 0) or ends[-1] > rows.shape[0]:
@@ -458,7 +460,7 @@ def grouped_matmul(
         padded[expert, : sizes[expert]] = np.arange(starts[expert], ends[expert])
     with_zero = ops.concat((rows, ops.zeros((1, rows.shape[1]), rows.dtype)), 0)
     grouped = ops.gather(with_zero, _tensor(padded.reshape(-1)), 0).reshape(experts, width, -1)
-    products = ops.BatchMatMul(transpose_b=transpose_b)(grouped, weights.astype(rows.dtype))
+    products = ops.BatchMatMul(transpose_b=transpose_b)(grouped, weights)
     taken = np.full(rows.shape[0], experts * width, np.int64)  # rows past the last end read a zero row
     taken[: ends[-1]] = (np.repeat(np.arange(experts), sizes) * width) + (
         np.arange(ends[-1]) - np.repeat(starts, sizes)

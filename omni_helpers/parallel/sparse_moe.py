@@ -30,6 +30,9 @@ DEVICE_DISPATCH_MAX_SLOTS = 128
 # host read) or "loop" (`dispatch_experts`, one host read per layer and each chosen expert on its own: the
 # benchmark's `optimized_loop`).
 PROMPT_DISPATCH = "grouped"
+# MindSpore 2.7.1 documents its grouped matmul (split into groups along M) for these only, not bfloat16: a
+# bfloat16 model's prompts keep to the loop
+GROUPED_DTYPES = (ms.float16, ms.float32)
 SPARSE_MOE_BLOCKS = ("Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTalkerTextSparseMoeBlock")  # mindone's
 MOE_BLOCKS = (*SPARSE_MOE_BLOCKS, "ExpertParallelMoeBlock")  # and one rank's share of one (expert_parallel)
 
@@ -231,6 +234,11 @@ def stack_experts(model: nn.Cell, zero3_world_size: int = 0) -> int:
     return stacked
 
 
+def grouped_applies(hidden_states) -> bool:
+    """Whether a prompt's stacked experts run grouped (`dispatch_grouped`) rather than in the loop."""
+    return PROMPT_DISPATCH == "grouped" and hidden_states.dtype in GROUPED_DTYPES
+
+
 def sparse_moe_forward(block, hidden_states, first_expert: int = 0, all_reduce=None):
     """A sparse MoE block's forward (the thinker's, or the talker's with its shared expert).
     Under expert parallelism `block.experts` are this rank's share, numbered from
@@ -242,7 +250,7 @@ def sparse_moe_forward(block, hidden_states, first_expert: int = 0, all_reduce=N
     decoding = length == 1 and flat.shape[0] * block.top_k <= DEVICE_DISPATCH_MAX_SLOTS  # one new token per row
     if isinstance(block.experts, StackedExperts) and decoding:
         routed = dispatch_on_device(block.experts, flat, weights, selected, first_expert)
-    elif isinstance(block.experts, StackedExperts) and PROMPT_DISPATCH == "grouped":
+    elif isinstance(block.experts, StackedExperts) and grouped_applies(flat):
         routed = dispatch_grouped(block.experts, flat, weights, selected, first_expert, shared=all_reduce is not None)
     else:
         routed = dispatch_experts(block.experts, flat, weights, selected, first_expert)

@@ -171,3 +171,27 @@ def test_each_ranks_share_adds_up_to_the_whole_block_and_other_ranks_slots_count
         partials.append(grouped(block, x, share.start, experts, shared=True))
     assert all(np.abs(p).sum() > 0 for p in partials)
     np.testing.assert_allclose(partials[0] + partials[1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_prompts_keep_to_the_loop_as_the_grouped_product_is_documented_for_float16_and_32(
+    runtime_cpu, monkeypatch
+):
+    from omni_helpers.parallel import sparse_moe
+
+    x = ms.Tensor(np.ones((5, 8), np.float32))
+    assert [sparse_moe.grouped_applies(x.astype(dtype)) for dtype in (ms.float32, ms.float16, ms.bfloat16)] == [
+        True,
+        True,
+        False,
+    ]
+    monkeypatch.setattr(sparse_moe, "PROMPT_DISPATCH", "loop")  # the benchmark's *_loop variants
+    assert not sparse_moe.grouped_applies(x)
+    with pytest.raises(NotImplementedError, match="float16 or float32"):
+        generated_ops.grouped_matmul(
+            [x.astype(ms.bfloat16)],
+            [ms.Tensor(np.ones((2, 3, 8), np.float32)).astype(ms.bfloat16)],
+            group_list=ms.Tensor([2, 5], ms.int64),
+            split_item=3,
+            group_type=0,
+            transpose_b=True,
+        )
