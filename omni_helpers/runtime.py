@@ -91,7 +91,7 @@ def caller_on_its_own_core():
 
     placed = {}
     if hasattr(os, "sched_setaffinity") and not launched_by_msrun() and ms.get_context("device_target") == "CPU":
-        placed = {thread: os.sched_getaffinity(thread) for thread in process_threads()}
+        placed = {thread: allowed for thread in process_threads() if (allowed := thread_cores(thread)) is not None}
     cores = set().union(*placed.values())
     if len(cores) >= 2:
         caller, own = threading.get_native_id(), {min(cores)}
@@ -107,6 +107,14 @@ def caller_on_its_own_core():
 
 def process_threads() -> list[int]:
     return [int(name) for name in os.listdir("/proc/self/task")]
+
+
+def thread_cores(thread: int) -> Optional[set]:
+    """The cores a thread of this process may run on; None if it ended since it was listed."""
+    try:
+        return os.sched_getaffinity(thread)
+    except ProcessLookupError:
+        return None
 
 
 def move_thread(thread: int, cores: set) -> None:

@@ -58,6 +58,20 @@ def test_on_cpu_the_caller_has_a_core_of_its_own_while_it_runs_and_every_thread_
         stop.set()
 
 
+def test_a_thread_that_ends_while_the_threads_are_placed_is_left_alone(runtime_cpu, monkeypatch):
+    from omni_helpers import runtime
+
+    ended = threading.Thread(target=lambda: None)
+    ended.start()
+    ended.join()  # listed, then gone before its cores are read: a race the server's threads can run
+    listed = runtime.process_threads()
+    monkeypatch.setattr(runtime, "process_threads", lambda: listed + [ended.native_id])
+    cores = os.sched_getaffinity(0)
+    with caller_on_its_own_core():
+        assert os.sched_getaffinity(0) == ({min(cores)} if len(cores) >= 2 else cores)
+    assert os.sched_getaffinity(0) == cores
+
+
 def test_under_msrun_no_thread_is_moved(runtime_cpu, monkeypatch):
     monkeypatch.setenv("MS_ROLE", "MS_WORKER")  # the workers share the machine's cores
     stop = threading.Event()

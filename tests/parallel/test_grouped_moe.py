@@ -195,3 +195,48 @@ def test_bfloat16_prompts_keep_to_the_loop_as_the_grouped_product_is_documented_
             group_type=0,
             transpose_b=True,
         )
+
+
+@pytest.fixture(scope="module")
+def released_counts_model(tmp_path_factory, runtime_cpu):
+    """A narrow checkpoint with the released depths and expert counts (128 experts, top 8 / top 6), loaded in
+    float32 with its experts stacked as the scripts stack them for --parallel none."""
+    import dataclasses
+
+    from omni_helpers.loading import load_model, load_processor, shard_model
+    from scripts.make_tiny_checkpoint import build_checkpoint
+
+    path = tmp_path_factory.mktemp("released_counts")
+    build_checkpoint(path, topology="released")
+    model = load_model(path, "float32", "eager", with_talker=False)
+    model = shard_model(model, dataclasses.replace(runtime_cpu, parallel="none"))
+    return model, load_processor(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("media", [False, True], ids=["text", "image_audio"])
+def test_whole_prompts_at_the_released_expert_counts_give_the_loops_tokens_and_logits(
+    released_counts_model, sample_media, media, monkeypatch
+):
+    from omni_helpers.generation.core import generate_answers
+    from omni_helpers.parallel import sparse_moe
+    from omni_helpers.request.settings import GenerationSettings
+
+    model, processor = released_counts_model
+    assert (
+        model.thinker.model.layers[0].mlp.num_experts == 128
+        and model.thinker.config.text_config.num_experts_per_tok == 8
+    )
+    parts = [
+        {"type": "image", "image": str(sample_media["image"])},
+        {"type": "audio", "audio": str(sample_media["audio"])},
+    ]
+    question = {"type": "text", "text": "Describe what you see and hear, then the weather, in a few words."}
+    conversation = [{"role": "user", "content": (parts if media else []) + [question]}]
+    settings = GenerationSettings(max_new_tokens=4, return_audio=False, use_audio_in_video=False)
+    answers = {}
+    for dispatch in ("loop", "grouped"):
+        monkeypatch.setattr(sparse_moe, "PROMPT_DISPATCH", dispatch)
+        (answers[dispatch],) = generate_answers(model, processor, [conversation], settings, keep_logits=True)
+    assert answers["grouped"].token_ids == answers["loop"].token_ids
+    np.testing.assert_allclose(answers["grouped"].step_logits, answers["loop"].step_logits, rtol=1e-5, atol=1e-5)
