@@ -95,7 +95,8 @@ def main(args: argparse.Namespace) -> dict:
     # 2. Device, msrun ranks, seeds
     runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose)
 
-    # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths (unless --no-fast_paths)
+    # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs,
+    #    faster paths (unless --no-fast_paths)
     install_patches(args.device_target, args.fast_paths)
     imported_at = time.time()  # MindSpore, mindone and torch imported and set up
 

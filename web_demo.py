@@ -130,7 +130,8 @@ def main(args: argparse.Namespace) -> None:
     # 2. Device, msrun ranks, seeds
     runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose)
 
-    # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs, faster paths (unless --no-fast_paths)
+    # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs,
+    #    faster paths (unless --no-fast_paths)
     install_patches(args.device_target, args.fast_paths)
 
     # 4. Rank 0 serves the UI and the API from a thread at once (/health says "ready": false while the model loads)

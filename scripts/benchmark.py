@@ -531,7 +531,8 @@ def paths_for(variant: str):
 
 
 def load_model_for(key: str, model_path: Path, device_target: str, runtime, fast_paths: bool = True):
-    """The PyTorch reference, or mindone's model loaded as the scripts load it and spread over the ranks as `key` says."""
+    """The PyTorch reference, or mindone's model loaded as the scripts load it and spread over the ranks as `key`
+    says."""
     if key == "reference":
         import torch
         from transformers import Qwen3OmniMoeForConditionalGeneration as TorchModel

@@ -56,7 +56,8 @@ def parameter_bytes(model) -> int:
 
 
 def process_start() -> float:
-    """When this process started, in seconds since the epoch (Linux: from /proc; elsewhere: when this module was imported)."""
+    """When this process started, in seconds since the epoch (Linux: from /proc; elsewhere: when this module
+    was imported)."""
     try:
         ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: start time after boot
         uptime = float(open("/proc/uptime").read().split()[0])

@@ -38,7 +38,8 @@ MOE_BLOCKS = (*SPARSE_MOE_BLOCKS, "ExpertParallelMoeBlock")  # and one rank's sh
 
 
 def route(block, hidden_states):
-    """Router logits, the top-k weights (renormalised if configured) and the chosen experts, as mindone computes them."""
+    """Router logits, the top-k weights (renormalised if configured) and the chosen experts, as mindone
+    computes them."""
     router_logits = block.gate(hidden_states)
     weights = mint.nn.functional.softmax(router_logits, dim=1, dtype=ms.float32)
     weights, selected = mint.topk(weights, block.top_k, dim=-1)

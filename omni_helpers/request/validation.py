@@ -127,7 +127,8 @@ def check_server_limits(settings: GenerationSettings, limits: GenerationSettings
 def check_conversation_for(
     conversation: Conversation, checkpoint: Checkpoint, needs: str = "a prompt or media"
 ) -> None:
-    """What this checkpoint accepts: anything for Instruct and Thinking, one audio and nothing else for the Captioner."""
+    """What this checkpoint accepts: anything for Instruct and Thinking, one audio and nothing else for the
+    Captioner."""
     found = list(media_items(conversation))
     if not found and not has_text(conversation):
         raise RequestError(f"empty request: give {needs} (see --help)")
