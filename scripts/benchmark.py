@@ -284,8 +284,13 @@ def launches_per_prompt_moe_layer(model, prompt_tokens: int) -> dict:
     block = model.thinker.model.layers[0].mlp
     shape = (1, prompt_tokens, block.gate.weight.shape[1])
     x = ms.Tensor(np.random.default_rng(0).standard_normal(shape).astype(np.float32)).astype(block.gate.weight.dtype)
-    block(x)  # once before counting: first calls build caches
-    total, _, _ = launches(lambda: (block(x), {})[1])
+
+    def one_layer() -> dict:
+        block(x)
+        return {}
+
+    one_layer()  # once before counting: first calls build caches
+    total, _, _ = launches(one_layer)
     return {"launches_per_prompt_moe_layer": total}
 
 

@@ -461,10 +461,9 @@ def grouped_matmul(
     with_zero = ops.concat((rows, ops.zeros((1, rows.shape[1]), rows.dtype)), 0)
     grouped = ops.gather(with_zero, _tensor(padded.reshape(-1)), 0).reshape(experts, width, -1)
     products = ops.BatchMatMul(transpose_b=transpose_b)(grouped, weights)
+    slots = padded.reshape(-1)
     taken = np.full(rows.shape[0], experts * width, np.int64)  # rows past the last end read a zero row
-    taken[: ends[-1]] = (np.repeat(np.arange(experts), sizes) * width) + (
-        np.arange(ends[-1]) - np.repeat(starts, sizes)
-    )
+    taken[slots[slots < zero_row]] = np.flatnonzero(slots < zero_row)  # each row back from its padded slot
     flat = ops.concat((products.reshape(experts * width, -1), ops.zeros((1, products.shape[-1]), rows.dtype)), 0)
     return [ops.gather(flat, _tensor(taken), 0)]
 

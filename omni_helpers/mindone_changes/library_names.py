@@ -10,6 +10,12 @@ import importlib
 
 GENERATION = "mindone.transformers.generation.utils"
 MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
+MASKING = "mindone.transformers.masking_utils"
+
+# The three targets both the fixes and the faster paths replace (`patches.TWICE_REPLACED`), named once for both
+ROPE_INDEX = f"{MODELING}.Qwen3OmniMoePreTrainedModelForConditionalGeneration:get_rope_index"
+AUDIO_FORWARD = f"{MODELING}.Qwen3OmniMoeAudioEncoder:construct"
+FLASH_MASKS = f"{MASKING}.AttentionMaskInterface:_global_mapping"  # its entry "flash_attention_2"
 
 CALLED = [
     # the generation loop (decode_loop) calls these of mindone's GenerationMixin

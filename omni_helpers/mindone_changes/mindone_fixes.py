@@ -45,14 +45,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import mint, ops
 
+from omni_helpers.mindone_changes.library_names import AUDIO_FORWARD, FLASH_MASKS, GENERATION, MODELING, ROPE_INDEX
 from omni_helpers.patching import PatchSet
 
 MINDONE_FIXES = PatchSet("mindone fixes", package="mindone", written_for="0.5.0")
-MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
-AUDIO_ENCODER = f"{MODELING}.Qwen3OmniMoeAudioEncoder"
-ROPE_OWNER = f"{MODELING}.Qwen3OmniMoePreTrainedModelForConditionalGeneration"
-GENERATION_LOOP = "mindone.transformers.generation.utils"
-MASKING = "mindone.transformers.masking_utils"
 
 
 def install_mindone_fixes() -> list[str]:
@@ -134,7 +130,7 @@ def window_mask(cu_seqlens: np.ndarray, attn_implementation: str, dtype):
     return ms.Tensor(np.where(keep, 0.0, minimum).astype(np.float32)).astype(dtype)
 
 
-@MINDONE_FIXES.replaces(f"{AUDIO_ENCODER}:construct")
+@MINDONE_FIXES.replaces(AUDIO_FORWARD)
 def audio_encoder_construct(self, input_features, feature_lens=None, aftercnn_lens=None):
     """The audio encoder's forward with the chunking done right for any audio length.
 
@@ -182,7 +178,7 @@ class _HostSeconds:
         return self.seconds.float()
 
 
-@MINDONE_FIXES.replaces(f"{ROPE_OWNER}:get_rope_index")
+@MINDONE_FIXES.replaces(ROPE_INDEX)
 def get_rope_index(
     self,
     input_ids=None,
@@ -197,7 +193,7 @@ def get_rope_index(
     (The talker's get_rope_index calls this class's function by name, so it is fixed too.)"""
     if second_per_grids is not None:
         second_per_grids = [_HostSeconds(second_per_grids[i]) for i in range(second_per_grids.shape[0])]
-    stock = MINDONE_FIXES.original(f"{ROPE_OWNER}:get_rope_index")
+    stock = MINDONE_FIXES.original(ROPE_INDEX)
     return stock(
         self,
         input_ids,
@@ -210,14 +206,14 @@ def get_rope_index(
     )
 
 
-@MINDONE_FIXES.adds(f"{GENERATION_LOOP}:print")
+@MINDONE_FIXES.adds(f"{GENERATION}:print")
 def progress_to_stderr(*args, **kwargs):
     """The generation loop's `print` (one line per decoding step): to stderr, keeping stdout for answers."""
     kwargs.setdefault("file", sys.stderr)
     print(*args, **kwargs)
 
 
-@MINDONE_FIXES.replaces_entry(f"{MASKING}.AttentionMaskInterface:_global_mapping", "flash_attention_2")
+@MINDONE_FIXES.replaces_entry(FLASH_MASKS, "flash_attention_2")
 def flash_attention_mask(
     batch_size, cache_position, kv_length, kv_offset=0, mask_function=None, attention_mask=None, **kwargs
 ):

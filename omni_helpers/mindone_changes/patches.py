@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import sys
 
+from omni_helpers.mindone_changes.library_names import AUDIO_FORWARD, FLASH_MASKS, ROPE_INDEX
+
 FASTER_PATHS_MODULE = "omni_helpers.mindone_changes.faster.fast_paths"
 
 
-MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
-TWICE_REPLACED = [  # (target, dict entry): faster path -> fix -> mindone's own
-    (f"{MODELING}.Qwen3OmniMoePreTrainedModelForConditionalGeneration:get_rope_index", None),
-    (f"{MODELING}.Qwen3OmniMoeAudioEncoder:construct", None),
-    ("mindone.transformers.masking_utils.AttentionMaskInterface:_global_mapping", "flash_attention_2"),
-]
+TWICE_REPLACED = [(ROPE_INDEX, None), (AUDIO_FORWARD, None), (FLASH_MASKS, "flash_attention_2")]  # (target, entry)
 
 
 def install_patches(device_target: str, fast_paths: bool = True) -> list[str]:

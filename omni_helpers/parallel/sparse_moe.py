@@ -1,12 +1,15 @@
 """The forward of a sparse MoE block (the thinker's, or the talker's with its shared
-expert), and the two ways it runs its experts:
+expert), and the three ways it runs its experts:
 
 - from device indices (`dispatch_on_device`), for a few tokens at a time (decoding): each
   token's chosen experts are gathered from the experts' weights stacked at load time
   (`StackedExperts`) and run as batched matrix products. Nothing is read back to the host:
   on an NPU the launch pipeline never stalls inside a MoE layer.
-- from one host read of the routing (`dispatch_experts`), for many tokens (a prompt): each
-  chosen expert runs once on all its tokens.
+- grouped on the device (`dispatch_grouped`), for many tokens (a prompt) of a float16 or float32
+  model: the slots permuted by expert and each of the three products one grouped product over the
+  stacked experts (Ascend's MoE kernels; CPU stand-ins among the CPU fallbacks). No host read.
+- from one host read of the routing (`dispatch_experts`), for many tokens otherwise (bfloat16, the
+  benchmark's `*_loop` variants, experts not stacked): each chosen expert runs once on all its tokens.
 
 Two features depend on this: the faster paths (every block, every expert) and expert
 parallelism (one rank's share of the experts, plus an all-reduce), so it lives here,
@@ -183,12 +186,14 @@ def dispatch_on_device(experts: StackedExperts, hidden_states, weights, selected
     return combined
 
 
-def dispatch_grouped(experts: StackedExperts, hidden_states, weights, selected, first_expert: int = 0, shared=False):
+def dispatch_grouped(
+    experts: StackedExperts, hidden_states, weights, selected, first_expert: int = 0, experts_elsewhere: bool = False
+):
     """Every chosen expert once on its tokens, with no host read: the (token, expert) slots permuted so that each
     expert's are adjacent (`ops.moe_token_permute`), the gate and up products as one grouped product each over
     the stacked experts, SiLU-and-multiply, the down product grouped, and the slots un-permuted, weighted by
     their routing weights and added per token (`ops.moe_token_unpermute`). Ascend's kernels; on CPU the
-    stand-ins among the CPU fallbacks. `shared`: expert parallelism, where slots routed to other ranks' experts
+    stand-ins among the CPU fallbacks. `experts_elsewhere`: expert parallelism, where slots routed to other ranks' experts
     sort after this rank's, outside every group, and count zero."""
     count = len(experts)
     selected, order = mint.sort(selected, dim=1)  # each token's slots by ascending expert: mindone's order of adding
@@ -209,7 +214,7 @@ def dispatch_grouped(experts: StackedExperts, hidden_states, weights, selected, 
 
     inner = experts.act_fn(grouped(permuted, gate)) * grouped(permuted, up)
     out = grouped(inner, down)
-    if shared:  # rows past the last group (other ranks' slots) may be left unwritten: zeroed, lest 0 x NaN
+    if experts_elsewhere:  # rows past the last group (other ranks' slots) may be left unwritten: zeroed, lest 0 x NaN
         written = (ops.arange(out.shape[0]) < ends[-1]).reshape(-1, 1)
         out = mint.where(written, out, mint.zeros_like(out))
     return ops.moe_token_unpermute(out, sorted_indices, weights * mine.astype(weights.dtype))
@@ -252,7 +257,9 @@ def sparse_moe_forward(block, hidden_states, first_expert: int = 0, all_reduce=N
     if isinstance(block.experts, StackedExperts) and decoding:
         routed = dispatch_on_device(block.experts, flat, weights, selected, first_expert)
     elif isinstance(block.experts, StackedExperts) and grouped_applies(flat):
-        routed = dispatch_grouped(block.experts, flat, weights, selected, first_expert, shared=all_reduce is not None)
+        routed = dispatch_grouped(
+            block.experts, flat, weights, selected, first_expert, experts_elsewhere=all_reduce is not None
+        )
     else:
         routed = dispatch_experts(block.experts, flat, weights, selected, first_expert)
     if all_reduce is not None:

@@ -110,9 +110,9 @@ def test_with_the_faster_paths_installed_the_fixed_rope_index_gives_the_referenc
     import mindspore as ms
     import torch
 
-    from omni_helpers.mindone_changes.faster.fast_paths import FAST_PATHS, ROPE_OWNER
+    from omni_helpers.mindone_changes.faster.fast_paths import FAST_PATHS, ROPE_INDEX
 
-    beneath = FAST_PATHS.original(f"{ROPE_OWNER}:get_rope_index")  # what the faster path falls back to
+    beneath = FAST_PATHS.original(ROPE_INDEX)  # what the faster path falls back to
     arguments = {
         name: silent_video_inputs[name]
         for name in ("input_ids", "video_grid_thw", "attention_mask", "video_second_per_grid")

@@ -112,12 +112,12 @@ def mindones_loop(block, hidden_states):
     return (out[0] if isinstance(out, tuple) else out).asnumpy()
 
 
-def grouped(block, hidden_states, first_expert=0, experts=None, shared=False):
+def grouped(block, hidden_states, first_expert=0, experts=None, experts_elsewhere=False):
     batch, length, hidden = hidden_states.shape
     flat = hidden_states.reshape(-1, hidden)
     _, weights, selected = route(block, flat)
     stacked = StackedExperts(experts if experts is not None else block.experts)
-    return dispatch_grouped(stacked, flat, weights, selected, first_expert, shared).asnumpy()
+    return dispatch_grouped(stacked, flat, weights, selected, first_expert, experts_elsewhere).asnumpy()
 
 
 def routed_part(block, hidden_states, out):
@@ -168,7 +168,7 @@ def test_each_ranks_share_adds_up_to_the_whole_block_and_other_ranks_slots_count
     for rank in range(2):
         share = expert_range(128, rank, 2)
         experts = [block.experts[i] for i in share]
-        partials.append(grouped(block, x, share.start, experts, shared=True))
+        partials.append(grouped(block, x, share.start, experts, experts_elsewhere=True))
     assert all(np.abs(p).sum() > 0 for p in partials)
     np.testing.assert_allclose(partials[0] + partials[1], expected, rtol=1e-5, atol=1e-5)
 

@@ -55,12 +55,11 @@ from omni_helpers.mindone_changes.faster import (
     prompt_graph,
     thinker_prompt,
 )
+from omni_helpers.mindone_changes.library_names import AUDIO_FORWARD, FLASH_MASKS, GENERATION, MODELING, ROPE_INDEX
 from omni_helpers.parallel.sparse_moe import sparse_moe_forward
 from omni_helpers.patching import PatchSet
 
 FAST_PATHS = PatchSet("fast paths", package="mindone", written_for="0.5.0")
-MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
-GENERATION = "mindone.transformers.generation.utils"
 THINKER = f"{MODELING}.Qwen3OmniMoeThinkerForConditionalGeneration"
 TALKER = f"{MODELING}.Qwen3OmniMoeTalkerForConditionalGeneration"
 
@@ -99,9 +98,6 @@ def broadcast_mask(mask_function, batch_arange, head_arange, cache_position, kv_
         return mask.broadcast_to((batch, heads, q_len, kv_len))
     mask = mask_function(batch_arange, head_arange, cache_position.reshape(-1, 1), kv_arange.reshape(1, -1))
     return mask.broadcast_to((q_len, kv_len))
-
-
-FLASH_MASKS = "mindone.transformers.masking_utils.AttentionMaskInterface:_global_mapping"
 
 
 @FAST_PATHS.replaces_entry(FLASH_MASKS, "flash_attention_2")
@@ -235,10 +231,7 @@ def thinker_construct(
     return FAST_PATHS.original(f"{THINKER}:construct")(self, **arguments, **kwargs)
 
 
-ROPE_OWNER = f"{MODELING}.Qwen3OmniMoePreTrainedModelForConditionalGeneration"
-
-
-@FAST_PATHS.replaces(f"{ROPE_OWNER}:get_rope_index")
+@FAST_PATHS.replaces(ROPE_INDEX)
 def get_rope_index(
     self,
     input_ids=None,
@@ -251,7 +244,7 @@ def get_rope_index(
 ):
     """mindone's 3-D rope positions (thinker and talker), computed on the host in numpy (`host_positions`)."""
     if input_ids is None or attention_mask is None:  # the cases mindone's walk does not handle either
-        return FAST_PATHS.original(f"{ROPE_OWNER}:get_rope_index")(
+        return FAST_PATHS.original(ROPE_INDEX)(
             self,
             input_ids,
             image_grid_thw,
@@ -271,17 +264,14 @@ def get_rope_index(
     return ms.Tensor(positions), ms.Tensor(deltas)
 
 
-AUDIO = f"{MODELING}.Qwen3OmniMoeAudioEncoder"
-
-
-@FAST_PATHS.replaces(f"{AUDIO}:construct")
+@FAST_PATHS.replaces(AUDIO_FORWARD)
 def audio_construct(self, input_features, feature_lens=None, aftercnn_lens=None):
     """The audio encoder (as `mindone_fixes` corrects it) as one compiled graph where it applies (`encoder_graph`)."""
     if feature_lens is not None and encoder_graph.audio_applies(self):
         outputs = encoder_graph.audio_forward(self, input_features, feature_lens)
         if outputs is not None:
             return outputs
-    return FAST_PATHS.original(f"{AUDIO}:construct")(self, input_features, feature_lens, aftercnn_lens)
+    return FAST_PATHS.original(AUDIO_FORWARD)(self, input_features, feature_lens, aftercnn_lens)
 
 
 VISION = f"{MODELING}.Qwen3OmniMoeVisionEncoder"

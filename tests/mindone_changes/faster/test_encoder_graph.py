@@ -112,7 +112,7 @@ def test_compiled_audio_encoder_gives_the_pynative_encoders_states(mindone, tiny
     features, lengths = audio_features(tiny_checkpoint, sample_media, kind)
     assert encoder_graph.audio_applies(audio)
     ours = encoder_graph.audio_forward(audio, features, lengths).last_hidden_state
-    theirs = fast_paths.FAST_PATHS.original(f"{fast_paths.AUDIO}:construct")(audio, features, lengths).last_hidden_state
+    theirs = fast_paths.FAST_PATHS.original(fast_paths.AUDIO_FORWARD)(audio, features, lengths).last_hidden_state
     assert ours.shape == theirs.shape and ours.shape[0] > 1
     assert relative_error(ours.asnumpy(), theirs.asnumpy()) <= 1e-6
     assert any(key[2] == compiled.bucket_for(ours.shape[0]) for key in audio.__dict__["_audio_graphs"])
@@ -125,8 +125,8 @@ def test_audio_tokens_attend_within_their_windows(mindone, tiny_checkpoint, samp
     monkeypatch.setattr(audio, "n_window_infer", audio.n_window * 2)  # one chunk's tokens per window
     monkeypatch.setitem(audio.__dict__, "_audio_graphs", {})
     ours = encoder_graph.audio_forward(audio, features, lengths).last_hidden_state
-    theirs = fast_paths.FAST_PATHS.original(f"{fast_paths.AUDIO}:construct")(audio, features, lengths).last_hidden_state
-    whole = fast_paths.FAST_PATHS.original(f"{fast_paths.AUDIO}:construct")
+    theirs = fast_paths.FAST_PATHS.original(fast_paths.AUDIO_FORWARD)(audio, features, lengths).last_hidden_state
+    whole = fast_paths.FAST_PATHS.original(fast_paths.AUDIO_FORWARD)
     assert relative_error(ours.asnumpy(), theirs.asnumpy()) <= 1e-6
     monkeypatch.setattr(audio, "n_window_infer", 800)
     assert (
@@ -143,7 +143,7 @@ def test_compiled_audio_encoder_on_audios_several_windows_long(mindone):
     features = ms.Tensor(np.random.default_rng(0).standard_normal((128, sum(frames))).astype(np.float32))
     lengths = ms.Tensor(np.array(frames, np.int64))
     ours = encoder_graph.audio_forward(audio, features, lengths).last_hidden_state
-    theirs = fast_paths.FAST_PATHS.original(f"{fast_paths.AUDIO}:construct")(audio, features, lengths).last_hidden_state
+    theirs = fast_paths.FAST_PATHS.original(fast_paths.AUDIO_FORWARD)(audio, features, lengths).last_hidden_state
     assert ours.shape == theirs.shape == (273 + 156, ours.shape[1])  # 13 tokens per 100 frames
     assert relative_error(ours.asnumpy(), theirs.asnumpy()) <= 1e-6
 

@@ -33,7 +33,7 @@ def rope_arguments(inputs: dict, use_audio_in_video: bool) -> tuple:
 
 
 def assert_same_positions(thinker, arguments):
-    mindones = fast_paths.FAST_PATHS.original(f"{fast_paths.ROPE_OWNER}:get_rope_index")(thinker, *arguments)
+    mindones = fast_paths.FAST_PATHS.original(fast_paths.ROPE_INDEX)(thinker, *arguments)
     ours = fast_paths.get_rope_index(thinker, *arguments)
     for theirs, mine in zip(mindones, ours):
         assert mine.dtype == theirs.dtype and mine.shape == theirs.shape
