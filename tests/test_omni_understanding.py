@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import omni_understanding
@@ -227,6 +228,30 @@ def test_requests_in_batches_of_four_answer_each_as_the_reference_does_alone(
     assert answers_of(lines) == expected_lines  # one line per request, in input order
     assert [line["metrics"]["batch_size"] for line in lines] == [4, 4, 4, 4, 2, 2]
     assert run.stdout == "".join(f"{line['id']}: {line['text']}\n" for line in expected_lines)
+
+
+@pytest.mark.slow
+def test_requests_in_one_batch_each_speak_their_own_answer(
+    tiny_checkpoint, sample_media, short_audio, reference, tmp_path
+):
+    """--return_audio with --batch_size 3: results.jsonl names each row's WAV, and each is the speech the reference
+    gives that request alone (text; image + audio; a shorter audio: prompts of different lengths)."""
+    import soundfile as sf
+
+    requests = mixed_requests(sample_media, short_audio)[:3]
+    path = tmp_path / "speech.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    argv = requests_argv(tiny_checkpoint, path, 3) + ["--return_audio", "--talker_max_new_tokens", str(TALKER_FRAMES)]
+    run = run_single("omni_understanding.py", argv, tmp_path / "out")
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = results(run.output_dir)
+    assert [line["metrics"]["batch_size"] for line in lines] == [3, 3, 3]
+    assert len({line["audio"] for line in lines}) == 3
+    for line, request in zip(lines, requests, strict=True):
+        text, wav = expected_answer(reference, tiny_checkpoint, request["conversation"], NEW_TOKENS, TALKER_FRAMES)
+        written, rate = sf.read(line["audio"], dtype="float32")
+        assert (line["text"], rate, len(written)) == (text, 24000, len(wav)), line["id"]
+        assert np.abs(written - wav).max() <= WAV_TOLERANCE_FLASH, line["id"]
 
 
 @pytest.mark.slow

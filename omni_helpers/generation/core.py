@@ -113,6 +113,10 @@ def generate_keywords(
             speaker=settings.speaker,
             talker_max_new_tokens=settings.talker_max_new_tokens,
             talker_do_sample=settings.talker_do_sample,
+            talker_temperature=settings.talker_temperature,
+            talker_top_k=settings.talker_top_k,
+            talker_top_p=settings.talker_top_p,
+            talker_repetition_penalty=settings.talker_repetition_penalty,
         )
         if cancellation is not None:
             keywords["talker_stopping_criteria"] = keywords["thinker_stopping_criteria"]
@@ -141,27 +145,39 @@ def generate_from_inputs(
     # 4. generate: the thinker's tokens, then (with speech) the talker's codes and code2wav's waveform
     with instruments:
         keywords = generate_keywords(settings, model.config, instruments.text_streamer, cancellation, keep_logits)
-        result, waveform = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
-    waveform = None if waveform is None else waveform.reshape(-1).float().asnumpy()
+        result, speech = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
+    waveforms = row_waveforms(speech, rows)
 
     # 5. decode every row's new tokens
     new_tokens = result.sequences.asnumpy()[:, prompt_length:]
-    instruments.finish(new_tokens, waveform)
+    instruments.finish(new_tokens, waveforms[0])
     texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     logits = np.stack([logit.asnumpy() for logit in result.logits], axis=1) if keep_logits else None
 
-    audio_seconds = 0.0 if waveform is None else len(waveform) / SPEECH_SAMPLE_RATE
     return [
         Answer(
             text=texts[row],
-            waveform=waveform,
+            waveform=waveforms[row],
             token_ids=instruments.thinker.tokens[row],
-            metrics=instruments.metrics(row, int(inputs["attention_mask"][row].sum()), audio_seconds),
+            metrics=instruments.metrics(row, int(inputs["attention_mask"][row].sum()), seconds_of(waveforms[row])),
             step_logits=None if logits is None else logits[row],
             first_token_at=instruments.thinker.first_token_at,
         )
         for row in range(rows)
     ]
+
+
+def row_waveforms(speech, rows: int) -> list[Optional[np.ndarray]]:
+    """Each row's waveform: mindone's `generate` returns one (1, 1, samples) tensor for a single row, and one per
+    row (each its own length) for a batch (`mindone_changes.batched_speech`); None for every row without speech."""
+    if speech is None:
+        return [None] * rows
+    speech = [speech] if rows == 1 else list(speech)
+    return [waveform.reshape(-1).float().asnumpy() for waveform in speech]
+
+
+def seconds_of(waveform: Optional[np.ndarray]) -> float:
+    return 0.0 if waveform is None else len(waveform) / SPEECH_SAMPLE_RATE
 
 
 def generate_answers(

@@ -45,7 +45,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import mint, ops
 
+from omni_helpers.mindone_changes import batched_speech
 from omni_helpers.mindone_changes.library_names import AUDIO_FORWARD, FLASH_MASKS, GENERATION, MODELING, ROPE_INDEX
+from omni_helpers.mindone_changes.speech_sampling import code_predictor_sampling, samples
 from omni_helpers.patching import PatchSet
 
 MINDONE_FIXES = PatchSet("mindone fixes", package="mindone", written_for="0.5.0")
@@ -256,3 +258,99 @@ def vision_attention_construct(
         self, query, key, value, attention_mask=blocks, scaling=self.scaling, dropout=0.0, is_causal=False, **kwargs
     )
     return self.proj(attn_output.reshape(seq_length, -1).contiguous())
+
+
+FULL_MODEL = f"{MODELING}.Qwen3OmniMoeForConditionalGeneration"
+CODE_PREDICTOR = f"{MODELING}.Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration"
+
+
+@MINDONE_FIXES.replaces(f"{FULL_MODEL}:generate")
+@ms._no_grad()
+def generate(
+    self,
+    input_ids=None,
+    speaker: str = "Ethan",
+    use_audio_in_video: bool = False,
+    return_audio=None,
+    thinker_max_new_tokens: int = 1024,
+    thinker_eos_token_id: int = 151645,
+    talker_max_new_tokens: int = 4096,
+    talker_do_sample: bool = True,
+    talker_top_k: int = 50,
+    talker_top_p: float = 1.0,
+    talker_temperature: float = 0.9,
+    talker_repetition_penalty: float = 1.05,
+    **kwargs,
+):
+    """mindone's `generate` (its parameters and defaults, transformers'), with speech as released: while the
+    talker samples, its code predictor samples too (`speech_sampling`); and speech for a batch of rows
+    (`batched_speech`), which mindone refuses. One row keeps mindone's own path."""
+    stock = MINDONE_FIXES.original(f"{FULL_MODEL}:generate")
+    speaks = self.has_talker if return_audio is None else return_audio
+    arguments = dict(
+        speaker=speaker,
+        use_audio_in_video=use_audio_in_video,
+        thinker_max_new_tokens=thinker_max_new_tokens,
+        talker_max_new_tokens=talker_max_new_tokens,
+        talker_do_sample=talker_do_sample,
+        talker_top_k=talker_top_k,
+        talker_top_p=talker_top_p,
+        talker_temperature=talker_temperature,
+        talker_repetition_penalty=talker_repetition_penalty,
+        **kwargs,
+    )
+    with code_predictor_sampling(self, bool(speaks and talker_do_sample)):
+        if not speaks or not self.has_talker or input_ids.shape[0] == 1:
+            return stock(
+                self, input_ids, return_audio=return_audio, thinker_eos_token_id=thinker_eos_token_id, **arguments
+            )
+        talker_kwargs = talker_generate_keywords(self.config, arguments)
+        thinker_arguments = {key: value for key, value in arguments.items() if not key.startswith("talker_")}
+        speaker = thinker_arguments.pop("speaker")
+        return batched_speech.generate(
+            self,
+            lambda **call: stock(self, **call),
+            input_ids,
+            speaker,
+            thinker_eos_token_id,
+            talker_kwargs,
+            **thinker_arguments,
+        )
+
+
+def talker_generate_keywords(config, arguments: dict) -> dict:
+    """The talker's `generate` keywords as mindone's `generate` builds them from its own: the sampling settings,
+    the end code, the special codes suppressed, every other `talker_*` keyword, and the media's shapes."""
+    talker = config.talker_config
+    vocab = talker.text_config.vocab_size
+    keywords = {
+        "max_new_tokens": arguments["talker_max_new_tokens"],
+        "do_sample": arguments["talker_do_sample"],
+        "top_k": arguments["talker_top_k"],
+        "top_p": arguments["talker_top_p"],
+        "temperature": arguments["talker_temperature"],
+        "repetition_penalty": arguments["talker_repetition_penalty"],
+        "eos_token_id": talker.codec_eos_token_id,
+        "suppress_tokens": [code for code in range(vocab - 1024, vocab) if code != talker.codec_eos_token_id],
+        "output_hidden_states": True,
+        "return_dict_in_generate": True,
+    }
+    named = ("talker_max_new_tokens", "talker_do_sample", "talker_top_k", "talker_top_p", "talker_temperature")
+    for key, value in arguments.items():
+        if key.startswith("talker_") and key not in (*named, "talker_repetition_penalty"):
+            keywords[key[len("talker_") :]] = value
+    if arguments.get("feature_attention_mask") is not None:
+        keywords["audio_feature_lengths"] = mint.sum(arguments["feature_attention_mask"], dim=1)
+    for key in ("image_grid_thw", "video_grid_thw", "video_second_per_grid"):
+        if key in arguments:
+            keywords[key] = arguments[key]
+    return keywords
+
+
+@MINDONE_FIXES.replaces(f"{CODE_PREDICTOR}:generate")
+def code_predictor_generate(self, *args, **kwargs):
+    """mindone's talker asks its code predictor for greedy codes (with the released top-k and top-p); while
+    the talker samples, they are sampled, as in the released model."""
+    if samples(self):
+        kwargs["do_sample"] = True
+    return MINDONE_FIXES.original(f"{CODE_PREDICTOR}:generate")(self, *args, **kwargs)

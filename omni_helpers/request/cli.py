@@ -159,7 +159,23 @@ def add_speech_args(parser: argparse.ArgumentParser, return_audio: bool = True) 
         default=DEFAULTS.talker_max_new_tokens,
         help="codec frames to generate at most (one frame is 80 ms of speech)",
     )
-    group.add_argument("--talker_do_sample", action="store_true", help="sample the talker (greedy by default)")
+    group.add_argument(
+        "--talker_do_sample",
+        action="store_true",
+        help="sample the speech as the released model does: the talker with the settings below, its code "
+        "predictor with top-k 50, top-p 0.8 (greedy by default)",
+    )
+    group.add_argument(
+        "--talker_temperature", type=float, default=DEFAULTS.talker_temperature, help="talker sampling temperature"
+    )
+    group.add_argument("--talker_top_k", type=int, default=DEFAULTS.talker_top_k, help="talker top-k sampling")
+    group.add_argument("--talker_top_p", type=float, default=DEFAULTS.talker_top_p, help="talker nucleus sampling")
+    group.add_argument(
+        "--talker_repetition_penalty",
+        type=float,
+        default=DEFAULTS.talker_repetition_penalty,
+        help="penalty on the codes spoken so far (1.0: none), greedy or not",
+    )
 
 
 def add_audio_in_video_arg(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +193,10 @@ def add_output_args(parser: argparse.ArgumentParser, batch: bool = True) -> None
     group.add_argument("--stream", action="store_true", help="print the answer as it is generated (rank 0)")
     if batch:
         group.add_argument(
-            "--batch_size", type=int, default=1, help="conversations generated together, left-padded (speech needs 1)"
+            "--batch_size",
+            type=int,
+            default=1,
+            help="conversations generated together, left-padded (each row speaks its own answer)",
         )
         group.add_argument(
             "--resume", action="store_true", help="skip the requests whose ids are already in OUTPUT_DIR/results.jsonl"
@@ -196,6 +215,10 @@ def generation_settings(args: argparse.Namespace) -> GenerationSettings:
         speaker=getattr(args, "speaker", DEFAULT_SPEAKER),
         talker_max_new_tokens=getattr(args, "talker_max_new_tokens", DEFAULTS.talker_max_new_tokens),
         talker_do_sample=getattr(args, "talker_do_sample", False),
+        talker_temperature=getattr(args, "talker_temperature", DEFAULTS.talker_temperature),
+        talker_top_k=getattr(args, "talker_top_k", DEFAULTS.talker_top_k),
+        talker_top_p=getattr(args, "talker_top_p", DEFAULTS.talker_top_p),
+        talker_repetition_penalty=getattr(args, "talker_repetition_penalty", DEFAULTS.talker_repetition_penalty),
         use_audio_in_video=getattr(args, "use_audio_in_video", False),
     )
 

@@ -21,6 +21,10 @@ FLAG_NAMES = {
     "temperature": "--temperature",
     "top_p": "--top_p",
     "top_k": "--top_k",
+    "talker_temperature": "--talker_temperature",
+    "talker_top_k": "--talker_top_k",
+    "talker_top_p": "--talker_top_p",
+    "talker_repetition_penalty": "--talker_repetition_penalty",
     "speaker": "--speaker",
     "return_audio": "--return_audio",
     "batch_size": "--batch_size",
@@ -39,7 +43,11 @@ class GenerationSettings:
     return_audio: bool = False
     speaker: str = DEFAULT_SPEAKER
     talker_max_new_tokens: int = 4096
-    talker_do_sample: bool = False
+    talker_do_sample: bool = False  # greedy unless asked: the path verified against the reference (README)
+    talker_temperature: float = 0.9  # the released sampling of speech (transformers' defaults), with
+    talker_top_k: int = 50  # talker_do_sample; the code predictor then samples too (top-k 50, top-p 0.8)
+    talker_top_p: float = 1.0
+    talker_repetition_penalty: float = 1.05  # over the codes spoken so far, greedy or not
     # inputs
     use_audio_in_video: bool = True
     # reseed every rank before this request (None: keep the random stream where it is)
@@ -65,3 +73,13 @@ class GenerationSettings:
                 bad("top_p", self.top_p, "must be in (0, 1]")
             if self.top_k <= 0:
                 bad("top_k", self.top_k, "must be positive")
+        if self.return_audio:
+            if self.talker_repetition_penalty <= 0:
+                bad("talker_repetition_penalty", self.talker_repetition_penalty, "must be positive (1.0: none)")
+            if self.talker_do_sample:
+                if self.talker_temperature <= 0:
+                    bad("talker_temperature", self.talker_temperature, "must be positive when sampling")
+                if not 0 < self.talker_top_p <= 1:
+                    bad("talker_top_p", self.talker_top_p, "must be in (0, 1]")
+                if self.talker_top_k <= 0:
+                    bad("talker_top_k", self.talker_top_k, "must be positive")

@@ -55,12 +55,6 @@ def check_settings(
                 f"{speaker} {settings.speaker}: not in this checkpoint; choose one of {', '.join(checkpoint.speakers)}",
                 speaker.lstrip("-"),
             )
-        if batch_size > 1:
-            raise RequestError(
-                f"{speech} with {names['batch_size']} {batch_size}: speech is generated one request at a time "
-                f"(as in the reference); use {names['batch_size']} 1",
-                names["batch_size"].lstrip("-"),
-            )
 
 
 # The talker's prompt is the user turns (at most the thinker's prompt) plus the assistant's prefix: its role,

@@ -22,7 +22,8 @@ A graph needs static shapes, so the KV caches are pre-allocated:
 The graph computes what mindone's layers compute, in the same order and dtypes (RMS norms
 in float32, the routers' softmax in float32, the top-k weights renormalised, experts added
 in ascending expert order then the talker's shared expert, attention softmax in float32 as
-in the eager path, the code predictor greedy). Decode rope positions are the cache position
+in the eager path, the code predictor greedy or sampled as `speech_sampling` samples, from uniforms
+drawn before the call, a graph of its own). Decode rope positions are the cache position
 plus the row's stored delta (as `decode_steps.decode_rope_positions`), the same value on
 the three rope axes, so the interleaved multimodal rope reduces to plain rope.
 
@@ -62,6 +63,7 @@ from omni_helpers.mindone_changes.faster.graph_ops import (
     rotate,
     route,
 )
+from omni_helpers.mindone_changes.speech_sampling import frame_uniforms, residual_code, samples
 from omni_helpers.parallel.sparse_moe import DEVICE_DISPATCH_MAX_SLOTS, MOE_BLOCKS, StackedExperts, split_by_zero3
 
 CAPACITY_STEP = 256  # cache lengths are rounded up to this, so nearby request lengths share one compiled graph
@@ -120,6 +122,8 @@ def start(model, model_kwargs, new_tokens: int, distributed: bool = False):
     rows, _, prompt_length, _ = cache.layers[0].keys.shape
     key = (rows, capacity_for(prompt_length + new_tokens))
     kind = ThinkerGraph if type(model).__name__ == THINKER else TalkerGraph
+    if kind is TalkerGraph:
+        key += (samples(model.code_predictor),)
     graph = compiled.kept(model, "decode_graph", key, lambda: kind(model, *key))
     graph.buffers.fill(cache, model_kwargs.get("attention_mask"))
     graph.distributed = distributed
@@ -238,14 +242,15 @@ class TalkerGraph(DecodeGraph):
     """The talker's compiled frame step: the code predictor's residual codes for the last frame, the
     frame's summed embedding, and the talker's decode step (`fast_paths.talker_construct` runs it)."""
 
-    def __init__(self, talker, rows: int, capacity: int):
-        self.talker = talker
+    def __init__(self, talker, rows: int, capacity: int, sampling: bool):
+        self.talker, self.sampling = talker, sampling
         buffers = KVBuffers(talker.model, rows, capacity, "talker")
         groups = talker.code_predictor.config.num_code_groups
+        self.residuals = groups - 1
         predictor_buffers = KVBuffers(
             talker.code_predictor.model, rows, groups, "code_predictor"
         )  # cleared every frame
-        super().__init__(buffers, talker_step(talker, buffers, predictor_buffers))
+        super().__init__(buffers, talker_step(talker, buffers, predictor_buffers, sampling))
         predictor = talker.code_predictor
         self.collective_bytes = (
             decoder_traffic(talker.model, rows, buffers.dtype)
@@ -258,7 +263,10 @@ class TalkerGraph(DecodeGraph):
         """The forward's arguments for a frame: the frame's first code, the talker's last hidden state,
         and what the text adds at this step (its next hidden state, or padding once it has run out)."""
         step, text_hidden = model_kwargs["generation_step"], model_kwargs["trailing_text_hidden"]
-        text = text_hidden[:, step].unsqueeze(1) if step < text_hidden.shape[1] else model_kwargs["tts_pad_embed"]
+        if step < text_hidden.shape[1]:
+            text = text_hidden[:, step].unsqueeze(1)
+        else:  # one row's padding embedding, for every row: the graph's inputs keep their shapes
+            text = model_kwargs["tts_pad_embed"].broadcast_to((self.buffers.rows, 1, -1))
         last_hidden = model_kwargs["hidden_states"][0][-1][:, -1:]  # the talker's last layer at its last position
         return {
             "input_ids": input_ids[:, -1:],
@@ -267,6 +275,7 @@ class TalkerGraph(DecodeGraph):
             "last_hidden": last_hidden,
             "text_embeds": text,
             "generation_step": step,
+            "uniforms": frame_uniforms(self.buffers.rows, self.residuals) if self.sampling else None,
         }
 
     def step_arguments(self, arguments: dict) -> tuple:
@@ -276,7 +285,7 @@ class TalkerGraph(DecodeGraph):
             arguments["text_embeds"],
             arguments["cache_position"],
             self.talker.rope_deltas,
-        )
+        ) + ((arguments["uniforms"],) if self.sampling else ())
 
     def forward(self, arguments: dict):
         from mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeTalkerOutputWithPast
@@ -313,9 +322,9 @@ def thinker_step(thinker, buffers: KVBuffers):
     return step
 
 
-def talker_step(talker, buffers: KVBuffers, predictor_buffers: KVBuffers):
-    """(first code, last hidden, text embeds, cache position, rope deltas) -> (logits, the frame's codes,
-    hidden states...), for `mindspore.jit`. The residual codes are predicted as `decode_steps.predict_residual_codes`
+def talker_step(talker, buffers: KVBuffers, predictor_buffers: KVBuffers, sampling: bool = False):
+    """(first code, last hidden, text embeds, cache position, rope deltas[, uniforms (rows, residual codes)
+    when `sampling`]) -> (logits, the frame's codes, hidden states...), for `mindspore.jit`. The residual codes are predicted as `decode_steps.predict_residual_codes`
     predicts them: the predictor's prompt is (last hidden, first code's embedding), then one code per step."""
     rows, dtype = buffers.rows, buffers.dtype
     predictor = talker.code_predictor
@@ -332,7 +341,7 @@ def talker_step(talker, buffers: KVBuffers, predictor_buffers: KVBuffers):
     mask, cleared = predictor_buffers.mask, ms.Tensor(np.full(predictor_buffers.mask.shape, MASKED, np.float32))
     prompt_positions = ms.Tensor(np.tile(np.arange(2, dtype=np.float32), (rows, 1)))
 
-    def step(first_code, last_hidden, text_embeds, cache_position, rope_deltas):
+    def step(first_code, last_hidden, text_embeds, cache_position, rope_deltas, uniforms=None):
         first_embed = ops.gather(embed, first_code.reshape(-1), 0)  # (rows, hidden)
         # the code predictor, from an empty cache
         start = ops.zeros((1, 1), ms.int64)
@@ -349,7 +358,8 @@ def talker_step(talker, buffers: KVBuffers, predictor_buffers: KVBuffers):
                 cos, sin = predictor_rope(ops.cast(ops.broadcast_to(position, (rows, 1)), ms.float32))
                 last, _ = predictor_step(embeds[-1], cos, sin, position)
             code_head, code_head_split = code_heads[group]
-            code = ops.argmax(linear(last, full(code_head, code_head_split)), -1).reshape(rows, 1)
+            logits = linear(last, full(code_head, code_head_split))
+            code = residual_code(logits, None if uniforms is None else uniforms[:, group]).reshape(rows, 1)
             codes += (ops.cast(code, first_code.dtype),)
             embeds += (ops.gather(code_embeds[group], code.reshape(-1), 0),)
         # the frame's embedding, then the talker's step

@@ -11,8 +11,8 @@ and decides prompt or decode twice per step by reading `cache_position[0]` to th
 
 - `talker_prepare_inputs_for_generation` takes the decision from the shapes (the talker's
   prompt is several positions, a decode step feeds one) and runs the predictor with
-  `predict_residual_codes`: a fixed number of greedy steps (mindone's predictor is always
-  greedy), no stopping test, no per-step setup, no read;
+  `predict_residual_codes`: a fixed number of steps, each code greedy or, while the talker
+  samples, drawn as released (`speech_sampling`), no stopping test, no per-step setup, no read;
 - `talker_decode_forward` is the talker's forward for a decode step: rope positions from
   `cache_position` and the stored deltas on the device, as mindone computes them after
   its read. Prompts go through mindone's forward.
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import mindspore as ms
 from mindspore import mint
+
+from omni_helpers.mindone_changes.speech_sampling import frame_uniforms, residual_code, samples
 
 
 def decode_rope_positions(cache_position, rope_deltas, batch: int, length: int):
@@ -60,7 +62,8 @@ def is_decode_step(cache_position) -> bool:
 
 
 def predict_residual_codes(predictor, embeds):
-    """The code predictor's greedy codes for one frame, and the embedding of each code.
+    """The code predictor's codes for one frame (greedy, or sampled as released while the talker samples), and
+    the embedding of each code.
 
     `embeds` is (batch, 2, hidden): the talker's last hidden state and the embedding of the
     frame's first code. Returns codes (batch, groups - 1) and a list of (batch, 1, hidden)."""
@@ -70,6 +73,7 @@ def predict_residual_codes(predictor, embeds):
     cache = DynamicCache()
     attention_mask = mint.ones((batch, embeds.shape[1] + steps - 1), dtype=ms.int64)  # what `generate` would pass
     code_embeddings = predictor.get_input_embeddings()
+    uniforms = frame_uniforms(batch, steps) if samples(predictor) else None
     codes, code_embeds = [], []
     for step in range(steps):
         length = embeds.shape[1] + step
@@ -84,7 +88,7 @@ def predict_residual_codes(predictor, embeds):
         outputs = predictor(
             **inputs, attention_mask=attention_mask[:, :length], past_key_values=cache, use_cache=True, return_dict=True
         )
-        code = mint.argmax(outputs.logits[:, -1, :], dim=-1)[:, None]
+        code = residual_code(outputs.logits[:, -1, :], None if uniforms is None else uniforms[:, step])[:, None]
         codes.append(code)
         code_embeds.append(code_embeddings[step](code))
     return mint.cat(codes, dim=-1), code_embeds

@@ -56,8 +56,8 @@ def main(checkpoint: Path, media: Path, mode: str, out: Path) -> None:
         return {
             "tokens": [a.token_ids for a in answers],
             "logits": [a.step_logits.tolist() for a in answers],
-            "codes": codes_seen[-1].tolist() if codes_seen else None,
-            "wav": None if answers[0].waveform is None else answers[0].waveform.tolist(),
+            "codes": [codes.tolist() for codes in codes_seen],  # one entry per row that spoke
+            "wavs": [None if a.waveform is None else a.waveform.tolist() for a in answers],
         }
 
     speech = {"return_audio": True, "talker_max_new_tokens": TALKER_FRAMES}
@@ -65,8 +65,8 @@ def main(checkpoint: Path, media: Path, mode: str, out: Path) -> None:
     seen = {
         "speech_compiled": generate(speech_inputs, False, **speech),
         "speech_pynative": generate(speech_inputs, True, **speech),
-        "rows_compiled": generate(rows_inputs, False),
-        "rows_pynative": generate(rows_inputs, True),
+        "rows_compiled": generate(rows_inputs, False, **speech),  # each row speaks
+        "rows_pynative": generate(rows_inputs, True, **speech),
         "sampled_compiled": generate(speech_inputs, False, **speech, **sampled),
         "sampled_pynative": generate(speech_inputs, True, **speech, **sampled),
     }

@@ -146,7 +146,8 @@ def test_under_msrun_the_compiled_steps_give_the_pynative_steps_answers_on_every
 ):
     """tests/mindone_changes/faster/msrun_decode_graphs.py on 2 CPU workers, each rank's graphs holding the mode's collectives (ZeRO-3's
     all-gathers, expert parallelism's all-reduces): greedy tokens and codec codes identical, logits and speech
-    within 1e-5 of the PyNative steps', a batch of 2 rows, sampling with one seed; the same on both ranks; a later
+    within 1e-5 of the PyNative steps', a batch of 2 rows each speaking, sampling with one seed (the code predictor
+    too, as released); the same on both ranks; a later
     request of the same shape reuses the graphs; a graph that does not build on rank 1 alone sends both ranks to
     PyNative together, with the same answers."""
     import json
@@ -172,9 +173,13 @@ def test_under_msrun_the_compiled_steps_give_the_pynative_steps_answers_on_every
             for ours, theirs in zip(graph["logits"], pynative["logits"]):
                 assert relative_error(np.array(ours), np.array(theirs)) <= 1e-5, name
             assert graph["codes"] == pynative["codes"], name
-            if graph["wav"] is not None:
-                assert np.abs(np.array(graph["wav"]) - np.array(pynative["wav"])).max() <= 1e-5, name
-        assert seen["speech_compiled"]["codes"] is not None and len(seen["rows_compiled"]["tokens"]) == 2
+            for ours, theirs in zip(graph["wavs"], pynative["wavs"], strict=True):
+                assert np.abs(np.array(ours) - np.array(theirs)).max() <= 1e-5, name
+        assert len(seen["speech_compiled"]["codes"]) == 1 and len(seen["rows_compiled"]["tokens"]) == 2
+        assert len(seen["rows_compiled"]["codes"]) == 2 and all(seen["rows_compiled"]["wavs"])  # every row speaks
+        # sampled as released: the code predictor's codes too (the first group is the talker's own choice)
+        sampled, greedy = np.array(seen["sampled_compiled"]["codes"][0]), np.array(seen["speech_compiled"]["codes"][0])
+        assert (sampled[1:] != greedy[1:]).any()
         graphs = seen["thinker_graphs"]
         assert (
             graphs["before"] == graphs["after"] and graphs["same_objects"] and graphs["compiled"] and graphs["before"]

@@ -1,0 +1,69 @@
+"""Speech for every row of a batch (omni_helpers/mindone_changes/batched_speech.py): each row's answer, codes and
+waveform are those it gets alone, from mindone at batch 1 and from the reference, when one row's answer and
+speech end earlier than the other's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from omni_helpers.request.settings import GenerationSettings
+from tests.reference import batch_inputs, request_conversation
+
+NEW_TOKENS, TALKER_FRAMES = 8, 10
+
+
+def speak(mindone, checkpoint, conversations, settings):
+    """The answers to a batch of conversations, and the codes (groups, frames) code2wav decoded for each row."""
+    from omni_helpers.generation.core import generate_from_inputs
+
+    mindone.codes_seen.clear()
+    inputs = batch_inputs(checkpoint, conversations, False)
+    answers = generate_from_inputs(mindone.model, mindone.processor, inputs, settings)
+    return answers, list(mindone.codes_seen)
+
+
+def speak_alone(mindone, checkpoint, conversations, settings):
+    alone = [speak(mindone, checkpoint, [conversation], settings) for conversation in conversations]
+    return [answers[0] for answers, _ in alone], [codes[0] for _, codes in alone]
+
+
+def test_each_row_speaks_as_it_would_alone_and_one_that_ends_early_changes_nothing(
+    mindone, reference, tiny_checkpoint, sample_media
+):
+    # a greeting and image + audio: the tiny talker's first codes part ways from the fourth frame on
+    conversations = [[{"role": "user", "content": "Hi"}], request_conversation("image_audio", sample_media)]
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, return_audio=True, talker_max_new_tokens=TALKER_FRAMES)
+    with pytest.MonkeyPatch.context() as patch:
+        # Random weights never choose the end tokens: the text row's third token is named the end of the turn,
+        # then a first code the text row speaks (and the other row does not, by then) the end of the speech.
+        first, _ = speak_alone(mindone, tiny_checkpoint, conversations, settings)
+        ends = {"turn": first[0].token_ids[2]}
+        assert ends["turn"] not in first[1].token_ids[:3], "pick another token: both rows would end together"
+        for config in (mindone.model.config, reference.model.config):
+            patch.setattr(config, "im_end_token_id", ends["turn"])
+        _, codes = speak_alone(mindone, tiny_checkpoint, conversations, settings)
+        text_row, other_row = codes[0][0], codes[1][0]
+        ends["frame"] = next(
+            frame
+            for frame in range(2, len(text_row))
+            if text_row[frame] not in text_row[:frame] and text_row[frame] not in other_row[: frame + 1]
+        )
+        for config in (mindone.model.config, reference.model.config):
+            patch.setattr(config.talker_config, "codec_eos_token_id", int(text_row[ends["frame"]]))
+        alone, alone_codes = speak_alone(mindone, tiny_checkpoint, conversations, settings)
+        batch, batch_codes = speak(mindone, tiny_checkpoint, conversations, settings)
+        references = [
+            reference.generate(batch_inputs(tiny_checkpoint, [c], False), False, NEW_TOKENS, True, TALKER_FRAMES)
+            for c in conversations
+        ]
+
+    assert batch[0].token_ids[-1] == ends["turn"] and len(batch[0].token_ids) <= 3 < len(batch[1].token_ids)
+    assert batch_codes[0].shape[1] == ends["frame"] < batch_codes[1].shape[1]  # the text row's speech ended early
+    for row, (ours, solo, theirs) in enumerate(zip(batch, alone, references, strict=True)):
+        assert ours.token_ids == solo.token_ids == theirs.tokens.tolist(), row
+        assert np.array_equal(batch_codes[row], alone_codes[row]) and np.array_equal(batch_codes[row], theirs.codes)
+        assert len(ours.waveform) == len(solo.waveform) == len(theirs.wav), row
+        assert np.abs(ours.waveform - solo.waveform).max() <= 1e-5, row
+        assert np.abs(ours.waveform - theirs.wav).max() <= 1e-3, row  # eager on both sides (tests/script_runs.py)
+        assert ours.metrics["audio_seconds"] == pytest.approx(len(ours.waveform) / 24000, abs=1e-3)
