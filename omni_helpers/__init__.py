@@ -9,8 +9,9 @@
     runtime.py        device, msrun ranks, seeds, threads
     parallel/         --parallel expert (each rank's experts) and the MoE forward on stacked experts
     mindone_changes/  what changes how mindone runs, installed in one place (patches.install_patches):
-                      the names it calls, CPU kernels, bug fixes; faster/: the faster paths and compiled
-                      graphs (not imported with --no-fast_paths)
+                      the names it calls, CPU kernels, bug fixes (speech sampled as released and for
+                      every row of a batch among them); faster/: the faster paths and compiled graphs
+                      (not imported with --no-fast_paths)
     loading.py        from_pretrained, the processor, and --parallel applied
     generation/       the one generation call (core.generate_answers), streamed text and speech
     outputs/          printing and filing answers (stdout, results.jsonl, WAV files)

@@ -7,6 +7,7 @@ the model code. mindone runs through the core's generation call, as the scripts 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -95,7 +96,8 @@ class Reference:
     """transformers' Qwen3-Omni on PyTorch, with its code predictor made greedy.
 
     In transformers the code predictor always samples (do_sample=True is hard-coded in the
-    talker's forward); mindone's decodes greedily, so codes can only be compared greedy.
+    talker's forward); here it samples only with the talker (`--talker_do_sample`), so codes are
+    compared greedy.
 
     With `audio_windows`, the audio encoder attends within its windows (`n_window_infer` mel
     frames) in eager mode too, as transformers' own flash path does: its eager path builds
@@ -301,3 +303,21 @@ def generate_both_ways(mindone, inputs, monkeypatch, path, **settings) -> tuple:
                 patch.setattr(path, "applies", lambda *args: False)
             runs.append(mindone.generate(inputs, False, 4, return_audio=True, **settings))
     return tuple(runs)
+
+
+@contextlib.contextmanager
+def flatter_code_predictor(model, factor: float = 0.05):
+    """The tiny code predictor's heads scaled down while in use: random weights make its logits so peaked
+    (one code holds more than top-p 0.8) that sampling it would choose the greedy codes; scaled, top-k 50 and
+    top-p 0.8 leave dozens of codes to draw from. Each rank scales its own part (ZeRO-3 shards alike)."""
+    from mindspore import ops
+
+    heads = [head.weight for head in model.talker.code_predictor.lm_head]
+    kept = [head.value().copy() for head in heads]
+    for head, weight in zip(heads, kept):
+        ops.assign(head, weight * factor)
+    try:
+        yield
+    finally:
+        for head, weight in zip(heads, kept):
+            ops.assign(head, weight)

@@ -12,7 +12,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.reference import MindOne, batch_inputs, processor_inputs, relative_error, request_conversation, top2_margins
+from tests.reference import (
+    MindOne,
+    batch_inputs,
+    flatter_code_predictor,
+    processor_inputs,
+    relative_error,
+    request_conversation,
+    top2_margins,
+)
 
 NEW_TOKENS = 16
 LOGIT_TOLERANCE = 1e-4  # relative
@@ -101,12 +109,13 @@ def test_fast_paths_change_nothing_but_speed(requests, mindone, fixes_only, samp
     """Stock mindone (fast paths removed, experts as loaded) and the faster paths (experts stacked
     and run from device indices when decoding, no host reads in the step's bookkeeping, the
     decode loop, the talker's decode step and code predictor): the same tokens, codes and
-    speech, greedy and sampled from the same seed."""
+    speech, greedy and sampled from the same seed (the code predictor's draws too)."""
     inputs = requests["image_audio"]
-    fast = mindone.generate(inputs, False, NEW_TOKENS, return_audio=True, sampling_seed=sampling_seed)
-    stock = generate_without_fast_paths(
-        fixes_only, inputs, False, NEW_TOKENS, return_audio=True, sampling_seed=sampling_seed
-    )
+    with flatter_code_predictor(mindone.model), flatter_code_predictor(fixes_only.model):  # its draws not greedy
+        fast = mindone.generate(inputs, False, NEW_TOKENS, return_audio=True, sampling_seed=sampling_seed)
+        stock = generate_without_fast_paths(
+            fixes_only, inputs, False, NEW_TOKENS, return_audio=True, sampling_seed=sampling_seed
+        )
     np.testing.assert_array_equal(fast.tokens, stock.tokens)
     assert relative_error(fast.step_logits, stock.step_logits) <= 1e-5
     np.testing.assert_array_equal(fast.codes, stock.codes)

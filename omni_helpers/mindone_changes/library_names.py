@@ -26,6 +26,7 @@ CALLED = [
     (GENERATION, "GenerateDecoderOnlyOutput"),
     (GENERATION, "get_multinomial_op"),
     ("mindone.transformers.generation.stopping_criteria", "StoppingCriteriaList"),
+    ("mindone.transformers.generation.logits_process", "LogitsProcessorList"),
     # the model's own pieces the faster paths and the fixes build on
     (MODELING, "Qwen3OmniMoeThinkerCausalLMOutputWithPast"),
     (MODELING, "Qwen3OmniMoeTalkerOutputWithPast"),

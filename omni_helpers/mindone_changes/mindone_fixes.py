@@ -32,6 +32,11 @@ disagree because mindone is wrong; each has a test that fails without it
     released config): the replacement encoder above passes them as a mask on every path,
     which is what transformers' flash path computes (its eager path, never calling
     `_prepare_attention_mask`, attends across the whole audio).
+- Speech not as released. `generate` keeps the code predictor greedy while the talker
+  samples (transformers samples it: top-k 50, top-p 0.8), and refuses a batch with speech.
+  The replacement `generate` has the code predictor sample while the talker does
+  (`speech_sampling`), and speaks every row of a batch (`batched_speech`); one row keeps
+  mindone's own path (tests/mindone_changes/test_speech_sampling.py, test_batched_speech.py).
 - The generation loop prints a progress line per decoding step on stdout, which the
   scripts keep for the answer; the lines go to stderr instead (under msrun both land in
   the worker's log).
@@ -47,7 +52,7 @@ from mindspore import mint, ops
 
 from omni_helpers.mindone_changes import batched_speech
 from omni_helpers.mindone_changes.library_names import AUDIO_FORWARD, FLASH_MASKS, GENERATION, MODELING, ROPE_INDEX
-from omni_helpers.mindone_changes.speech_sampling import code_predictor_sampling, samples
+from omni_helpers.mindone_changes.speech_sampling import code_predictor_sampling, frame_uniforms, residual_code, samples
 from omni_helpers.patching import PatchSet
 
 MINDONE_FIXES = PatchSet("mindone fixes", package="mindone", written_for="0.5.0")
@@ -349,8 +354,25 @@ def talker_generate_keywords(config, arguments: dict) -> dict:
 
 @MINDONE_FIXES.replaces(f"{CODE_PREDICTOR}:generate")
 def code_predictor_generate(self, *args, **kwargs):
-    """mindone's talker asks its code predictor for greedy codes (with the released top-k and top-p); while
-    the talker samples, they are sampled, as in the released model."""
+    """mindone's talker asks its code predictor for greedy codes; while the talker samples, each is drawn as
+    released instead, from the frame's uniforms, as the faster paths draw them (the same codes for a seed)."""
     if samples(self):
-        kwargs["do_sample"] = True
+        from mindone.transformers.generation.logits_process import LogitsProcessorList
+
+        uniforms = frame_uniforms(kwargs["inputs_embeds"].shape[0], kwargs["max_new_tokens"])  # as mindone calls it
+        kwargs["logits_processor"] = LogitsProcessorList([DrawnAsReleased(uniforms)])
     return MINDONE_FIXES.original(f"{CODE_PREDICTOR}:generate")(self, *args, **kwargs)
+
+
+class DrawnAsReleased:
+    """A logits processor for the code predictor's greedy loop: each step's scores become the code drawn as
+    released (`speech_sampling.residual_code`) and nothing else, which the greedy choice then takes."""
+
+    def __init__(self, uniforms):
+        self.uniforms, self.step = uniforms, 0
+
+    def __call__(self, input_ids, scores):
+        code = residual_code(scores, self.uniforms[:, self.step])
+        self.step += 1
+        chosen = mint.arange(scores.shape[-1]).reshape(1, -1) == code.reshape(-1, 1).astype(ms.int64)
+        return mint.where(chosen, 0.0, float("-inf")).astype(scores.dtype)

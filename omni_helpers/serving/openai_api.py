@@ -7,7 +7,9 @@ Content parts: `text`, `image_url` ({"url"}), `input_audio` ({"data": base64, "f
 the operator allowed (`--allowed_local_media_path`). `modalities: ["text", "audio"]` asks
 for speech, `audio: {"voice", "format": "wav"}` chooses the voice, and `talker_max_new_tokens`
 (an extension of this server's) caps the speech in codec frames, 12.5 per second, within the
-server's own --talker_max_new_tokens.
+server's own --talker_max_new_tokens. Extensions too: `talker_do_sample` (true: speech sampled as
+the released model samples it), `talker_temperature`, `talker_top_k`, `talker_top_p` and
+`talker_repetition_penalty`; each absent field is the server's flag of the same name.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ API_NAMES = {
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",
+    "talker_temperature": "talker_temperature",
+    "talker_top_k": "talker_top_k",
+    "talker_top_p": "talker_top_p",
+    "talker_repetition_penalty": "talker_repetition_penalty",
     "speaker": "audio.voice",
     "return_audio": 'modalities ["text", "audio"]',
     "batch_size": "n",
@@ -165,8 +171,22 @@ def parse_chat_request(body, defaults: GenerationSettings, folder: Path, allowed
         return_audio="audio" in modalities,
         speaker=audio.get("voice", defaults.speaker),
         seed=seed,
+        **speech_sampling(body, defaults),
     )
     return ChatRequest(conversation, settings, bool(_field(body, "stream", (bool,), False)))
+
+
+def speech_sampling(body: dict, defaults: GenerationSettings) -> dict[str, Any]:
+    """The request's own talker sampling fields (this server's extensions), the server's where absent."""
+    return {
+        "talker_do_sample": _field(body, "talker_do_sample", (bool,), defaults.talker_do_sample),
+        "talker_temperature": float(_field(body, "talker_temperature", (int, float), defaults.talker_temperature)),
+        "talker_top_k": _field(body, "talker_top_k", (int,), defaults.talker_top_k),
+        "talker_top_p": float(_field(body, "talker_top_p", (int, float), defaults.talker_top_p)),
+        "talker_repetition_penalty": float(
+            _field(body, "talker_repetition_penalty", (int, float), defaults.talker_repetition_penalty)
+        ),
+    }
 
 
 # ----------------------------------------------------------------------------- responses

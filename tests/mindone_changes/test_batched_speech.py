@@ -16,10 +16,21 @@ NEW_TOKENS, TALKER_FRAMES = 8, 10
 def speak(mindone, checkpoint, conversations, settings):
     """The answers to a batch of conversations, and the codes (groups, frames) code2wav decoded for each row."""
     from omni_helpers.generation.core import generate_from_inputs
+    from omni_helpers.measuring.forward_taps import listen
 
     mindone.codes_seen.clear()
     inputs = batch_inputs(checkpoint, conversations, False)
-    answers = generate_from_inputs(mindone.model, mindone.processor, inputs, settings)
+    logits = []  # the talker's, (rows, vocab) per step: random weights choose the same codes from many inputs
+    taps = listen(
+        mindone.model.talker, after=lambda cell, args, outputs: logits.append(outputs.logits[:, -1].asnumpy())
+    )
+    try:
+        answers = generate_from_inputs(mindone.model, mindone.processor, inputs, settings)
+    finally:
+        for tap in taps:
+            tap.remove()
+    for answer, row_logits in zip(answers, np.stack(logits, axis=1)):
+        answer.talker_logits = row_logits  # (steps, vocab)
     return answers, list(mindone.codes_seen)
 
 
@@ -63,6 +74,8 @@ def test_each_row_speaks_as_it_would_alone_and_one_that_ends_early_changes_nothi
     for row, (ours, solo, theirs) in enumerate(zip(batch, alone, references, strict=True)):
         assert ours.token_ids == solo.token_ids == theirs.tokens.tolist(), row
         assert np.array_equal(batch_codes[row], alone_codes[row]) and np.array_equal(batch_codes[row], theirs.codes)
+        steps = batch_codes[row].shape[1] + 1  # the steps the row spoke in (then its end code)
+        assert np.abs(ours.talker_logits[:steps] - solo.talker_logits[:steps]).max() <= 1e-5, row
         assert len(ours.waveform) == len(solo.waveform) == len(theirs.wav), row
         assert np.abs(ours.waveform - solo.waveform).max() <= 1e-5, row
         assert np.abs(ours.waveform - theirs.wav).max() <= 1e-3, row  # eager on both sides (tests/script_runs.py)

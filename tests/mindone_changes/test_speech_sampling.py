@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from omni_helpers.request.settings import GenerationSettings
-from tests.reference import batch_inputs, request_conversation
+from tests.reference import batch_inputs, flatter_code_predictor, request_conversation
 
 TALKER_FRAMES = 6
 
@@ -144,14 +144,39 @@ def test_sampled_speech_is_the_same_for_a_seed_compiled_or_not_and_samples_every
     """The same seed gives the same codes and waveform twice, and the compiled talker step (code predictor
     inside) the PyNative step's; another seed other codes; the residual codes are sampled, not greedy."""
     inputs = batch_inputs(tiny_checkpoint, [request_conversation("image_audio", sample_media)], False)
-    codes, wav = sampled_speech(mindone, inputs, seed=11)
-    again_codes, again_wav = sampled_speech(mindone, inputs, seed=11)
-    pynative_codes, pynative_wav = sampled_speech(mindone, inputs, seed=11, compiled=False)
-    other_codes, _ = sampled_speech(mindone, inputs, seed=12)
-    greedy_codes, _ = sampled_speech(mindone, inputs, seed=11, sample=False)
+    with flatter_code_predictor(mindone.model):
+        codes, wav = sampled_speech(mindone, inputs, seed=11)
+        again_codes, again_wav = sampled_speech(mindone, inputs, seed=11)
+        pynative_codes, pynative_wav = sampled_speech(mindone, inputs, seed=11, compiled=False)
+        other_codes, _ = sampled_speech(mindone, inputs, seed=12)
+        greedy_codes, _ = sampled_speech(mindone, inputs, seed=11, sample=False)
     assert codes.shape == (mindone.model.config.talker_config.num_code_groups, TALKER_FRAMES - 1)
     assert np.array_equal(codes, again_codes) and np.array_equal(wav, again_wav)
     assert np.array_equal(codes, pynative_codes) and np.abs(wav - pynative_wav).max() <= 1e-5
     assert not np.array_equal(codes, other_codes)
-    # the talker's first code of the first frame is drawn before any residual code: compare the residuals
-    assert (codes[1:] != greedy_codes[1:]).mean() > 0.5
+    assert (codes[1:] != greedy_codes[1:]).mean() > 0.5  # the residual codes are drawn
+
+
+def test_the_code_predictor_samples_only_while_the_talker_does(mindone):
+    """One frame's residual codes from the same talker state: greedy (and the same for any seed) unless the
+    talker samples; then drawn, so that two seeds give other codes, and the same seed the same."""
+    import mindspore as ms
+
+    from omni_helpers.mindone_changes.faster.decode_steps import predict_residual_codes
+    from omni_helpers.mindone_changes.speech_sampling import code_predictor_sampling
+
+    predictor = mindone.model.talker.code_predictor
+    hidden = predictor.config.hidden_size
+    embeds = ms.Tensor(np.random.default_rng(4).normal(size=(2, 2, hidden)).astype(np.float32))
+
+    def codes(seed: int, sampling: bool) -> np.ndarray:
+        ms.set_seed(seed)
+        with code_predictor_sampling(mindone.model, sampling):
+            return predict_residual_codes(predictor, embeds)[0].asnumpy()
+
+    with flatter_code_predictor(mindone.model):
+        greedy = codes(1, False)
+        assert np.array_equal(greedy, codes(2, False))
+        first, second = codes(1, True), codes(2, True)
+        assert np.array_equal(first, codes(1, True))
+    assert (first != second).mean() > 0.5 and (first != greedy).mean() > 0.5

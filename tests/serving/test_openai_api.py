@@ -48,3 +48,24 @@ def test_speech_settings_come_from_the_request_or_the_servers_defaults(tmp_path)
     )
     with pytest.raises(RequestError, match="talker_max_new_tokens must be int"):
         parse("hi", tmp_path, talker_max_new_tokens="long")
+
+
+def test_speech_sampling_comes_from_the_request_or_the_servers_defaults_and_bad_values_are_named(tmp_path):
+    from omni_helpers.serving.openai_api import API_NAMES
+
+    speech = {"modalities": ["text", "audio"]}
+    chat = parse("hi", tmp_path, **speech, talker_do_sample=True, talker_top_k=20, talker_repetition_penalty=1.2)
+    released = (True, 0.9, 20, 1.0, 1.2)  # what the request did not name is the server's (transformers' values)
+    assert (
+        chat.settings.talker_do_sample,
+        chat.settings.talker_temperature,
+        chat.settings.talker_top_k,
+        chat.settings.talker_top_p,
+        chat.settings.talker_repetition_penalty,
+    ) == released
+    assert parse("hi", tmp_path, **speech).settings.talker_do_sample is False  # the server's default: greedy
+    with pytest.raises(RequestError) as refused:
+        parse("hi", tmp_path, **speech, talker_do_sample=True, talker_top_p=1.5).settings.check(API_NAMES)
+    assert (str(refused.value), refused.value.param) == ("talker_top_p 1.5: must be in (0, 1]", "talker_top_p")
+    with pytest.raises(RequestError, match="talker_do_sample must be bool"):
+        parse("hi", tmp_path, **speech, talker_do_sample="yes")

@@ -179,7 +179,8 @@ def test_under_msrun_the_compiled_steps_give_the_pynative_steps_answers_on_every
         assert len(seen["rows_compiled"]["codes"]) == 2 and all(seen["rows_compiled"]["wavs"])  # every row speaks
         # sampled as released: the code predictor's codes too (the first group is the talker's own choice)
         sampled, greedy = np.array(seen["sampled_compiled"]["codes"][0]), np.array(seen["speech_compiled"]["codes"][0])
-        assert (sampled[1:] != greedy[1:]).any()
+        frames = min(sampled.shape[1], greedy.shape[1])  # a sampled talker may choose its end code sooner
+        assert (sampled[1:, :frames] != greedy[1:, :frames]).any()
         graphs = seen["thinker_graphs"]
         assert (
             graphs["before"] == graphs["after"] and graphs["same_objects"] and graphs["compiled"] and graphs["before"]
