@@ -235,20 +235,23 @@ def test_requests_in_one_batch_each_speak_their_own_answer(
     tiny_checkpoint, sample_media, short_audio, reference, tmp_path
 ):
     """--return_audio with --batch_size 3: results.jsonl names each row's WAV, and each is the speech the reference
-    gives that request alone (text; image + audio; a shorter audio: prompts of different lengths)."""
+    gives that request alone (text; image + audio; a greeting, whose speech the tiny talker makes differently)."""
     import soundfile as sf
 
-    requests = mixed_requests(sample_media, short_audio)[:3]
+    frames = 8  # the greeting's codes part from the others' at the fourth frame
+    greeting = {"id": "hi", "conversation": [{"role": "user", "content": "Hi"}]}
+    requests = mixed_requests(sample_media, short_audio)[:2] + [greeting]
     path = tmp_path / "speech.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in requests))
-    argv = requests_argv(tiny_checkpoint, path, 3) + ["--return_audio", "--talker_max_new_tokens", str(TALKER_FRAMES)]
+    argv = requests_argv(tiny_checkpoint, path, 3) + ["--return_audio", "--talker_max_new_tokens", str(frames)]
     run = run_single("omni_understanding.py", argv, tmp_path / "out")
     assert run.returncode == 0, run.stderr[-3000:]
     lines = results(run.output_dir)
     assert [line["metrics"]["batch_size"] for line in lines] == [3, 3, 3]
     assert len({line["audio"] for line in lines}) == 3
-    for line, request in zip(lines, requests, strict=True):
-        text, wav = expected_answer(reference, tiny_checkpoint, request["conversation"], NEW_TOKENS, TALKER_FRAMES)
+    expected = [expected_answer(reference, tiny_checkpoint, r["conversation"], NEW_TOKENS, frames) for r in requests]
+    assert np.abs(expected[2][1] - expected[0][1]).max() > 10 * WAV_TOLERANCE_FLASH  # rows told apart
+    for line, (text, wav) in zip(lines, expected, strict=True):
         written, rate = sf.read(line["audio"], dtype="float32")
         assert (line["text"], rate, len(written)) == (text, 24000, len(wav)), line["id"]
         assert np.abs(written - wav).max() <= WAV_TOLERANCE_FLASH, line["id"]
