@@ -50,11 +50,12 @@ from omni_helpers.request.cli import (
 )
 from omni_helpers.request.errors import RequestError
 from omni_helpers.request.settings import GenerationSettings
-from omni_helpers.request.validation import check_device, check_settings
+from omni_helpers.request.validation import RequestLimits, check_device, check_settings
 from omni_helpers.runtime import configure_openmp, progress, stdout_for_the_launcher
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 SPEECH_FRAMES = 750  # the server's speech limit: 60 s (12.5 codec frames per second); the scripts' is 4096
+LIMITS = RequestLimits()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,8 +75,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="DIR",
         help="requests may name local files under DIR (none by default: data: and http(s) URLs only)",
     )
+    limits = parser.add_argument_group("what one request may hold (each beyond it: HTTP 400 naming the flag)")
+    limits.add_argument(
+        "--max_audio_seconds", type=float, default=LIMITS.audio_seconds, help="audio, videos' sound too"
+    )
+    limits.add_argument("--max_video_seconds", type=float, default=LIMITS.video_seconds, help="video")
+    limits.add_argument("--max_media_items", type=int, default=LIMITS.media_items, help="images, audio and videos")
+    limits.add_argument("--max_turns", type=int, default=LIMITS.turns, help="messages, the history included")
     parser.set_defaults(talker_max_new_tokens=SPEECH_FRAMES)
     return parser.parse_args(argv)
+
+
+def request_limits(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(args.max_audio_seconds, args.max_video_seconds, args.max_media_items, args.max_turns)
 
 
 def check(args: argparse.Namespace) -> tuple[Checkpoint, GenerationSettings]:
@@ -84,6 +96,7 @@ def check(args: argparse.Namespace) -> tuple[Checkpoint, GenerationSettings]:
     check_device(args.device_target)
     if args.max_queue < 0:
         raise RequestError(f"--max_queue {args.max_queue}: must be 0 or more")
+    request_limits(args).check()
     if args.allowed_local_media_path and not Path(args.allowed_local_media_path).is_dir():
         raise RequestError(f"--allowed_local_media_path {args.allowed_local_media_path}: no such folder")
     checkpoint = resolve_checkpoint(args.model_name, args.allow_pickle_weights)
@@ -136,7 +149,7 @@ def main(args: argparse.Namespace) -> None:
 
     # 4. Rank 0 serves the UI and the API from a thread at once (/health says "ready": false while the model loads)
     lockstep = Lockstep(runtime)
-    engine = Engine(checkpoint, lockstep, defaults, args.max_queue)
+    engine = Engine(checkpoint, lockstep, defaults, args.max_queue, request_limits(args))
     if runtime.is_main_process:
         server, thread = serve_in_background(
             build_app(args, checkpoint, defaults, engine, runtime), args.host, args.port

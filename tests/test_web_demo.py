@@ -136,13 +136,17 @@ def check_answers(server, media, expected) -> None:
 # ----------------------------------------------------------------------------- one process
 
 
+# Limits the sample media can cross (its audio is 2.5 s long, its video 2 s), above every other test's request.
+LIMITS = ("--max_audio_seconds", "4", "--max_video_seconds", "1.5", "--max_media_items", "4", "--max_turns", "8")
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, sample_media, tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
     allowed = folder / "allowed"
     allowed.mkdir()
     (allowed / "image.png").write_bytes(sample_media["image"].read_bytes())
-    running = start_server(server_args(tiny_checkpoint, "--allowed_local_media_path", str(allowed)), folder)
+    running = start_server(server_args(tiny_checkpoint, "--allowed_local_media_path", str(allowed), *LIMITS), folder)
     yield running
     assert running.stop() == 0  # SIGTERM to an idle server: every rank stops, exit 0
 
@@ -357,6 +361,45 @@ def test_a_request_beyond_the_limits_gets_400_before_anything_is_allocated(
     code, answer = server.post("/v1/chat/completions", body(**fields))
     assert code == 400 and answer["error"]["param"] == param and words in answer["error"]["message"]
     assert server_process(server).memory_info().rss - resident < 64 * 2**20  # nothing sized by the request
+    assert ask(server, sample_media, stream=False, speech=False)[0] == expected[0]  # and the server goes on
+
+
+def user_turn(*parts) -> dict:
+    return {"role": "user", "content": list(parts)}
+
+
+def over_the_limits(media: dict) -> list[tuple[list[dict], str]]:
+    """(messages, the words of the error): each past one of the server's LIMITS."""
+    audio_data = data_url(media["audio"], "audio/wav").split(",")[1]
+    audio = {"type": "input_audio", "input_audio": {"data": audio_data, "format": "wav"}}
+    image = {"type": "image_url", "image_url": {"url": data_url(media["image"], "image/png")}}
+    video = {"type": "video_url", "video_url": {"url": data_url(media["video"], "video/mp4")}}
+    return [
+        (
+            [user_turn(audio, audio)],
+            "5.0 s of audio in this request: above this server's limit of 4 (its --max_audio_seconds)",
+        ),
+        (
+            [user_turn(video)],
+            "2.0 s of video in this request: above this server's limit of 1.5 (its --max_video_seconds)",
+        ),
+        (
+            [user_turn(image, image, image, image, image)],
+            "5 images, audio and video items in this request: above this server's limit of 4 (its --max_media_items)",
+        ),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}] * 4
+            + [{"role": "user", "content": "and?"}],
+            "9 messages in this request: above this server's limit of 8 (its --max_turns)",
+        ),
+    ]
+
+
+def test_a_request_past_the_media_or_turn_limits_gets_400_naming_the_flag(server, sample_media, expected):
+    for messages, words in over_the_limits(sample_media):
+        code, answer = server.post("/v1/chat/completions", body(messages=messages))
+        message = answer["error"]["message"]
+        assert code == 400 and message.startswith(words) and answer["error"]["param"] == "messages", answer
     assert ask(server, sample_media, stream=False, speech=False)[0] == expected[0]  # and the server goes on
 
 

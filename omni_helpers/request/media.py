@@ -218,6 +218,29 @@ def check_time_range(
             )
 
 
+def seconds_used(kind: str, item: dict, duration: Optional[float]) -> float:
+    """How much of a clip a request uses: its `<kind>_start`/`<kind>_end` range, within the clip."""
+    if duration is None:
+        return 0.0
+    start, end = item.get(f"{kind}_start") or 0.0, item.get(f"{kind}_end")
+    return max(0.0, min(duration, end if end is not None else duration) - start)
+
+
+def media_seconds(conversation: Conversation, use_audio_in_video: bool) -> dict[str, float]:
+    """Seconds of audio (videos' soundtracks included when heard) and of video a checked request holds."""
+    from omni_helpers.request.conversation import media_items
+
+    total = {"audio": 0.0, "video": 0.0}
+    for item in media_items(conversation):
+        if item["type"] == "image":
+            continue
+        seconds = seconds_used(item["type"], item, probe(local_path(item[item["type"]])).duration)
+        total[item["type"]] += seconds
+        if item["type"] == "video" and use_audio_in_video:
+            total["audio"] += seconds
+    return total
+
+
 def check_audio(item: dict) -> None:
     reference = item["audio"]
     found = probe(readable_file("audio", reference))

@@ -57,6 +57,52 @@ def check_settings(
             )
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request to the server may hold (web_demo.py's flags); the context check comes after these."""
+
+    audio_seconds: float = 2400.0  # 40 minutes: at 13 audio tokens a second, 31,200 of the released 32,768 positions
+    video_seconds: float = 120.0  # the longest video in the released model's memory table (2 frames a second)
+    media_items: int = 64
+    turns: int = 128
+
+    def check(self) -> None:
+        for setting, flag in LIMIT_FLAGS.items():
+            if getattr(self, setting) <= 0:
+                raise RequestError(f"{flag} {getattr(self, setting)}: must be positive")
+
+
+LIMIT_FLAGS = {
+    "audio_seconds": "--max_audio_seconds",
+    "video_seconds": "--max_video_seconds",
+    "media_items": "--max_media_items",
+    "turns": "--max_turns",
+}
+
+
+def beyond(limits: RequestLimits, setting: str, what: str) -> RequestError:
+    limit, flag = getattr(limits, setting), LIMIT_FLAGS[setting]
+    return RequestError(
+        f"{what}: above this server's limit of {limit:g} (its {flag}); send less, or ask separately", "messages"
+    )
+
+
+def check_request_size(conversation: Conversation, limits: RequestLimits) -> None:
+    """The turns and media items of a request within the server's limits (before any media is fetched)."""
+    items = sum(1 for _ in media_items(conversation))
+    if len(conversation) > limits.turns:
+        raise beyond(limits, "turns", f"{len(conversation)} messages in this request")
+    if items > limits.media_items:
+        raise beyond(limits, "media_items", f"{items} images, audio and video items in this request")
+
+
+def check_request_seconds(seconds: dict[str, float], limits: RequestLimits) -> None:
+    """The seconds of audio and video of a request (`media.media_seconds`) within the server's limits."""
+    for kind in ("audio", "video"):
+        if seconds[kind] > getattr(limits, f"{kind}_seconds"):
+            raise beyond(limits, f"{kind}_seconds", f"{seconds[kind]:.1f} s of {kind} in this request")
+
+
 # The talker's prompt is the user turns (at most the thinker's prompt) plus the assistant's prefix: its role,
 # the speaker and the codec's start, 9 positions in the released model; the answer's text rides on its steps.
 TALKER_PREFIX_POSITIONS = 16

@@ -36,7 +36,17 @@ from omni_helpers.request.conversation import Conversation
 from omni_helpers.request.errors import Cancelled, RequestError
 from omni_helpers.request.request_files import Request
 from omni_helpers.request.settings import FLAG_NAMES, GenerationSettings
-from omni_helpers.request.validation import Context, check_context, check_requests, check_server_limits, check_settings
+from omni_helpers.request.media import media_seconds
+from omni_helpers.request.validation import (
+    Context,
+    RequestLimits,
+    check_context,
+    check_request_seconds,
+    check_request_size,
+    check_requests,
+    check_server_limits,
+    check_settings,
+)
 from omni_helpers.serving.lockstep import IDLE, STOP, Lockstep
 
 HEARTBEAT_SECONDS = 5  # an idle rank 0 tells the others so this often: a rank waiting in a collective
@@ -87,8 +97,16 @@ def fault_message(error: BaseException) -> str:
 class Engine:
     """Made before the model loads (the HTTP server answers meanwhile, `ready` false); `attach` hands it the model."""
 
-    def __init__(self, checkpoint: Checkpoint, lockstep: Lockstep, limits: GenerationSettings, max_queue: int):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        lockstep: Lockstep,
+        limits: GenerationSettings,
+        max_queue: int,
+        request_limits: RequestLimits = RequestLimits(),
+    ):
         self.checkpoint, self.lockstep, self.limits, self.max_queue = checkpoint, lockstep, limits, max_queue
+        self.request_limits = request_limits  # what one request may hold: media seconds and items, turns
         self.context = Context.of(checkpoint.config)
         self.model = self.processor = None
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
@@ -139,7 +157,9 @@ class Engine:
             raise NotReady('the model is still loading; try again when GET /health says "ready": true')
         check_server_limits(settings, self.limits, names)
         check_settings(settings, self.checkpoint, names=names)
+        check_request_size(conversation, self.request_limits)  # before anything is fetched
         (request,) = check_requests([Request("request", conversation)], self.checkpoint, settings, media_folder)
+        check_request_seconds(media_seconds(request.conversation, settings.use_audio_in_video), self.request_limits)
         return self.submit(request.conversation, settings, stream_audio, names)
 
     def stop(self) -> None:

@@ -351,3 +351,42 @@ def test_under_msrun_the_first_rank_to_check_ends_the_job_with_code_2(media, che
     logs = [run.worker_log(rank) for rank in (0, 1)]
     assert any("error: image" in log and "not a readable image" in log for log in logs)
     assert all("Traceback" not in log for log in logs)
+
+
+def test_a_requests_media_seconds_count_its_ranges_and_heard_soundtracks(sample_media):
+    """media.media_seconds: each clip's `<kind>_start`/`<kind>_end` range within it (the sample audio is 2.5 s,
+    the video 2 s); a video heard with its soundtrack counts as audio too."""
+    from omni_helpers.request.media import media_seconds
+
+    audio, video = str(sample_media["audio"]), str(sample_media["video"])
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "audio": audio},
+                {"type": "audio", "audio": audio, "audio_start": 1.0},
+                {"type": "video", "video": video, "video_start": 0.5, "video_end": 9.0},
+                {"type": "image", "image": str(sample_media["image"])},
+            ],
+        }
+    ]
+    assert media_seconds(conversation, use_audio_in_video=False) == pytest.approx({"audio": 4.0, "video": 1.5})
+    assert media_seconds(conversation, use_audio_in_video=True) == pytest.approx({"audio": 5.5, "video": 1.5})
+
+
+def test_the_servers_request_limits_are_checked_and_must_be_positive():
+    from omni_helpers.request.errors import RequestError
+    from omni_helpers.request.validation import RequestLimits, check_request_seconds, check_request_size
+
+    limits = RequestLimits(audio_seconds=4, video_seconds=1.5, media_items=2, turns=2)
+    check_request_seconds({"audio": 4.0, "video": 1.5}, limits)  # at the limits: accepted
+    with pytest.raises(RequestError, match=r"4\.1 s of audio .* limit of 4 \(its --max_audio_seconds\)"):
+        check_request_seconds({"audio": 4.1, "video": 0.0}, limits)
+    image = {"type": "image", "image": "a.png"}
+    check_request_size([{"role": "user", "content": [image, image]}], limits)
+    with pytest.raises(RequestError, match=r"3 images, audio and video items .* \(its --max_media_items\)"):
+        check_request_size([{"role": "user", "content": [image, image, image]}], limits)
+    with pytest.raises(RequestError, match=r"3 messages .* limit of 2 \(its --max_turns\)"):
+        check_request_size([{"role": "user", "content": "hi"}] * 3, limits)
+    with pytest.raises(RequestError, match="--max_turns 0: must be positive"):
+        RequestLimits(turns=0).check()
