@@ -34,9 +34,9 @@ from omni_helpers.request.cancellation import Cancellation
 from omni_helpers.request.checkpoint import Checkpoint
 from omni_helpers.request.conversation import Conversation
 from omni_helpers.request.errors import Cancelled, RequestError
+from omni_helpers.request.media import media_seconds
 from omni_helpers.request.request_files import Request
 from omni_helpers.request.settings import FLAG_NAMES, GenerationSettings
-from omni_helpers.request.media import media_seconds
 from omni_helpers.request.validation import (
     Context,
     RequestLimits,
