@@ -20,7 +20,8 @@ The generation flags are the server's defaults; a request's own fields override 
 --max_new_tokens and --talker_max_new_tokens are also the most a request may ask for (a
 request's `talker_max_new_tokens` field, or the UI's speech limit, caps its speech). Requests
 are answered one at a time, in arrival order; past --max_queue waiting ones a new request gets
-HTTP 429. A client that disconnects (or presses Stop in the UI) cancels its request at the
+HTTP 429; a request past --max_audio_seconds, --max_video_seconds, --max_media_items or
+--max_turns gets HTTP 400 naming the flag. A client that disconnects (or presses Stop in the UI) cancels its request at the
 next decoding step. Local files are read only under --allowed_local_media_path. The server
 answers /health from the start ("ready": false while the model loads).
 """
