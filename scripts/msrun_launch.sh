@@ -67,8 +67,12 @@ while kill -0 "$MSRUN" 2>/dev/null; do  # a signal interrupted the wait: wait fo
 done
 wait "$TAIL" || true
 if [ "$STATUS" -ne 0 ]; then
-  if grep -h -m 1 "^error: " "$LOG_DIR/worker_0.log" >&2 2>/dev/null; then
-    exit 2  # a bad request or flag: its one-line error, as the script prints it in one process
+  # A bad request or flag: its one-line error, as the script prints it in one process. Every rank checks the
+  # same request, and msrun stops the others as soon as one exits, so whichever rank printed it first.
+  FIRST_ERROR="$(grep -h -m 1 "^error: " "$LOG_DIR"/worker_*.log 2>/dev/null | head -n 1 || true)"
+  if [ -n "$FIRST_ERROR" ]; then
+    echo "$FIRST_ERROR" >&2
+    exit 2
   fi
   tail -n 20 "$LOG_DIR/worker_0.log" >&2 2>/dev/null || true
   echo "error: the run failed (msrun exited with $STATUS); the workers' logs are in $LOG_DIR" >&2
