@@ -22,11 +22,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from omni_helpers.mindone_changes.batched_speech import CHUNK_FRAMES, LEFT_CONTEXT_FRAMES  # generate's chunks
+
 SPEECH_SAMPLE_RATE = 24000  # code2wav's output rate
 
 # on_audio(samples): float32 samples in [-1, 1], 24 kHz mono, in order.
 AudioCallback = Callable[[np.ndarray], None]
-CHUNK_FRAMES, LEFT_CONTEXT_FRAMES = 300, 25  # mindone's chunked_decode
 
 
 class SpeechStream:

@@ -341,8 +341,9 @@ def talker_generate_keywords(config, arguments: dict) -> dict:
         "return_dict_in_generate": True,
     }
     named = ("talker_max_new_tokens", "talker_do_sample", "talker_top_k", "talker_top_p", "talker_temperature")
+    named += ("talker_repetition_penalty",)
     for key, value in arguments.items():
-        if key.startswith("talker_") and key not in (*named, "talker_repetition_penalty"):
+        if key.startswith("talker_") and key not in named:
             keywords[key[len("talker_") :]] = value
     if arguments.get("feature_attention_mask") is not None:
         keywords["audio_feature_lengths"] = mint.sum(arguments["feature_attention_mask"], dim=1)
