@@ -286,7 +286,7 @@ def falls_back_once(run, owner, kind: str, capfd, kernel: str, what: str, instea
     finally:
         owner.__dict__.pop(f"_{kind}_error", None)
     warnings = [line for line in capfd.readouterr().err.splitlines() if f"compiled {what} did not build" in line]
-    assert len(warnings) == 1  # once: the second call does not try again
+    assert len(warnings) == 1, warnings  # once: the second call does not try again
     assert warnings[0].startswith(f"warning: the compiled {what} did not build (RuntimeError: ")
     assert f"The kernel {kernel} unregistered" in warnings[0] and warnings[0].endswith(instead)
     assert reason.startswith("RuntimeError: ") and kernel in reason

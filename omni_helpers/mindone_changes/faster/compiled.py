@@ -108,8 +108,8 @@ def first_call(graph, owner, kind: str, call, what: str, instead: str, agree_on=
 
 
 def why(error: BaseException) -> str:
-    message = str(error).strip()
-    return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
+    lines = [line for line in str(error).splitlines() if line.strip(" -")]  # MindSpore frames its messages in dashes
+    return f"{type(error).__name__}: {lines[0].strip() if lines else ''}"
 
 
 def give_up(owner, kind: str, what: str, instead: str, reason: str) -> None:

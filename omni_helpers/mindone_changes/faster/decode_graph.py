@@ -45,6 +45,8 @@ together (`compiled.first_call`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, mint, ops
@@ -114,16 +116,19 @@ def capacity_for(max_length: int) -> int:
     return -(-max_length // CAPACITY_STEP) * CAPACITY_STEP
 
 
-def start(model, model_kwargs, new_tokens: int, distributed: bool = False):
+def start(model, model_kwargs, new_tokens: int, distributed: bool = False, choice=None):
     """The graph for this request's shape (compiled at its first call, then kept on the model),
     its cache filled from the prompt's. `new_tokens` is the most the loop may still choose;
-    `distributed` (msrun: the loop's `synced_gpus`): the ranks agree on the graph's first build."""
+    `distributed` (msrun: the loop's `synced_gpus`): the ranks agree on the graph's first build;
+    `choice` (a `Choice`, the thinker only): the graph chooses the next tokens too."""
     cache = model_kwargs["past_key_values"]
     rows, _, prompt_length, _ = cache.layers[0].keys.shape
     key = (rows, capacity_for(prompt_length + new_tokens))
     kind = ThinkerGraph if type(model).__name__ == THINKER else TalkerGraph
     if kind is TalkerGraph:
         key += (samples(model.code_predictor),)
+    else:
+        key += (choice,)
     graph = compiled.kept(model, "decode_graph", key, lambda: kind(model, *key))
     graph.buffers.fill(cache, model_kwargs.get("attention_mask"))
     graph.distributed = distributed
@@ -132,7 +137,8 @@ def start(model, model_kwargs, new_tokens: int, distributed: bool = False):
 
 def run(graph, model, input_ids, model_kwargs):
     """One decode step through `graph` (the model's forward, so its hooks see it), or None when the
-    graph's first call fails (`compiled.first_call`): the model then decodes step by step."""
+    graph's first call fails (`compiled.first_call`): the model then decodes step by step. A graph that
+    chooses the tokens leaves its choice in `graph.chosen`."""
     arguments = graph.inputs(input_ids, model_kwargs)
     return compiled.first_call(
         graph,
@@ -210,25 +216,34 @@ class ThinkerGraph(DecodeGraph):
     """The thinker's compiled decode step and its buffers. The generation loop hands it to the thinker's
     forward (`fast_paths.thinker_construct`), so the forward hooks that time steps see every step."""
 
-    def __init__(self, thinker, rows: int, capacity: int):
-        self.thinker = thinker
+    def __init__(self, thinker, rows: int, capacity: int, choice=None):
+        self.thinker, self.choice, self.chosen = thinker, choice, None
         buffers = KVBuffers(thinker.model, rows, capacity, "thinker")
-        super().__init__(buffers, thinker_step(thinker, buffers))
+        step = thinker_step(thinker, buffers)
+        super().__init__(buffers, step if choice is None else choosing(step, rows, choice))
         self.collective_bytes = decoder_traffic(thinker.model, rows, buffers.dtype) + head_traffic([thinker.lm_head])
 
     def inputs(self, input_ids, model_kwargs) -> dict:
-        """The forward's arguments for a decode step: each row's newest token and its position."""
-        return {"input_ids": input_ids[:, -1:], "cache_position": model_kwargs["cache_position"], "decode_graph": self}
+        """The forward's arguments for a decode step: each row's newest token and its position (and, for a
+        graph that chooses, which rows are unfinished and whether the request was cancelled)."""
+        arguments = {"input_ids": input_ids[:, -1:], "cache_position": model_kwargs["cache_position"]}
+        if self.choice is not None:
+            arguments.update(unfinished=model_kwargs["unfinished"], cancelled=model_kwargs["cancelled"])
+        return {**arguments, "decode_graph": self}
 
     def step_arguments(self, arguments: dict) -> tuple:
-        return arguments["input_ids"], arguments["cache_position"], self.thinker.rope_deltas
+        step = arguments["input_ids"], arguments["cache_position"], self.thinker.rope_deltas
+        return step if self.choice is None else step + (arguments["unfinished"], arguments["cancelled"])
 
     def forward(self, arguments: dict):
         from mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
             Qwen3OmniMoeThinkerCausalLMOutputWithPast,
         )
 
-        logits, *hidden_states = self.step(*self.step_arguments(arguments))
+        outputs = self.step(*self.step_arguments(arguments))
+        if self.choice is not None:
+            self.chosen, outputs = Chosen(*outputs[: len(Chosen._fields)]), outputs[len(Chosen._fields) :]
+        logits, *hidden_states = outputs
         self.buffers.length += 1
         return Qwen3OmniMoeThinkerCausalLMOutputWithPast(
             logits=logits,
@@ -372,6 +387,50 @@ def talker_step(talker, buffers: KVBuffers, predictor_buffers: KVBuffers, sampli
         return (linear(x, full(head, head_split)).reshape(rows, 1, -1), frame_codes) + hidden_states
 
     return step
+
+
+# ----------------------------------------------------------------------------- the next token's choice
+
+
+class Choice(NamedTuple):
+    """What a thinker graph needs to choose each row's next token as the generation loop does when it is
+    greedy with no logits processor, and to test for the end: the loop then reads the device once per step."""
+
+    end_tokens: tuple  # the ids that end a row (`EosTokenCriteria`); () where the loop does not stop at them
+    pad_token: int  # what a finished row gets
+    distributed: bool  # msrun: whether every rank has finished is all-reduced inside the graph
+
+
+class Chosen(NamedTuple):
+    """A choosing graph's outputs before the step's own: what the next step takes, and what the host reads."""
+
+    tokens: object  # (rows, 1), the next step's input
+    cache_position: object  # (1,), the next step's position
+    unfinished: object  # (rows,) int64, 1 for a row still answering
+    choice: object  # (rows + 3,) int64, read once: the tokens, then this rank running, ranks running, ranks cancelled
+
+
+def choosing(step, rows: int, choice: Choice):
+    """`step` followed by the loop's greedy choice and stopping test, in the same graph: (the step's inputs,
+    unfinished (rows,) int64, cancelled (1,) float32) -> `Chosen`'s outputs, then the step's."""
+    all_reduce = ops.AllReduce(ops.ReduceOp.SUM) if choice.distributed else None
+
+    def step_and_choice(input_ids, cache_position, rope_deltas, unfinished, cancelled):
+        outputs = step(input_ids, cache_position, rope_deltas)
+        tokens = mint.argmax(outputs[0].reshape(rows, -1), dim=-1)
+        if choice.end_tokens:  # as the loop: finished rows get padding, then `EosTokenCriteria`
+            tokens = tokens * unfinished + choice.pad_token * (1 - unfinished)
+            ended = tokens == choice.end_tokens[0]
+            for end in choice.end_tokens[1:]:
+                ended = ops.logical_or(ended, tokens == end)
+            unfinished = unfinished * (1 - ops.cast(ended, ms.int64))
+        running = ops.cast(unfinished.max() > 0, ms.float32).reshape(1)
+        flags = ops.concat((running, cancelled))
+        flags = ops.concat((running, all_reduce(flags) if all_reduce is not None else flags))
+        read = ops.concat((tokens, ops.cast(flags, ms.int64)))
+        return (tokens.reshape(rows, 1), cache_position + 1, unfinished, read) + outputs
+
+    return step_and_choice
 
 
 # ----------------------------------------------------------------------------- layers

@@ -29,6 +29,7 @@ import logging
 import time
 
 import mindspore as ms
+import numpy as np
 from mindspore import mint, ops
 
 from omni_helpers.mindone_changes.faster import decode_graph
@@ -78,9 +79,18 @@ def sample(
         if step == 1 and decode_graph.applies(model, input_ids.shape[0], generation_config):
             # from the first decode step on (a request that stops at its first token builds no graph); the
             # length limit counts the ids so far (none for a prompt given as embeddings, as the talker's is)
+            choice = choice_in_graph(model, logits_processor, stopping_criteria, generation_config, synced_gpus)
             graph = decode_graph.start(
-                model, model_kwargs, generation_config.max_length - input_ids.shape[1], synced_gpus
+                model, model_kwargs, generation_config.max_length - input_ids.shape[1], synced_gpus, choice
             )
+            if choice is not None:
+                decoded = decode_choosing_in_graph(
+                    graph, model, input_ids, unfinished, model_kwargs, record, streamer, cancellation, stopping_criteria
+                )
+                if decoded is not None:
+                    input_ids = decoded
+                    break
+                graph = None  # it did not build: this step and the next in PyNative
         outputs = None if graph is None else decode_graph.run(graph, model, input_ids, model_kwargs)
         if outputs is None:  # the prompt, a stage the graph does not cover, or a graph that could not compile
             graph = None
@@ -122,6 +132,59 @@ def sample(
     )
 
 
+def choice_in_graph(model, logits_processor, stopping_criteria, generation_config, synced_gpus):
+    """The `decode_graph.Choice` for a graph that chooses the tokens itself, or None where the loop must:
+    the thinker, greedy with no logits processor, stopping only at its length or its end tokens."""
+    from mindone.transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+    if type(model).__name__ != decode_graph.THINKER or generation_config.do_sample or len(logits_processor):
+        return None
+    if not all(isinstance(criterion, (EosTokenCriteria, MaxLengthCriteria)) for criterion in stopping_criteria):
+        return None
+    stops_at_eos = any(isinstance(criterion, EosTokenCriteria) for criterion in stopping_criteria)
+    end = generation_config.eos_token_id if stops_at_eos else ()
+    end_tokens = tuple(end) if isinstance(end, (list, tuple)) else (end,)
+    pad = generation_config.pad_token_id
+    pad = (end_tokens[0] if pad is None else pad) if stops_at_eos else 0  # mindone pads with the first end token
+    return decode_graph.Choice(end_tokens, int(pad), bool(synced_gpus))
+
+
+def decode_choosing_in_graph(
+    graph, model, input_ids, unfinished, model_kwargs, record, streamer, cancellation, stopping_criteria
+):
+    """The decode steps of a graph that chooses the tokens and tests for the end itself: a step is one graph
+    call and one host read (the tokens chosen and the ranks' flags). The ids so far with the tokens chosen,
+    or None when the graph did not build at its first call (the loop then goes on in PyNative)."""
+    limit = min(
+        (c.max_length for c in stopping_criteria if hasattr(c, "max_length")), default=None
+    )  # counted on the host, by steps, so that every rank stops at the same one
+    rows, length, chosen = input_ids.shape[0], input_ids.shape[1], []
+    state = {"cache_position": model_kwargs["cache_position"], "unfinished": unfinished}
+    tokens, this_peer_finished = input_ids, False
+    while True:
+        state["cancelled"] = ms.Tensor([float(cancellation is not None and cancellation.cancelled)], ms.float32)
+        outputs = decode_graph.run(graph, model, tokens, state)
+        if outputs is None:
+            return None
+        tokens, state["cache_position"], state["unfinished"], read = graph.chosen
+        read = read.asnumpy()  # the step's one host read
+        length += 1
+        if not this_peer_finished:
+            logits = outputs.logits[:, -1, :] if record.keeps_logits else None
+            record.step(logits, logits, outputs)  # no logits processor: the scores are the logits
+            chosen.append(read[:rows])
+            if streamer is not None:
+                streamer.put(read[:rows])
+        reached_limit = limit is not None and length >= limit
+        this_peer_finished = this_peer_finished or read[rows] == 0 or reached_limit
+        if read[rows + 2] > 0:  # a rank's request was cancelled before this step
+            raise Cancelled(f"cancelled after {length - input_ids.shape[1] + 1} decoding steps")
+        if read[rows + 1] == 0 or reached_limit:
+            break
+    del outputs
+    return mint.cat([input_ids, ms.Tensor(np.stack(chosen, axis=1), input_ids.dtype)], dim=-1)
+
+
 def stopping_test(unfinished, synced_gpus: bool, cancellation=None) -> tuple[bool, bool, bool]:
     """(this rank has finished, every rank has finished, a rank was cancelled), from one host read."""
     running = (unfinished.max() > 0).astype(ms.float32).reshape(1)
@@ -152,6 +215,7 @@ class Record:
         self.logits = () if keep and generation_config.output_logits else None
         self.attentions = () if keep and generation_config.output_attentions else None
         self.hidden_states = () if keep and generation_config.output_hidden_states else None
+        self.keeps_logits = self.scores is not None or self.logits is not None
 
     def step(self, scores, logits, outputs) -> None:
         if self.scores is not None:

@@ -45,6 +45,22 @@ def test_compiled_step_gives_the_pynative_steps_tokens_logits_and_hidden_states(
             assert relative_error(ours.asnumpy(), theirs.asnumpy()) <= 1e-5
 
 
+def test_a_graph_that_chooses_ends_each_row_at_its_end_token_as_the_loop_does(mindone, two_rows, monkeypatch):
+    """Greedy with no logits processor, the graph chooses the tokens and tests for the end itself: with an end
+    token that one row says early, that row is padded from then on and the other goes on, as in the loop."""
+    free = thinker_generate(mindone, two_rows, False, monkeypatch, do_sample=False)
+    said = free.sequences.asnumpy()[:, two_rows["input_ids"].shape[1] :]
+    end = int(said[1, 3])  # the second row's fourth token, where the first row does not say it before
+    assert end not in said[0, :4]
+    stops = {"do_sample": False, "eos_token_id": end, "pad_token_id": 0}
+    compiled = thinker_generate(mindone, two_rows, True, monkeypatch, **stops)
+    pynative = thinker_generate(mindone, two_rows, False, monkeypatch, **stops)
+    assert any(key[2] == decode_graph.Choice((end,), 0, False) for key in graphs_of(mindone))
+    np.testing.assert_array_equal(compiled.sequences.asnumpy(), pynative.sequences.asnumpy())
+    row = compiled.sequences.asnumpy()[1, two_rows["input_ids"].shape[1] :]
+    assert row[3] == end and (row[4:] == 0).all() and len(row) > 5
+
+
 def test_the_cache_handed_back_holds_every_decoded_position(mindone, two_rows, monkeypatch):
     compiled = thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False)
     pynative = thinker_generate(mindone, two_rows, False, monkeypatch, do_sample=False)
@@ -64,14 +80,15 @@ def test_a_graph_is_built_once_per_shape_and_refilled_for_the_next_request(mindo
     """Later requests of the same shape reuse the first one's graph: its buffers are refilled in place (a
     graph keeps the memory it was compiled with; rebinding a buffer would leave it reading an old cache)."""
     first = thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False)
-    graph = graphs_of(mindone)[(2, 256)]
+    (key, graph), *_ = graphs_of(mindone).items()
+    assert key[:2] == (2, 256)  # rows, cache capacity
     swapped = {key: value[::-1].copy() for key, value in two_rows.items()}  # the same shape, other caches
     expected = thinker_generate(mindone, swapped, False, monkeypatch, do_sample=False)
     actual = thinker_generate(mindone, swapped, True, monkeypatch, do_sample=False)
     np.testing.assert_array_equal(actual.sequences.asnumpy(), expected.sequences.asnumpy())
     again = thinker_generate(mindone, two_rows, True, monkeypatch, do_sample=False)
     np.testing.assert_array_equal(again.sequences.asnumpy(), first.sequences.asnumpy())
-    assert graphs_of(mindone)[(2, 256)] is graph
+    assert graphs_of(mindone)[key] is graph
 
 
 def test_capacity_is_rounded_up_to_share_graphs():
