@@ -417,7 +417,8 @@ def choosing(step, rows: int, choice: Choice):
 
     def step_and_choice(input_ids, cache_position, rope_deltas, unfinished, cancelled):
         outputs = step(input_ids, cache_position, rope_deltas)
-        tokens = mint.argmax(outputs[0].reshape(rows, -1), dim=-1)
+        # `ops.Argmax`, which has a CPU kernel (mint's has not: its CPU fallback would call Python at every step)
+        tokens = ops.cast(ops.Argmax(axis=-1, output_type=ms.int32)(outputs[0].reshape(rows, -1)), ms.int64)
         if choice.end_tokens:  # as the loop: finished rows get padding, then `EosTokenCriteria`
             tokens = tokens * unfinished + choice.pad_token * (1 - unfinished)
             ended = tokens == choice.end_tokens[0]
