@@ -173,11 +173,13 @@ def decode_choosing_in_graph(
             logits = outputs.logits[:, -1, :] if record.keeps_logits else None
             record.step(logits, logits, outputs)  # no logits processor: the scores are the logits
             chosen.append(read[:rows])
-            if streamer is not None:
+            if streamer is not None and not (cancellation is not None and cancellation.cancelled):
                 streamer.put(read[:rows])
         reached_limit = limit is not None and length >= limit
         this_peer_finished = this_peer_finished or read[rows] == 0 or reached_limit
-        if read[rows + 2] > 0:  # a rank's request was cancelled before this step
+        # cancelled here (one process), or on any rank before this step (msrun: the flag went through the graph)
+        cancelled_here = cancellation is not None and cancellation.cancelled and not graph.choice.distributed
+        if cancelled_here or read[rows + 2] > 0:
             raise Cancelled(f"cancelled after {length - input_ids.shape[1] + 1} decoding steps")
         if read[rows + 1] == 0 or reached_limit:
             break
