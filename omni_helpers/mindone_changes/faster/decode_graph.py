@@ -222,6 +222,8 @@ class ThinkerGraph(DecodeGraph):
         step = thinker_step(thinker, buffers)
         super().__init__(buffers, step if choice is None else choosing(step, rows, choice))
         self.collective_bytes = decoder_traffic(thinker.model, rows, buffers.dtype) + head_traffic([thinker.lm_head])
+        if choice is not None and choice.distributed:  # the ranks' flags: running, cancelled (float32)
+            self.collective_bytes += collective_bytes("all_reduce", 8, world_size())
 
     def inputs(self, input_ids, model_kwargs) -> dict:
         """The forward's arguments for a decode step: each row's newest token and its position (and, for a
