@@ -18,8 +18,10 @@ server-sent chunks of text and speech as they are generated):
 
 The generation flags are the server's defaults; a request's own fields override them, and
 --max_new_tokens and --talker_max_new_tokens are also the most a request may ask for (a
-request's `talker_max_new_tokens` field, or the UI's speech limit, caps its speech). Requests
-are answered one at a time, in arrival order; past --max_queue waiting ones a new request gets
+request's `talker_max_new_tokens` field, or the UI's speech limit, caps its speech). The
+requests waiting when a generation starts run together, as the rows of one batch (up to
+--max_batch_size; those with other settings, a seed, streamed speech, or images beside videos
+wait for the next), each client streamed its own row; past --max_queue waiting ones a new request gets
 HTTP 429; a request past --max_audio_seconds, --max_video_seconds, --max_media_items or
 --max_turns gets HTTP 400 naming the flag. A client that disconnects (or presses Stop in the UI) cancels its request at the
 next decoding step. Local files are read only under --allowed_local_media_path. The server
@@ -71,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     server.add_argument("--port", type=int, default=7860, help="port of the UI and the API")
     server.add_argument("--max_queue", type=int, default=8, help="requests that may wait; more get HTTP 429")
     server.add_argument(
+        "--max_batch_size", type=int, default=8, help="requests answered together in one generation, at most"
+    )
+    server.add_argument(
         "--allowed_local_media_path",
         default=None,
         metavar="DIR",
@@ -97,6 +102,8 @@ def check(args: argparse.Namespace) -> tuple[Checkpoint, GenerationSettings]:
     check_device(args.device_target)
     if args.max_queue < 0:
         raise RequestError(f"--max_queue {args.max_queue}: must be 0 or more")
+    if args.max_batch_size < 1:
+        raise RequestError(f"--max_batch_size {args.max_batch_size}: must be 1 or more")
     request_limits(args).check()
     if args.allowed_local_media_path and not Path(args.allowed_local_media_path).is_dir():
         raise RequestError(f"--allowed_local_media_path {args.allowed_local_media_path}: no such folder")
@@ -150,7 +157,7 @@ def main(args: argparse.Namespace) -> None:
 
     # 4. Rank 0 serves the UI and the API from a thread at once (/health says "ready": false while the model loads)
     lockstep = Lockstep(runtime)
-    engine = Engine(checkpoint, lockstep, defaults, args.max_queue, request_limits(args))
+    engine = Engine(checkpoint, lockstep, defaults, args.max_queue, request_limits(args), args.max_batch_size)
     if runtime.is_main_process:
         server, thread = serve_in_background(
             build_app(args, checkpoint, defaults, engine, runtime), args.host, args.port
@@ -172,7 +179,7 @@ def main(args: argparse.Namespace) -> None:
         follow(model, processor, lockstep)
         return
 
-    # 7. Rank 0 answers the requests here, in arrival order
+    # 7. Rank 0 answers the requests here: those waiting when a generation starts, together
     engine.attach(model, processor)
     stop_on_signals(engine)
     print(f"ready: {args.model_name} at http://{args.host}:{args.port}", flush=True)

@@ -438,8 +438,8 @@ def test_a_wrong_method_gets_405_and_an_unknown_route_404_in_the_apis_shape(meth
     assert refused.value.headers.get("allow") == allow
 
 
-def start_stream(server, max_tokens: int):
-    """A streamed request read up to its third piece of text; returns the open connection."""
+def send_stream(server, max_tokens: int):
+    """A streamed request sent on a raw connection, its response not read yet."""
     import http.client
 
     connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=120)
@@ -449,11 +449,22 @@ def start_stream(server, max_tokens: int):
         body=body(max_tokens=max_tokens, stream=True),
         headers={"Content-Type": "application/json"},
     )
-    response, pieces = connection.getresponse(), 0
-    while pieces < 3:
+    return connection
+
+
+def read_pieces(response, count: int) -> None:
+    """Reads a streamed response up to its `count`-th piece of text."""
+    pieces = 0
+    while pieces < count:
         line = response.fp.readline()
         assert line, "the stream ended early"
         pieces += b'"content": "' in line and b'"content": ""' not in line
+
+
+def start_stream(server, max_tokens: int):
+    """A streamed request read up to its third piece of text; returns the open connection."""
+    connection = send_stream(server, max_tokens)
+    read_pieces(connection.getresponse(), 3)
     return connection
 
 
@@ -689,12 +700,104 @@ def test_a_browser_keeps_a_question_sent_mid_answer_stops_on_request_and_a_close
     assert idle_within(server, 15)["requests_cancelled"] == before + 2
 
 
+# ----------------------------------------------------------------------------- batches
+
+
+PROMPTS = ["Hi", "Describe the sound of rain.", "Count to three, slowly please.", "What is a short sentence?"]
+BATCH_TOKENS = 64  # long enough that a client hanging up after its first piece does so mid-batch
+
+
+def ask_text(server, prompt: str, stream: bool) -> tuple[str, dict]:
+    """A text question through the openai client: (the answer, its metrics); streamed pieces joined."""
+    request = dict(model="any", messages=[{"role": "user", "content": prompt}], max_tokens=BATCH_TOKENS)
+    if not stream:
+        response = client(server).chat.completions.create(**request)
+        return response.choices[0].message.content, response.model_extra["metrics"]
+    pieces, metrics = [], None
+    for chunk in client(server).chat.completions.create(**request, stream=True):
+        pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.choices[0].finish_reason:
+            metrics = chunk.model_extra["metrics"]
+    return "".join(pieces), metrics
+
+
+def waiting_within(server, count: int, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while server.get("/health")["waiting"] < count:
+        assert time.time() < deadline, server.get("/health")
+        time.sleep(0.05)
+
+
+def test_requests_waiting_together_run_as_one_batch_each_answered_as_alone(tiny_checkpoint, tmp_path):
+    server = start_server(server_args(tiny_checkpoint, *BATCHING), tmp_path)
+    try:
+        check_batching(server)
+    finally:
+        assert server.stop() == 0
+
+
+BATCHING = ("--max_queue", "8", "--max_batch_size", str(len(PROMPTS) + 1))
+
+
+def check_batching(server) -> None:
+    """Four clients ask while a fifth's answer is being generated: once it ends (its client hangs up), the four
+    and a sixth run as the rows of one batch, each streamed or answered its own row, equal to its answer asked
+    alone; the sixth hangs up mid-batch, which costs the others nothing."""
+    alone = [ask_text(server, prompt, stream=False) for prompt in PROMPTS]
+    assert all(metrics["batch_size"] == 1 for _, metrics in alone)
+    before = server.get("/health")
+
+    occupier = start_stream(server, MOST_TOKENS)  # the engine is busy with it from here
+    answers: dict[int, tuple[str, dict]] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: answers.__setitem__(i, ask_text(server, PROMPTS[i], stream=i % 2 == 1)))
+        for i in range(len(PROMPTS))
+    ]
+    for thread in threads:
+        thread.start()
+    waiting_within(server, len(PROMPTS))
+    leaver = start_stream_after(server, len(PROMPTS))  # joins the waiting ones, hangs up once its row streams
+    occupier.sock.shutdown(socket.SHUT_RDWR)
+    occupier.close()
+    leaver.read_some_and_hang_up()
+    for thread in threads:
+        thread.join(timeout=300)
+
+    assert sorted(answers) == list(range(len(PROMPTS)))
+    for i, (text, metrics) in sorted(answers.items()):
+        assert text == alone[i][0], PROMPTS[i]
+        assert metrics["batch_size"] == len(PROMPTS) + 1
+    health = idle_within(server, 30)
+    assert health["largest_batch"] == len(PROMPTS) + 1 and health["batches"] == before["batches"] + 2
+    assert health["requests_cancelled"] == before["requests_cancelled"] + 2  # the occupier and the leaver
+    assert health["requests_served"] == before["requests_served"] + len(PROMPTS)
+
+
+class HangingUp:
+    """A streamed request on a raw connection: `read_some_and_hang_up` reads its first piece of text, then closes."""
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def read_some_and_hang_up(self) -> None:
+        read_pieces(self.connection.getresponse(), 1)
+        self.connection.sock.shutdown(socket.SHUT_RDWR)
+        self.connection.close()
+
+
+def start_stream_after(server, waiting: int) -> HangingUp:
+    """A streamed request, sent once `waiting` others wait: it waits behind them."""
+    connection = send_stream(server, BATCH_TOKENS)
+    waiting_within(server, waiting + 1)
+    return HangingUp(connection)
+
+
 # ----------------------------------------------------------------------------- msrun
 
 
 @pytest.mark.parametrize("mode", ["zero3", "expert"])
 def test_msrun_two_workers_answer_as_the_reference(mode, tiny_checkpoint, sample_media, expected, tmp_path):
-    server = start_server(server_args(tiny_checkpoint, "--parallel", mode), tmp_path, msrun=True)
+    server = start_server(server_args(tiny_checkpoint, "--parallel", mode, *BATCHING), tmp_path, msrun=True)
     try:
         health = server.get("/health")
         assert (health["parallel"], health["world_size"]) == (mode, 2)
@@ -708,6 +811,7 @@ def test_msrun_two_workers_answer_as_the_reference(mode, tiny_checkpoint, sample
         assert idle_within(server, 30)["requests_cancelled"] == 1
         assert cancelled_steps(server)[-1] < MOST_TOKENS // 4
         assert ask(server, sample_media, stream=False, speech=False)[0] == expected[0]  # still in step
+        check_batching(server)  # every rank runs the batch, in step
         assert server.get("/health")["loads"] == 1
     finally:
         returncode = server.stop()

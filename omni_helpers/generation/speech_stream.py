@@ -5,12 +5,16 @@ has finished. A forward hook on the talker (installed for one `generate` call) s
 frame's codes as the next step begins, and every few frames decodes what there is of the
 current code2wav chunk, handing out the samples not handed out yet.
 
-code2wav is causal: decoding the first n frames of a chunk gives exactly the first samples
-of decoding the whole chunk (measured: equal to 2e-5). So the pieces are the very samples
-`generate` returns at the end, decoded with the same chunking (300-frame chunks, the later
-ones with 25 frames of left context, as mindone's `chunked_decode` does); the tail that the
-last decode leaves is taken from `generate`'s own waveform. The price: each emission decodes
-the current chunk's frames so far again.
+Each emission decodes only the frames not handed out yet, behind a fixed left context of
+`STREAM_CONTEXT_FRAMES`, so its cost stays the same however long the answer grows; within
+each of `generate`'s 300-frame code2wav chunks the context reaches back no further than that
+chunk's own (25 frames before it, as mindone's `chunked_decode` decodes it). code2wav is causal:
+a sample depends on the frames before it, through its attention layers' 72-frame windows. With
+one layer (the tiny checkpoint) 100 frames of context give `generate`'s own samples (measured:
+3.0e-5 at most; 72 frames: 0.11). The released code2wav has 8 such layers, so frames further back
+than 100 can still add a little: less than `chunked_decode` itself leaves out at each chunk's
+start, where it keeps 25. The tail that the last decode leaves is taken from `generate`'s own
+waveform.
 
 Every msrun rank installs the same hook, so under ZeRO-3 code2wav's collectives stay in step.
 """
@@ -25,6 +29,7 @@ import numpy as np
 from omni_helpers.mindone_changes.batched_speech import CHUNK_FRAMES, LEFT_CONTEXT_FRAMES  # generate's chunks
 
 SPEECH_SAMPLE_RATE = 24000  # code2wav's output rate
+STREAM_CONTEXT_FRAMES = 100  # frames decoded again before the new ones at each emission (see above)
 
 # on_audio(samples): float32 samples in [-1, 1], 24 kHz mono, in order.
 AudioCallback = Callable[[np.ndarray], None]
@@ -35,10 +40,10 @@ class SpeechStream:
         self.code2wav, self.on_audio = code2wav, on_audio
         self.first_frames, self.every_frames = first_frames, every_frames
         self.frames: list = []  # one (1, groups) code tensor per frame
-        self.decoded_frames = 0
-        self.chunk_start = 0  # first frame of the code2wav chunk being handed out
-        self.sent_in_chunk = 0  # samples of that chunk handed out
+        self.decoded_frames = 0  # frames whose samples were handed out
         self.sent_samples = 0  # of the whole waveform
+        self.chunk_sent = 0  # of the current code2wav chunk
+        self.frames_per_emission: list[int] = []  # frames each emission decoded, its context included
         self.steps = 0  # talker forwards seen
         self.first_audio_step: Optional[int] = None
         self.first_audio_time: Optional[float] = None
@@ -55,25 +60,33 @@ class SpeechStream:
             self._decode_so_far()
 
     def _decode_so_far(self) -> None:
+        """The samples not handed out yet, one of `generate`'s code2wav chunks at a time. code2wav gives a few
+        samples fewer than its frames' (the last upsampling trims them), so positions are counted in samples
+        from the chunk's first frame on, as `chunked_decode` joins its chunks."""
         frames = len(self.frames)
-        while True:
-            chunk_end = min(self.chunk_start + CHUNK_FRAMES, frames)
-            wav = self._decode(self.chunk_start, chunk_end)
-            self._send(wav[self.sent_in_chunk :])
-            self.sent_in_chunk = len(wav)
-            if chunk_end - self.chunk_start < CHUNK_FRAMES or chunk_end == frames:
-                break
-            self.chunk_start, self.sent_in_chunk = chunk_end, 0  # that chunk is whole: on to the next
-        self.decoded_frames = frames
+        while self.decoded_frames < frames:
+            chunk_start = self.decoded_frames // CHUNK_FRAMES * CHUNK_FRAMES
+            chunk_end = min(chunk_start + CHUNK_FRAMES, frames)
+            if self.decoded_frames == chunk_start:
+                self.chunk_sent = 0  # samples of this chunk handed out
+            chunk_context = LEFT_CONTEXT_FRAMES if chunk_start - LEFT_CONTEXT_FRAMES > 0 else chunk_start
+            start = max(chunk_start - chunk_context, self.decoded_frames - STREAM_CONTEXT_FRAMES)
+            samples = self._decode(start, chunk_end)  # from frame `start` on
+            self._send(samples[(chunk_start - start) * self.samples_per_frame + self.chunk_sent :])
+            self.chunk_sent = len(samples) - (chunk_start - start) * self.samples_per_frame
+            self.frames_per_emission.append(chunk_end - start)
+            self.decoded_frames = chunk_end
+
+    @property
+    def samples_per_frame(self) -> int:
+        return int(self.code2wav.total_upsample)
 
     def _decode(self, start: int, end: int) -> np.ndarray:
-        """Samples of frames [start, end) as chunked_decode computes them for the chunk starting at `start`."""
+        """Samples of frames [start, end), decoded from frame `start` on."""
         from mindspore import mint
 
-        context = LEFT_CONTEXT_FRAMES if start - LEFT_CONTEXT_FRAMES > 0 else start
-        codes = mint.stack(self.frames[start - context : end], dim=1).transpose(1, 2)  # (1, groups, frames)
-        wav = self.code2wav(codes).reshape(-1).float().asnumpy()
-        return wav[context * int(self.code2wav.total_upsample) :]
+        codes = mint.stack(self.frames[start:end], dim=1).transpose(1, 2)  # (1, groups, frames)
+        return self.code2wav(codes).reshape(-1).float().asnumpy()
 
     def _send(self, samples: np.ndarray) -> None:
         if not len(samples):

@@ -1,24 +1,34 @@
-"""A resident Qwen3-Omni: the model loaded once, requests answered one at a time, in arrival order.
+"""A resident Qwen3-Omni: the model loaded once, the requests waiting when a generation starts
+answered together, as the rows of one batch.
 
 Rank 0 runs the `Engine`: the HTTP API and the browser UI submit jobs from their own
-threads; the engine takes them in order in the main thread (where MindSpore runs),
-preprocesses each (template, media, processor), sends it to the other ranks (`lockstep`)
-and generates. Every other rank runs `follow`: the same generations, as rank 0 sends them.
-What a job produces (text pieces, speech chunks, the answer, or its error) arrives on its
-own queue of events.
+threads; the engine takes them in the main thread (where MindSpore runs): the oldest waiting
+job and, up to --max_batch_size, the later waiting ones that can share its forward
+(`can_share`), preprocesses them as one batch (template, media, processor), sends it to the
+other ranks (`lockstep`) and generates. Every other rank runs `follow`: the same generations,
+as rank 0 sends them. What a job produces (text pieces of its own row, speech chunks, the
+answer, or its error) arrives on its own queue of events.
+
+Batches are formed when a generation starts, not joined while one decodes (static batching):
+the loop's compiled steps and KV buffers have the batch's shape for the whole generation.
+Greedy rows answer as they would alone (the prompts are left-padded and masked); a request
+with a seed runs alone, since its draws are reproducible only alone; so does one that streams
+speech (speech is streamed for a single row).
 
 Admission comes before allocation: a request's tokens and frames are checked against the
 server's ceilings (its --max_new_tokens and --talker_max_new_tokens) and the model's context
 when it is submitted, and again with its prompt's length once the processor has run, before
 anything is sent to a rank or allocated. A job whose client went away or pressed Stop is
-cancelled (`Job.cancel`): skipped if it still waits, stopped at its next decoding step on
-every rank if it runs. A fault inside a generation (the device out of memory, say) fails
+cancelled (`Job.cancel`): skipped if it still waits; if it runs, its row goes on silently with
+the others (nothing more is sent for it), and the batch stops at its next decoding step on
+every rank once every row's client has gone. A fault inside a generation (the device out of memory, say) fails
 that request alone in one process; under msrun the other ranks may be waiting inside a
 collective, so the server ends and msrun stops them.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 import sys
@@ -46,6 +56,7 @@ from omni_helpers.request.validation import (
     check_requests,
     check_server_limits,
     check_settings,
+    visual_kinds,
 )
 from omni_helpers.serving.lockstep import IDLE, STOP, Lockstep
 
@@ -78,8 +89,37 @@ class Job:
     events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
 
     def cancel(self) -> None:
-        """Nobody waits for the answer any more: skip the job, or stop it at its next decoding step."""
+        """Nobody waits for the answer any more: skip the job, or stop sending it anything."""
         self.cancellation.cancel()
+
+    def send(self, kind: str, value: Any = None) -> None:
+        """An event for the client, unless it has gone."""
+        if not self.cancellation.cancelled:
+            self.events.put((kind, value))
+
+
+def can_share(batch: list[Job], job: Job) -> bool:
+    """Whether `job` can be a row of `batch`'s forward: the same settings, no seed (draws reproducible only alone),
+    no streamed speech (streamed for one row), and not images beside videos (a forward takes one kind)."""
+    first = batch[0]
+    if job.settings != first.settings or job.settings.seed is not None:
+        return False
+    if job.stream_audio or first.stream_audio:
+        return False
+    kinds = set().union(*(visual_kinds(other.conversation) for other in batch))
+    return len(kinds | visual_kinds(job.conversation)) < 2
+
+
+class BatchCancellation(Cancellation):
+    """A batch's cancellation: set once every row's own is (the rows of clients that left go on silently)."""
+
+    def __init__(self, jobs: list[Job]):
+        super().__init__()
+        self.jobs = jobs
+
+    @property
+    def cancelled(self) -> bool:
+        return all(job.cancellation.cancelled for job in self.jobs)
 
 
 def fault_message(error: BaseException) -> str:
@@ -104,16 +144,20 @@ class Engine:
         limits: GenerationSettings,
         max_queue: int,
         request_limits: RequestLimits = RequestLimits(),
+        max_batch_size: int = 8,
     ):
         self.checkpoint, self.lockstep, self.limits, self.max_queue = checkpoint, lockstep, limits, max_queue
+        self.max_batch_size = max_batch_size  # rows of one generation at most
         self.request_limits = request_limits  # what one request may hold: media seconds and items, turns
         self.context = Context.of(checkpoint.config)
         self.model = self.processor = None
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self.held: "collections.deque[Optional[Job]]" = collections.deque()  # taken from `jobs`, not yet batched
         self.lock = threading.Lock()
         self.waiting = 0
         self.busy = False
         self.served = self.cancelled = self.failed = 0
+        self.batches = self.largest_batch = 0
         self.loads = 0
 
     def attach(self, model, processor) -> None:
@@ -167,69 +211,125 @@ class Engine:
         self.jobs.put(None)
 
     def serve_forever(self) -> None:
-        """Rank 0's main thread: answer jobs in arrival order until `stop`."""
+        """Rank 0's main thread: answer the waiting jobs, oldest first, in batches, until `stop`."""
         while True:
-            try:
-                job = self.jobs.get(timeout=HEARTBEAT_SECONDS)
-            except queue.Empty:
-                self.lockstep.send(IDLE)  # the other ranks wait inside a broadcast: keep it short
-                continue
-            if job is None:
+            job = self.next_job(wait=HEARTBEAT_SECONDS)
+            if job is None and self.stop_seen:
                 self.lockstep.send(STOP)
                 return
-            with self.lock:
-                self.waiting -= 1
-            if job.cancellation.cancelled:  # its client left while it waited
-                self.cancelled += 1
-                job.events.put(("cancelled", None))
+            if job is None:
+                self.lockstep.send(IDLE)  # the other ranks wait inside a broadcast: keep it short
                 continue
+            batch = self.batch_with(job)
             self.busy = True
             try:
-                self.run(job)
+                self.run(batch)
             finally:
                 self.busy = False
 
-    def run(self, job: Job) -> None:
+    @property
+    def stop_seen(self) -> bool:
+        return bool(self.held) and self.held[0] is None
+
+    def next_job(self, wait: Optional[float] = None) -> Optional[Job]:
+        """The oldest waiting job that still has a client; None when none came within `wait` seconds (at once
+        without it) or once `stop` was called (its mark is kept first in `held`)."""
+        while True:
+            if self.stop_seen:
+                return None
+            if self.held:
+                job = self.held.popleft()
+            else:
+                try:
+                    job = self.jobs.get(timeout=wait) if wait else self.jobs.get_nowait()
+                except queue.Empty:
+                    return None
+                if job is None:
+                    self.held.appendleft(None)
+            if job is None:
+                return None
+            with self.lock:
+                self.waiting -= 1
+            if not job.cancellation.cancelled:
+                return job
+            self.cancelled += 1  # its client left while it waited
+            job.events.put(("cancelled", None))
+
+    def batch_with(self, first: Job) -> list[Job]:
+        """`first` and the jobs waiting now that can share its forward, oldest first, up to --max_batch_size; the
+        others keep their places, ahead of later arrivals, for the next batch."""
+        batch, passed = [first], []
+        while len(batch) < self.max_batch_size:
+            job = self.next_job()
+            if job is None:
+                break
+            (batch if can_share(batch, job) else passed).append(job)
+        with self.lock:
+            self.waiting += len(passed)
+        stop = [self.held.popleft()] if self.stop_seen else []
+        self.held.extendleft(reversed(passed))
+        self.held.extendleft(stop)  # a `stop` stays first: the batch runs, then the engine stops
+        return batch
+
+    def run(self, batch: list[Job]) -> None:
+        """One generation for the batch's rows. A request the checks refuse once the prompts are known fails alone:
+        the others run without it."""
+        settings = batch[0].settings
         try:
-            inputs = prepare_inputs(self.processor, [job.conversation], job.settings)
-            check_context(job.settings, self.context, prompt_tokens=inputs["input_ids"].shape[1], names=job.names)
+            inputs = prepare_inputs(self.processor, [job.conversation for job in batch], settings)
+            for job, row in zip(batch, inputs["attention_mask"]):
+                check_context(job.settings, self.context, prompt_tokens=int(row.sum()), names=job.names)
         except RequestError as error:  # rejected on rank 0: the other ranks never hear of it
-            job.events.put(("error", error))
+            if len(batch) == 1:
+                batch[0].send("error", error)
+                return
+            for job in batch:  # which row it was shows when each runs alone
+                self.run([job])
             return
         self.lockstep.send(
             {
                 "kind": "generate",
-                "settings": dataclasses.asdict(job.settings),
-                "stream_audio": job.stream_audio,
+                "settings": dataclasses.asdict(settings),
+                "stream_audio": batch[0].stream_audio,
                 "inputs": inputs,
             }
         )
-        job.events.put(("started", None))
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        for job in batch:
+            job.send("started")
         try:
-            answer: Answer = generate_from_inputs(
+            answers: list[Answer] = generate_from_inputs(
                 self.model,
                 self.processor,
                 inputs,
-                job.settings,
-                started=job.submitted,
-                on_text=lambda row, piece: job.events.put(("text", piece)),
-                on_audio=(lambda samples: job.events.put(("audio", samples))) if job.stream_audio else None,
-                cancellation=job.cancellation,
-            )[0]
+                settings,
+                started=min(job.submitted for job in batch),
+                on_text=lambda row, piece: batch[row].send("text", piece),
+                on_audio=(lambda samples: batch[0].send("audio", samples)) if batch[0].stream_audio else None,
+                cancellation=BatchCancellation(batch),
+            )
         except Cancelled as stopped:  # every rank stopped at the same step
-            self.cancelled += 1
+            self.cancelled += len(batch)
             print(f"a request was {stopped} (its client went away or pressed Stop)", file=sys.stderr, flush=True)
-            job.events.put(("cancelled", None))
+            for job in batch:
+                job.events.put(("cancelled", None))
             return
         except Exception as error:
-            self.failed += 1
-            job.events.put(("error", GenerationFailed(fault_message(error))))
+            self.failed += len(batch)
+            for job in batch:
+                job.events.put(("error", GenerationFailed(fault_message(error))))
             if self.lockstep.runtime.distributed:  # the other ranks may be inside a collective: end, msrun stops them
                 raise
             traceback.print_exc(file=sys.stderr)
             return
-        self.served += 1
-        job.events.put(("done", answer))
+        for job, answer in zip(batch, answers):
+            if job.cancellation.cancelled:
+                self.cancelled += 1
+                job.events.put(("cancelled", None))
+            else:
+                self.served += 1
+                job.events.put(("done", answer))
 
     def health(self) -> dict[str, Any]:
         return {
@@ -240,6 +340,8 @@ class Engine:
             "requests_failed": self.failed,
             "waiting": self.waiting,
             "busy": self.busy,
+            "batches": self.batches,  # generations run, each for one or more requests
+            "largest_batch": self.largest_batch,
         }
 
 

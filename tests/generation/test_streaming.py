@@ -69,12 +69,13 @@ def test_several_rows_each_stream_their_own_answer_when_one_ends_first(tokenizer
 
 def test_streamed_speech_past_a_code2wav_chunk_joins_to_the_whole_waveform(mindone):
     """330 frames: past the first 300-frame chunk, so the stream hands out the first chunk's rest, then the second
-    chunk decoded with its 25 frames of left context; every sample once, in order, as `chunked_decode` gives them."""
+    chunk decoded with its 25 frames of left context; every sample once, in order, as `chunked_decode` gives them,
+    each emission decoding its new frames behind a fixed context (a constant cost)."""
     from types import SimpleNamespace
 
     import mindspore as ms
 
-    from omni_helpers.generation.speech_stream import SpeechStream
+    from omni_helpers.generation.speech_stream import STREAM_CONTEXT_FRAMES, SpeechStream
 
     code2wav = mindone.model.code2wav
     groups, size = code2wav.config.num_quantizers, code2wav.config.codebook_size
@@ -92,4 +93,6 @@ def test_streamed_speech_past_a_code2wav_chunk_joins_to_the_whole_waveform(mindo
     joined = np.concatenate(chunks)
     assert len(chunks) > 8 and stream.first_audio_step == 5  # the first speech after 4 frames
     assert joined.shape == whole.shape
-    np.testing.assert_allclose(joined, whole, atol=5e-5)  # causal decoding: measured 2.3e-5 at most
+    np.testing.assert_allclose(joined, whole, atol=5e-5)  # one attention layer within the context: measured 3.0e-5
+    assert max(stream.frames_per_emission) <= 40 + STREAM_CONTEXT_FRAMES  # not the 300 frames of a whole chunk
+    assert stream.frames_per_emission[-1] <= 30 + 25  # the second chunk from its own left context, as generate
