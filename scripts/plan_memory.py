@@ -143,12 +143,12 @@ def bytes_on_rank(table: list[Parameter], mode: str, world_size: int, rank: int 
     return total
 
 
-STOP_FLAG_BYTES = 4  # mindone's generation loop all-reduces a float32 "all ranks done?" flag every step
+STOP_FLAG_BYTES = 8  # every decode step all-reduces two float32 flags: "rows still running?", "cancelled?"
 
 
 def decode_traffic(table: list[Parameter], mode: str, world_size: int, hidden_bytes: int) -> float:
     """Bytes one rank sends plus receives in the collectives of one decoded thinker token,
-    the generation loop's stop flag included (mindone syncs it whenever there are several ranks)."""
+    the stop flags included (every rank must know whether all have finished, or one was cancelled)."""
     if mode == "none" or world_size == 1:
         return 0.0
     stop_flag = collective_bytes("all_reduce", STOP_FLAG_BYTES, world_size)

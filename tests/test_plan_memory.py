@@ -36,8 +36,8 @@ def test_tiny_checkpoint_expert_traffic_is_one_all_reduce_per_layer_and_100x_bel
     text = json.loads((tiny_checkpoint / "config.json").read_text())["thinker_config"]["text_config"]
     one_token_hidden_state = text["hidden_size"] * 4  # float32
     traffic = tiny_plan.communicated_bytes_per_decoded_token
-    stop_flag = collective_bytes("all_reduce", 4, 2)  # the generation loop's float32 "done?" flag, every step
-    assert traffic["expert"] == stop_flag + text["num_hidden_layers"] * collective_bytes(
+    stop_flags = collective_bytes("all_reduce", 2 * 4, 2)  # float32 "running?" and "cancelled?" flags, every step
+    assert traffic["expert"] == stop_flags + text["num_hidden_layers"] * collective_bytes(
         "all_reduce", one_token_hidden_state, 2
     )
     assert traffic["none"] == 0

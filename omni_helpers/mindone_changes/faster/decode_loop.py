@@ -196,11 +196,11 @@ def stopping_test(unfinished, synced_gpus: bool, cancellation=None) -> tuple[boo
     if not synced_gpus:
         finished = not running.asnumpy()[0]
         return finished, finished, cancellation is not None and cancellation.cancelled
-    if cancellation is not None:  # the cancel flag rides in the same all-reduce (every rank passes one)
-        running = mint.cat([running, ms.Tensor([float(cancellation.cancelled)], ms.float32)])
-    everyone = ops.AllReduce()(running)  # the number of ranks still running (and of ranks cancelled)
-    flags = mint.cat([running[:1], everyone]).asnumpy()
-    return flags[0] == 0, flags[1] == 0, len(flags) > 2 and flags[2] > 0
+    # the cancel flag rides in the same all-reduce, as in the compiled step's (the same bytes either way)
+    cancelled = ms.Tensor([float(cancellation is not None and cancellation.cancelled)], ms.float32)
+    everyone = ops.AllReduce()(mint.cat([running, cancelled]))  # the number of ranks still running, and cancelled
+    flags = mint.cat([running, everyone]).asnumpy()
+    return flags[0] == 0, flags[1] == 0, flags[2] > 0
 
 
 def report_progress(step: int, started: float) -> float:
