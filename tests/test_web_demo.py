@@ -82,8 +82,8 @@ def expected(tiny_checkpoint, sample_media, reference, runtime_cpu):
     return expected_answer(reference, tiny_checkpoint, conversation, NEW_TOKENS, TALKER_FRAMES)
 
 
-def ask(server, media, stream: bool, speech: bool = True):
-    """One image + audio + text request through the openai client: (text, samples, metrics)."""
+def ask(server, media, stream: bool, speech: bool = True, messages=None):
+    """One image + audio + text request (or `messages`) through the openai client: (text, samples, metrics)."""
     options = (
         {
             "modalities": ["text", "audio"],
@@ -93,7 +93,8 @@ def ask(server, media, stream: bool, speech: bool = True):
         if speech
         else {}
     )
-    request = dict(model="any", messages=image_audio_messages(media), max_tokens=NEW_TOKENS, **options)
+    messages = messages or image_audio_messages(media)
+    request = dict(model="any", messages=messages, max_tokens=NEW_TOKENS, **options)
     if not stream:
         response = client(server).chat.completions.create(**request)
         audio = response.choices[0].message.audio
@@ -728,10 +729,11 @@ def waiting_within(server, count: int, seconds: float = 60) -> None:
         time.sleep(0.05)
 
 
-def test_requests_waiting_together_run_as_one_batch_each_answered_as_alone(tiny_checkpoint, tmp_path):
+def test_requests_waiting_together_run_as_one_batch_each_answered_as_alone(tiny_checkpoint, sample_media, tmp_path):
     server = start_server(server_args(tiny_checkpoint, *BATCHING), tmp_path)
     try:
         check_batching(server)
+        check_speech_batching(server, sample_media)
     finally:
         assert server.stop() == 0
 
@@ -792,6 +794,33 @@ def start_stream_after(server, waiting: int) -> HangingUp:
     return HangingUp(connection)
 
 
+def check_speech_batching(server, media) -> None:
+    """Two clients asking for streamed speech while another's answer is generated run as one batch, each streamed
+    its own row's text and speech, equal to what it is answered alone (a greeting; image + audio)."""
+    questions = [[{"role": "user", "content": "Hi"}], None]  # None: image + audio
+    alone = [ask(server, media, stream=False, messages=messages) for messages in questions]
+    occupier = start_stream(server, MOST_TOKENS)
+    answers: dict[int, tuple] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: answers.__setitem__(i, ask(server, media, True, messages=questions[i])))
+        for i in range(len(questions))
+    ]
+    for thread in threads:
+        thread.start()
+    waiting_within(server, len(questions))
+    occupier.sock.shutdown(socket.SHUT_RDWR)
+    occupier.close()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert sorted(answers) == [0, 1]
+    for (text, samples, _), (pieces, chunks, metrics) in zip(alone, (answers[0], answers[1])):
+        assert "".join(pieces) == text and metrics["batch_size"] == 2
+        joined = np.concatenate(chunks)
+        assert len(chunks) > 1 and joined.shape == samples.shape and np.abs(joined - samples).max() <= 1e-3
+        assert metrics["first_audio_step"] < metrics["talker_steps"]
+    assert idle_within(server, 30)["largest_batch"] >= 2
+
+
 # ----------------------------------------------------------------------------- msrun
 
 
@@ -812,6 +841,7 @@ def test_msrun_two_workers_answer_as_the_reference(mode, tiny_checkpoint, sample
         assert cancelled_steps(server)[-1] < MOST_TOKENS // 4
         assert ask(server, sample_media, stream=False, speech=False)[0] == expected[0]  # still in step
         check_batching(server)  # every rank runs the batch, in step
+        check_speech_batching(server, sample_media)
         assert server.get("/health")["loads"] == 1
     finally:
         returncode = server.stop()

@@ -150,7 +150,7 @@ def generate_from_inputs(
 
     # 5. decode every row's new tokens
     new_tokens = result.sequences.asnumpy()[:, prompt_length:]
-    instruments.finish(new_tokens, waveforms[0])
+    instruments.finish(new_tokens, waveforms)
     texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     logits = np.stack([logit.asnumpy() for logit in result.logits], axis=1) if keep_logits else None
 

@@ -3,8 +3,8 @@ counter, the thinker's and talker's step streams (timing, tokens, streamed text)
 forward taps that time a stage when nothing is streamed, and the caller's thread kept on its own core.
 
     with Instruments(model, tokenizer, return_audio, rows, on_text, on_audio, started) as watch:
-        result, waveform = model.generate(**inputs, **keywords(..., watch.text_streamer))
-    watch.finish(new_tokens, waveform)
+        result, speech = model.generate(**inputs, **keywords(..., watch.text_streamer))
+    watch.finish(new_tokens, waveforms)
     metrics = watch.metrics(row, prompt_tokens, audio_seconds)
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from omni_helpers.generation.speech_stream import AudioCallback, SpeechStream
+from omni_helpers.generation.speech_stream import AudioCallback, SpeechStreams
 from omni_helpers.generation.streaming import StepStream, TextCallback
 from omni_helpers.measuring.collectives import counting_collectives
 from omni_helpers.measuring.forward_taps import listen
@@ -56,7 +56,8 @@ class Instruments:
         if self.return_audio:
             hooks += self.talker.watch(self.model.talker)
             if self.on_audio:
-                self.speech = SpeechStream(self.model.code2wav, self.on_audio)
+                end_code = self.model.config.talker_config.codec_eos_token_id
+                self.speech = SpeechStreams(self.model.code2wav, self.on_audio, self.rows, end_code)
                 hooks += listen(self.model.talker, after=self.speech.hook)
         self._exits.callback(lambda: [hook.remove() for hook in hooks])
         self._exits.enter_context(caller_on_its_own_core())  # CPU: MindSpore's spinning threads kept off its core
@@ -65,12 +66,12 @@ class Instruments:
     def __exit__(self, *exception) -> None:
         self._exits.close()
 
-    def finish(self, new_tokens: np.ndarray, waveform: Optional[np.ndarray]) -> None:
-        """After `generate`: each row's tokens up to its end token (however the steps were watched), and the
-        streamed speech's last samples; the generation's time ends here."""
+    def finish(self, new_tokens: np.ndarray, waveforms: list[Optional[np.ndarray]]) -> None:
+        """After `generate`: each row's tokens up to its end token (however the steps were watched), and each
+        row's streamed speech's last samples; the generation's time ends here."""
         self.thinker.take_tokens(new_tokens)
         if self.speech:
-            self.speech.finish(waveform)
+            self.speech.finish(waveforms)
         self.finished = time.perf_counter()
 
     def metrics(self, row: int, prompt_tokens: int, audio_seconds: float) -> dict[str, Any]:
@@ -99,11 +100,11 @@ class Instruments:
             "thinker_steps": thinker.steps,
             "first_text_step": thinker.first_piece_step,
         }
-        if self.speech is not None:  # when the first text and speech went out, in steps and seconds
-            first_audio = self.speech.first_audio_time
+        if self.speech is not None:  # when the row's first text and speech went out, in steps and seconds
+            first_audio = self.speech.rows[row].first_audio_time
             figures.update(
                 talker_steps=self.speech.steps,
-                first_audio_step=self.speech.first_audio_step,
+                first_audio_step=self.speech.rows[row].first_audio_step,
                 time_to_first_audio_seconds=None if first_audio is None else round(first_audio - self.started, 3),
             )
         return figures

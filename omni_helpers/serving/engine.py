@@ -6,14 +6,14 @@ threads; the engine takes them in the main thread (where MindSpore runs): the ol
 job and, up to --max_batch_size, the later waiting ones that can share its forward
 (`can_share`), preprocesses them as one batch (template, media, processor), sends it to the
 other ranks (`lockstep`) and generates. Every other rank runs `follow`: the same generations,
-as rank 0 sends them. What a job produces (text pieces of its own row, speech chunks, the
+as rank 0 sends them. What a job produces (its own row's text pieces and speech chunks, the
 answer, or its error) arrives on its own queue of events.
 
 Batches are formed when a generation starts, not joined while one decodes (static batching):
 the loop's compiled steps and KV buffers have the batch's shape for the whole generation.
 Greedy rows answer as they would alone (the prompts are left-padded and masked); a request
-with a seed runs alone, since its draws are reproducible only alone; so does one that streams
-speech (speech is streamed for a single row).
+with a seed runs alone, since its draws are reproducible only alone. Speech is streamed for
+every row of a batch or for none (code2wav runs as the talker goes for the streaming rows).
 
 Admission comes before allocation: a request's tokens and frames are checked against the
 server's ceilings (its --max_new_tokens and --talker_max_new_tokens) and the model's context
@@ -100,11 +100,11 @@ class Job:
 
 def can_share(batch: list[Job], job: Job) -> bool:
     """Whether `job` can be a row of `batch`'s forward: the same settings, no seed (draws reproducible only alone),
-    no streamed speech (streamed for one row), and not images beside videos (a forward takes one kind)."""
+    speech streamed for all or none, and not images beside videos (a forward takes one kind)."""
     first = batch[0]
     if job.settings != first.settings or job.settings.seed is not None:
         return False
-    if job.stream_audio or first.stream_audio:
+    if job.stream_audio != first.stream_audio:  # streamed speech is decoded as it comes for every row or none
         return False
     kinds = set().union(*(visual_kinds(other.conversation) for other in batch))
     return len(kinds | visual_kinds(job.conversation)) < 2
@@ -306,7 +306,7 @@ class Engine:
                 settings,
                 started=min(job.submitted for job in batch),
                 on_text=lambda row, piece: batch[row].send("text", piece),
-                on_audio=(lambda samples: batch[0].send("audio", samples)) if batch[0].stream_audio else None,
+                on_audio=(lambda row, samples: batch[row].send("audio", samples)) if batch[0].stream_audio else None,
                 cancellation=BatchCancellation(batch),
             )
         except Cancelled as stopped:  # every rank stopped at the same step
@@ -354,7 +354,7 @@ def follow(model, processor, lockstep: Lockstep) -> None:
         if job["kind"] == IDLE["kind"]:
             continue
         settings = GenerationSettings(**job["settings"])
-        on_audio = (lambda samples: None) if job["stream_audio"] else None  # code2wav in step with rank 0
+        on_audio = (lambda row, samples: None) if job["stream_audio"] else None  # code2wav in step with rank 0
         try:  # a cancellation of its own, never set: rank 0's travels in the loop's all-reduce
             generate_from_inputs(
                 model, processor, job["inputs"], settings, on_audio=on_audio, cancellation=Cancellation()

@@ -75,16 +75,19 @@ def test_streamed_speech_past_a_code2wav_chunk_joins_to_the_whole_waveform(mindo
 
     import mindspore as ms
 
-    from omni_helpers.generation.speech_stream import STREAM_CONTEXT_FRAMES, SpeechStream
+    from omni_helpers.generation.speech_stream import STREAM_CONTEXT_FRAMES, SpeechStreams
 
     code2wav = mindone.model.code2wav
     groups, size = code2wav.config.num_quantizers, code2wav.config.codebook_size
     codes = np.random.default_rng(0).integers(0, size, (330, 1, groups)).astype(np.int64)
     chunks = []
-    stream = SpeechStream(code2wav, chunks.append, first_frames=4, every_frames=40)
-    stream.hook(None, None, SimpleNamespace(hidden_states=(None, None)))  # the talker's prompt: no frame yet
+    streams = SpeechStreams(
+        code2wav, lambda row, samples: chunks.append(samples), 1, -1, first_frames=4, every_frames=40
+    )
+    streams.hook(None, None, SimpleNamespace(hidden_states=(None, None)))  # the talker's prompt: no frame yet
     for frame in codes:
-        stream.hook(None, None, SimpleNamespace(hidden_states=(None, ms.Tensor(frame))))
+        streams.hook(None, None, SimpleNamespace(hidden_states=(None, ms.Tensor(frame))))
+    stream = streams.rows[0]
     whole = code2wav.chunked_decode(ms.Tensor(codes[:, 0].T[None]), chunk_size=300, left_context_size=25)
     whole = whole.reshape(-1).float().asnumpy()
     streamed = sum(len(chunk) for chunk in chunks)  # handed out while the talker spoke, before the end

@@ -1,6 +1,7 @@
 """Speech for every row of a batch (omni_helpers/mindone_changes/batched_speech.py): each row's answer, codes and
 waveform are those it gets alone, from mindone at batch 1 and from the reference, when one row's answer and
-speech end earlier than the other's."""
+speech end earlier than the other's; streamed, each row is handed its own speech up to its own end
+(omni_helpers/generation/speech_stream.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from tests.reference import batch_inputs, request_conversation
 NEW_TOKENS, TALKER_FRAMES = 8, 10
 
 
-def speak(mindone, checkpoint, conversations, settings):
-    """The answers to a batch of conversations, and the codes (groups, frames) code2wav decoded for each row."""
+def speak(mindone, checkpoint, conversations, settings, on_audio=None):
+    """The answers to a batch of conversations, and the codes (groups, frames) code2wav decoded for each row;
+    `on_audio(row, samples)` streams each row's speech."""
     from omni_helpers.generation.core import generate_from_inputs
     from omni_helpers.measuring.forward_taps import listen
 
@@ -25,7 +27,7 @@ def speak(mindone, checkpoint, conversations, settings):
         mindone.model.talker, after=lambda cell, args, outputs: logits.append(outputs.logits[:, -1].asnumpy())
     )
     try:
-        answers = generate_from_inputs(mindone.model, mindone.processor, inputs, settings)
+        answers = generate_from_inputs(mindone.model, mindone.processor, inputs, settings, on_audio=on_audio)
     finally:
         for tap in taps:
             tap.remove()
@@ -63,7 +65,10 @@ def test_each_row_speaks_as_it_would_alone_and_one_that_ends_early_changes_nothi
         for config in (mindone.model.config, reference.model.config):
             patch.setattr(config.talker_config, "codec_eos_token_id", int(text_row[ends["frame"]]))
         alone, alone_codes = speak_alone(mindone, tiny_checkpoint, conversations, settings)
-        batch, batch_codes = speak(mindone, tiny_checkpoint, conversations, settings)
+        streamed = ([], [])  # each row's speech as it was streamed
+        batch, batch_codes = speak(
+            mindone, tiny_checkpoint, conversations, settings, lambda row, samples: streamed[row].append(samples)
+        )
         references = [
             reference.generate(batch_inputs(tiny_checkpoint, [c], False), False, NEW_TOKENS, True, TALKER_FRAMES)
             for c in conversations
@@ -80,3 +85,7 @@ def test_each_row_speaks_as_it_would_alone_and_one_that_ends_early_changes_nothi
         assert np.abs(ours.waveform - solo.waveform).max() <= 1e-5, row
         assert np.abs(ours.waveform - theirs.wav).max() <= 1e-3, row  # eager on both sides (tests/script_runs.py)
         assert ours.metrics["audio_seconds"] == pytest.approx(len(ours.waveform) / 24000, abs=1e-3)
+        # streamed, each row its own speech, up to its own end: the same samples, the row's first from its 4th frame
+        assert np.abs(np.concatenate(streamed[row]) - ours.waveform).max() <= 5e-5 and len(streamed[row]) >= 1, row
+    assert ends["frame"] < 4 < batch_codes[1].shape[1]  # the text row ended before the first emission, the other not
+    assert len(streamed[1]) >= 2 and batch[1].metrics["first_audio_step"] == 5

@@ -71,7 +71,7 @@ def test_speech_is_cancelled_at_the_talkers_next_frame(mindone, text_inputs):
     """Cancelled while the talker speaks (at its first streamed chunk, 4 frames in), of a request asking for 40."""
     cancellation, chunks = Cancellation(), []
 
-    def cancel_at_first_speech(samples):
+    def cancel_at_first_speech(row, samples):
         chunks.append(samples)
         cancellation.cancel()
 
