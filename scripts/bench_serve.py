@@ -126,6 +126,8 @@ def send(url: str, kind: str, speech: bool, body: dict) -> Sent:
             if choice.get("finish_reason"):
                 sent.output_tokens = event["usage"]["completion_tokens"]
                 sent.audio_seconds = (event.get("metrics") or {}).get("audio_seconds") or 0.0
+    except (OSError, http.client.HTTPException) as error:  # the server went away: counted as failed
+        sent.error = f"{type(error).__name__}: {error}"
     finally:
         sent.total = time.perf_counter() - started
         connection.close()

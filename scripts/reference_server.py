@@ -35,20 +35,19 @@ class ReferenceServer:
 
 
 def load_reference(checkpoint: str):
-    """The transformers model (float32, eager attention, as the project's parity tests run it) and its processor,
-    with web_demo.py's default image limits."""
+    """The transformers model (float32, eager attention, as the project's parity tests run it) and the processor
+    web_demo.py runs, with its default image limits: both servers get the same inputs (numpy arrays, which
+    transformers' fast image processor would refuse), so they differ in the model alone."""
     import torch
-    from transformers import Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeProcessor
+    from transformers import Qwen3OmniMoeForConditionalGeneration
 
+    from omni_helpers.loading import load_processor
     from omni_helpers.request.cli import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
     model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
         checkpoint, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    processor = Qwen3OmniMoeProcessor.from_pretrained(
-        checkpoint, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS
-    )
-    return model, processor
+    return model, load_processor(Path(checkpoint), DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
 
 
 def answer(model, processor, body: dict, folder: Path) -> tuple[str, object, int, int]:
@@ -104,6 +103,9 @@ def handler_for(model, processor):
             try:
                 with one_at_a_time:
                     text, samples, prompt, new = answer(model, processor, body, folder)
+            except Exception as error:  # the client is told, and the server goes on
+                self.send_error(500, explain=f"{type(error).__name__}: {error}")
+                return
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
             request_id, events = uuid.uuid4().hex, [{"content": text}]
