@@ -20,8 +20,8 @@ The generation flags are the server's defaults; a request's own fields override 
 --max_new_tokens and --talker_max_new_tokens are also the most a request may ask for (a
 request's `talker_max_new_tokens` field, or the UI's speech limit, caps its speech). The
 requests waiting when a generation starts run together, as the rows of one batch (up to
---max_batch_size; those with other settings, a seed, streamed speech, or images beside videos
-wait for the next), each client streamed its own row; past --max_queue waiting ones a new request gets
+--max_batch_size; those with other settings, a seed, speech streamed where the others' is not,
+or images beside videos wait for the next), each client streamed its own row; past --max_queue waiting ones a new request gets
 HTTP 429; a request past --max_audio_seconds, --max_video_seconds, --max_media_items or
 --max_turns gets HTTP 400 naming the flag. A client that disconnects (or presses Stop in the UI) cancels its request at the
 next decoding step. Local files are read only under --allowed_local_media_path. The server
@@ -76,6 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max_batch_size", type=int, default=8, help="requests answered together in one generation, at most"
     )
     server.add_argument(
+        "--graphs_kept",
+        type=int,
+        default=8,
+        help="compiled graphs kept per kind, each batch size and length its own (a decode graph holds its KV "
+        "buffers: at full size 96 KiB per row and position for the thinker); the scripts keep 2",
+    )
+    server.add_argument(
         "--allowed_local_media_path",
         default=None,
         metavar="DIR",
@@ -104,6 +111,8 @@ def check(args: argparse.Namespace) -> tuple[Checkpoint, GenerationSettings]:
         raise RequestError(f"--max_queue {args.max_queue}: must be 0 or more")
     if args.max_batch_size < 1:
         raise RequestError(f"--max_batch_size {args.max_batch_size}: must be 1 or more")
+    if args.graphs_kept < 1:
+        raise RequestError(f"--graphs_kept {args.graphs_kept}: must be 1 or more")
     request_limits(args).check()
     if args.allowed_local_media_path and not Path(args.allowed_local_media_path).is_dir():
         raise RequestError(f"--allowed_local_media_path {args.allowed_local_media_path}: no such folder")
@@ -143,6 +152,7 @@ def main(args: argparse.Namespace) -> None:
     # MindSpore, mindone and torch are imported only now, so that --help and bad flags answer at once.
     progress("importing MindSpore, mindone and torch")
     from omni_helpers.loading import load_model, load_processor, shard_model
+    from omni_helpers.mindone_changes.faster.compiled import keep_graphs
     from omni_helpers.mindone_changes.patches import install_patches
     from omni_helpers.runtime import log, setup_runtime
     from omni_helpers.serving.engine import Engine, follow
@@ -154,6 +164,7 @@ def main(args: argparse.Namespace) -> None:
     # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs,
     #    faster paths (unless --no-fast_paths)
     install_patches(args.device_target, args.fast_paths)
+    keep_graphs(args.graphs_kept)  # a server's batches come in more shapes than a script's
 
     # 4. Rank 0 serves the UI and the API from a thread at once (/health says "ready": false while the model loads)
     lockstep = Lockstep(runtime)

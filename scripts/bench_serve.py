@@ -8,7 +8,9 @@ A fixed mixed workload (text questions; image + audio questions; speech asked fo
 other request) is sent at each concurrency: that many clients, each sending its next request
 as soon as its last one ended, until the workload has been sent. Every request is streamed
 (OpenAI Chat Completions, server-sent events), so that the first token and the first audio
-are timed as a client sees them. For each concurrency: requests/s, output tokens/s, time to
+are timed as a client sees them. Before each concurrency's measured pass the workload is sent
+once unmeasured (--no-warmup to leave it out), so that the server has compiled the shapes of
+the batches that concurrency makes, as one that has served a while has. For each concurrency: requests/s, output tokens/s, time to
 first token p50 and p90, time per output token (p50, after the first), time to first audio
 p50, and the real-time factor of speech (p50 of a request's time from its first byte sent to
 its last received, over the seconds of speech it got). A table is printed; the figures and
@@ -222,6 +224,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_tokens", type=int, default=16, help="each answer's tokens at most")
     parser.add_argument("--talker_frames", type=int, default=16, help="each spoken answer's codec frames at most")
     parser.add_argument("--reference_model", default=None, help="also serve the transformers reference from this")
+    parser.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send the workload once, unmeasured, before each concurrency's measured pass (--no-warmup: cold)",
+    )
     parser.add_argument("--json", required=True, help="where to write the figures")
     args = parser.parse_args(argv)
     if min(args.concurrency) < 1 or args.requests < 1:
@@ -240,11 +248,13 @@ def main(argv=None) -> dict:
 
         reference = start_reference_server(args.reference_model)
         servers.append(("reference", reference.url))
-    rows, report = [], {"workload": [{"kind": k, "speech": s} for k, s, _ in requests], "runs": []}
+    rows, report = [], {"workload": [{"kind": k, "speech": s} for k, s, _ in requests], "warmup": args.warmup}
+    report["runs"] = []
     try:
         for name, url in servers:
-            send(url, *requests[0])  # a first request compiles the server's graphs (and warms the reference)
             for concurrency in args.concurrency:
+                if args.warmup:  # its batches' shapes compiled first, as a server that has run a while has them
+                    at_concurrency(url, requests, concurrency)
                 results, seconds = at_concurrency(url, requests, concurrency)
                 row = figures(results, seconds)
                 rows.append((name, concurrency, row))

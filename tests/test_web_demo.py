@@ -21,6 +21,7 @@ import numpy as np
 import psutil
 import pytest
 
+from omni_helpers.request.errors import RequestError
 from tests.script_runs import WAV_TOLERANCE_FLASH, expected_answer
 from tests.server_runs import data_url, start_server, wav_samples
 
@@ -727,6 +728,15 @@ def waiting_within(server, count: int, seconds: float = 60) -> None:
     while server.get("/health")["waiting"] < count:
         assert time.time() < deadline, server.get("/health")
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("flag", ["--max_batch_size", "--graphs_kept"])
+def test_a_batch_flag_below_one_is_refused_naming_it(flag, tiny_checkpoint):
+    import web_demo
+
+    args = web_demo.parse_args(["--device_target", "CPU", "--model_name", str(tiny_checkpoint), flag, "0"])
+    with pytest.raises(RequestError, match=f"^{flag} 0: must be 1 or more$"):
+        web_demo.check(args)
 
 
 def test_requests_waiting_together_run_as_one_batch_each_answered_as_alone(tiny_checkpoint, sample_media, tmp_path):

@@ -63,6 +63,13 @@ def padded(tensor, bucket: int, axis: int = 0):
     return ops.concat([tensor, ops.zeros(tuple(shape), tensor.dtype)], axis)
 
 
+def keep_graphs(count: int) -> None:
+    """How many graphs of each kind each model keeps: a script meets a shape or two, a server as many as its
+    batches have sizes and lengths (each decode graph kept holds its KV buffers)."""
+    global GRAPHS_KEPT
+    GRAPHS_KEPT = count
+
+
 def kept(owner, kind: str, key: tuple, build):
     """The `kind` graph of `owner` for shape `key`: the one kept, or `build()`; most recent last."""
     graphs = owner.__dict__.setdefault(f"_{kind}s", {})
