@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # web_demo.py on Ascend with msrun: 2 workers, ZeRO-3 (or --parallel expert); rank 0 serves
 # the browser UI and the OpenAI-compatible API on --host:--port (default 127.0.0.1:7860).
+# Which mode: --parallel expert when each card can hold the whole attention (2 x 64 GB cards: 35.9 GiB a
+# card against zero3's 33.3): one all-reduce of the hidden state per MoE layer, 384 KiB a decoded token
+# against zero3's 5.7 GiB of gathered weights (scripts/plan_memory.py); zero3 when memory is tighter.
 # Extra arguments go to the script, e.g.
 #   bash scripts/run_web_demo.sh --port 7860 --parallel expert
 # WORKER_NUM, MASTER_PORT, LOG_DIR, CLUSTER_TIME_OUT and MODEL_NAME override the launch (see msrun_launch.sh).
