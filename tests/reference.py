@@ -54,12 +54,13 @@ def batch_inputs(checkpoint: Path, conversations: list[list[dict]], use_audio_in
 
 
 def record_codes(code2wav, to_numpy) -> list[np.ndarray]:
-    """Keep a copy of the codec codes (groups, frames) each time code2wav decodes speech."""
+    """Keep a copy of the codec codes (groups, frames) of each row each time code2wav decodes speech (a batch's
+    rows are padded to its longest)."""
     seen: list[np.ndarray] = []
     decode = code2wav.chunked_decode
 
     def recording_decode(codes, *args, **kwargs):
-        seen.append(to_numpy(codes[0]).copy())
+        seen.extend(to_numpy(codes).copy())
         return decode(codes, *args, **kwargs)
 
     code2wav.chunked_decode = recording_decode

@@ -8,7 +8,8 @@ two rows or more; a single row keeps mindone's own `generate`.
 3. The prompts are left-padded into one batch (each row's text still to be spoken padded on the right
    with the padding embedding, which is what a single row adds once its text has run out), and the talker
    generates for all rows: each row stops at its own end code, the loop gives it padding after that.
-4. Each row's codes up to its end code go through code2wav on their own: its waveform is its own length.
+4. The rows' codes go through code2wav as one batch, each row cut at its own end (code2wav is causal: what
+   follows a row's end changes none of its samples): its waveform is its own length.
 
 Rows are independent in every forward, so a row's codes and speech are those it gets alone, and a row that
 ends early changes nothing for the others (tests/mindone_changes/test_batched_speech.py).
@@ -72,8 +73,7 @@ def generate(
     codes = mint.stack([step[-1] for step in talker_result.hidden_states if step[-1] is not None], dim=1)
     codes = codes.transpose(1, 2)  # (rows, groups, frames)
     frames = row_frames(talker_result.sequences.asnumpy(), talker_kwargs["eos_token_id"], codes.shape[2])
-    waveforms = tuple(row_waveform(model.code2wav, codes[row : row + 1, :, :count]) for row, count in enumerate(frames))
-    return thinker_result, waveforms
+    return thinker_result, row_waveforms(model.code2wav, codes, frames)
 
 
 def row_lengths(new_tokens: np.ndarray, eos_token_id: int) -> list[int]:
@@ -137,8 +137,23 @@ def pad_left(tensor, pad: int):
     return mint.nn.functional.pad(tensor, widths) if pad else tensor
 
 
+def row_waveforms(code2wav, codes, frames: list[int]) -> tuple:
+    """Each row's codes up to its own end (`frames`), through code2wav as one batch: (1, 1, samples) per row, as
+    mindone's `generate` decodes a row alone. code2wav is causal, so the frames a longer row adds after a row's end
+    change none of its samples, and each row is cut to the length its own frames give (every code2wav call trims
+    the same few samples from its end, once per `generate` chunk)."""
+    longest = max(frames)
+    whole = row_waveform(code2wav, codes[:, :, :longest])  # (rows, 1, samples)
+    per_frame = int(code2wav.total_upsample)
+    calls = lambda count: -(-count // CHUNK_FRAMES)  # code2wav calls `chunked_decode` makes for `count` frames
+    trimmed = (longest * per_frame - whole.shape[-1]) // max(calls(longest), 1)
+    return tuple(
+        whole[row : row + 1, :, : count * per_frame - trimmed * calls(count)] for row, count in enumerate(frames)
+    )
+
+
 def row_waveform(code2wav, codes):
-    """One row's codes (1, groups, frames) through code2wav, as mindone's `generate` decodes them."""
+    """Codes (rows, groups, frames) through code2wav, as mindone's `generate` decodes them."""
     if codes.shape[2] == 0:
-        return ops.zeros((1, 1, 0), ms.float32)
+        return ops.zeros((codes.shape[0], 1, 0), ms.float32)
     return code2wav.chunked_decode(codes, chunk_size=CHUNK_FRAMES, left_context_size=LEFT_CONTEXT_FRAMES).float()

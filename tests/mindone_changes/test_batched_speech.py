@@ -15,7 +15,8 @@ NEW_TOKENS, TALKER_FRAMES = 8, 10
 
 
 def speak(mindone, checkpoint, conversations, settings, on_audio=None):
-    """The answers to a batch of conversations, and the codes (groups, frames) code2wav decoded for each row;
+    """The answers to a batch of conversations, and the codes (groups, frames) code2wav decoded for each row, up to
+    its end code (the rows go through code2wav as one batch);
     `on_audio(row, samples)` streams each row's speech."""
     from omni_helpers.generation.core import generate_from_inputs
     from omni_helpers.measuring.forward_taps import listen
@@ -33,7 +34,10 @@ def speak(mindone, checkpoint, conversations, settings, on_audio=None):
             tap.remove()
     for answer, row_logits in zip(answers, np.stack(logits, axis=1)):
         answer.talker_logits = row_logits  # (steps, vocab)
-    return answers, list(mindone.codes_seen)
+    decoded = mindone.codes_seen[-len(conversations) :]  # generate's own code2wav call: each row's (groups, frames)
+    end_code = mindone.model.config.talker_config.codec_eos_token_id
+    ends = [np.flatnonzero(codes[0] == end_code) for codes in decoded]  # a row's frames end at its end code
+    return answers, [codes[:, : end[0] if len(end) else None] for codes, end in zip(decoded, ends)]
 
 
 def speak_alone(mindone, checkpoint, conversations, settings):
