@@ -67,12 +67,14 @@ class Sent:
 
 
 def data_url(path: Path, mime: str) -> str:
+    """A file as a data: URL, as an OpenAI client sends media inline."""
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
 def workload(media_dir: Path, count: int, max_tokens: int, talker_frames: int) -> list[tuple[str, bool, dict]]:
     """`count` requests: text and image + audio in turn, speech on every other pair; (kind, speech, body)."""
-    image, audio = media_dir / "image.png", base64.b64encode((media_dir / "audio.wav").read_bytes()).decode()
+    image = data_url(media_dir / "image.png", "image/png")  # read once: every image + audio request sends the same
+    audio = base64.b64encode((media_dir / "audio.wav").read_bytes()).decode()
     requests = []
     for i in range(count):
         kind, speech = ("text", "image_audio")[i % 2], (i // 2) % 2 == 1
@@ -80,7 +82,7 @@ def workload(media_dir: Path, count: int, max_tokens: int, talker_frames: int) -
             content = QUESTIONS[(i // 2) % len(QUESTIONS)]
         else:
             content = [
-                {"type": "image_url", "image_url": {"url": data_url(image, "image/png")}},
+                {"type": "image_url", "image_url": {"url": image}},
                 {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}},
                 {"type": "text", "text": MEDIA_QUESTION},
             ]

@@ -3,7 +3,6 @@ answers /health, and stop it again."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import signal
@@ -17,6 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from scripts.bench_serve import data_url  # noqa: F401  (the tests' requests send media as the benchmark's do)
 from tests.script_runs import ROOT, calm_msrun, free_port, msrun_command, msrun_worker, script_env
 
 START_TIMEOUT = 300
@@ -108,10 +108,6 @@ def start_server(
         time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"the server did not answer /health in {START_TIMEOUT} s")
-
-
-def data_url(path: Path, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
 def wav_samples(wav: bytes) -> tuple[np.ndarray, int, int]:

@@ -21,9 +21,9 @@ when it is submitted, and again with its prompt's length once the processor has 
 anything is sent to a rank or allocated. A job whose client went away or pressed Stop is
 cancelled (`Job.cancel`): skipped if it still waits; if it runs, its row goes on silently with
 the others (nothing more is sent for it), and the batch stops at its next decoding step on
-every rank once every row's client has gone. A fault inside a generation (the device out of memory, say) fails
-that request alone in one process; under msrun the other ranks may be waiting inside a
-collective, so the server ends and msrun stops them.
+every rank once every row's client has gone. A fault inside a generation (the device out of
+memory, say) fails that batch alone in one process; under msrun the other ranks may be waiting
+inside a collective, so the server ends and msrun stops them.
 """
 
 from __future__ import annotations

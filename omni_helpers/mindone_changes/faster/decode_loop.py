@@ -159,7 +159,7 @@ def decode_choosing_in_graph(
         (c.max_length for c in stopping_criteria if hasattr(c, "max_length")), default=None
     )  # counted on the host, by steps, so that every rank stops at the same one
     rows, length, chosen = input_ids.shape[0], input_ids.shape[1], []
-    step, step_started = 1, time.time()  # the prompt was step 0
+    step_started = time.time()
     state = {"cache_position": model_kwargs["cache_position"], "unfinished": unfinished}
     tokens, this_peer_finished = input_ids, False
     while True:
@@ -176,8 +176,7 @@ def decode_choosing_in_graph(
             chosen.append(read[:rows])
             if streamer is not None and not (cancellation is not None and cancellation.cancelled):
                 streamer.put(read[:rows])
-        step_started = report_progress(step, step_started)
-        step += 1
+        step_started = report_progress(length - input_ids.shape[1], step_started)  # the prompt was step 0
         reached_limit = limit is not None and length >= limit
         this_peer_finished = this_peer_finished or read[rows] == 0 or reached_limit
         # cancelled here (one process), or on any rank before this step (msrun: the flag went through the graph)
