@@ -209,19 +209,25 @@ def host_syncs(run) -> tuple[int, int, dict]:
 
 def launches(run) -> tuple[int, int, dict]:
     """Calls from Python that launched device work while `run()` ran, and how many of them were compiled steps:
-    each PyNative operation (a kernel MindSpore's profiler names by its type alone, "Concat"), and each call of a
-    compiled graph (`compiled.Graph.step`), one launch however many kernels it runs (the profiler names those by
-    their place in the graph, "Default/Concat-op3"). CPU only."""
+    each PyNative operation, and each call of a compiled graph (`compiled.Graph.step`), one launch however many
+    kernels it runs. MindSpore's profiler lists both kinds of kernel alike (a PyNative `ops.Gather` and a graph's
+    gather are both "Default/Gather-opN"), so each step runs between two synchronisations and the kernels that
+    started inside one are the graph's. CPU only."""
+    from mindspore.common.api import _pynative_executor
     from mindspore.profiler import Profiler
 
     from omni_helpers.mindone_changes.faster import compiled
 
-    calls = []
+    spans = []  # (start, end) of each compiled step, in the profiler's clock (nanoseconds since the epoch)
     step = compiled.Graph.step
 
     def counted_step(graph, *arguments):
-        calls.append(graph)
-        return step(graph, *arguments)
+        _pynative_executor.sync()  # everything launched before the step has run
+        start = time.time_ns()
+        outputs = step(graph, *arguments)
+        _pynative_executor.sync()
+        spans.append((start, time.time_ns()))
+        return outputs
 
     with tempfile.TemporaryDirectory() as folder:
         compiled.Graph.step = counted_step
@@ -236,9 +242,10 @@ def launches(run) -> tuple[int, int, dict]:
         for timeline in Path(folder).glob("**/FRAMEWORK/cpu_op_execute_timestamp_*.txt"):
             for line in timeline.read_text().splitlines():
                 fields = line.split(";")
-                if len(fields) >= 3 and "/" not in fields[0]:
-                    pynative += len(fields[2].split())  # one timestamp per launch
-    return pynative + len(calls), len(calls), figures
+                for launch in fields[2].split() if len(fields) >= 3 else ():  # "start,duration,..." per launch
+                    started = int(launch.split(",")[0])
+                    pynative += not any(start <= started <= end for start, end in spans)
+    return pynative + len(spans), len(spans), figures
 
 
 def launches_per_step(model, processor, inputs, new_tokens: int, frames: int = 0) -> dict:

@@ -392,36 +392,90 @@ def flash_attention_score(
     return _tensor(out).astype(query.dtype)
 
 
-# ----------------------------------------------------------------------------- Ascend's grouped MoE kernels
-# Stand-ins for the three kernels `parallel.sparse_moe.dispatch_grouped` calls, each computing what its
-# MindSpore 2.7.1 docstring says for the forms the project passes; anything else raises. They read the
-# routing to the host (numpy), as the CPU fallbacks do; on Ascend the kernels read nothing back.
+# ----------------------------------------------------------------------------- Ascend's MoE kernels
+# Stand-ins for the four kernels `parallel.sparse_moe.dispatch_grouped` calls, each computing what its MindSpore
+# 2.7.1 docstring says for the forms the project passes; anything else raises. Each runs as one CPU kernel
+# (a `Custom` operation of numpy, "pyfunc"), so a MoE layer launches on CPU what it launches on Ascend, one
+# kernel per call, and reads nothing back to Python.
+_HOST_DTYPES = (ms.float16, ms.float32)  # what numpy computes; Ascend's kernels also take bfloat16
 
 
-@replaces("mindspore.ops:moe_token_permute")
-def moe_token_permute(tokens, indices, num_out_tokens=None, padded_mode=False):
-    """The (token, k) slots ordered by their index, stably (slots of one index keep token order), each
-    slot's token row copied: (permuted tokens (slots, hidden), sorted_indices (slots,) int32, where
-    sorted_indices[t * topk + k] is the output row of token t's k-th slot). tokens 2-D; indices (tokens,) or
-    (tokens, topk) int32 or int64, topk at most 512. Dropping tokens (num_out_tokens) and padded mode raise."""
-    if padded_mode:
-        raise ValueError("moe_token_permute: padded_mode can only be False")
-    if tokens.ndim != 2 or indices.ndim not in (1, 2) or indices.dtype not in (ms.int32, ms.int64):
-        raise NotImplementedError("the CPU moe_token_permute takes 2-D tokens and 1-D or 2-D int32/int64 indices")
-    topk = 1 if indices.ndim == 1 else indices.shape[1]
-    if topk > 512 or indices.shape[0] != tokens.shape[0]:
-        raise ValueError("moe_token_permute: top-k above 512, or tokens and indices of different lengths")
-    if num_out_tokens not in (None, tokens.shape[0] * topk):
-        raise NotImplementedError("the CPU moe_token_permute does not drop tokens (num_out_tokens)")
-    order = np.argsort(_np(indices).reshape(-1), kind="stable")  # output row -> slot
-    output_row = np.empty_like(order)
-    output_row[order] = np.arange(len(order))
-    permuted = ops.gather(tokens, _tensor((order // topk).astype(np.int64)), 0)
-    return permuted, _tensor(output_row.astype(np.int32))
+_HOST_KERNELS: dict = {}
 
 
-@replaces("mindspore.ops.auto_generate:grouped_matmul")
-def grouped_matmul(
+def _host_kernel(compute, shapes, dtypes, **settings):
+    """`compute(*arrays, **settings)` (numpy in, numpy out) as one CPU kernel, its outputs' shapes and dtypes given
+    by `shapes` and `dtypes` from its inputs'; built once per computation and settings."""
+    key = (compute, tuple(sorted(settings.items())))
+    if key not in _HOST_KERNELS:
+
+        def kernel(*arrays):
+            return compute(*arrays, **settings)
+
+        _HOST_KERNELS[key] = ops.Custom(kernel, out_shape=shapes, out_dtype=dtypes, func_type="pyfunc")
+    return _HOST_KERNELS[key]
+
+
+def _refuse_unless(condition: bool, what: str):
+    if not condition:
+        raise NotImplementedError(f"the CPU stand-in {what}")
+
+
+@replaces("mindspore.ops:moe_init_routing_v2")
+def moe_init_routing_v2(
+    x,
+    expert_idx,
+    active_num,
+    expert_capacity,
+    expert_num,
+    drop_pad_mode,
+    expert_tokens_count_or_cumsum_flag,
+    expert_tokens_before_capacity_flag,
+):
+    """Dropless routing (drop_pad_mode 0, active_num 0): the (token, k) slots sorted by expert, stably (slots of
+    one expert in token order), each slot's token row copied. Returns (expanded_x (tokens x k, hidden),
+    expanded_row_idx (tokens x k,) int32, where expanded_row_idx[t * k + j] is the output row of token t's j-th
+    slot, and with flag 1 each expert's cumulative slot count, with flag 2 its slot count, (expert_num,) int32).
+    x 2-D float16 or float32; expert_idx (tokens, k) int32 in [0, expert_num). Drop/pad and active modes raise."""
+    _refuse_unless(
+        (drop_pad_mode, active_num, expert_capacity) == (0, 0, 0), "moe_init_routing_v2 computes dropless routing only"
+    )
+    _refuse_unless(expert_tokens_count_or_cumsum_flag in (0, 1, 2), "moe_init_routing_v2 takes flags 0, 1 or 2")
+    _refuse_unless(x.ndim == 2 and x.dtype in _HOST_DTYPES, "moe_init_routing_v2 takes 2-D float16 or float32 x")
+    _refuse_unless(
+        expert_idx.ndim == 2 and expert_idx.dtype == ms.int32 and expert_idx.shape[0] == x.shape[0],
+        "moe_init_routing_v2 takes (tokens, k) int32 expert_idx",
+    )
+    flag = expert_tokens_count_or_cumsum_flag
+    kernel = _host_kernel(
+        _route_dropless,
+        lambda x_shape, idx_shape: (
+            [idx_shape[0] * idx_shape[1], x_shape[1]],
+            [idx_shape[0] * idx_shape[1]],
+            [expert_num],
+        ),
+        lambda x_dtype, idx_dtype: (x_dtype, ms.int32, ms.int32),
+        expert_num=expert_num,
+        cumulative=flag == 1,
+    )
+    expanded_x, expanded_row_idx, counts = kernel(x, expert_idx)
+    return (expanded_x, expanded_row_idx, counts) if flag else (expanded_x, expanded_row_idx)
+
+
+def _route_dropless(x, expert_idx, expert_num: int, cumulative: bool):
+    experts = expert_idx.reshape(-1)
+    if experts.size and (experts.min() < 0 or experts.max() >= expert_num):
+        raise ValueError(f"moe_init_routing_v2: expert_idx must lie in [0, {expert_num})")
+    slot_of_row = np.argsort(experts, kind="stable")  # output row -> slot (token * k + j)
+    row_of_slot = np.empty_like(slot_of_row)
+    row_of_slot[slot_of_row] = np.arange(len(slot_of_row))
+    counts = np.bincount(experts, minlength=expert_num)
+    counts = np.cumsum(counts) if cumulative else counts
+    return x[slot_of_row // expert_idx.shape[1]], row_of_slot.astype(np.int32), counts.astype(np.int32)
+
+
+@replaces("mindspore.ops.auto_generate:grouped_matmul_v4")
+def grouped_matmul_v4(
     x,
     weight,
     bias=None,
@@ -429,63 +483,114 @@ def grouped_matmul(
     offset=None,
     antiquant_scale=None,
     antiquant_offset=None,
+    pre_token_scale=None,
     group_list=None,
+    activation_input=None,
+    activation_quant_scale=None,
+    activation_quant_offset=None,
     split_item=0,
     group_type=-1,
-    transpose_a=False,
-    transpose_b=False,
+    group_list_type=0,
+    act_type=0,
+    output_dtype=None,
 ):
     """The grouped product in its single-tensor form (split_item 3, group_type 0): x a list of one (M, K)
-    tensor, weight a list of one (E, K, N) tensor ((E, N, K) with transpose_b), group_list (E,) int64, the
-    cumulative ends of the groups along M: rows group_list[e-1] to group_list[e] times weight[e]. Rows past
-    the last end come out zero. A list of one (M, N) tensor of x's dtype, float16 or float32 (the docstring's
-    table). Bias, quantisation, transpose_a, other dtypes and the list form raise."""
-    extras = [bias, scale, offset, antiquant_scale, antiquant_offset]
-    if (split_item, group_type) != (3, 0) or group_list is None or any(e is not None for e in extras) or transpose_a:
-        raise NotImplementedError("the CPU grouped_matmul computes split_item=3, group_type=0 with a group_list only")
+    tensor, weight a list of one (E, K, N) tensor, group_list (E,) int64, each group's size (group_list_type 1) or
+    cumulative end (0): group e's rows of x times weight[e]. The groups may end before M; rows past them are not
+    computed (left as zeros here; on Ascend unspecified). A list of one (M, N) tensor of x's dtype, float16 or
+    float32, accumulated in float32. Bias, quantisation, activation and the list form raise."""
+    extras = [
+        bias, scale, offset, antiquant_scale, antiquant_offset, pre_token_scale, activation_input,
+        activation_quant_scale, activation_quant_offset, output_dtype,
+    ]  # fmt: skip
+    _refuse_unless(
+        (split_item, group_type) == (3, 0)
+        and group_list is not None
+        and all(e is None for e in extras)
+        and act_type == 0,
+        "grouped_matmul_v4 computes split_item=3, group_type=0 with a group_list only",
+    )
+    _refuse_unless(len(x) == 1 and len(weight) == 1, "grouped_matmul_v4 takes one x and one weight")
     (rows,), (weights,) = x, weight
-    if rows.dtype != weights.dtype or rows.dtype not in (ms.float16, ms.float32):
-        raise NotImplementedError("the CPU grouped_matmul takes float16 or float32 x and weight of one dtype")
-    experts = weights.shape[0]
-    ends = _np(group_list).astype(np.int64)
-    if ends.shape != (experts,) or np.any(np.diff(ends) < 0) or ends[-1] > rows.shape[0]:
-        raise ValueError("grouped_matmul: group_list must be one increasing end per expert, at most x's rows")
-    # each group's rows padded to the largest group, one batched product, the real rows taken back
-    starts = np.concatenate([[0], ends[:-1]])
-    sizes = ends - starts
-    width = max(int(sizes.max()), 1)
-    zero_row = rows.shape[0]
-    padded = np.full((experts, width), zero_row, np.int64)
-    for expert in np.flatnonzero(sizes):
-        padded[expert, : sizes[expert]] = np.arange(starts[expert], ends[expert])
-    with_zero = ops.concat((rows, ops.zeros((1, rows.shape[1]), rows.dtype)), 0)
-    grouped = ops.gather(with_zero, _tensor(padded.reshape(-1)), 0).reshape(experts, width, -1)
-    products = ops.BatchMatMul(transpose_b=transpose_b)(grouped, weights)
-    slots = padded.reshape(-1)
-    taken = np.full(rows.shape[0], experts * width, np.int64)  # rows past the last end read a zero row
-    taken[slots[slots < zero_row]] = np.flatnonzero(slots < zero_row)  # each row back from its padded slot
-    flat = ops.concat((products.reshape(experts * width, -1), ops.zeros((1, products.shape[-1]), rows.dtype)), 0)
-    return [ops.gather(flat, _tensor(taken), 0)]
+    _refuse_unless(
+        rows.dtype == weights.dtype and rows.dtype in _HOST_DTYPES and rows.ndim == 2 and weights.ndim == 3,
+        "grouped_matmul_v4 takes 2-D x and 3-D weight, both float16 or both float32",
+    )
+    _refuse_unless(
+        group_list.dtype == ms.int64 and group_list.shape == (weights.shape[0],), "takes (E,) int64 group_list"
+    )
+    _refuse_unless(group_list_type in (0, 1), "grouped_matmul_v4 takes group_list_type 0 or 1")
+    kernel = _host_kernel(
+        _grouped_product,
+        lambda x_shape, w_shape, g_shape: [x_shape[0], w_shape[2]],
+        lambda x_dtype, w_dtype, g_dtype: x_dtype,
+        sizes=group_list_type == 1,
+    )
+    return [kernel(rows, weights, group_list)]
+
+
+def _grouped_product(x, weight, group_list, sizes: bool):
+    ends = np.cumsum(group_list) if sizes else group_list
+    if np.any(group_list < 0) or np.any(np.diff(ends) < 0) or (len(ends) and ends[-1] > x.shape[0]):
+        raise ValueError("grouped_matmul_v4: group_list must not be negative (nor decrease as ends) nor pass x's rows")
+    out = np.zeros((x.shape[0], weight.shape[2]), np.float32)
+    start = 0
+    for expert, end in enumerate(ends.tolist()):
+        if end > start:
+            out[start:end] = x[start:end].astype(np.float32) @ weight[expert].astype(np.float32)
+        start = end
+    return out.astype(x.dtype)
+
+
+@replaces("mindspore.ops:swiglu")
+def swiglu(input, dim=-1):
+    """SiLU of `input`'s first half along `dim` times its second half; float16 or float32."""
+    _refuse_unless(input.dtype in _HOST_DTYPES, "swiglu takes float16 or float32")
+    axis = _normalize_dim(dim, input.ndim)
+    if input.shape[axis] % 2:
+        raise RuntimeError(f"swiglu: dimension {dim} ({input.shape[axis]}) is not divisible by 2")
+    kernel = _host_kernel(
+        _swiglu,
+        lambda shape: [n // 2 if i == axis else n for i, n in enumerate(shape)],
+        lambda dtype: dtype,
+        axis=axis,
+    )
+    return kernel(input)
+
+
+def _swiglu(x, axis: int):
+    a, b = np.split(x.astype(np.float32), 2, axis=axis)
+    return (a / (1 + np.exp(-a)) * b).astype(x.dtype)
 
 
 @replaces("mindspore.ops:moe_token_unpermute")
 def moe_token_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
-    """The inverse of `moe_token_permute`: token t's rows (sorted_indices[t * topk + k], k in order) gathered
-    back, weighted by probs[t, k] and added; without probs, topk is 1. The permuted tokens' dtype. Padded mode
-    raises."""
+    """Token t is the sum over j of its rows permuted_tokens[sorted_indices[t * topk + j]], each times
+    probs[t, j], in j's order; without probs, topk is 1. The permuted tokens' dtype. Padded mode raises."""
     if padded_mode or restore_shape is not None:
         raise ValueError("moe_token_unpermute: only padded_mode=False is supported")
     if sorted_indices.dtype != ms.int32:
         raise TypeError("moe_token_unpermute: sorted_indices must be int32")
-    topk = 1 if probs is None else probs.shape[1]
-    gathered = ops.gather(permuted_tokens, sorted_indices.astype(ms.int64), 0)
-    gathered = gathered.reshape(-1, topk, permuted_tokens.shape[-1])
+    _refuse_unless(permuted_tokens.dtype in _HOST_DTYPES, "moe_token_unpermute takes float16 or float32 tokens")
     if probs is None:
-        return gathered[:, 0]
-    weighted = gathered * probs.astype(permuted_tokens.dtype).reshape(-1, topk, 1)
+        probs = ops.ones((sorted_indices.shape[0], 1), permuted_tokens.dtype)
+    topk = probs.shape[1]
+    kernel = _host_kernel(
+        _unpermute,
+        lambda p_shape, i_shape, w_shape: [i_shape[0] // w_shape[1], p_shape[1]],
+        lambda p_dtype, i_dtype, w_dtype: p_dtype,
+    )
+    _refuse_unless(sorted_indices.shape[0] == probs.shape[0] * topk, "moe_token_unpermute: indices of tokens x topk")
+    return kernel(permuted_tokens, sorted_indices, probs)
+
+
+def _unpermute(permuted, sorted_indices, probs):
+    tokens, topk = probs.shape
+    rows = permuted[sorted_indices.astype(np.int64)].reshape(tokens, topk, -1)
+    weighted = rows * probs.astype(permuted.dtype)[:, :, None]
     combined = weighted[:, 0]
-    for k in range(1, topk):
-        combined = combined + weighted[:, k]
+    for j in range(1, topk):
+        combined = combined + weighted[:, j]
     return combined
 
 

@@ -5,11 +5,13 @@ expert), and the three ways it runs its experts:
   token's chosen experts are gathered from the experts' weights stacked at load time
   (`StackedExperts`) and run as batched matrix products. Nothing is read back to the host:
   on an NPU the launch pipeline never stalls inside a MoE layer.
-- grouped on the device (`dispatch_grouped`), for many tokens (a prompt) of a float16 or float32
-  model: the slots permuted by expert and each of the three products one grouped product over the
-  stacked experts (Ascend's MoE kernels; CPU stand-ins among the CPU fallbacks). No host read.
-- from one host read of the routing (`dispatch_experts`), for many tokens otherwise (bfloat16, the
-  benchmark's `*_loop` variants, experts not stacked): each chosen expert runs once on all its tokens.
+- grouped on the device (`dispatch_grouped`), for many tokens (a prompt): the slots sorted by
+  expert and counted (`moe_init_routing_v2`), the gate-and-up and the down products one grouped
+  product each over the stacked experts (`grouped_matmul_v4`), SwiGLU between, and the slots
+  weighted back into their tokens (`moe_token_unpermute`): Ascend's MoE kernels, as
+  vllm-mindspore runs them (CPU stand-ins among the CPU fallbacks). No host read.
+- from one host read of the routing (`dispatch_experts`), for many tokens otherwise (the benchmark's
+  `*_loop` variants, experts not stacked): each chosen expert runs once on all its tokens.
 
 Two features depend on this: the faster paths (every block, every expert) and expert
 parallelism (one rank's share of the experts, plus an all-reduce), so it lives here,
@@ -33,9 +35,9 @@ DEVICE_DISPATCH_MAX_SLOTS = 128
 # host read) or "loop" (`dispatch_experts`, one host read per layer and each chosen expert on its own: the
 # benchmark's `optimized_loop`).
 PROMPT_DISPATCH = "grouped"
-# MindSpore 2.7.1 documents its grouped matmul (split into groups along M) for these only, not bfloat16: a
-# bfloat16 model's prompts keep to the loop
-GROUPED_DTYPES = (ms.float16, ms.float32)
+# MindSpore 2.7.1 documents its grouped matmul (GroupedMatmulV4, one tensor split into groups along M) for these
+GROUPED_DTYPES = (ms.float16, ms.bfloat16, ms.float32)
+SILU = ("SiLU", "SiLUActivation")  # the experts' activation SwiGLU computes (mindone's, mindspore's)
 SPARSE_MOE_BLOCKS = ("Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTalkerTextSparseMoeBlock")  # mindone's
 MOE_BLOCKS = (*SPARSE_MOE_BLOCKS, "ExpertParallelMoeBlock")  # and one rank's share of one (expert_parallel)
 
@@ -49,6 +51,25 @@ def route(block, hidden_states):
     if block.norm_topk_prob:
         weights /= weights.sum(dim=-1, keepdim=True)
     return router_logits, weights.to(hidden_states.dtype), selected
+
+
+def route_grouped(block, hidden_states):
+    """`route`'s numbers in fewer launches: with renormalised weights (the thinker's and the talker's
+    configuration) the top-k weights are the softmax of the top-k router logits, since the softmax's
+    denominator cancels; otherwise the softmax over every expert, then the top k."""
+    router_logits = block.gate(hidden_states)
+    if block.norm_topk_prob:
+        top, selected = mint.topk(router_logits, block.top_k, dim=-1)
+        weights = mint.nn.functional.softmax(as_dtype(top, ms.float32), dim=-1)
+    else:
+        probabilities = mint.nn.functional.softmax(as_dtype(router_logits, ms.float32), dim=1)
+        weights, selected = mint.topk(probabilities, block.top_k, dim=-1)
+    return router_logits, as_dtype(weights, hidden_states.dtype), selected
+
+
+def as_dtype(tensor, dtype):
+    """`tensor` in `dtype`, with no cast launched when it already is."""
+    return tensor if tensor.dtype == dtype else tensor.astype(dtype)
 
 
 def dispatch_experts(experts, hidden_states, weights, selected, first_expert: int = 0):
@@ -94,71 +115,112 @@ def dispatch_experts(experts, hidden_states, weights, selected, first_expert: in
 
 
 class StackedExperts(nn.Cell):
-    """A MoE block's experts as three weights stacked along a first axis of experts, built once
-    from the loaded experts (whose own weights are then let go: the bytes held stay the same).
+    """A MoE block's experts as two weights stacked along a first axis of experts, laid out as Ascend's grouped
+    matmul takes them (inputs times weight, no transpose): `gate_up` (experts, hidden, 2 x inner), each expert's
+    gate and up projections side by side as SwiGLU splits them, and `down` (experts, inner, hidden). Built once
+    from the loaded experts, whose own weights are then let go: the bytes held stay the same.
     `experts[e](x)` runs expert e, so the host-read dispatch works on it unchanged."""
 
     def __init__(self, experts: nn.CellList):
         super().__init__()
-        self.gate = Parameter(mint.stack([e.gate_proj.weight for e in experts]), name="gate", requires_grad=False)
-        self.up = Parameter(mint.stack([e.up_proj.weight for e in experts]), name="up", requires_grad=False)
-        self.down = Parameter(mint.stack([e.down_proj.weight for e in experts]), name="down", requires_grad=False)
+        gate_up = [mint.cat([e.gate_proj.weight.T, e.up_proj.weight.T], dim=1) for e in experts]
+        self.gate_up = Parameter(mint.stack(gate_up), name="gate_up", requires_grad=False)
+        self.down = Parameter(mint.stack([e.down_proj.weight.T for e in experts]), name="down", requires_grad=False)
         self.act_fn = experts[0].act_fn
 
     def __len__(self) -> int:
-        return self.gate.shape[0]
+        return self.gate_up.shape[0]
 
     def __getitem__(self, expert: int):
         return lambda x: self.expert(expert, x)
 
     def expert(self, expert: int, x):
-        gate, up, down = (w[0] for w in self.weights(ms.Tensor([expert], ms.int64)))
-        return mint.matmul(self.act_fn(mint.matmul(x, gate.T)) * mint.matmul(x, up.T), down.T)
+        gate_up, down = (w[0] for w in self.weights(ms.Tensor([expert], ms.int64)))
+        return mint.matmul(self.gated(mint.matmul(x, gate_up)), down)
+
+    def gated(self, gate_up):
+        """act(gate) x up, from the two halves of the gate-and-up product's last axis."""
+        gate, up = mint.chunk(gate_up, 2, dim=-1)
+        return self.act_fn(gate) * up
 
     def stacks(self):
-        """The gate, up and down weights of every expert, stacked (what the grouped products take)."""
-        return self.gate, self.up, self.down
+        """Every expert's gate-and-up and down weights, stacked (what the grouped products take)."""
+        return self.gate_up, self.down
 
     def weights(self, experts):
-        """The gate, up and down weights of the experts numbered by `experts` (a device tensor), stacked."""
-        return tuple(mint.index_select(w, 0, experts) for w in (self.gate, self.up, self.down))
+        """The gate-and-up and down weights of the experts numbered by `experts` (a device tensor), stacked."""
+        return tuple(mint.index_select(w, 0, experts) for w in (self.gate_up, self.down))
 
     def slots(self, x, experts):
         """Row i of x through expert experts[i], for every row at once: (slots, hidden) -> (slots, hidden)."""
-        gate, up, down = self.weights(experts)
-        rows = x.unsqueeze(1)  # (slots, 1, hidden)
-        inner = self.act_fn(mint.bmm(rows, gate.transpose(1, 2))) * mint.bmm(rows, up.transpose(1, 2))
-        return mint.bmm(inner, down.transpose(1, 2)).squeeze(1)
+        gate_up, down = self.weights(experts)
+        inner = self.gated(mint.bmm(x.unsqueeze(1), gate_up))  # (slots, 1, inner)
+        return mint.bmm(inner, down).squeeze(1)
+
+    def local_numbers(self, first_expert: int, total: int):
+        """(total,) int32: each of the router's experts by its number among these (numbered from `first_expert`),
+        every other expert `len(self)`. Built once, on the device."""
+        return self._table(
+            "numbers", first_expert, total, lambda mine, local: np.where(mine, local, len(self)), ms.int32
+        )
+
+    def local_mask(self, first_expert: int, total: int, dtype):
+        """(total,) of `dtype`: 1 for the router's experts among these, 0 for the others. Built once."""
+        return self._table("mask", first_expert, total, lambda mine, local: mine, dtype)
+
+    def _table(self, kind, first_expert, total, values, dtype):
+        key = (kind, first_expert, total, dtype)
+        tables = self.__dict__.setdefault("_tables", {})  # a plain dict, not a parameter or a sub-cell
+        if key not in tables:
+            local = np.arange(total) - first_expert
+            mine = (local >= 0) & (local < len(self))
+            tables[key] = ms.Tensor(values(mine, local)).astype(dtype)
+        return tables[key]
 
 
 class GatheredStackedExperts(StackedExperts):
-    """ZeRO-3's experts, stacked: each rank holds its 1/N of every expert's weights, split along
-    their first axis as mindone's ZeRO-3 splits every Linear weight, so the bytes held per rank do
-    not change. The experts a step needs are picked by device indices from the local shards and
-    all-gathered from every rank, one AllGather per weight for all of them: the same bytes as
-    gathering each chosen expert's Linear weights, and no host read of the routing."""
+    """ZeRO-3's experts, stacked: each rank holds its 1/N of every expert's weights, split along the
+    Linear weights' first axis (output features) as mindone's ZeRO-3 splits every Linear weight, so the
+    bytes held per rank do not change. Stacked as `StackedExperts` lays them out, a rank's share is a slice
+    of the last axis (of the gate's and of the up's halves). The experts a step needs are picked by device
+    indices from the local shards and all-gathered from every rank, one AllGather per weight for all of
+    them: the same bytes as gathering each chosen expert's Linear weights, and no host read of the routing."""
 
     def __init__(self, experts: nn.CellList, world_size: int):
         # a weight whose first axis does not divide by N stays whole on every rank, as in mindone's ZeRO-3
-        split = [
-            split_by_zero3(getattr(experts[0], role)) for role in ("gate_proj", "up_proj", "down_proj")
-        ]  # as `weights` orders them
+        gate_split, up_split = (split_by_zero3(getattr(experts[0], role)) for role in ("gate_proj", "up_proj"))
+        if gate_split != up_split:
+            raise ValueError(
+                "ZeRO-3 split an expert's gate projection but not its up projection: they cannot be stacked"
+            )
+        self.split = (gate_split, split_by_zero3(experts[0].down_proj))  # as `weights` orders them
         super().__init__(experts)
-        self.split, self.world_size = split, world_size
+        self.world_size = world_size
         self.all_gather = ops.AllGather()  # the world group, where mindone's ZeRO-3 gathers
 
     def weights(self, experts):
-        local = super().weights(experts)  # (k, rows / N, cols) each
-        return tuple(self._gather(w) if split else w for w, split in zip(local, self.split))
+        local = super().weights(experts)
+        return tuple(self._gather(w, parts) if split else w for w, split, parts in zip(local, self.split, (2, 1)))
 
     def stacks(self):
         """Every expert's weights whole: each split stack all-gathered once (one layer's experts, for a prompt)."""
-        return tuple(self._gather(w) if split else w for w, split in zip(super().stacks(), self.split))
+        return tuple(
+            self._gather(w, parts) if split else w for w, split, parts in zip(super().stacks(), self.split, (2, 1))
+        )
 
-    def _gather(self, shard):
-        k, rows, cols = shard.shape
-        gathered = self.all_gather(shard).reshape(self.world_size, k, rows, cols)  # ranks' shards, rank by rank
-        return gathered.transpose(1, 0, 2, 3).reshape(k, self.world_size * rows, cols)
+    def _gather(self, shard, parts: int):
+        """Each rank's (k, rows, columns) shard all-gathered: the last axis is `parts` halves (gate, up) of which
+        each rank holds a slice, put back as rank 0's slice, rank 1's, ... within each part."""
+        return gathered_columns(self.all_gather(shard), self.world_size, parts)
+
+
+def gathered_columns(gathered, world_size: int, parts: int):
+    """An all-gather of (k, rows, parts x columns) shards, (world x k, rows, parts x columns), put back together
+    as (k, rows, parts x world x columns): every rank's columns of each part side by side, rank by rank."""
+    total, rows, width = gathered.shape
+    k, columns = total // world_size, width // parts
+    split = gathered.reshape(world_size, k, rows, parts, columns)
+    return ops.transpose(split, (1, 2, 3, 0, 4)).reshape(k, rows, parts * world_size * columns)  # graphs too
 
 
 def split_by_zero3(cell) -> bool:
@@ -186,38 +248,43 @@ def dispatch_on_device(experts: StackedExperts, hidden_states, weights, selected
     return combined
 
 
-def dispatch_grouped(
-    experts: StackedExperts, hidden_states, weights, selected, first_expert: int = 0, experts_elsewhere: bool = False
-):
-    """Every chosen expert once on its tokens, with no host read: the (token, expert) slots permuted so that each
-    expert's are adjacent (`ops.moe_token_permute`), the gate and up products as one grouped product each over
-    the stacked experts, SiLU-and-multiply, the down product grouped, and the slots un-permuted, weighted by
-    their routing weights and added per token (`ops.moe_token_unpermute`). Ascend's kernels; on CPU the
-    stand-ins among the CPU fallbacks. `experts_elsewhere`: expert parallelism, where slots routed to other ranks' experts
-    sort after this rank's, outside every group, and count zero."""
+def dispatch_grouped(experts: StackedExperts, hidden_states, weights, selected, first_expert: int = 0, total: int = 0):
+    """Every chosen expert once on its tokens, with no host read, in Ascend's MoE kernels as vllm-mindspore
+    runs them: the (token, expert) slots sorted by expert, each slot's token row copied, and each expert's slots
+    counted (`moe_init_routing_v2`); the gate-and-up product grouped over the stacked experts, SwiGLU, the down
+    product grouped (`grouped_matmul_v4`, groups given by their sizes); the slots weighted by their routing
+    weights and added into their tokens (`moe_token_unpermute`, in top-k order).
+
+    `total`: the router's expert count when `experts` are one rank's share, numbered from `first_expert`
+    (expert parallelism). Other ranks' slots then sort after this rank's, outside every group: the grouped
+    products leave those rows unwritten, so they are zeroed (NaN included) and weighted zero."""
     count = len(experts)
-    selected, order = mint.sort(selected, dim=1)  # each token's slots by ascending expert: mindone's order of adding
-    weights = mint.gather(weights, 1, order)
-    local = selected - first_expert
-    mine = mint.logical_and(local >= 0, local < count)
-    index = mint.where(mine, local, mint.full_like(local, count)).astype(ms.int32)  # other ranks' slots: last
-    permuted, sorted_indices = ops.moe_token_permute(hidden_states, index)
-    sizes = ops.one_hot(index.reshape(-1), count + 1, ms.Tensor(1, ms.int64), ms.Tensor(0, ms.int64)).sum(0)
-    ends = ops.cumsum(sizes[:count], 0)  # each expert's last slot + 1, on the device
-    gate, up, down = experts.stacks()
+    elsewhere = total > 0
+    if elsewhere:  # this rank's experts numbered 0.., every other expert `count`
+        local = experts.local_numbers(first_expert, total)
+        index = mint.index_select(local, 0, selected.reshape(-1)).reshape(selected.shape)
+    else:
+        index = selected.astype(ms.int32)
+    # dropless (no active count, no capacity, no padding); flag 2: each expert's slot count
+    permuted, sorted_indices, sizes = ops.moe_init_routing_v2(
+        hidden_states, index, 0, 0, count + elsewhere, 0, 2, False
+    )
+    sizes = (sizes[:count] if elsewhere else sizes).astype(ms.int64)
+    gate_up, down = experts.stacks()
+    out = grouped_product(ops.swiglu(grouped_product(permuted, gate_up, sizes), -1), down, sizes)
+    if elsewhere:
+        out = mint.nan_to_num(out, 0.0, 0.0, 0.0)
+        mine = experts.local_mask(first_expert, total, weights.dtype)
+        weights = weights * mint.index_select(mine, 0, selected.reshape(-1)).reshape(selected.shape)
+    return ops.moe_token_unpermute(out, sorted_indices, weights)
 
-    def grouped(x, stack):
-        (out,) = generated_ops.grouped_matmul(
-            [x], [stack], group_list=ends, split_item=3, group_type=0, transpose_b=True
-        )
-        return out
 
-    inner = experts.act_fn(grouped(permuted, gate)) * grouped(permuted, up)
-    out = grouped(inner, down)
-    if experts_elsewhere:  # rows past the last group (other ranks' slots) may be left unwritten: zeroed, lest 0 x NaN
-        written = (ops.arange(out.shape[0]) < ends[-1]).reshape(-1, 1)
-        out = mint.where(written, out, mint.zeros_like(out))
-    return ops.moe_token_unpermute(out, sorted_indices, weights * mine.astype(weights.dtype))
+def grouped_product(x, stack, sizes):
+    """x's rows in consecutive groups of `sizes` rows, group e times stack[e] (experts, in, out)."""
+    (out,) = generated_ops.grouped_matmul_v4(
+        [x], [stack], group_list=sizes, split_item=3, group_type=0, group_list_type=1
+    )
+    return out
 
 
 def stack_experts(model: nn.Cell, zero3_world_size: int = 0) -> int:
@@ -240,9 +307,15 @@ def stack_experts(model: nn.Cell, zero3_world_size: int = 0) -> int:
     return stacked
 
 
-def grouped_applies(hidden_states) -> bool:
-    """Whether a prompt's stacked experts run grouped (`dispatch_grouped`) rather than in the loop."""
-    return PROMPT_DISPATCH == "grouped" and hidden_states.dtype in GROUPED_DTYPES
+def grouped_applies(experts, hidden_states) -> bool:
+    """Whether a prompt's experts run grouped (`dispatch_grouped`) rather than in the loop: stacked, of a dtype
+    the grouped matmul takes, and gated by SiLU (what SwiGLU computes)."""
+    return (
+        PROMPT_DISPATCH == "grouped"
+        and isinstance(experts, StackedExperts)
+        and hidden_states.dtype in GROUPED_DTYPES
+        and type(experts.act_fn).__name__ in SILU
+    )
 
 
 def sparse_moe_forward(block, hidden_states, first_expert: int = 0, all_reduce=None):
@@ -252,15 +325,16 @@ def sparse_moe_forward(block, hidden_states, first_expert: int = 0, all_reduce=N
     replicated shared expert is added, once."""
     batch, length, hidden = hidden_states.shape
     flat = hidden_states.view(-1, hidden)
-    router_logits, weights, selected = route(block, flat)
     decoding = length == 1 and flat.shape[0] * block.top_k <= DEVICE_DISPATCH_MAX_SLOTS  # one new token per row
     if isinstance(block.experts, StackedExperts) and decoding:
+        router_logits, weights, selected = route(block, flat)
         routed = dispatch_on_device(block.experts, flat, weights, selected, first_expert)
-    elif isinstance(block.experts, StackedExperts) and grouped_applies(flat):
-        routed = dispatch_grouped(
-            block.experts, flat, weights, selected, first_expert, experts_elsewhere=all_reduce is not None
-        )
+    elif grouped_applies(block.experts, flat):
+        router_logits, weights, selected = route_grouped(block, flat)
+        total = router_logits.shape[-1] if all_reduce is not None else 0  # expert parallelism: the router's count
+        routed = dispatch_grouped(block.experts, flat, weights, selected, first_expert, total)
     else:
+        router_logits, weights, selected = route(block, flat)
         routed = dispatch_experts(block.experts, flat, weights, selected, first_expert)
     if all_reduce is not None:
         routed = all_reduce(routed)

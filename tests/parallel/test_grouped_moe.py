@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mindspore import ops
 
-from omni_helpers.parallel.sparse_moe import StackedExperts, dispatch_grouped, route, sparse_moe_forward
+from omni_helpers.parallel.sparse_moe import StackedExperts, dispatch_grouped, route, route_grouped, sparse_moe_forward
 from omni_helpers.request.parallel_modes import expert_range
 
 MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
@@ -21,75 +21,114 @@ MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
 # ----------------------------------------------------------------------------- the stand-ins
 
 
-def test_permute_orders_slots_by_expert_stably_and_says_where_each_went(runtime_cpu):
+def route_dropless(x, experts, expert_num, flag=2):
+    return ops.moe_init_routing_v2(ms.Tensor(x), ms.Tensor(experts), 0, 0, expert_num, 0, flag, False)
+
+
+def test_routing_sorts_slots_by_expert_stably_says_where_each_went_and_counts_them(runtime_cpu):
     rng = np.random.default_rng(0)
     tokens, topk, experts = 7, 3, 5
     x = rng.standard_normal((tokens, 4)).astype(np.float32)
-    indices = rng.integers(0, experts, (tokens, topk)).astype(np.int32)
-    permuted, sorted_indices = ops.moe_token_permute(ms.Tensor(x), ms.Tensor(indices))
-    sorted_indices = sorted_indices.asnumpy()
-    assert sorted_indices.dtype == np.int32 and sorted(sorted_indices) == list(range(tokens * topk))
+    indices = rng.integers(0, experts - 1, (tokens, topk)).astype(np.int32)  # the last expert chosen by no token
+    permuted, row_of_slot, sizes = route_dropless(x, indices, experts)
+    row_of_slot = row_of_slot.asnumpy()
+    assert row_of_slot.dtype == np.int32 and sorted(row_of_slot) == list(range(tokens * topk))
     slots = indices.reshape(-1)
-    for slot, row in enumerate(sorted_indices):  # each slot's token is at the row it names
+    for slot, row in enumerate(row_of_slot):  # each slot's token is at the row it names
         np.testing.assert_array_equal(permuted.asnumpy()[row], x[slot // topk])
     experts_by_row = np.empty_like(slots)
-    experts_by_row[sorted_indices] = slots
+    experts_by_row[row_of_slot] = slots
     assert list(experts_by_row) == sorted(slots)  # grouped by expert, ascending
     for expert in range(experts):  # within an expert, in token order
-        rows = [sorted_indices[slot] for slot in np.flatnonzero(slots == expert)]
+        rows = [row_of_slot[slot] for slot in np.flatnonzero(slots == expert)]
         assert rows == sorted(rows)
+    assert sizes.dtype == ms.int32 and sizes.asnumpy().tolist() == np.bincount(slots, minlength=experts).tolist()
+    cumulative = route_dropless(x, indices, experts, flag=1)[2].asnumpy()
+    assert cumulative.tolist() == np.cumsum(np.bincount(slots, minlength=experts)).tolist()
+    assert len(route_dropless(x, indices, experts, flag=0)) == 2  # no counts asked, none returned
 
 
-def test_permute_matches_the_docstrings_example(runtime_cpu):
-    tokens = ms.Tensor([[1, 1, 1], [7, 7, 7], [2, 2, 2], [1, 1, 1], [2, 2, 2], [3, 3, 3]], ms.float32)
-    permuted, sorted_indices = ops.moe_token_permute(tokens, ms.Tensor([5, 0, 3, 1, 2, 4], ms.int32))
-    assert permuted.asnumpy()[:, 0].tolist() == [7, 1, 2, 2, 3, 1]
-    assert sorted_indices.asnumpy().tolist() == [5, 0, 3, 1, 2, 4]
+def test_routing_matches_the_docstrings_rows_and_refuses_what_it_does_not_compute(runtime_cpu):
+    x = np.array([[0.1, 0.2, 0.3], [0.2, 0.7, 0.8], [0.3, 0.3, 0.5]], np.float32)
+    indices = np.array([[0, 1, 1], [2, 1, 1], [0, 0, 0]], np.int32)
+    # the docstring's example drops to a capacity of 2; dropless, every slot keeps its row in the same order
+    _, row_of_slot, _ = route_dropless(x, indices, 3)
+    assert row_of_slot.asnumpy().tolist() == [0, 4, 5, 8, 6, 7, 1, 2, 3]
+    with pytest.raises(NotImplementedError, match="dropless"):
+        ops.moe_init_routing_v2(ms.Tensor(x), ms.Tensor(indices), 3, 2, 3, 1, 0, False)
+    with pytest.raises(NotImplementedError, match="int32"):
+        ops.moe_init_routing_v2(ms.Tensor(x), ms.Tensor(indices.astype(np.int64)), 0, 0, 3, 0, 2, False)
+    with pytest.raises(ValueError, match=r"in \[0, 2\)"):
+        route_dropless(x, indices, 2)
 
 
-@pytest.mark.parametrize("transpose_b", [False, True])
-def test_grouped_matmul_multiplies_each_group_of_rows_by_its_experts_weight(runtime_cpu, transpose_b):
+def grouped_matmul(x, weight, group_list, group_list_type=1):
+    (out,) = generated_ops.grouped_matmul_v4(
+        [ms.Tensor(x)],
+        [ms.Tensor(weight)],
+        group_list=ms.Tensor(group_list, ms.int64),
+        split_item=3,
+        group_type=0,
+        group_list_type=group_list_type,
+    )
+    return out.asnumpy()
+
+
+@pytest.mark.parametrize("group_list_type", [0, 1], ids=["ends", "sizes"])
+def test_grouped_matmul_multiplies_each_group_of_rows_by_its_experts_weight(runtime_cpu, group_list_type):
     rng = np.random.default_rng(1)
     sizes = np.array([2, 0, 3, 1])  # an expert with no rows
     rows, k, n = int(sizes.sum()) + 2, 5, 3  # two rows past the last group
     x = rng.standard_normal((rows, k)).astype(np.float32)
-    weight = rng.standard_normal((len(sizes), n, k) if transpose_b else (len(sizes), k, n)).astype(np.float32)
-    (out,) = generated_ops.grouped_matmul(
-        [ms.Tensor(x)],
-        [ms.Tensor(weight)],
-        group_list=ms.Tensor(np.cumsum(sizes), ms.int64),
-        split_item=3,
-        group_type=0,
-        transpose_b=transpose_b,
-    )
-    expected = np.zeros((rows, n), np.float32)
+    weight = rng.standard_normal((len(sizes), k, n)).astype(np.float32)
+    out = grouped_matmul(x, weight, sizes if group_list_type else np.cumsum(sizes), group_list_type)
     start = 0
     for expert, size in enumerate(sizes):
-        w = weight[expert].T if transpose_b else weight[expert]
-        expected[start : start + size] = x[start : start + size] @ w
+        np.testing.assert_allclose(
+            out[start : start + size], x[start : start + size] @ weight[expert], rtol=1e-6, atol=1e-6
+        )
         start += size
-    np.testing.assert_allclose(out.asnumpy(), expected, rtol=1e-6, atol=1e-6)
+    assert out.shape == (rows, n)
 
 
 def test_grouped_matmul_refuses_what_it_does_not_compute(runtime_cpu):
-    x, w = [ms.Tensor(np.ones((2, 2), np.float32))], [ms.Tensor(np.ones((1, 2, 2), np.float32))]
+    x, w = np.ones((2, 2), np.float32), np.ones((1, 2, 2), np.float32)
     with pytest.raises(NotImplementedError, match="split_item=3, group_type=0"):
-        generated_ops.grouped_matmul(x, w, split_item=0, group_type=-1)
-    with pytest.raises(ValueError, match="increasing end per expert"):
-        generated_ops.grouped_matmul(x, w, group_list=ms.Tensor([3], ms.int64), split_item=3, group_type=0)
+        generated_ops.grouped_matmul_v4([ms.Tensor(x)], [ms.Tensor(w)], split_item=0, group_type=-1)
+    with pytest.raises(ValueError, match="nor pass x's rows"):
+        grouped_matmul(x, w, np.array([3]))
+    with pytest.raises(NotImplementedError, match="float16 or both float32"):
+        generated_ops.grouped_matmul_v4(
+            [ms.Tensor(x).astype(ms.bfloat16)],
+            [ms.Tensor(w).astype(ms.bfloat16)],
+            group_list=ms.Tensor([2], ms.int64),
+            split_item=3,
+            group_type=0,
+            group_list_type=1,
+        )
+
+
+def test_swiglu_is_silu_of_the_first_half_times_the_second(runtime_cpu):
+    x = np.random.default_rng(6).standard_normal((3, 8)).astype(np.float32)
+    a, b = x[:, :4], x[:, 4:]
+    np.testing.assert_allclose(ops.swiglu(ms.Tensor(x)).asnumpy(), a / (1 + np.exp(-a)) * b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="not divisible by 2"):
+        ops.swiglu(ms.Tensor(np.ones((2, 3), np.float32)))
 
 
 def test_unpermute_weights_and_adds_each_tokens_slots(runtime_cpu):
     rng = np.random.default_rng(2)
     tokens, topk = 5, 2
     x = rng.standard_normal((tokens, 3)).astype(np.float32)
-    indices = ms.Tensor(rng.integers(0, 4, (tokens, topk)).astype(np.int32))
+    indices = rng.integers(0, 4, (tokens, topk)).astype(np.int32)
     probs = rng.random((tokens, topk)).astype(np.float32)
-    permuted, sorted_indices = ops.moe_token_permute(ms.Tensor(x), indices)
-    out = ops.moe_token_unpermute(permuted * 2, sorted_indices, ms.Tensor(probs)).asnumpy()
+    permuted, row_of_slot, _ = route_dropless(x, indices, 4)
+    out = ops.moe_token_unpermute(permuted * 2, row_of_slot, ms.Tensor(probs)).asnumpy()
     np.testing.assert_allclose(out, 2 * x * probs.sum(1, keepdims=True), rtol=1e-6)
+    unweighted = ops.moe_token_unpermute(permuted, ms.Tensor(np.arange(tokens * topk, dtype=np.int32))).asnumpy()
+    np.testing.assert_array_equal(unweighted, permuted.asnumpy())  # without probs, topk is 1
     with pytest.raises(ValueError, match="padded_mode"):
-        ops.moe_token_unpermute(permuted, sorted_indices, padded_mode=True)
+        ops.moe_token_unpermute(permuted, row_of_slot, padded_mode=True)
 
 
 # ----------------------------------------------------------------------------- the grouped block
@@ -112,12 +151,15 @@ def mindones_loop(block, hidden_states):
     return (out[0] if isinstance(out, tuple) else out).asnumpy()
 
 
-def grouped(block, hidden_states, first_expert=0, experts=None, experts_elsewhere=False):
+def grouped(block, hidden_states, first_expert=0, experts=None):
+    """The routed experts' part of the block, grouped: all of them, or one rank's share numbered from
+    `first_expert`."""
     batch, length, hidden = hidden_states.shape
     flat = hidden_states.reshape(-1, hidden)
-    _, weights, selected = route(block, flat)
+    _, weights, selected = route_grouped(block, flat)
     stacked = StackedExperts(experts if experts is not None else block.experts)
-    return dispatch_grouped(stacked, flat, weights, selected, first_expert, experts_elsewhere).asnumpy()
+    total = len(block.experts) if experts is not None else 0
+    return dispatch_grouped(stacked, flat, weights, selected, first_expert, total).asnumpy()
 
 
 def routed_part(block, hidden_states, out):
@@ -168,33 +210,30 @@ def test_each_ranks_share_adds_up_to_the_whole_block_and_other_ranks_slots_count
     for rank in range(2):
         share = expert_range(128, rank, 2)
         experts = [block.experts[i] for i in share]
-        partials.append(grouped(block, x, share.start, experts, experts_elsewhere=True))
+        partials.append(grouped(block, x, share.start, experts))
     assert all(np.abs(p).sum() > 0 for p in partials)
     np.testing.assert_allclose(partials[0] + partials[1], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_prompts_keep_to_the_loop_as_the_grouped_product_is_documented_for_float16_and_32(
-    runtime_cpu, monkeypatch
-):
+def test_prompts_run_grouped_in_every_dtype_the_grouped_product_is_documented_for(mindone_model, monkeypatch):
     from omni_helpers.parallel import sparse_moe
 
+    experts = StackedExperts(block_with(mindone_model, "thinker", 4, 2).experts)
     x = ms.Tensor(np.ones((5, 8), np.float32))
-    assert [sparse_moe.grouped_applies(x.astype(dtype)) for dtype in (ms.float32, ms.float16, ms.bfloat16)] == [
-        True,
-        True,
-        False,
-    ]
+    assert all(sparse_moe.grouped_applies(experts, x.astype(dtype)) for dtype in (ms.float32, ms.float16, ms.bfloat16))
+    assert not sparse_moe.grouped_applies(experts, x.astype(ms.float64))
     monkeypatch.setattr(sparse_moe, "PROMPT_DISPATCH", "loop")  # the benchmark's *_loop variants
-    assert not sparse_moe.grouped_applies(x)
-    with pytest.raises(NotImplementedError, match="float16 or float32"):
-        generated_ops.grouped_matmul(
-            [x.astype(ms.bfloat16)],
-            [ms.Tensor(np.ones((2, 3, 8), np.float32)).astype(ms.bfloat16)],
-            group_list=ms.Tensor([2, 5], ms.int64),
-            split_item=3,
-            group_type=0,
-            transpose_b=True,
-        )
+    assert not sparse_moe.grouped_applies(experts, x)
+
+
+def test_the_grouped_routing_gives_mindones_weights_and_experts(mindone_model):
+    block = block_with(mindone_model, "thinker", 128, 8)
+    x = ms.Tensor(np.random.default_rng(7).standard_normal((17, block.gate.weight.shape[1])).astype(np.float32))
+    logits, weights, selected = route(block, x)
+    grouped_logits, grouped_weights, grouped_selected = route_grouped(block, x)
+    np.testing.assert_array_equal(grouped_logits.asnumpy(), logits.asnumpy())
+    np.testing.assert_array_equal(grouped_selected.asnumpy(), selected.asnumpy())
+    np.testing.assert_allclose(grouped_weights.asnumpy(), weights.asnumpy(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ from omni_helpers.measuring.collectives import collective_bytes
 from omni_helpers.mindone_changes.faster import compiled
 from omni_helpers.mindone_changes.faster.graph_ops import (
     MASKED,
-    batched_linear,
+    batched_product,
     dense,
     grouped_query_attention,
     linear,
@@ -64,9 +64,16 @@ from omni_helpers.mindone_changes.faster.graph_ops import (
     rope,
     rotate,
     route,
+    swiglu,
 )
 from omni_helpers.mindone_changes.speech_sampling import frame_uniforms, residual_code, samples
-from omni_helpers.parallel.sparse_moe import DEVICE_DISPATCH_MAX_SLOTS, MOE_BLOCKS, StackedExperts, split_by_zero3
+from omni_helpers.parallel.sparse_moe import (
+    DEVICE_DISPATCH_MAX_SLOTS,
+    MOE_BLOCKS,
+    StackedExperts,
+    gathered_columns,
+    split_by_zero3,
+)
 
 CAPACITY_STEP = 256  # cache lengths are rounded up to this, so nearby request lengths share one compiled graph
 THINKER = "Qwen3OmniMoeThinkerForConditionalGeneration"
@@ -479,7 +486,7 @@ def decoder_traffic(text_model, positions: int, dtype) -> float:
             for key, split in weights.items()
             if key.endswith("_split") and split is True
         )
-        stacks = (weights.get("experts_gate"), weights.get("experts_up"), weights.get("experts_down"))
+        stacks = (weights.get("experts_gate_up"), weights.get("experts_down"))
         for stack, split in zip(stacks, weights.get("experts_split", ())):
             if split:
                 total += collective_bytes(
@@ -559,14 +566,12 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
         out = grouped_query_attention(query, keys, values, visible, scaling, dtype)
         return linear(out, use(weights, "o"))
 
-    def chosen_experts(stack, slots, split):
+    def chosen_experts(stack, slots, split, parts):
         """The stacked weights of each slot's expert; under ZeRO-3 each rank's shards of them, all-gathered and
-        put back together (ranks' shards one after another along the weight's first axis)."""
+        put back together (`sparse_moe.gathered_columns`)."""
         picked = ops.gather(stack, slots, 0)
         if split:
-            count, part, columns = picked.shape
-            whole = full(picked, True).reshape(experts_world, count, part, columns)
-            picked = ops.transpose(whole, (1, 0, 2, 3)).reshape(count, experts_world * part, columns)
+            picked = gathered_columns(full(picked, True), experts_world, parts)
         return picked
 
     def experts(x, weights):
@@ -580,14 +585,13 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
             mine = ops.logical_and(local >= 0, local < weights["local_experts"])
             slots = ops.select(mine, local, ops.zeros_like(local))
             slot_weights = slot_weights * ops.cast(mine, dtype).reshape(count, top_k)
-        gate_split, up_split, down_split = weights["experts_split"]
+        gate_up_split, down_split = weights["experts_split"]
         inputs = ops.broadcast_to(x.reshape(count, 1, 1, -1), (count, top_k, 1, x.shape[-1])).reshape(
             count * top_k, 1, -1
         )
-        gate = batched_linear(inputs, chosen_experts(weights["experts_gate"], slots, gate_split))
-        up = batched_linear(inputs, chosen_experts(weights["experts_up"], slots, up_split))
-        down = chosen_experts(weights["experts_down"], slots, down_split)
-        out = batched_linear(mint.nn.functional.silu(gate) * up, down).reshape(count, top_k, -1)
+        gate_up = batched_product(inputs, chosen_experts(weights["experts_gate_up"], slots, gate_up_split, 2))
+        down = chosen_experts(weights["experts_down"], slots, down_split, 1)
+        out = batched_product(swiglu(gate_up), down).reshape(count, top_k, -1)
         out = out * slot_weights.reshape(count, top_k, 1)
         combined = out[:, 0]
         for i in range(1, top_k):
@@ -633,12 +637,11 @@ def layer_weights(layer) -> dict:
     if isinstance(experts, StackedExperts):
         whole_block = type(mlp).__name__ != "ExpertParallelMoeBlock"
         weights.update(
-            experts_gate=experts.gate,
-            experts_up=experts.up,
+            experts_gate_up=experts.gate_up,
             experts_down=experts.down,
             top_k=mlp.top_k,
             normalize=bool(mlp.norm_topk_prob),
-            experts_split=tuple(getattr(experts, "split", (False,) * 3)),
+            experts_split=tuple(getattr(experts, "split", (False,) * 2)),
             all_reduce=not whole_block,
             first_expert=0 if whole_block else mlp.local_experts.start,
             local_experts=len(experts),

@@ -16,6 +16,7 @@ MASKED = float(np.finfo(np.float32).min)  # an additive mask's "not visible", as
 
 _MATMUL_BT = ops.MatMul(transpose_b=True)  # x @ weight.T without a transposed copy of the weight
 _BATCH_MATMUL_BT = ops.BatchMatMul(transpose_b=True)
+_BATCH_MATMUL = ops.BatchMatMul()
 
 
 def linear(x, weight):
@@ -25,6 +26,20 @@ def linear(x, weight):
 def batched_linear(x, weights):
     """x (batch, rows, in) through a weight (batch, out, in) each: (batch, rows, out)."""
     return _BATCH_MATMUL_BT(x, weights)
+
+
+def batched_product(x, weights):
+    """x (batch, rows, in) times a weight (batch, in, out) each, as the stacked experts lay theirs out:
+    (batch, rows, out); x's batch may be 1, broadcast over the weights'."""
+    if x.shape[0] != weights.shape[0]:
+        x = ops.broadcast_to(x, (weights.shape[0], *x.shape[1:]))
+    return _BATCH_MATMUL(x, weights)
+
+
+def swiglu(gate_up):
+    """SiLU of the last axis' first half times its second half (the stacked experts' gate and up)."""
+    gate, up = ops.split(gate_up, gate_up.shape[-1] // 2, -1)
+    return mint.nn.functional.silu(gate) * up
 
 
 def dense(x, gate, up, down):

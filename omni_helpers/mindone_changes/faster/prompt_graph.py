@@ -45,13 +45,14 @@ from omni_helpers.mindone_changes.faster import compiled
 from omni_helpers.mindone_changes.faster.decode_graph import decoder_covered, decoder_layers, layer_weights
 from omni_helpers.mindone_changes.faster.graph_ops import (
     MASKED,
-    batched_linear,
+    batched_product,
     grouped_query_attention,
     linear,
     rms_norm_with,
     rope,
     rotate,
     route,
+    swiglu,
 )
 from omni_helpers.parallel.sparse_moe import SPARSE_MOE_BLOCKS, StackedExperts
 
@@ -192,15 +193,13 @@ def prompt_step(text_model, rows: int, bucket: int, deepstack_layers: int):
     def every_expert(x, weights):
         """Each token through every expert, weighted by its renormalised top-k weights (zero elsewhere)."""
         chosen_weights, chosen = route(x, weights["router"], weights["top_k"], weights["normalize"], dtype)
-        experts, inner = weights["experts_gate"].shape[:2]
+        experts = weights["experts_gate_up"].shape[0]
         # (tokens, experts): each token's weight for every expert, zero for those it did not choose
         chosen_onehot = ops.one_hot(chosen, experts, ops.ones((), dtype), ops.zeros((), dtype))  # (tokens, k, experts)
         per_expert = ops.ReduceSum()(chosen_onehot * chosen_weights.reshape(-1, weights["top_k"], 1), 1)
-        # every expert's gate and up projections as one product each: (tokens, experts * inner)
-        gate = linear(x, weights["experts_gate"].reshape(experts * inner, -1))
-        up = linear(x, weights["experts_up"].reshape(experts * inner, -1))
-        inner_states = ops.transpose((mint.nn.functional.silu(gate) * up).reshape(-1, experts, inner), (1, 0, 2))
-        out = batched_linear(inner_states, weights["experts_down"])  # (experts, tokens, hidden)
+        # every expert on every token: (experts, tokens, hidden)
+        inner_states = swiglu(batched_product(x.reshape(1, *x.shape), weights["experts_gate_up"]))
+        out = batched_product(inner_states, weights["experts_down"])
         out = out * ops.transpose(per_expert, (1, 0)).reshape(experts, -1, 1)
         # the unchosen experts add exact zeros; at top-2 any order of the sum gives mindone's bits
         combined = ops.ReduceSum()(out, 0)
