@@ -8,16 +8,19 @@ import numpy as np
 
 
 def to_mindspore(inputs: Mapping[str, Any], float_dtype) -> dict[str, Any]:
-    """numpy arrays -> `ms.Tensor`: integer ids as int32 (what mindone's generation uses),
-    everything else (pixel values, mel features, seconds per grid) in the model's float dtype."""
+    """numpy arrays -> `ms.Tensor`: integer ids as int32 (what mindone's generation uses), each keeping
+    its host copy (the prompt's bookkeeping reads them there, not from the device), everything else
+    (pixel values, mel features, seconds per grid) in the model's float dtype."""
     import mindspore as ms
+
+    from omni_helpers.mindone_changes.faster.host_positions import with_host_copy
 
     converted = {}
     for key, value in inputs.items():
         if isinstance(value, np.ndarray):
             tensor = ms.tensor(value)
             if tensor.dtype in (ms.int64, ms.int32):
-                tensor = tensor.astype(ms.int32)
+                tensor = with_host_copy(tensor.astype(ms.int32), value.astype(np.int32))
             elif tensor.dtype != float_dtype:
                 tensor = tensor.astype(float_dtype)
             value = tensor

@@ -32,7 +32,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import mint, ops
 
-from omni_helpers.mindone_changes.faster import decode_graph
+from omni_helpers.mindone_changes.faster import decode_graph, host_positions
 from omni_helpers.request.cancellation import Cancellation
 from omni_helpers.request.errors import Cancelled
 
@@ -238,3 +238,50 @@ class Record:
             "attentions": self.attentions,
             "hidden_states": self.hidden_states,
         }
+
+
+def prepare_special_tokens(model, generation_config, kwargs_has_attention_mask, original) -> None:
+    """`GenerationMixin._prepare_special_tokens` without its host reads: the same tensors on the generation
+    config and the same warnings, its checks made on the config's numbers; each tensor keeps its host copy
+    (the end-token criterion reads its list there). Tokens given as tensors, or an encoder-decoder model,
+    take mindone's own path."""
+    from mindone.transformers.generation.utils import logger
+
+    names = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    given = [getattr(generation_config, name) for name in names]
+    if model.config.is_encoder_decoder or any(isinstance(token, ms.Tensor) for token in given):
+        return original(model, generation_config, kwargs_has_attention_mask)
+    bos, eos, pad, start = (None if token is None else np.asarray(token).astype(np.int64) for token in given)
+    if eos is not None:
+        eos = eos.reshape(-1)  # more than one end token: always a 1-D tensor
+    if pad is None and eos is not None:
+        if kwargs_has_attention_mask is not None and not kwargs_has_attention_mask:
+            logger.warning(
+                "The attention mask and the pad token id were not set. As a consequence, you may observe "
+                "unexpected behavior. Please pass your input's `attention_mask` to obtain reliable results."
+            )
+        pad = eos[0]
+        logger.warning(f"Setting `pad_token_id` to `eos_token_id`:{pad} for open-end generation.")
+    if eos is not None and np.isin(eos, pad).any() and kwargs_has_attention_mask is not None:
+        if not kwargs_has_attention_mask:
+            logger.warning_once(
+                "The attention mask is not set and cannot be inferred from input because pad token is same as "
+                "eos token. As a consequence, you may observe unexpected behavior. Please pass your input's "
+                "`attention_mask` to obtain reliable results."
+            )
+    if eos is not None and (eos < 0).any():  # int64 as mindone makes them: never floating
+        logger.warning(
+            f"`eos_token_id` should consist of positive integers, but is {eos}. Your generation will not "
+            "stop until the maximum length is reached. Depending on other flags, it may even crash."
+        )
+    generation_config._bos_token_tensor = token_tensor(bos)
+    generation_config._eos_token_tensor = token_tensor(eos)
+    generation_config._pad_token_tensor = token_tensor(pad)
+    generation_config._decoder_start_token_tensor = token_tensor(start)
+
+
+def token_tensor(ids):
+    """Token ids as mindone's int64 tensor, keeping its host copy; None stays None."""
+    if ids is None:
+        return None
+    return host_positions.with_host_copy(ms.tensor(ids, dtype=ms.int64), ids)

@@ -82,7 +82,7 @@ def encoder_applies(encoder, kind_name: str, graph_kind: str, activation: str) -
 def vision_forward(vision, pixel_values, grid_thw):
     """(merged image features, DeepStack features) as mindone's vision encoder returns them; None when
     the graph fails at its first call (the encoder then stays in PyNative)."""
-    grid = grid_thw.asnumpy()
+    grid = host_positions.on_host(grid_thw)
     patches = int(np.prod(grid, axis=1).sum())
     bucket = compiled.bucket_for(patches)
     if bucket > compiled.BUCKET_MAX:  # attention over every pair of patches: PyNative's flash attention instead
@@ -230,7 +230,7 @@ def audio_forward(audio, input_features, feature_lens):
     `feature_lens` frames; None when the graph fails at its first call (the encoder then stays in PyNative)."""
     from mindone.transformers.modeling_outputs import BaseModelOutput
 
-    lengths = feature_lens.asnumpy().astype(np.int64)
+    lengths = host_positions.on_host(feature_lens).astype(np.int64)
     chunk_lengths = split_into_chunks(lengths, audio.n_window * 2)
     longest = max(chunk_lengths)  # every chunk is padded to it
     tokens_per_chunk = int(conv_output_lengths(np.array([longest]))[0])

@@ -21,12 +21,27 @@ from __future__ import annotations
 
 import numpy as np
 
+HOST_COPY = "_host_copy"  # the attribute `with_host_copy` sets on a tensor
+
+
+def with_host_copy(tensor, array: np.ndarray):
+    """`tensor`, remembering the host array it was made from, so that `on_host` reads it without a device
+    synchronisation. Only for tensors nothing writes in place: the processor's ids and masks, token ids."""
+    setattr(tensor, HOST_COPY, array)
+    return tensor
+
 
 def on_host(value):
-    """A tensor (or list) of the processor's, as numpy; None stays None."""
+    """A tensor (or list) of the processor's, as numpy: its host copy where it has one, else read from the
+    device; None stays None."""
     import mindspore as ms
 
-    return None if value is None else value.asnumpy() if isinstance(value, ms.Tensor) else np.asarray(value)
+    if value is None:
+        return None
+    if isinstance(value, ms.Tensor):
+        copy = getattr(value, HOST_COPY, None)
+        return value.asnumpy() if copy is None else copy
+    return np.asarray(value)
 
 
 def rope_index(

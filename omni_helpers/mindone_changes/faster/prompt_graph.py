@@ -41,7 +41,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import mint, ops
 
-from omni_helpers.mindone_changes.faster import compiled
+from omni_helpers.mindone_changes.faster import compiled, host_positions
 from omni_helpers.mindone_changes.faster.decode_graph import decoder_covered, decoder_layers, layer_weights
 from omni_helpers.mindone_changes.faster.graph_ops import (
     MASKED,
@@ -114,7 +114,7 @@ def forward(
     # padding gets position 0 and is not a real key: what it computes is never seen
     positions = compiled.padded(position_ids.to(ms.float32), bucket, axis=-1)
     real = np.zeros((rows, bucket), np.float32)
-    real[:, :length] = 1 if attention_mask is None else attention_mask.asnumpy()
+    real[:, :length] = 1 if attention_mask is None else host_positions.on_host(attention_mask)
     inputs = (compiled.padded(inputs_embeds, bucket, axis=1), positions, ms.Tensor(real), *deepstack)
     outputs = compiled.first_call(
         graph, text_model, "prompt_graph", lambda: graph.step(*inputs), "prompt", "running prompts step by step instead"
@@ -138,7 +138,7 @@ def deepstack_additions(inputs_embeds, visual_pos_masks, deepstack_visual_embeds
     and on the padding: the k-th visual position takes row k, by one gather from the host's positions."""
     if deepstack_visual_embeds is None:
         return []
-    where = visual_pos_masks.asnumpy()
+    where = host_positions.on_host(visual_pos_masks)
     where = where[..., 0] if where.ndim == 3 else where
     rows, length = where.shape
     index = np.zeros((rows, bucket), np.int64)  # row 0 of the sources is zeros

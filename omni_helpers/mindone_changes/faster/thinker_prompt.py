@@ -77,7 +77,7 @@ def forward(
     )
 
     config = thinker.config
-    ids, mask = input_ids.asnumpy(), attention_mask.asnumpy()
+    ids, mask = host_positions.on_host(input_ids), host_positions.on_host(attention_mask)
     images, videos, audio_mask = map(host_positions.on_host, (image_grid_thw, video_grid_thw, feature_attention_mask))
     audio_lengths = None if audio_mask is None else audio_mask.sum(1)
     placeholders = {
@@ -94,7 +94,8 @@ def forward(
     features, deepstack = {}, {}
     if input_features is not None:
         features["audio"] = thinker.audio_tower(
-            audio_frames(input_features, audio_mask), feature_lens=ms.Tensor(audio_lengths)
+            audio_frames(input_features, audio_mask),
+            feature_lens=host_positions.with_host_copy(ms.Tensor(audio_lengths), audio_lengths),
         ).last_hidden_state
     if pixel_values is not None:
         features["image"], deepstack["image"] = thinker.get_image_features(pixel_values, image_grid_thw)
@@ -127,7 +128,9 @@ def forward(
         output_router_logits=False,
         cache_position=cache_position,
         deepstack_visual_embeds=visual_embeds,
-        visual_pos_masks=None if visual_embeds is None else ms.Tensor(visual[..., None]),
+        visual_pos_masks=None
+        if visual_embeds is None
+        else host_positions.with_host_copy(ms.Tensor(visual[..., None]), visual[..., None]),
         **kwargs,
     )
     return Qwen3OmniMoeThinkerCausalLMOutputWithPast(

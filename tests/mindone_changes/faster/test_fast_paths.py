@@ -169,6 +169,44 @@ def test_one_host_read_per_talker_frame(one_process):
     assert many - two == 8
 
 
+def test_a_prompt_reads_the_host_only_for_its_stopping_test_and_its_answer(one_process):
+    """An image + audio prompt run to its first token: the prompt's forward reads nothing back (ids and masks
+    come with their host copies, the special tokens are checked on the host), the loop reads its stopping
+    test once and the answer is read once."""
+    device_reads(one_process, max_new_tokens=1)
+    assert device_reads(one_process, max_new_tokens=1) == 2
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        {"eos_token_id": 7, "pad_token_id": None},
+        {"eos_token_id": [7, 3], "pad_token_id": 0, "bos_token_id": 1},
+        {"eos_token_id": [-1], "pad_token_id": None},
+        {"eos_token_id": None, "pad_token_id": 5},
+    ],
+)
+def test_special_tokens_are_mindones_without_a_host_read(tokens, runtime_cpu):
+    from mindone.transformers.generation.utils import GenerationMixin
+    from transformers import GenerationConfig
+
+    from omni_helpers.measuring.host_syncs import counting_host_syncs
+
+    model = type("Model", (), {"config": type("Config", (), {"is_encoder_decoder": False})()})()
+    stock = FAST_PATHS.original("mindone.transformers.generation.utils.GenerationMixin:_prepare_special_tokens")
+    expected, got = GenerationConfig(**tokens), GenerationConfig(**tokens)
+    stock(model, expected, True)
+    with counting_host_syncs() as syncs:
+        GenerationMixin._prepare_special_tokens(model, got, True)
+    assert syncs.count == 0
+    for name in ("_bos_token_tensor", "_eos_token_tensor", "_pad_token_tensor", "_decoder_start_token_tensor"):
+        want, have = getattr(expected, name), getattr(got, name)
+        assert (want is None) == (have is None), name
+        if want is not None:
+            assert have.dtype == want.dtype and have.shape == want.shape
+            np.testing.assert_array_equal(have.asnumpy(), want.asnumpy())
+
+
 def test_end_token_test_equals_mindones():
     from mindone.transformers.generation.stopping_criteria import EosTokenCriteria
 
