@@ -398,6 +398,7 @@ def flash_attention_score(
 # (a `Custom` operation of numpy, "pyfunc"), so a MoE layer launches on CPU what it launches on Ascend, one
 # kernel per call, and reads nothing back to Python.
 _HOST_DTYPES = (ms.float16, ms.float32)  # what numpy computes; Ascend's kernels also take bfloat16
+UNSPECIFIED = (np.nan, 65504.0)  # what the grouped product leaves past its groups, row by row in turn
 
 
 _HOST_KERNELS: dict = {}
@@ -497,7 +498,7 @@ def grouped_matmul_v4(
     """The grouped product in its single-tensor form (split_item 3, group_type 0): x a list of one (M, K)
     tensor, weight a list of one (E, K, N) tensor, group_list (E,) int64, each group's size (group_list_type 1) or
     cumulative end (0): group e's rows of x times weight[e]. The groups may end before M; rows past them are not
-    computed (left as zeros here; on Ascend unspecified). A list of one (M, N) tensor of x's dtype, float16 or
+    computed (unspecified: NaN and 65504 here, row by row in turn). A list of one (M, N) tensor of x's dtype, float16 or
     float32, accumulated in float32. Bias, quantisation, activation and the list form raise."""
     extras = [
         bias, scale, offset, antiquant_scale, antiquant_offset, pre_token_scale, activation_input,
@@ -533,7 +534,11 @@ def _grouped_product(x, weight, group_list, sizes: bool):
     ends = np.cumsum(group_list) if sizes else group_list
     if np.any(group_list < 0) or np.any(np.diff(ends) < 0) or (len(ends) and ends[-1] > x.shape[0]):
         raise ValueError("grouped_matmul_v4: group_list must not be negative (nor decrease as ends) nor pass x's rows")
-    out = np.zeros((x.shape[0], weight.shape[2]), np.float32)
+    out = np.empty((x.shape[0], weight.shape[2]), np.float32)
+    # rows past the groups are left unspecified on Ascend: NaN and a large finite value here, so that a caller
+    # relying on them fails on CPU as it would on the device
+    past = out[int(ends[-1]) if len(ends) else 0 :]
+    past[0::2], past[1::2] = UNSPECIFIED
     start = 0
     for expert, end in enumerate(ends.tolist()):
         if end > start:

@@ -89,6 +89,8 @@ def test_grouped_matmul_multiplies_each_group_of_rows_by_its_experts_weight(runt
         )
         start += size
     assert out.shape == (rows, n)
+    # the two rows past the groups are unspecified on Ascend: one NaN, one large and finite here
+    assert np.isnan(out[start]).all() and (out[start + 1] == 65504).all()
 
 
 def test_grouped_matmul_refuses_what_it_does_not_compute(runtime_cpu):
