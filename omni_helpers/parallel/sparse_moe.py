@@ -22,14 +22,14 @@ experts a step runs are all-gathered by device indices (`GatheredStackedExperts`
 from __future__ import annotations
 
 import mindspore as ms
-import mindspore.ops.auto_generate as generated_ops  # grouped_matmul, looked up when called (CPU stand-in)
+import mindspore.ops.auto_generate as generated_ops  # grouped_matmul_v4, looked up when called (CPU stand-in)
 import numpy as np
 from mindspore import Parameter, mint, nn, ops
 
 # A decode step (one new token per row) of up to this many (token, expert) slots runs its experts
-# from device indices: a batch of up to 16 rows at top-8. Prompts, and larger batches, read the
-# routing once: gathering every slot's weights would copy more than running each expert once on
-# its tokens (the image + audio prompt of the tiny checkpoint: 6.3 ms per layer gathered, 4.6 read once).
+# from device indices: a batch of up to 16 rows at top-8. Prompts, and larger batches, run each chosen
+# expert once on its tokens (grouped, or after one read of the routing): gathering every slot's weights would
+# copy more (the image + audio prompt of the tiny checkpoint: 6.3 ms per layer gathered, 4.6 read once).
 DEVICE_DISPATCH_MAX_SLOTS = 128
 # How prompts (and batches past DEVICE_DISPATCH_MAX_SLOTS) run stacked experts: "grouped" (`dispatch_grouped`, no
 # host read) or "loop" (`dispatch_experts`, one host read per layer and each chosen expert on its own: the
@@ -256,8 +256,8 @@ def dispatch_grouped(experts: StackedExperts, hidden_states, weights, selected, 
     weights and added into their tokens (`moe_token_unpermute`, in top-k order).
 
     `total`: the router's expert count when `experts` are one rank's share, numbered from `first_expert`
-    (expert parallelism). Other ranks' slots then sort after this rank's, outside every group: the grouped
-    products leave those rows unwritten, so they are zeroed (NaN included) and weighted zero."""
+    (expert parallelism). Other ranks' slots then sort after this rank's, outside every group, where the
+    grouped products leave their rows unspecified: NaN is made zero, and those slots are weighted zero."""
     count = len(experts)
     elsewhere = total > 0
     if elsewhere:  # this rank's experts numbered 0.., every other expert `count`
