@@ -56,14 +56,14 @@ def route(block, hidden_states):
 def route_grouped(block, hidden_states):
     """`route`'s numbers in fewer launches: with renormalised weights (the thinker's and the talker's
     configuration) the top-k weights are the softmax of the top-k router logits, since the softmax's
-    denominator cancels; otherwise the softmax over every expert, then the top k."""
+    denominator cancels; otherwise the softmax over every expert, then the top k. The experts as int32."""
     router_logits = block.gate(hidden_states)
     if block.norm_topk_prob:
-        top, selected = mint.topk(router_logits, block.top_k, dim=-1)
+        top, selected = ops.topk(router_logits, block.top_k, dim=-1)  # ops': int32 experts, as the routing takes
         weights = mint.nn.functional.softmax(as_dtype(top, ms.float32), dim=-1)
     else:
         probabilities = mint.nn.functional.softmax(as_dtype(router_logits, ms.float32), dim=1)
-        weights, selected = mint.topk(probabilities, block.top_k, dim=-1)
+        weights, selected = ops.topk(probabilities, block.top_k, dim=-1)
     return router_logits, as_dtype(weights, hidden_states.dtype), selected
 
 
@@ -260,11 +260,10 @@ def dispatch_grouped(experts: StackedExperts, hidden_states, weights, selected, 
     grouped products leave their rows unspecified: NaN is made zero, and those slots are weighted zero."""
     count = len(experts)
     elsewhere = total > 0
+    index = selected
     if elsewhere:  # this rank's experts numbered 0.., every other expert `count`
         local = experts.local_numbers(first_expert, total)
         index = mint.index_select(local, 0, selected.reshape(-1)).reshape(selected.shape)
-    else:
-        index = selected.astype(ms.int32)
     # dropless (no active count, no capacity, no padding); flag 2: each expert's slot count
     permuted, sorted_indices, sizes = ops.moe_init_routing_v2(
         hidden_states, index, 0, 0, count + elsewhere, 0, 2, False
