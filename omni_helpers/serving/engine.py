@@ -10,9 +10,7 @@ as rank 0 sends them. What a job produces (its own row's text pieces and speech 
 answer, or its error) arrives on its own queue of events.
 
 Batches are formed when a generation starts, not joined while one decodes (static batching):
-the loop's compiled steps and KV buffers have the batch's shape for the whole generation. The
-clients a generation answered send their next requests a few milliseconds after it ends, so a
-batch waits up to --batch_window_ms for as many of them as it answered before it starts.
+the loop's compiled steps and KV buffers have the batch's shape for the whole generation.
 Greedy rows answer as they would alone (the prompts are left-padded and masked); a request
 with a seed runs alone, since its draws are reproducible only alone. Speech is streamed for
 every row of a batch or for none (code2wav runs as the talker goes for the streaming rows).
@@ -147,13 +145,9 @@ class Engine:
         max_queue: int,
         request_limits: RequestLimits = RequestLimits(),
         max_batch_size: int = 8,
-        batch_window: float = 0.0,
     ):
         self.checkpoint, self.lockstep, self.limits, self.max_queue = checkpoint, lockstep, limits, max_queue
         self.max_batch_size = max_batch_size  # rows of one generation at most
-        # seconds a batch may wait, after its first request, for as many as the last generation answered
-        self.batch_window = batch_window
-        self.answered = 0  # rows of the last generation: its clients send their next requests as their answers end
         self.request_limits = request_limits  # what one request may hold: media seconds and items, turns
         self.context = Context.of(checkpoint.config)
         self.model = self.processor = None
@@ -263,14 +257,10 @@ class Engine:
 
     def batch_with(self, first: Job) -> list[Job]:
         """`first` and the jobs waiting now that can share its forward, oldest first, up to --max_batch_size; the
-        others keep their places, ahead of later arrivals, for the next batch. While fewer have come than the last
-        generation answered, the batch waits for more up to --batch_window_ms after `first`: those clients send
-        their next requests as their answers end, a few milliseconds after the generation has finished."""
+        others keep their places, ahead of later arrivals, for the next batch."""
         batch, passed = [first], []
-        deadline = time.monotonic() + self.batch_window
         while len(batch) < self.max_batch_size:
-            expecting = len(batch) + len(passed) < self.answered
-            job = self.next_job(wait=max(deadline - time.monotonic(), 0) if expecting else None)
+            job = self.next_job()
             if job is None:
                 break
             (batch if can_share(batch, job) else passed).append(job)
@@ -284,7 +274,6 @@ class Engine:
     def run(self, batch: list[Job]) -> None:
         """One generation for the batch's rows. A request the checks refuse once the prompts are known fails alone:
         the others run without it."""
-        self.answered = len(batch)
         settings = batch[0].settings
         try:
             inputs = prepare_inputs(self.processor, [job.conversation for job in batch], settings)
