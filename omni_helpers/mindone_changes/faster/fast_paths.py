@@ -11,7 +11,8 @@ with them installed and tests/mindone_changes/faster/test_fast_paths.py compares
 - MoE dispatch. mindone's sparse MoE blocks (thinker and talker) loop over experts with
   two host synchronisations each. Here decode steps run the chosen experts from device
   indices (no host read at all; the experts are stacked at load, `sparse_moe.stack_experts`)
-  and prompts read the routing once (`sparse_moe.dispatch_experts`).
+  and prompts run each chosen expert once, grouped on the device in Ascend's MoE kernels
+  (`sparse_moe.dispatch_grouped`, no host read either).
 - Decode steps without host reads (`decode_steps`). mindone decides whether a step is the
   prompt or a decode step by reading `cache_position[0]` to the host, in the thinker's and
   the talker's input preparation and in the talker's forward; the shapes say the same, and a
@@ -31,8 +32,11 @@ with them installed and tests/mindone_changes/faster/test_fast_paths.py compares
   loop also reads the attention mask's length every step. The end-token test is a comparison
   and an `any` instead of `mindspore.numpy.isin`'s twenty-odd operations, and the talker's
   suppressed codes are masked by a mask built once per request instead of at every frame.
+  mindone's checks of the special tokens at the start of every `generate` run on the
+  generation config's numbers instead of reading the new tensors back (four reads).
 - The thinker's prompt bookkeeping on the host (`thinker_prompt`): placeholders found and
-  counted in numpy, every modality's features merged by one gather.
+  counted in numpy, every modality's features merged by one gather; the processor's ids, masks
+  and grids are read from the host copies their tensors keep (`host_positions.with_host_copy`).
 - On CPU only: each operation runs in the calling thread (`pynative_synchronize`).
   PyNative normally hands every launch to a pipeline of threads and returns at once; on a
   CPU, with operations as small as the ones mindone's generation loop issues, the

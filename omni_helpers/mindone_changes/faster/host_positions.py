@@ -7,7 +7,8 @@ Python, with dozens of small device operations and host reads (`.item()`, `.toli
 truth tests) per image, audio clip or video: for the tiny image + audio request on this
 CPU about 10 ms for the rope index and 10 ms for the vision positions. Their inputs are
 host data in the first place (token ids, grids, feature lengths, seconds per grid), so here
-the same walks are done in numpy: one read of each input, a few arrays back, and the
+the same walks are done in numpy: each input from the host copy its tensor keeps (no read;
+one where it has none), a few arrays back, and the
 lookups that need the model's weights done on the device in a handful of operations.
 
 The arithmetic follows mindone's in float32 (vision time indices are

@@ -7,7 +7,8 @@ cuts the audio frames out with a boolean index (a host read each), and merges ea
 modality's features with a `masked_scatter` between dtype casts. For a short image + audio
 prompt those launches and reads cost about as much as the compiled layers themselves.
 
-Here the processor's `input_ids`, masks and grids are read once, and numpy finds the
+Here the processor's `input_ids`, masks and grids are taken from the host copies their tensors
+keep (`host_positions.with_host_copy`; read once where a tensor has none), and numpy finds the
 placeholders, checks their counts (mindone's messages, before any encoder runs), and builds
 the indices that merge the text embeddings and every modality's features in one gather, and
 the DeepStack features (image and video together) in one more. Encoders, rope index, text
