@@ -5,7 +5,9 @@ has finished. A forward hook on the talker (`SpeechStreams.hook`, installed for 
 call) sees each frame's codes, one per row, as the next step begins, and every few frames each
 row's `SpeechStream` decodes what there is of its current code2wav chunk, handing out the
 samples not handed out yet. A row of a batch ends at its end code while the others go on (the
-loop gives it padding from there): its stream stops at that code, read once per emission.
+loop gives it padding from there): its stream stops at that code, read once per emission for
+every due row. The rows of a batch are in step, so the rows due at a step decode their new
+frames as one code2wav batch, one call per emission whatever the batch size.
 
 Each emission decodes only the frames not handed out yet, behind a fixed left context of
 `STREAM_CONTEXT_FRAMES`, so its cost stays the same however long the answer grows; within
@@ -39,13 +41,16 @@ AudioCallback = Callable[[int, np.ndarray], None]
 
 
 class SpeechStreams:
-    """The talker hook of a generation that streams speech: each frame's codes to each row's `SpeechStream`."""
+    """The talker hook of a generation that streams speech: each frame's codes to each row's `SpeechStream`; the
+    rows due for an emission at the same step decode their new frames as one code2wav batch."""
 
     def __init__(self, code2wav, on_audio: AudioCallback, rows: int, end_code: int, **cadence):
+        self.code2wav = code2wav
         self.rows = [
             SpeechStream(code2wav, functools.partial(on_audio, row), end_code, **cadence) for row in range(rows)
         ]
         self.steps = 0  # talker forwards seen
+        self.decodes = 0  # code2wav calls made for the emissions
 
     def hook(self, cell, inputs, outputs) -> None:
         """Forward hook on the talker: the codes (rows, groups) of the frame before this step (none at the prefill)."""
@@ -53,16 +58,63 @@ class SpeechStreams:
         codes = outputs.hidden_states[-1]
         if codes is None:
             return
-        for row, stream in enumerate(self.rows):
-            stream.add(codes if len(self.rows) == 1 else codes[row : row + 1], self.steps)
+        due = [
+            stream
+            for row, stream in enumerate(self.rows)
+            if stream.add(codes if len(self.rows) == 1 else codes[row : row + 1], self.steps)
+        ]
+        if due:
+            self.emit(due)
+
+    def emit(self, due: list["SpeechStream"]) -> None:
+        """The due rows' new samples: their end codes read at once, then, span by span, one code2wav call for the
+        rows whose next span is the same frames (rows in step with each other, as a batch's rows are)."""
+        end_at_end_codes(due)
+        while True:
+            spans: dict[tuple[int, int], list[SpeechStream]] = {}
+            for stream in due:
+                span = stream.next_span()
+                if span is not None:
+                    spans.setdefault(span, []).append(stream)
+            if not spans:
+                return
+            for (start, end), streams in spans.items():
+                samples = decode_frames(self.code2wav, [stream.frames[start:end] for stream in streams])
+                self.decodes += 1
+                for stream, row_samples in zip(streams, samples):
+                    stream.take(row_samples, start, end)
 
     def finish(self, waveforms: list) -> None:
         for stream, waveform in zip(self.rows, waveforms):
             stream.finish(waveform)
 
 
+def end_at_end_codes(streams: list["SpeechStream"]) -> None:
+    """Each stream's frames from its end code on dropped: one read of every stream's new frames' first codes."""
+    from mindspore import mint
+
+    firsts = mint.cat([codes[:, 0] for stream in streams for codes in stream.frames[stream.decoded_frames :]])
+    firsts = firsts.asnumpy()
+    at = 0
+    for stream in streams:
+        new = firsts[at : at + len(stream.frames) - stream.decoded_frames]
+        at += len(new)
+        if (new == stream.end_code).any():
+            stream.frames = stream.frames[: stream.decoded_frames + int(np.argmax(new == stream.end_code))]
+            stream.ended = True
+
+
+def decode_frames(code2wav, rows_frames: list[list]) -> list[np.ndarray]:
+    """code2wav's samples of each row's frames (each row as many, (1, groups) codes each), decoded as one batch:
+    code2wav's rows are independent, so each row's samples are those it gets alone."""
+    from mindspore import mint
+
+    codes = mint.cat([mint.stack(frames, dim=1) for frames in rows_frames]).transpose(1, 2)  # (rows, groups, frames)
+    return list(code2wav(codes).reshape(len(rows_frames), -1).float().asnumpy())
+
+
 class SpeechStream:
-    """One row's speech, handed out as its frames come (`add`)."""
+    """One row's speech, handed out as its frames come (`add`, then `next_span` and `take` until all is decoded)."""
 
     def __init__(self, code2wav, on_audio, end_code: int, first_frames: int = 4, every_frames: int = 12):
         self.code2wav, self.on_audio, self.end_code = code2wav, on_audio, end_code
@@ -77,54 +129,41 @@ class SpeechStream:
         self.first_audio_step: Optional[int] = None
         self.first_audio_time: Optional[float] = None
 
-    def add(self, codes, step: int) -> None:
-        """The codes (1, groups) of the row's next frame, seen at talker step `step`."""
+    def add(self, codes, step: int) -> bool:
+        """The codes (1, groups) of the row's next frame, seen at talker step `step`; whether an emission is due."""
         if self.ended:
-            return
+            return False
         self.frames.append(codes)
         self.step = step
         due = self.first_frames if self.decoded_frames == 0 else self.every_frames
-        if len(self.frames) - self.decoded_frames >= due:
-            self._end_at_end_code()
-            self._decode_so_far()
+        return len(self.frames) - self.decoded_frames >= due
 
-    def _end_at_end_code(self) -> None:
-        """Drops the frames from the row's end code on (one read of the new frames' first codes)."""
-        from mindspore import mint
+    def next_span(self) -> Optional[tuple[int, int]]:
+        """The frames [start, end) to decode next for the samples not handed out yet, one of `generate`'s code2wav
+        chunks at a time, behind at most `STREAM_CONTEXT_FRAMES` of context; None once all are handed out."""
+        if self.decoded_frames >= len(self.frames):
+            return None
+        chunk_start = self.decoded_frames // CHUNK_FRAMES * CHUNK_FRAMES
+        chunk_end = min(chunk_start + CHUNK_FRAMES, len(self.frames))
+        chunk_context = LEFT_CONTEXT_FRAMES if chunk_start - LEFT_CONTEXT_FRAMES > 0 else chunk_start
+        return max(chunk_start - chunk_context, self.decoded_frames - STREAM_CONTEXT_FRAMES), chunk_end
 
-        firsts = mint.cat([codes[:, 0] for codes in self.frames[self.decoded_frames :]]).asnumpy()
-        if (firsts == self.end_code).any():
-            self.frames = self.frames[: self.decoded_frames + int(np.argmax(firsts == self.end_code))]
-            self.ended = True
-
-    def _decode_so_far(self) -> None:
-        """The samples not handed out yet, one of `generate`'s code2wav chunks at a time. code2wav gives a few
-        samples fewer than its frames' (the last upsampling trims them), so positions are counted in samples
+    def take(self, samples: np.ndarray, start: int, end: int) -> None:
+        """Hands out what `samples`, decoded from frame `start` to `end`, hold beyond what was sent. code2wav gives a
+        few samples fewer than its frames' (the last upsampling trims them), so positions are counted in samples
         from the chunk's first frame on, as `chunked_decode` joins its chunks."""
-        frames = len(self.frames)
-        while self.decoded_frames < frames:
-            chunk_start = self.decoded_frames // CHUNK_FRAMES * CHUNK_FRAMES
-            chunk_end = min(chunk_start + CHUNK_FRAMES, frames)
-            if self.decoded_frames == chunk_start:
-                self.chunk_sent = 0  # samples of this chunk handed out
-            chunk_context = LEFT_CONTEXT_FRAMES if chunk_start - LEFT_CONTEXT_FRAMES > 0 else chunk_start
-            start = max(chunk_start - chunk_context, self.decoded_frames - STREAM_CONTEXT_FRAMES)
-            samples = self._decode(start, chunk_end)  # from frame `start` on
-            self._send(samples[(chunk_start - start) * self.samples_per_frame + self.chunk_sent :])
-            self.chunk_sent = len(samples) - (chunk_start - start) * self.samples_per_frame
-            self.frames_per_emission.append(chunk_end - start)
-            self.decoded_frames = chunk_end
+        chunk_start = self.decoded_frames // CHUNK_FRAMES * CHUNK_FRAMES
+        if self.decoded_frames == chunk_start:
+            self.chunk_sent = 0  # samples of this chunk handed out
+        into_chunk = (chunk_start - start) * self.samples_per_frame
+        self._send(samples[into_chunk + self.chunk_sent :])
+        self.chunk_sent = len(samples) - into_chunk
+        self.frames_per_emission.append(end - start)
+        self.decoded_frames = end
 
     @property
     def samples_per_frame(self) -> int:
         return int(self.code2wav.total_upsample)
-
-    def _decode(self, start: int, end: int) -> np.ndarray:
-        """Samples of frames [start, end), decoded from frame `start` on."""
-        from mindspore import mint
-
-        codes = mint.stack(self.frames[start:end], dim=1).transpose(1, 2)  # (1, groups, frames)
-        return self.code2wav(codes).reshape(-1).float().asnumpy()
 
     def _send(self, samples: np.ndarray) -> None:
         if not len(samples):

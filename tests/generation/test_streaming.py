@@ -99,3 +99,36 @@ def test_streamed_speech_past_a_code2wav_chunk_joins_to_the_whole_waveform(mindo
     np.testing.assert_allclose(joined, whole, atol=5e-5)  # one attention layer within the context: measured 3.0e-5
     assert max(stream.frames_per_emission) <= 40 + STREAM_CONTEXT_FRAMES  # not the 300 frames of a whole chunk
     assert stream.frames_per_emission[-1] <= 30 + 25  # the second chunk from its own left context, as generate
+
+
+def test_rows_in_step_decode_each_emission_as_one_code2wav_batch(mindone):
+    """Two rows streamed together: an emission is one code2wav call for both, each row's chunks joining to its own
+    waveform; the row whose end code comes at frame 50 stops there, the other goes on alone."""
+    from types import SimpleNamespace
+
+    import mindspore as ms
+
+    from omni_helpers.generation.speech_stream import SpeechStreams
+
+    code2wav = mindone.model.code2wav
+    groups, size = code2wav.config.num_quantizers, code2wav.config.codebook_size
+    end_code = size  # a code no random frame holds
+    codes = np.random.default_rng(1).integers(0, size, (120, 2, groups)).astype(np.int64)
+    codes[50:, 1, 0] = end_code  # row 1 ends at frame 50 (the loop gives it padding codes from there)
+    chunks = ([], [])
+    streams = SpeechStreams(
+        code2wav, lambda row, samples: chunks[row].append(samples), 2, end_code, first_frames=4, every_frames=12
+    )
+    streams.hook(None, None, SimpleNamespace(hidden_states=(None, None)))
+    for frame in codes:
+        streams.hook(None, None, SimpleNamespace(hidden_states=(None, ms.Tensor(frame))))
+    lengths = (120, 50)
+    for row, stream in enumerate(streams.rows):
+        whole = code2wav.chunked_decode(ms.Tensor(codes[: lengths[row], row].T[None]), chunk_size=300)
+        whole = whole.reshape(-1).float().asnumpy()
+        stream.finish(whole)
+        np.testing.assert_allclose(np.concatenate(chunks[row]), whole, atol=5e-5)
+    emissions = [len(stream.frames_per_emission) for stream in streams.rows]
+    assert emissions[1] < emissions[0]  # row 1 stopped at its end
+    # row 1's emissions rode in row 0's calls, but for the one its end cut short (its last frames decoded apart)
+    assert streams.decodes == emissions[0] + 1
