@@ -579,13 +579,14 @@ def moe_token_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode
     _refuse_unless(permuted_tokens.dtype in _HOST_DTYPES, "moe_token_unpermute takes float16 or float32 tokens")
     if probs is None:
         probs = ops.ones((sorted_indices.shape[0], 1), permuted_tokens.dtype)
-    topk = probs.shape[1]
+    _refuse_unless(
+        sorted_indices.shape[0] == probs.shape[0] * probs.shape[1], "moe_token_unpermute: indices of tokens x topk"
+    )
     kernel = _host_kernel(
         _unpermute,
         lambda p_shape, i_shape, w_shape: [i_shape[0] // w_shape[1], p_shape[1]],
         lambda p_dtype, i_dtype, w_dtype: p_dtype,
     )
-    _refuse_unless(sorted_indices.shape[0] == probs.shape[0] * topk, "moe_token_unpermute: indices of tokens x topk")
     return kernel(permuted_tokens, sorted_indices, probs)
 
 

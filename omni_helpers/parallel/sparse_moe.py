@@ -220,7 +220,8 @@ def gathered_columns(gathered, world_size: int, parts: int):
     total, rows, width = gathered.shape
     k, columns = total // world_size, width // parts
     split = gathered.reshape(world_size, k, rows, parts, columns)
-    return ops.transpose(split, (1, 2, 3, 0, 4)).reshape(k, rows, parts * world_size * columns)  # graphs too
+    # ops.transpose rather than Tensor.permute: the decode graphs call this inside `mindspore.jit` too
+    return ops.transpose(split, (1, 2, 3, 0, 4)).reshape(k, rows, parts * world_size * columns)
 
 
 def split_by_zero3(cell) -> bool:

@@ -254,21 +254,21 @@ def prepare_special_tokens(model, generation_config, kwargs_has_attention_mask, 
     bos, eos, pad, start = (None if token is None else np.asarray(token).astype(np.int64) for token in given)
     if eos is not None:
         eos = eos.reshape(-1)  # more than one end token: always a 1-D tensor
+    mask_missing = kwargs_has_attention_mask is not None and not kwargs_has_attention_mask
     if pad is None and eos is not None:
-        if kwargs_has_attention_mask is not None and not kwargs_has_attention_mask:
+        if mask_missing:
             logger.warning(
                 "The attention mask and the pad token id were not set. As a consequence, you may observe "
                 "unexpected behavior. Please pass your input's `attention_mask` to obtain reliable results."
             )
         pad = eos[0]
         logger.warning(f"Setting `pad_token_id` to `eos_token_id`:{pad} for open-end generation.")
-    if eos is not None and np.isin(eos, pad).any() and kwargs_has_attention_mask is not None:
-        if not kwargs_has_attention_mask:
-            logger.warning_once(
-                "The attention mask is not set and cannot be inferred from input because pad token is same as "
-                "eos token. As a consequence, you may observe unexpected behavior. Please pass your input's "
-                "`attention_mask` to obtain reliable results."
-            )
+    if mask_missing and eos is not None and np.isin(eos, pad).any():
+        logger.warning_once(
+            "The attention mask is not set and cannot be inferred from input because pad token is same as "
+            "eos token. As a consequence, you may observe unexpected behavior. Please pass your input's "
+            "`attention_mask` to obtain reliable results."
+        )
     if eos is not None and (eos < 0).any():  # int64 as mindone makes them: never floating
         logger.warning(
             f"`eos_token_id` should consist of positive integers, but is {eos}. Your generation will not "
