@@ -133,18 +133,24 @@ def generate_from_inputs(
     started: Optional[float] = None,
     on_audio: Optional[AudioCallback] = None,
     cancellation: Optional[Cancellation] = None,
+    speaking_rows: Optional[list[int]] = None,
 ) -> list[Answer]:
     """Generate for prepared inputs (every msrun rank calls this with the same inputs and settings,
     with `on_audio` on all of them or none: streamed speech runs code2wav as the talker goes, and
-    with a `cancellation` on all of them or none). Raises `errors.Cancelled` once cancelled."""
+    with a `cancellation` on all of them or none). With `settings.return_audio`, the rows in
+    `speaking_rows` speak (None: every row), the others answer in text only, in the same thinker
+    forward. Raises `errors.Cancelled` once cancelled."""
     if settings.seed is not None:
         seed_everything(settings.seed)
     rows, prompt_length = inputs["input_ids"].shape
-    instruments = Instruments(model, processor.tokenizer, settings.return_audio, rows, on_text, on_audio, started)
+    speaking = (list(range(rows)) if speaking_rows is None else speaking_rows) if settings.return_audio else []
+    instruments = Instruments(model, processor.tokenizer, speaking, rows, on_text, on_audio, started)
 
     # 4. generate: the thinker's tokens, then (with speech) the talker's codes and code2wav's waveform
     with instruments:
         keywords = generate_keywords(settings, model.config, instruments.text_streamer, cancellation, keep_logits)
+        if 0 < len(speaking) < rows:
+            keywords["speaking_rows"] = speaking
         result, speech = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
     waveforms = row_waveforms(speech, rows)
 
@@ -169,11 +175,11 @@ def generate_from_inputs(
 
 def row_waveforms(speech, rows: int) -> list[Optional[np.ndarray]]:
     """Each row's waveform: mindone's `generate` returns one (1, 1, samples) tensor for a single row, and one per
-    row (each its own length) for a batch (`mindone_changes.batched_speech`); None for every row without speech."""
+    row (each its own length) for a batch (`mindone_changes.batched_speech`); None for a row without speech."""
     if speech is None:
         return [None] * rows
     speech = [speech] if rows == 1 else list(speech)
-    return [waveform.reshape(-1).float().asnumpy() for waveform in speech]
+    return [None if waveform is None else waveform.reshape(-1).float().asnumpy() for waveform in speech]
 
 
 def seconds_of(waveform: Optional[np.ndarray]) -> float:

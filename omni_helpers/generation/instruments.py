@@ -2,7 +2,7 @@
 counter, the thinker's and talker's step streams (timing, tokens, streamed text), streamed speech, the
 forward taps that time a stage when nothing is streamed, and the caller's thread kept on its own core.
 
-    with Instruments(model, tokenizer, return_audio, rows, on_text, on_audio, started) as watch:
+    with Instruments(model, tokenizer, speaking_rows, rows, on_text, on_audio, started) as watch:
         result, speech = model.generate(**inputs, **keywords(..., watch.text_streamer))
     watch.finish(new_tokens, waveforms)
     metrics = watch.metrics(row, prompt_tokens, audio_seconds)
@@ -29,13 +29,13 @@ class Instruments:
         self,
         model,
         tokenizer,
-        return_audio: bool,
+        speaking_rows: list[int],
         rows: int,
         on_text: Optional[TextCallback] = None,
         on_audio: Optional[AudioCallback] = None,
         started: Optional[float] = None,
     ):
-        self.model, self.tokenizer, self.return_audio, self.rows = model, tokenizer, return_audio, rows
+        self.model, self.tokenizer, self.speaking_rows, self.rows = model, tokenizer, list(speaking_rows), rows
         self.on_text, self.on_audio = on_text, on_audio
         self.started = time.perf_counter() if started is None else started
         self.generating = self.finished = None
@@ -53,11 +53,12 @@ class Instruments:
         self.thinker = StepStream(self.rows, self.model.config.im_end_token_id, traffic, self.tokenizer, self.on_text)
         self.talker = StepStream(1, traffic=traffic)
         hooks = [] if self.on_text else self.thinker.watch(self.model.thinker)  # timed by its forwards instead
-        if self.return_audio:
+        if self.speaking_rows:
             hooks += self.talker.watch(self.model.talker)
-            if self.on_audio:
+            if self.on_audio:  # the talker's rows are the speaking rows, in order
                 end_code = self.model.config.talker_config.codec_eos_token_id
-                self.speech = SpeechStreams(self.model.code2wav, self.on_audio, self.rows, end_code)
+                on_audio = lambda talker_row, samples: self.on_audio(self.speaking_rows[talker_row], samples)
+                self.speech = SpeechStreams(self.model.code2wav, on_audio, len(self.speaking_rows), end_code)
                 hooks += listen(self.model.talker, after=self.speech.hook)
         self._exits.callback(lambda: [hook.remove() for hook in hooks])
         self._exits.enter_context(caller_on_its_own_core())  # CPU: MindSpore's spinning threads kept off its core
@@ -71,7 +72,7 @@ class Instruments:
         row's streamed speech's last samples; the generation's time ends here."""
         self.thinker.take_tokens(new_tokens)
         if self.speech:
-            self.speech.finish(waveforms)
+            self.speech.finish([waveforms[row] for row in self.speaking_rows])
         self.finished = time.perf_counter()
 
     def metrics(self, row: int, prompt_tokens: int, audio_seconds: float) -> dict[str, Any]:
@@ -79,7 +80,8 @@ class Instruments:
         thinker, talker = self.thinker, self.talker
         generate_seconds = self.finished - self.generating
         decoded = max(thinker.steps - 1, 0)  # steps after the first token
-        frames = max(talker.steps - 1, 0)  # the last token the talker chooses never becomes a frame
+        speaks = row in self.speaking_rows
+        frames = max(talker.steps - 1, 0) if speaks else 0  # the talker's last choice never becomes a frame
         first_token = (thinker.times[1] - self.started) if len(thinker.times) > 1 else None
         figures = {
             "prompt_tokens": prompt_tokens,
@@ -100,11 +102,12 @@ class Instruments:
             "thinker_steps": thinker.steps,
             "first_text_step": thinker.first_piece_step,
         }
-        if self.speech is not None:  # when the row's first text and speech went out, in steps and seconds
-            first_audio = self.speech.rows[row].first_audio_time
+        if self.speech is not None and speaks:  # when the row's first text and speech went out, in steps and seconds
+            stream = self.speech.rows[self.speaking_rows.index(row)]
+            first_audio = stream.first_audio_time
             figures.update(
                 talker_steps=self.speech.steps,
-                first_audio_step=self.speech.rows[row].first_audio_step,
+                first_audio_step=stream.first_audio_step,
                 time_to_first_audio_seconds=None if first_audio is None else round(first_audio - self.started, 3),
             )
         return figures

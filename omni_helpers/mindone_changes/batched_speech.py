@@ -13,9 +13,15 @@ two rows or more; a single row keeps mindone's own `generate`.
 
 Rows are independent in every forward, so a row's codes and speech are those it gets alone, and a row that
 ends early changes nothing for the others (tests/mindone_changes/test_batched_speech.py).
+
+`speaking_rows` names the rows that speak when not all do (a server's batch mixes requests with and without
+speech): the thinker answers every row, the talker and code2wav run over the speaking rows only, with only
+their media's shapes (`media_of_rows`), and the other rows' waveforms are None.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import mindspore as ms
 import numpy as np
@@ -25,10 +31,18 @@ CHUNK_FRAMES, LEFT_CONTEXT_FRAMES = 300, 25  # mindone's `generate` decodes spee
 
 
 def generate(
-    model, thinker_generate, input_ids, speaker: str, thinker_eos_token_id: int, talker_kwargs: dict, **kwargs
+    model,
+    thinker_generate,
+    input_ids,
+    speaker: str,
+    thinker_eos_token_id: int,
+    talker_kwargs: dict,
+    speaking_rows: Optional[list[int]] = None,
+    **kwargs,
 ):
-    """(thinker result, one waveform (1, 1, samples) per row). `thinker_generate(**kwargs)` runs mindone's
-    `generate` without speech; `talker_kwargs` are the talker's `generate` keywords as mindone builds them."""
+    """(thinker result, one waveform (1, 1, samples) per row, None for a row not in `speaking_rows` (None: every
+    row speaks)). `thinker_generate(**kwargs)` runs mindone's `generate` without speech; `talker_kwargs` are the
+    talker's `generate` keywords as mindone builds them."""
     config = model.config
     keep_states = {"thinker_output_hidden_states": True, "thinker_return_dict_in_generate": True}
     thinker_result, _ = thinker_generate(
@@ -45,11 +59,14 @@ def generate(
     ).chunk(3, dim=1)
 
     prompt_ids = input_ids.asnumpy()
+    rows = list(range(len(prompt_ids))) if speaking_rows is None else list(speaking_rows)
+    if len(rows) < len(prompt_ids):
+        talker_kwargs = media_of_rows(talker_kwargs, prompt_ids, rows, config, kwargs.get("use_audio_in_video", False))
     padding = (kwargs["attention_mask"].asnumpy() == 0).sum(1).tolist()
     answer_lengths = row_lengths(thinker_result.sequences.asnumpy()[:, prompt_ids.shape[1] :], thinker_eos_token_id)
     prompts = []
-    for row, (pad, answered) in enumerate(zip(padding, answer_lengths)):
-        end = prompt_ids.shape[1] + answered  # the row's prompt and answer, without padding
+    for row in rows:
+        pad, end = padding[row], prompt_ids.shape[1] + answer_lengths[row]  # the row's prompt and answer, no padding
         prompts.append(
             talker_prompt(
                 model,
@@ -73,7 +90,46 @@ def generate(
     codes = mint.stack([step[-1] for step in talker_result.hidden_states if step[-1] is not None], dim=1)
     codes = codes.transpose(1, 2)  # (rows, groups, frames)
     frames = row_frames(talker_result.sequences.asnumpy(), talker_kwargs["eos_token_id"], codes.shape[2])
-    return thinker_result, row_waveforms(model.code2wav, codes, frames)
+    waveforms = dict(zip(rows, row_waveforms(model.code2wav, codes, frames)))
+    return thinker_result, tuple(waveforms.get(row) for row in range(len(prompt_ids)))
+
+
+MEDIA_SHAPES = {  # the talker's keywords that hold one entry per medium, and the medium they count
+    "image_grid_thw": "images",
+    "video_grid_thw": "videos",
+    "video_second_per_grid": "videos",
+    "audio_feature_lengths": "audios",
+}
+
+
+def media_of_rows(talker_kwargs: dict, prompt_ids: np.ndarray, rows: list[int], config, use_audio_in_video) -> dict:
+    """`talker_kwargs` with the media shapes of `rows` only. The talker's position index takes each row's media
+    from these lists in row order, so a row left out must take its entries along; a kind no kept row has is
+    left out, as a batch without it never had it."""
+    counts = [media_counts(ids, config.thinker_config, use_audio_in_video) for ids in prompt_ids]
+    kept = dict(talker_kwargs)
+    for key, kind in MEDIA_SHAPES.items():
+        if key not in kept:
+            continue
+        firsts = np.cumsum([0] + [count[kind] for count in counts])
+        entries = [entry for row in rows for entry in range(firsts[row], firsts[row + 1])]
+        kept.pop(key)
+        if entries:
+            kept[key] = mint.index_select(talker_kwargs[key], 0, ms.Tensor(entries, ms.int32))
+    return kept
+
+
+def media_counts(ids: np.ndarray, thinker_config, use_audio_in_video: bool) -> dict[str, int]:
+    """A prompt row's images, videos and audios, counted as mindone's `get_rope_index` counts them: an audio per
+    audio-start token, an image or video per vision-start token followed by its kind's token (a video heard with
+    its soundtrack: by the audio-start token)."""
+    after_vision = ids[1:][ids[:-1] == thinker_config.vision_start_token_id]
+    video_mark = thinker_config.audio_start_token_id if use_audio_in_video else thinker_config.video_token_id
+    return {
+        "images": int((after_vision == thinker_config.image_token_id).sum()),
+        "videos": int((after_vision == video_mark).sum()),
+        "audios": int((ids == thinker_config.audio_start_token_id).sum()),
+    }
 
 
 def row_lengths(new_tokens: np.ndarray, eos_token_id: int) -> list[int]:

@@ -285,11 +285,13 @@ def generate(
     talker_top_p: float = 1.0,
     talker_temperature: float = 0.9,
     talker_repetition_penalty: float = 1.05,
+    speaking_rows=None,
     **kwargs,
 ):
     """mindone's `generate` (its parameters and defaults, transformers'), with speech as released: while the
     talker samples, its code predictor samples too (`speech_sampling`); and speech for a batch of rows
-    (`batched_speech`), which mindone refuses. One row keeps mindone's own path."""
+    (`batched_speech`), which mindone refuses, or for some of them (`speaking_rows`, ours: None, every row).
+    One row keeps mindone's own path."""
     stock = MINDONE_FIXES.original(f"{FULL_MODEL}:generate")
     speaks = self.has_talker if return_audio is None else return_audio
     arguments = dict(
@@ -319,6 +321,7 @@ def generate(
             speaker,
             thinker_eos_token_id,
             talker_kwargs,
+            speaking_rows,
             **thinker_arguments,
         )
 

@@ -56,6 +56,11 @@ class GenerationSettings:
     def replace(self, **changes) -> "GenerationSettings":
         return dataclasses.replace(self, **changes)
 
+    def without_speech(self) -> "GenerationSettings":
+        """What the thinker runs with: these settings with the talker's left at their defaults, no speech asked."""
+        defaults = GenerationSettings()
+        return self.replace(**{name: getattr(defaults, name) for name in SPEECH_SETTINGS})
+
     def check(self, names: dict[str, str] = FLAG_NAMES) -> None:
         """Raise RequestError for values no checkpoint could accept (`names`: how the user spelled each)."""
 
@@ -83,3 +88,15 @@ class GenerationSettings:
                     bad("talker_top_p", self.talker_top_p, "must be in (0, 1]")
                 if self.talker_top_k <= 0:
                     bad("talker_top_k", self.talker_top_k, "must be positive")
+
+
+SPEECH_SETTINGS = (  # the talker's: a row without speech ignores them
+    "return_audio",
+    "speaker",
+    "talker_max_new_tokens",
+    "talker_do_sample",
+    "talker_temperature",
+    "talker_top_k",
+    "talker_top_p",
+    "talker_repetition_penalty",
+)

@@ -99,15 +99,25 @@ class Job:
 
 
 def can_share(batch: list[Job], job: Job) -> bool:
-    """Whether `job` can be a row of `batch`'s forward: the same settings, no seed (draws reproducible only alone),
-    speech streamed for all or none, and not images beside videos (a forward takes one kind)."""
+    """Whether `job` can be a row of `batch`'s forward: the same thinker settings, no seed (draws reproducible only
+    alone), and not images beside videos (a forward takes one kind). Rows with and without speech share the
+    thinker; the rows that speak share the talker, so they need the same speech settings, streamed for all or none."""
     first = batch[0]
-    if job.settings != first.settings or job.settings.seed is not None:
+    if job.settings.without_speech() != first.settings.without_speech() or job.settings.seed is not None:
         return False
-    if job.stream_audio != first.stream_audio:  # streamed speech is decoded as it comes for every row or none
-        return False
+    speaker = next((other for other in batch if other.settings.return_audio), None)
+    if job.settings.return_audio and speaker is not None:
+        if job.settings != speaker.settings or job.stream_audio != speaker.stream_audio:
+            return False
     kinds = set().union(*(visual_kinds(other.conversation) for other in batch))
     return len(kinds | visual_kinds(job.conversation)) < 2
+
+
+def batch_settings(batch: list[Job]) -> tuple[GenerationSettings, list[int], bool]:
+    """A batch's settings (a speaking row's, when any row speaks), the rows that speak, and whether they stream."""
+    speaking = [row for row, job in enumerate(batch) if job.settings.return_audio]
+    speaker = batch[speaking[0]] if speaking else batch[0]
+    return speaker.settings, speaking, speaker.stream_audio and bool(speaking)
 
 
 class BatchCancellation(Cancellation):
@@ -274,7 +284,7 @@ class Engine:
     def run(self, batch: list[Job]) -> None:
         """One generation for the batch's rows. A request the checks refuse once the prompts are known fails alone:
         the others run without it."""
-        settings = batch[0].settings
+        settings, speaking_rows, stream_audio = batch_settings(batch)
         try:
             inputs = prepare_inputs(self.processor, [job.conversation for job in batch], settings)
             for job, row in zip(batch, inputs["attention_mask"]):
@@ -290,7 +300,8 @@ class Engine:
             {
                 "kind": "generate",
                 "settings": dataclasses.asdict(settings),
-                "stream_audio": batch[0].stream_audio,
+                "speaking_rows": speaking_rows,
+                "stream_audio": stream_audio,
                 "inputs": inputs,
             }
         )
@@ -306,8 +317,9 @@ class Engine:
                 settings,
                 started=min(job.submitted for job in batch),
                 on_text=lambda row, piece: batch[row].send("text", piece),
-                on_audio=(lambda row, samples: batch[row].send("audio", samples)) if batch[0].stream_audio else None,
+                on_audio=(lambda row, samples: batch[row].send("audio", samples)) if stream_audio else None,
                 cancellation=BatchCancellation(batch),
+                speaking_rows=speaking_rows,
             )
         except Cancelled as stopped:  # every rank stopped at the same step
             self.cancelled += len(batch)
@@ -357,7 +369,13 @@ def follow(model, processor, lockstep: Lockstep) -> None:
         on_audio = (lambda row, samples: None) if job["stream_audio"] else None  # code2wav in step with rank 0
         try:  # a cancellation of its own, never set: rank 0's travels in the loop's all-reduce
             generate_from_inputs(
-                model, processor, job["inputs"], settings, on_audio=on_audio, cancellation=Cancellation()
+                model,
+                processor,
+                job["inputs"],
+                settings,
+                on_audio=on_audio,
+                cancellation=Cancellation(),
+                speaking_rows=job["speaking_rows"],
             )
         except Cancelled:
             continue

@@ -7,7 +7,7 @@ from tests.measuring.test_metrics import stream_with
 
 
 def test_an_answers_metrics_count_tokens_frames_and_decode_traffic():
-    instruments = Instruments(model=None, tokenizer=None, return_audio=True, rows=2, started=0.0)
+    instruments = Instruments(model=None, tokenizer=None, speaking_rows=[0, 1], rows=2, started=0.0)
     instruments.thinker = stream_with([0.5, 1.5, 1.75, 2.0], [[5, 6], [9, 7], [9, 8]], byte_counts=[0, 100, 300, 500])
     instruments.talker = stream_with([2.0, 2.5, 3.0, 3.5, 4.0], [[1], [2], [3], [4]])
     instruments.generating, instruments.finished = 0.5, 4.5

@@ -93,3 +93,81 @@ def test_each_row_speaks_as_it_would_alone_and_one_that_ends_early_changes_nothi
         assert np.abs(np.concatenate(streamed[row]) - ours.waveform).max() <= 5e-5 and len(streamed[row]) >= 1, row
     assert ends["frame"] < 4 < batch_codes[1].shape[1]  # the text row ended before the first emission, the other not
     assert len(streamed[1]) >= 2 and batch[1].metrics["first_audio_step"] == 5
+
+
+def talker_logits_of(mindone, run):
+    """`run()`'s result, and the talker's logits (rows, steps, vocab) over its steps."""
+    from omni_helpers.measuring.forward_taps import listen
+
+    logits = []
+    taps = listen(
+        mindone.model.talker, after=lambda cell, args, outputs: logits.append(outputs.logits[:, -1].asnumpy())
+    )
+    try:
+        result = run()
+    finally:
+        for tap in taps:
+            tap.remove()
+    return result, np.stack(logits, axis=1)
+
+
+def test_rows_without_speech_share_the_thinker_and_the_talker_hears_only_the_speaking_rows_media(
+    mindone, tiny_checkpoint, sample_media
+):
+    from omni_helpers.generation.core import generate_from_inputs
+
+    question = {"type": "text", "text": "What can you see and hear?"}
+    conversations = [  # the silent row's image and audio come first, and their shapes differ from the speaking row's
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": str(sample_media["image"])},
+                    {"type": "audio", "audio": str(sample_media["audio"])},
+                    question,
+                ],
+            }
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": str(sample_media["image"]), "max_pixels": 56 * 56},
+                    {"type": "audio", "audio": str(sample_media["audio"]), "audio_end": 1.0},
+                    question,
+                ],
+            }
+        ],
+        [{"role": "user", "content": "Hi"}],
+    ]
+    speech = GenerationSettings(max_new_tokens=NEW_TOKENS, return_audio=True, talker_max_new_tokens=TALKER_FRAMES)
+    speaks = [False, True, True]
+    streamed = {0: [], 1: [], 2: []}
+
+    def run(rows, settings, **kwargs):
+        inputs = batch_inputs(tiny_checkpoint, [conversations[row] for row in rows], False)
+        return generate_from_inputs(mindone.model, mindone.processor, inputs, settings, **kwargs)
+
+    batch, batch_logits = talker_logits_of(
+        mindone,
+        lambda: run(
+            [0, 1, 2], speech, speaking_rows=[1, 2], on_audio=lambda row, samples: streamed[row].append(samples)
+        ),
+    )
+    alone = [run([row], speech if speaks[row] else speech.replace(return_audio=False))[0] for row in (0, 2)]
+    (alone_1,), alone_1_logits = talker_logits_of(mindone, lambda: run([1], speech))
+    alone.insert(1, alone_1)
+
+    for row, (ours, solo) in enumerate(zip(batch, alone, strict=True)):
+        assert ours.token_ids == solo.token_ids, row
+        if not speaks[row]:
+            assert ours.waveform is None and not streamed[row] and ours.metrics["talker_codec_frames"] == 0
+            assert "first_audio_step" not in ours.metrics
+            continue
+        assert len(ours.waveform) == len(solo.waveform) and np.abs(ours.waveform - solo.waveform).max() <= 1e-5, row
+        assert np.abs(np.concatenate(streamed[row]) - ours.waveform).max() <= 5e-5, row
+    # the talker ran two rows, the speaking ones; the image + audio row's logits are those it gets alone, which
+    # only its own media's shapes give (the silent row's image and audio are larger)
+    assert batch_logits.shape[0] == 2
+    steps = alone_1_logits.shape[1]
+    assert np.abs(batch_logits[0, :steps] - alone_1_logits[0]).max() <= 1e-5
