@@ -805,14 +805,18 @@ def start_stream_after(server, waiting: int) -> HangingUp:
 
 
 def check_speech_batching(server, media) -> None:
-    """Two clients asking for streamed speech while another's answer is generated run as one batch, each streamed
-    its own row's text and speech, equal to what it is answered alone (a greeting; image + audio)."""
-    questions = [[{"role": "user", "content": "Hi"}], None]  # None: image + audio
-    alone = [ask(server, media, stream=False, messages=messages) for messages in questions]
+    """Three clients asking while another's answer is generated run as one batch, two for streamed speech (a
+    greeting; image + audio) and one for text only (image + audio): each is streamed its own row's text and speech,
+    equal to what it is answered alone, and the text-only row gets no speech."""
+    questions = [[{"role": "user", "content": "Hi"}], None, None]  # None: image + audio
+    speaks = [True, True, False]
+    alone = [ask(server, media, False, speaks[i], messages=questions[i]) for i in range(len(questions))]
     occupier = start_stream(server, MOST_TOKENS)
     answers: dict[int, tuple] = {}
     threads = [
-        threading.Thread(target=lambda i=i: answers.__setitem__(i, ask(server, media, True, messages=questions[i])))
+        threading.Thread(
+            target=lambda i=i: answers.__setitem__(i, ask(server, media, True, speaks[i], messages=questions[i]))
+        )
         for i in range(len(questions))
     ]
     for thread in threads:
@@ -822,13 +826,18 @@ def check_speech_batching(server, media) -> None:
     occupier.close()
     for thread in threads:
         thread.join(timeout=300)
-    assert sorted(answers) == [0, 1]
-    for (text, samples, _), (pieces, chunks, metrics) in zip(alone, (answers[0], answers[1])):
-        assert "".join(pieces) == text and metrics["batch_size"] == 2
+    assert sorted(answers) == [0, 1, 2]
+    for i, ((text, samples, _), (pieces, chunks, metrics)) in enumerate(
+        zip(alone, (answers[0], answers[1], answers[2]))
+    ):
+        assert "".join(pieces) == text and metrics["batch_size"] == len(questions)
+        if not speaks[i]:
+            assert samples is None and chunks == [] and metrics["talker_codec_frames"] == 0
+            continue
         joined = np.concatenate(chunks)
         assert len(chunks) > 1 and joined.shape == samples.shape and np.abs(joined - samples).max() <= 1e-3
         assert metrics["first_audio_step"] < metrics["talker_steps"]
-    assert idle_within(server, 30)["largest_batch"] >= 2
+    assert idle_within(server, 30)["largest_batch"] >= len(questions)
 
 
 # ----------------------------------------------------------------------------- msrun
