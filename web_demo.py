@@ -20,8 +20,9 @@ The generation flags are the server's defaults; a request's own fields override 
 --max_new_tokens and --talker_max_new_tokens are also the most a request may ask for (a
 request's `talker_max_new_tokens` field, or the UI's speech limit, caps its speech). The
 requests waiting when a generation starts run together, as the rows of one batch (up to
---max_batch_size; those with other settings, a seed, speech streamed where the others' is not,
-or images beside videos wait for the next), each client streamed its own row; past --max_queue waiting ones a new request gets
+--max_batch_size; rows with and without speech share a batch; those with other settings, a
+seed, other speech settings than the batch's speaking rows, or images beside videos wait for the next; a batch waits up to --batch_window_ms for as many
+requests as the last generation answered), each client streamed its own row; past --max_queue waiting ones a new request gets
 HTTP 429; a request past --max_audio_seconds, --max_video_seconds, --max_media_items or
 --max_turns gets HTTP 400 naming the flag. A client that disconnects (or presses Stop in the UI) cancels its request at the
 next decoding step. Local files are read only under --allowed_local_media_path. The server
@@ -76,6 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max_batch_size", type=int, default=8, help="requests answered together in one generation, at most"
     )
     server.add_argument(
+        "--batch_window_ms",
+        type=float,
+        default=50,
+        help="how long a batch may wait after its first request for as many as the last generation answered "
+        "(their clients ask again as their answers end); 0: never wait",
+    )
+    server.add_argument(
         "--graphs_kept",
         type=int,
         default=8,
@@ -113,6 +121,8 @@ def check(args: argparse.Namespace) -> tuple[Checkpoint, GenerationSettings]:
         raise RequestError(f"--max_batch_size {args.max_batch_size}: must be 1 or more")
     if args.graphs_kept < 1:
         raise RequestError(f"--graphs_kept {args.graphs_kept}: must be 1 or more")
+    if args.batch_window_ms < 0:
+        raise RequestError(f"--batch_window_ms {args.batch_window_ms:g}: must be 0 or more")
     request_limits(args).check()
     if args.allowed_local_media_path and not Path(args.allowed_local_media_path).is_dir():
         raise RequestError(f"--allowed_local_media_path {args.allowed_local_media_path}: no such folder")
@@ -168,7 +178,15 @@ def main(args: argparse.Namespace) -> None:
 
     # 4. Rank 0 serves the UI and the API from a thread at once (/health says "ready": false while the model loads)
     lockstep = Lockstep(runtime)
-    engine = Engine(checkpoint, lockstep, defaults, args.max_queue, request_limits(args), args.max_batch_size)
+    engine = Engine(
+        checkpoint,
+        lockstep,
+        defaults,
+        args.max_queue,
+        request_limits(args),
+        args.max_batch_size,
+        args.batch_window_ms / 1000,
+    )
     if runtime.is_main_process:
         server, thread = serve_in_background(
             build_app(args, checkpoint, defaults, engine, runtime), args.host, args.port

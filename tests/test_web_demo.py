@@ -739,6 +739,16 @@ def test_a_batch_flag_below_one_is_refused_naming_it(flag, tiny_checkpoint):
         web_demo.check(args)
 
 
+def test_a_negative_batch_window_is_refused_naming_it(tiny_checkpoint):
+    import web_demo
+
+    args = web_demo.parse_args(
+        ["--device_target", "CPU", "--model_name", str(tiny_checkpoint), "--batch_window_ms", "-5"]
+    )
+    with pytest.raises(RequestError, match="^--batch_window_ms -5: must be 0 or more$"):
+        web_demo.check(args)
+
+
 def test_requests_waiting_together_run_as_one_batch_each_answered_as_alone(tiny_checkpoint, sample_media, tmp_path):
     server = start_server(server_args(tiny_checkpoint, *BATCHING), tmp_path)
     try:

@@ -148,7 +148,8 @@ def generate_from_inputs(
 
     # 4. generate: the thinker's tokens, then (with speech) the talker's codes and code2wav's waveform
     with instruments:
-        keywords = generate_keywords(settings, model.config, instruments.text_streamer, cancellation, keep_logits)
+        asked = settings if speaking else settings.without_speech()  # `speaking_rows` may name none
+        keywords = generate_keywords(asked, model.config, instruments.text_streamer, cancellation, keep_logits)
         if 0 < len(speaking) < rows:
             keywords["speaking_rows"] = speaking
         result, speech = model.generate(**to_mindspore(inputs, model.dtype), **keywords)

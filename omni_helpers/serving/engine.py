@@ -10,10 +10,15 @@ as rank 0 sends them. What a job produces (its own row's text pieces and speech 
 answer, or its error) arrives on its own queue of events.
 
 Batches are formed when a generation starts, not joined while one decodes (static batching):
-the loop's compiled steps and KV buffers have the batch's shape for the whole generation.
+the loop's compiled steps and KV buffers have the batch's shape for the whole generation. The
+clients a generation answered send their next requests a few milliseconds after it ends, so the
+next batch waits, up to --batch_window_ms after that end, for them and for those who were waiting
+already. A batch is padded to 1, 2, 4 or 8 rows by repeating one of its rows (`padding_rows`), so
+that the server compiles its graphs for a few shapes, once.
 Greedy rows answer as they would alone (the prompts are left-padded and masked); a request
-with a seed runs alone, since its draws are reproducible only alone. Speech is streamed for
-every row of a batch or for none (code2wav runs as the talker goes for the streaming rows).
+with a seed runs alone, since its draws are reproducible only alone. Rows with and without speech
+share the thinker's forward; the talker and code2wav run over the rows that speak, which share
+their speech settings and stream their speech all or none (code2wav runs as the talker goes).
 
 Admission comes before allocation: a request's tokens and frames are checked against the
 server's ceilings (its --max_new_tokens and --talker_max_new_tokens) and the model's context
@@ -56,6 +61,7 @@ from omni_helpers.request.validation import (
     check_requests,
     check_server_limits,
     check_settings,
+    media_items,
     visual_kinds,
 )
 from omni_helpers.serving.lockstep import IDLE, STOP, Lockstep
@@ -113,6 +119,37 @@ def can_share(batch: list[Job], job: Job) -> bool:
     return len(kinds | visual_kinds(job.conversation)) < 2
 
 
+def padding_rows(batch: list[Job], speaking_rows: list[int], most: int) -> tuple[list[int], list[int]]:
+    """The rows to repeat after a batch's own so that its forward has 1, 2, 4, 8... rows (at most `most`), speaking
+    rows first so that the talker's come to 1, 2, 4... too where there is room: each compiled graph is kept per shape, so a server
+    sees a few shapes, compiled once, where it would otherwise compile one for every batch size it meets (about
+    0.5 s each on the tiny checkpoint here, seconds at full size). A repeated row answers as its original does
+    and ends when it does, so it never holds the batch longer; the one with the fewest media is repeated.
+    Returns the rows repeated, in order after the batch's, and the padded batch's speaking rows."""
+
+    def bucket(count: int) -> int:
+        return min(1 << (count - 1).bit_length(), most) if count else 0
+
+    def lightest(rows) -> int:
+        return min(rows, key=lambda row: len(list(media_items(batch[row].conversation))))
+
+    room = bucket(len(batch)) - len(batch)
+    speakers = min(bucket(len(speaking_rows)) - len(speaking_rows), room)  # repeated speaking, the talker's rows
+    repeated = [lightest(speaking_rows)] * speakers if speakers > 0 else []
+    speaking_rows = speaking_rows + list(range(len(batch), len(batch) + len(repeated)))
+    return repeated + [lightest(range(len(batch)))] * (room - len(repeated)), speaking_rows
+
+
+def to_clients(batch: list[Job], kind: str):
+    """A row's streamed pieces of `kind` to its client; a repeated row's (past the batch's own) to nobody."""
+
+    def send(row: int, value) -> None:
+        if row < len(batch):
+            batch[row].send(kind, value)
+
+    return send
+
+
 def batch_settings(batch: list[Job]) -> tuple[GenerationSettings, list[int], bool]:
     """A batch's settings (a speaking row's, when any row speaks), the rows that speak, and whether they stream."""
     speaking = [row for row, job in enumerate(batch) if job.settings.return_audio]
@@ -155,9 +192,14 @@ class Engine:
         max_queue: int,
         request_limits: RequestLimits = RequestLimits(),
         max_batch_size: int = 8,
+        batch_window: float = 0.0,
     ):
         self.checkpoint, self.lockstep, self.limits, self.max_queue = checkpoint, lockstep, limits, max_queue
         self.max_batch_size = max_batch_size  # rows of one generation at most
+        # seconds after a generation's end that the next batch may wait for the requests it expects
+        self.batch_window = batch_window
+        self.expected = 0  # requests waiting when the last generation ended, plus the clients it answered
+        self.ended = 0.0  # when the last generation ended (time.monotonic)
         self.request_limits = request_limits  # what one request may hold: media seconds and items, turns
         self.context = Context.of(checkpoint.config)
         self.model = self.processor = None
@@ -267,10 +309,15 @@ class Engine:
 
     def batch_with(self, first: Job) -> list[Job]:
         """`first` and the jobs waiting now that can share its forward, oldest first, up to --max_batch_size; the
-        others keep their places, ahead of later arrivals, for the next batch."""
+        others keep their places, ahead of later arrivals, for the next batch. Until as many have come as were
+        waiting when the last generation ended plus as many as it answered, the batch waits for more, up to
+        --batch_window_ms after that end: those clients send their next requests as their answers end, a few
+        milliseconds after the generation has finished."""
         batch, passed = [first], []
+        deadline = self.ended + self.batch_window
         while len(batch) < self.max_batch_size:
-            job = self.next_job()
+            expecting = len(batch) + len(passed) < self.expected
+            job = self.next_job(wait=max(deadline - time.monotonic(), 0) if expecting else None)
             if job is None:
                 break
             (batch if can_share(batch, job) else passed).append(job)
@@ -285,8 +332,10 @@ class Engine:
         """One generation for the batch's rows. A request the checks refuse once the prompts are known fails alone:
         the others run without it."""
         settings, speaking_rows, stream_audio = batch_settings(batch)
+        repeated, speaking_rows = padding_rows(batch, speaking_rows, self.max_batch_size)
+        conversations = [job.conversation for job in batch] + [batch[row].conversation for row in repeated]
         try:
-            inputs = prepare_inputs(self.processor, [job.conversation for job in batch], settings)
+            inputs = prepare_inputs(self.processor, conversations, settings)
             for job, row in zip(batch, inputs["attention_mask"]):
                 check_context(job.settings, self.context, prompt_tokens=int(row.sum()), names=job.names)
         except RequestError as error:  # rejected on rank 0: the other ranks never hear of it
@@ -316,8 +365,8 @@ class Engine:
                 inputs,
                 settings,
                 started=min(job.submitted for job in batch),
-                on_text=lambda row, piece: batch[row].send("text", piece),
-                on_audio=(lambda row, samples: batch[row].send("audio", samples)) if stream_audio else None,
+                on_text=to_clients(batch, "text"),
+                on_audio=to_clients(batch, "audio") if stream_audio else None,
                 cancellation=BatchCancellation(batch),
                 speaking_rows=speaking_rows,
             )
@@ -335,7 +384,9 @@ class Engine:
                 raise
             traceback.print_exc(file=sys.stderr)
             return
-        for job, answer in zip(batch, answers):
+        self.expected, self.ended = self.waiting + len(batch), time.monotonic()  # before any client hears
+        for job, answer in zip(batch, answers):  # the repeated rows' answers are let go
+            answer.metrics.update(batch_size=len(batch), repeated_rows=len(repeated))
             if job.cancellation.cancelled:
                 self.cancelled += 1
                 job.events.put(("cancelled", None))
