@@ -841,6 +841,7 @@ def check_speech_batching(server, media) -> None:
         zip(alone, (answers[0], answers[1], answers[2]))
     ):
         assert "".join(pieces) == text and metrics["batch_size"] == len(questions)
+        assert metrics["repeated_rows"] == 1  # 3 rows padded to 4: the repeated row's text and speech go nowhere
         if not speaks[i]:
             assert samples is None and chunks == [] and metrics["talker_codec_frames"] == 0
             continue
