@@ -390,3 +390,24 @@ def test_the_servers_request_limits_are_checked_and_must_be_positive():
         check_request_size([{"role": "user", "content": "hi"}] * 3, limits)
     with pytest.raises(RequestError, match="--max_turns 0: must be positive"):
         RequestLimits(turns=0).check()
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac", ".mp3", ".m4a"])
+def test_an_audio_files_length_is_read_in_process_as_ffprobe_reads_it(suffix, sample_media, tmp_path):
+    """libsndfile reads WAV, FLAC and MP3 headers in-process; AAC it cannot, and ffprobe answers for it."""
+    from omni_helpers.request.media import probe, probe_audio
+
+    audio = tmp_path / f"clip{suffix}"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(sample_media["audio"]), str(audio)], check=True)
+    ours, theirs = probe_audio(audio), probe(audio)
+    assert ours.streams == theirs.streams == ("audio",)
+    # ffprobe counts an MP3's encoder padding (a few 1152-sample frames), libsndfile leaves it out
+    assert ours.duration == pytest.approx(theirs.duration, abs=0.1)
+
+
+def test_a_broken_audio_file_is_probed_by_ffprobe_and_found_empty(media):
+    from pathlib import Path
+
+    from omni_helpers.request.media import probe_audio
+
+    assert probe_audio(Path(media["broken_wav"])).streams == ()
