@@ -34,6 +34,7 @@ inside a collective, so the server ends and msrun stops them.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import queue
 import sys
@@ -199,7 +200,8 @@ class Engine:
         # seconds after a generation's end that the next batch may wait for the requests it expects
         self.batch_window = batch_window
         self.expected = 0  # requests waiting when the last generation ended, plus the clients it answered
-        self.ended = 0.0  # when the last generation ended (time.monotonic)
+        self.ended = 0.0  # when the last generation ended (time.perf_counter, as `Job.submitted`)
+        self.arriving = 0  # requests being checked, about to be queued
         self.request_limits = request_limits  # what one request may hold: media seconds and items, turns
         self.context = Context.of(checkpoint.config)
         self.model = self.processor = None
@@ -254,9 +256,21 @@ class Engine:
         check_server_limits(settings, self.limits, names)
         check_settings(settings, self.checkpoint, names=names)
         check_request_size(conversation, self.request_limits)  # before anything is fetched
-        (request,) = check_requests([Request("request", conversation)], self.checkpoint, settings, media_folder)
-        check_request_seconds(media_seconds(request.conversation, settings.use_audio_in_video), self.request_limits)
-        return self.submit(request.conversation, settings, stream_audio, names)
+        with self.arrival():
+            (request,) = check_requests([Request("request", conversation)], self.checkpoint, settings, media_folder)
+            check_request_seconds(media_seconds(request.conversation, settings.use_audio_in_video), self.request_limits)
+            return self.submit(request.conversation, settings, stream_audio, names)
+
+    @contextlib.contextmanager
+    def arrival(self):
+        """While a request's media are fetched and checked, a batch about to start waits for it (`batch_with`)."""
+        with self.lock:
+            self.arriving += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.arriving -= 1
 
     def stop(self) -> None:
         """Let the engine finish the job it runs, tell the other ranks to stop, and return."""
@@ -309,15 +323,11 @@ class Engine:
 
     def batch_with(self, first: Job) -> list[Job]:
         """`first` and the jobs waiting now that can share its forward, oldest first, up to --max_batch_size; the
-        others keep their places, ahead of later arrivals, for the next batch. Until as many have come as were
-        waiting when the last generation ended plus as many as it answered, the batch waits for more, up to
-        --batch_window_ms after that end: those clients send their next requests as their answers end, a few
-        milliseconds after the generation has finished."""
+        others keep their places, ahead of later arrivals, for the next batch. The batch waits a little for more
+        (`wait_for_more`) when more are on their way."""
         batch, passed = [first], []
-        deadline = self.ended + self.batch_window
         while len(batch) < self.max_batch_size:
-            expecting = len(batch) + len(passed) < self.expected
-            job = self.next_job(wait=max(deadline - time.monotonic(), 0) if expecting else None)
+            job = self.next_job(wait=self.wait_for_more(first, len(batch) + len(passed)))
             if job is None:
                 break
             (batch if can_share(batch, job) else passed).append(job)
@@ -327,6 +337,19 @@ class Engine:
         self.held.extendleft(reversed(passed))
         self.held.extendleft(stop)  # a `stop` stays first: the batch runs, then the engine stops
         return batch
+
+    def wait_for_more(self, first: Job, taken: int) -> Optional[float]:
+        """How long a batch that has taken `taken` requests may still wait for the next (None: not at all), up to
+        --batch_window_ms: after a generation's end, until as many have come as were waiting then plus the clients
+        it answered (they ask again as their answers end, a few milliseconds later); after `first` came, while
+        other requests are being checked (clients asking at once)."""
+        deadlines = []
+        if taken < self.expected:
+            deadlines.append(self.ended + self.batch_window)
+        if self.arriving:
+            deadlines.append(first.submitted + self.batch_window)
+        wait = max(deadlines, default=0.0) - time.perf_counter()
+        return wait if wait > 0 else None
 
     def run(self, batch: list[Job]) -> None:
         """One generation for the batch's rows. A request the checks refuse once the prompts are known fails alone:
@@ -384,7 +407,7 @@ class Engine:
                 raise
             traceback.print_exc(file=sys.stderr)
             return
-        self.expected, self.ended = self.waiting + len(batch), time.monotonic()  # before any client hears
+        self.expected, self.ended = self.waiting + len(batch), time.perf_counter()  # before any client hears
         for job, answer in zip(batch, answers):  # the repeated rows' answers are let go
             answer.metrics.update(batch_size=len(batch), repeated_rows=len(repeated))
             if job.cancellation.cancelled:

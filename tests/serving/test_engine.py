@@ -47,7 +47,7 @@ def first_batch(engine) -> tuple[list, float]:
 
 def just_ended(engine, expected: int) -> None:
     """As a generation leaves the engine: `expected` requests waiting or about to ask again."""
-    engine.expected, engine.ended = expected, time.monotonic()
+    engine.expected, engine.ended = expected, time.perf_counter()
 
 
 def test_a_batch_waits_for_the_requests_the_last_generation_left_waiting_and_answered(engine):
@@ -129,3 +129,21 @@ def test_padding_stops_at_the_largest_batch():
     batch = [job("Hi") for _ in range(5)]
     assert padding_rows(batch, [0, 1, 2], most=5) == ([], [0, 1, 2])
     assert padding_rows(batch, [0, 1, 2], most=6) == ([0], [0, 1, 2, 5])
+
+
+def test_a_batch_waits_for_a_request_still_being_checked(engine):
+    """Clients asking at once: the first is queued while the second's media are still being checked."""
+    checking = threading.Event()
+
+    def second_client():
+        with engine.arrival():
+            checking.set()
+            time.sleep(0.3)  # its media fetched and checked
+            engine.submit(question("second"), SETTINGS)
+
+    client = threading.Thread(target=second_client)
+    client.start()
+    checking.wait()
+    batch, waited = first_batch(engine)
+    client.join()
+    assert len(batch) == 2 and 0.2 < waited < 2.0 and engine.arriving == 0
