@@ -20,9 +20,11 @@ The generation flags are the server's defaults; a request's own fields override 
 --max_new_tokens and --talker_max_new_tokens are also the most a request may ask for (a
 request's `talker_max_new_tokens` field, or the UI's speech limit, caps its speech). The
 requests waiting when a generation starts run together, as the rows of one batch (up to
---max_batch_size; rows with and without speech share a batch; those with other settings, a
-seed, other speech settings than the batch's speaking rows, or images beside videos wait for the next; a batch waits up to --batch_window_ms for as many
-requests as the last generation answered), each client streamed its own row; past --max_queue waiting ones a new request gets
+--max_batch_size, padded to 1, 2, 4 or 8 rows by repeating a row; rows with and without speech
+share a batch; those with other settings, a seed, other speech settings than the batch's
+speaking rows, or images beside videos wait for the next; a batch waits up to --batch_window_ms
+for the requests it expects: the clients the last generation answered, those waiting then, and
+those still being checked), each client streamed its own row; past --max_queue waiting ones a new request gets
 HTTP 429; a request past --max_audio_seconds, --max_video_seconds, --max_media_items or
 --max_turns gets HTTP 400 naming the flag. A client that disconnects (or presses Stop in the UI) cancels its request at the
 next decoding step. Local files are read only under --allowed_local_media_path. The server
@@ -80,8 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--batch_window_ms",
         type=float,
         default=50,
-        help="how long a batch may wait after its first request for as many as the last generation answered "
-        "(their clients ask again as their answers end); 0: never wait",
+        help="how long a batch may wait, after the last generation's end, for the clients it answered (they ask "
+        "again as their answers end) and those waiting then, and after its first request for those still being "
+        "checked; 0: never wait",
     )
     server.add_argument(
         "--graphs_kept",

@@ -13,7 +13,8 @@ Batches are formed when a generation starts, not joined while one decodes (stati
 the loop's compiled steps and KV buffers have the batch's shape for the whole generation. The
 clients a generation answered send their next requests a few milliseconds after it ends, so the
 next batch waits, up to --batch_window_ms after that end, for them and for those who were waiting
-already. A batch is padded to 1, 2, 4 or 8 rows by repeating one of its rows (`padding_rows`), so
+already; and a batch waits as long for requests still being checked when it would start (clients
+asking at once). A batch is padded to 1, 2, 4 or 8 rows by repeating one of its rows (`padding_rows`), so
 that the server compiles its graphs for a few shapes, once.
 Greedy rows answer as they would alone (the prompts are left-padded and masked); a request
 with a seed runs alone, since its draws are reproducible only alone. Rows with and without speech
