@@ -60,6 +60,7 @@ class Instruments:
                 on_audio = lambda talker_row, samples: self.on_audio(self.speaking_rows[talker_row], samples)
                 self.speech = SpeechStreams(self.model.code2wav, on_audio, len(self.speaking_rows), end_code)
                 hooks += listen(self.model.talker, after=self.speech.hook)
+                self._exits.enter_context(self.speech.answering_whole_decode())
         self._exits.callback(lambda: [hook.remove() for hook in hooks])
         self._exits.enter_context(caller_on_its_own_core())  # CPU: MindSpore's spinning threads kept off its core
         return self

@@ -17,14 +17,17 @@ a sample depends on the frames before it, through its attention layers' 72-frame
 one layer (the tiny checkpoint) 100 frames of context give `generate`'s own samples (measured:
 3.0e-5 at most; 72 frames: 0.11). The released code2wav has 8 such layers, so frames further back
 than 100 can still add a little: less than `chunked_decode` itself leaves out at each chunk's
-start, where it keeps 25. The tail that the last decode leaves is taken from `generate`'s own
-waveform.
+start, where it keeps 25. At its end `generate` decodes the whole answer with code2wav again;
+while speech is streamed that pass is answered from the streams instead (`whole_waveforms`):
+the frames not handed out yet go out as one last emission, and each row's waveform is the samples
+it was handed.
 
 Every msrun rank installs the same hook, so under ZeRO-3 code2wav's collectives stay in step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from typing import Callable, Optional
@@ -58,11 +61,10 @@ class SpeechStreams:
         codes = outputs.hidden_states[-1]
         if codes is None:
             return
-        due = [
-            stream
-            for row, stream in enumerate(self.rows)
-            if stream.add(codes if len(self.rows) == 1 else codes[row : row + 1], self.steps)
-        ]
+        from mindspore import mint
+
+        rows = (codes,) if len(self.rows) == 1 else mint.split(codes, 1)  # one launch for every row's (1, groups)
+        due = [stream for stream, row_codes in zip(self.rows, rows) if stream.add(row_codes, self.steps)]
         if due:
             self.emit(due)
 
@@ -87,6 +89,32 @@ class SpeechStreams:
     def finish(self, waveforms: list) -> None:
         for stream, waveform in zip(self.rows, waveforms):
             stream.finish(waveform)
+
+    @contextlib.contextmanager
+    def answering_whole_decode(self):
+        """While the generation runs, `generate`'s own code2wav pass at its end (`chunked_decode`) is answered from
+        the streams (`whole_waveforms`): they have decoded all but the last few frames already, so decoding the whole
+        answer again would double code2wav's work."""
+        self.code2wav.chunked_decode = self.whole_waveforms
+        try:
+            yield
+        finally:
+            del self.code2wav.chunked_decode
+
+    def whole_waveforms(self, codes, chunk_size: int = CHUNK_FRAMES, left_context_size: int = LEFT_CONTEXT_FRAMES):
+        """What `chunked_decode(codes)` returns, (rows, 1, samples), from the streams: the frames not decoded yet go
+        out as one last emission, then each row's samples are joined (a row that ended early padded with zeros, which
+        the caller cuts). Within `STREAM_CONTEXT_FRAMES`' accuracy of decoding the codes whole."""
+        from mindspore import Tensor
+
+        if (chunk_size, left_context_size) != (CHUNK_FRAMES, LEFT_CONTEXT_FRAMES) or codes.shape[0] != len(self.rows):
+            raise ValueError(f"streamed speech answers generate's own decode only, not {tuple(codes.shape)} codes")
+        self.emit([stream for stream in self.rows if stream.decoded_frames < len(stream.frames)])
+        joined = [np.concatenate(stream.sent or [np.zeros(0, np.float32)]) for stream in self.rows]
+        whole = np.zeros((len(joined), 1, max(len(samples) for samples in joined)), np.float32)
+        for row, samples in enumerate(joined):
+            whole[row, 0, : len(samples)] = samples
+        return Tensor(whole)
 
 
 def end_at_end_codes(streams: list["SpeechStream"]) -> None:
@@ -123,6 +151,7 @@ class SpeechStream:
         self.ended = False  # the row's end code was seen: later frames are padding
         self.decoded_frames = 0  # frames whose samples were handed out
         self.sent_samples = 0  # of the whole waveform
+        self.sent: list[np.ndarray] = []  # the samples handed out, in order
         self.chunk_sent = 0  # of the current code2wav chunk
         self.frames_per_emission: list[int] = []  # frames each emission decoded, its context included
         self.step = 0  # the talker step of the latest frame
@@ -171,7 +200,8 @@ class SpeechStream:
         if self.first_audio_step is None:
             self.first_audio_step, self.first_audio_time = self.step, time.perf_counter()
         self.sent_samples += len(samples)
-        self.on_audio(samples.astype(np.float32))
+        self.sent.append(samples.astype(np.float32))
+        self.on_audio(self.sent[-1])
 
     def finish(self, waveform: Optional[np.ndarray]) -> None:
         """What `generate` returned beyond the samples already handed out."""

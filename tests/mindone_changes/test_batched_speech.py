@@ -34,6 +34,8 @@ def speak(mindone, checkpoint, conversations, settings, on_audio=None):
             tap.remove()
     for answer, row_logits in zip(answers, np.stack(logits, axis=1)):
         answer.talker_logits = row_logits  # (steps, vocab)
+    if on_audio is not None:  # the streams answer generate's own code2wav pass
+        return answers, None
     decoded = mindone.codes_seen[-len(conversations) :]  # generate's own code2wav call: each row's (groups, frames)
     end_code = mindone.model.config.talker_config.codec_eos_token_id
     ends = [np.flatnonzero(codes[0] == end_code) for codes in decoded]  # a row's frames end at its end code
@@ -69,8 +71,9 @@ def test_each_row_speaks_as_it_would_alone_and_one_that_ends_early_changes_nothi
         for config in (mindone.model.config, reference.model.config):
             patch.setattr(config.talker_config, "codec_eos_token_id", int(text_row[ends["frame"]]))
         alone, alone_codes = speak_alone(mindone, tiny_checkpoint, conversations, settings)
+        batch, batch_codes = speak(mindone, tiny_checkpoint, conversations, settings)
         streamed = ([], [])  # each row's speech as it was streamed
-        batch, batch_codes = speak(
+        streamed_batch, _ = speak(
             mindone, tiny_checkpoint, conversations, settings, lambda row, samples: streamed[row].append(samples)
         )
         references = [
@@ -89,10 +92,13 @@ def test_each_row_speaks_as_it_would_alone_and_one_that_ends_early_changes_nothi
         assert np.abs(ours.waveform - solo.waveform).max() <= 1e-5, row
         assert np.abs(ours.waveform - theirs.wav).max() <= 1e-3, row  # eager on both sides (tests/script_runs.py)
         assert ours.metrics["audio_seconds"] == pytest.approx(len(ours.waveform) / 24000, abs=1e-3)
-        # streamed, each row its own speech, up to its own end: the same samples, the row's first from its 4th frame
-        assert np.abs(np.concatenate(streamed[row]) - ours.waveform).max() <= 5e-5 and len(streamed[row]) >= 1, row
+        # streamed, each row its own speech, up to its own end: the same samples, the row's first from its 4th frame;
+        # the answer's waveform is what was streamed (generate's own decode answered from the streams)
+        joined = np.concatenate(streamed[row])
+        assert len(joined) == len(ours.waveform) and np.abs(joined - ours.waveform).max() <= 5e-5, row
+        assert np.array_equal(streamed_batch[row].waveform, joined) and streamed_batch[row].token_ids == ours.token_ids
     assert ends["frame"] < 4 < batch_codes[1].shape[1]  # the text row ended before the first emission, the other not
-    assert len(streamed[1]) >= 2 and batch[1].metrics["first_audio_step"] == 5
+    assert len(streamed[1]) >= 2 and streamed_batch[1].metrics["first_audio_step"] == 5
 
 
 def talker_logits_of(mindone, run):
