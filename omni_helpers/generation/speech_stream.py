@@ -95,11 +95,15 @@ class SpeechStreams:
         """While the generation runs, `generate`'s own code2wav pass at its end (`chunked_decode`) is answered from
         the streams (`whole_waveforms`): they have decoded all but the last few frames already, so decoding the whole
         answer again would double code2wav's work."""
+        replaced = self.code2wav.__dict__.get("chunked_decode")  # an instance's own, if it has one
         self.code2wav.chunked_decode = self.whole_waveforms
         try:
             yield
         finally:
-            del self.code2wav.chunked_decode
+            if replaced is None:
+                del self.code2wav.chunked_decode
+            else:
+                self.code2wav.chunked_decode = replaced
 
     def whole_waveforms(self, codes, chunk_size: int = CHUNK_FRAMES, left_context_size: int = LEFT_CONTEXT_FRAMES):
         """What `chunked_decode(codes)` returns, (rows, 1, samples), from the streams: the frames not decoded yet go

@@ -132,3 +132,51 @@ def test_rows_in_step_decode_each_emission_as_one_code2wav_batch(mindone):
     assert emissions[1] < emissions[0]  # row 1 stopped at its end
     # row 1's emissions rode in row 0's calls, but for the one its end cut short (its last frames decoded apart)
     assert streams.decodes == emissions[0] + 1
+
+
+def test_generates_own_whole_decode_is_answered_from_the_streams_and_put_back_after(mindone):
+    """While speech streams, `chunked_decode` (generate's last code2wav pass over the whole answer) is answered from
+    the streams: their last frames go out as one more emission, and each row's waveform is what it was handed, within
+    the streams' accuracy of decoding the codes whole. Afterwards code2wav's own method, or one a caller had put on
+    the instance, is back."""
+    from types import SimpleNamespace
+
+    import mindspore as ms
+
+    from omni_helpers.generation.speech_stream import SpeechStreams
+
+    code2wav = mindone.model.code2wav
+    groups, size = code2wav.config.num_quantizers, code2wav.config.codebook_size
+    end_code = size
+    codes = np.random.default_rng(2).integers(0, size, (30, 2, groups)).astype(np.int64)
+    codes[20:, 1, 0] = end_code  # row 1 ends at frame 20
+    chunks = ([], [])
+    streams = SpeechStreams(code2wav, lambda row, samples: chunks[row].append(samples), 2, end_code)
+    streams.hook(None, None, SimpleNamespace(hidden_states=(None, None)))
+    for frame in codes:
+        streams.hook(None, None, SimpleNamespace(hidden_states=(None, ms.Tensor(frame))))
+    alone = [
+        code2wav.chunked_decode(ms.Tensor(codes[:length, row].T[None]), chunk_size=300).reshape(-1).float().asnumpy()
+        for row, length in enumerate((30, 20))
+    ]
+    handed = [sum(len(chunk) for chunk in row_chunks) for row_chunks in chunks]
+    assert handed[0] < len(alone[0])  # frames 28 and 29 were not out yet
+
+    def callers_own(*args, **kwargs):
+        raise AssertionError("not while streaming")
+
+    code2wav.chunked_decode = callers_own
+    try:
+        with streams.answering_whole_decode():
+            whole = code2wav.chunked_decode(ms.Tensor(codes.transpose(1, 2, 0)), chunk_size=300, left_context_size=25)
+        assert code2wav.chunked_decode is callers_own
+    finally:
+        del code2wav.chunked_decode
+    assert type(code2wav).chunked_decode.__name__ == "chunked_decode" and "chunked_decode" not in code2wav.__dict__
+    whole = whole.asnumpy()
+    assert whole.shape == (2, 1, len(alone[0]))
+    for row, expected in enumerate(alone):
+        joined = np.concatenate(chunks[row])
+        assert len(joined) == len(expected) and np.array_equal(whole[row, 0, : len(expected)], joined), row
+        np.testing.assert_allclose(joined, expected, atol=5e-5)
+    assert not whole[1, 0, len(alone[1]) :].any()  # the shorter row padded with zeros, as the caller cuts
