@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     server.add_argument(
         "--batch_window_ms",
         type=float,
-        default=50,
+        default=200,
         help="how long a batch may wait, after the last generation's end, for the clients it answered (they ask "
         "again as their answers end) and those waiting then, and after its first request for those still being "
         "checked; 0: never wait",
