@@ -113,7 +113,9 @@ class SpeechStreams:
 
         if (chunk_size, left_context_size) != (CHUNK_FRAMES, LEFT_CONTEXT_FRAMES) or codes.shape[0] != len(self.rows):
             raise ValueError(f"streamed speech answers generate's own decode only, not {tuple(codes.shape)} codes")
-        self.emit([stream for stream in self.rows if stream.decoded_frames < len(stream.frames)])
+        rest = [stream for stream in self.rows if stream.decoded_frames < len(stream.frames)]
+        if rest:  # none when the last frame fell on an emission
+            self.emit(rest)
         joined = [np.concatenate(stream.sent or [np.zeros(0, np.float32)]) for stream in self.rows]
         whole = np.zeros((len(joined), 1, max(len(samples) for samples in joined)), np.float32)
         for row, samples in enumerate(joined):
