@@ -239,33 +239,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def measure(server: tuple[str, str], requests: list, args: argparse.Namespace, rows: list, report: dict) -> None:
+    """One server at each concurrency: a warm-up pass (its batches' shapes compiled first, as a server that has run
+    a while has them), then the measured one; its row printed as it comes."""
+    name, url = server
+    for concurrency in args.concurrency:
+        if args.warmup:
+            at_concurrency(url, requests, concurrency)
+        results, seconds = at_concurrency(url, requests, concurrency)
+        row = figures(results, seconds)
+        rows.append((name, concurrency, row))
+        report["runs"].append(
+            {"server": name, "concurrency": concurrency, **row, "requests": [asdict(r) for r in results]}
+        )
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     media_dir = Path(args.media_dir) if args.media_dir else built_media()
     requests = workload(media_dir, args.requests, args.max_tokens, args.talker_frames)
-    servers = [("mindspore", args.url)]
-    reference = None
-    if args.reference_model:
+    rows, report = [], {"workload": [{"kind": k, "speech": s} for k, s, _ in requests], "warmup": args.warmup}
+    report["runs"] = []
+    measure(("mindspore", args.url), requests, args, rows, report)
+    if args.reference_model:  # loaded only now: its libraries' threads in this process would share the cores
         from scripts.reference_server import start_reference_server
 
         reference = start_reference_server(args.reference_model)
-        servers.append(("reference", reference.url))
-    rows, report = [], {"workload": [{"kind": k, "speech": s} for k, s, _ in requests], "warmup": args.warmup}
-    report["runs"] = []
-    try:
-        for name, url in servers:
-            for concurrency in args.concurrency:
-                if args.warmup:  # its batches' shapes compiled first, as a server that has run a while has them
-                    at_concurrency(url, requests, concurrency)
-                results, seconds = at_concurrency(url, requests, concurrency)
-                row = figures(results, seconds)
-                rows.append((name, concurrency, row))
-                report["runs"].append(
-                    {"server": name, "concurrency": concurrency, **row, "requests": [asdict(r) for r in results]}
-                )
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
-    finally:
-        if reference is not None:
+        try:
+            measure(("reference", reference.url), requests, args, rows, report)
+        finally:
             reference.stop()
     print(table(rows))
     Path(args.json).write_text(json.dumps(report, indent=2))
