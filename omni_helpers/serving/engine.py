@@ -260,7 +260,7 @@ class Engine:
         with self.arrival():
             (request,) = check_requests([Request("request", conversation)], self.checkpoint, settings, media_folder)
             check_request_seconds(media_seconds(request.conversation, settings.use_audio_in_video), self.request_limits)
-            return self.submit(request.conversation, settings, stream_audio, names)
+        return self.submit(request.conversation, settings, stream_audio, names)  # no longer arriving: queued
 
     @contextlib.contextmanager
     def arrival(self):
