@@ -18,7 +18,8 @@ every request's own are written to --json.
 
 `--reference_model CKPT` also serves the transformers (PyTorch) reference the way Qwen's own
 web demo serves it, one request at a time (`generate`, then the answer), in this process, and
-sends it the same workload at the same concurrencies, for a side-by-side in one run.
+sends it the same workload at the same concurrencies, for a side-by-side in one run. It is loaded
+once the server's passes are done, so that its libraries' threads do not share the cores with them.
 """
 
 from __future__ import annotations
