@@ -234,7 +234,8 @@ def media_seconds(conversation: Conversation, use_audio_in_video: bool) -> dict[
     for item in media_items(conversation):
         if item["type"] == "image":
             continue
-        seconds = seconds_used(item["type"], item, probe(local_path(item[item["type"]])).duration)
+        path = local_path(item[item["type"]])
+        seconds = seconds_used(item["type"], item, (probe_audio if item["type"] == "audio" else probe)(path).duration)
         total[item["type"]] += seconds
         if item["type"] == "video" and use_audio_in_video:
             total["audio"] += seconds

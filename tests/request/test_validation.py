@@ -411,3 +411,21 @@ def test_a_broken_audio_file_is_probed_by_ffprobe_and_found_empty(media):
     from omni_helpers.request.media import probe_audio
 
     assert probe_audio(Path(media["broken_wav"])).streams == ()
+
+
+def test_a_requests_audio_seconds_are_counted_without_ffprobe(sample_media, monkeypatch):
+    """The server checks each request's audio seconds before queuing it: a WAV's are read in-process (ffprobe, a
+    process of its own, took 70 ms a file there), so a server without ffprobe on its PATH still counts them."""
+    import shutil as shutil_module
+
+    from omni_helpers.request.errors import RequestError
+    from omni_helpers.request.media import media_seconds
+
+    conversation = [
+        {"role": "user", "content": [{"type": "audio", "audio": str(sample_media["audio"]), "audio_end": 2.0}]}
+    ]
+    monkeypatch.setattr(shutil_module, "which", lambda name: None)
+    assert media_seconds(conversation, use_audio_in_video=False) == {"audio": 2.0, "video": 0.0}
+    video = [{"role": "user", "content": [{"type": "video", "video": str(sample_media["video"])}]}]
+    with pytest.raises(RequestError, match="ffprobe"):  # a video's are ffprobe's to read
+        media_seconds(video, use_audio_in_video=True)
