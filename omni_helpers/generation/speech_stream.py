@@ -156,7 +156,6 @@ class SpeechStream:
         self.frames: list = []  # one (1, groups) code tensor per frame
         self.ended = False  # the row's end code was seen: later frames are padding
         self.decoded_frames = 0  # frames whose samples were handed out
-        self.sent_samples = 0  # of the whole waveform
         self.sent: list[np.ndarray] = []  # the samples handed out, in order
         self.chunk_sent = 0  # of the current code2wav chunk
         self.frames_per_emission: list[int] = []  # frames each emission decoded, its context included
@@ -205,11 +204,10 @@ class SpeechStream:
             return
         if self.first_audio_step is None:
             self.first_audio_step, self.first_audio_time = self.step, time.perf_counter()
-        self.sent_samples += len(samples)
         self.sent.append(samples.astype(np.float32))
         self.on_audio(self.sent[-1])
 
     def finish(self, waveform: Optional[np.ndarray]) -> None:
         """What `generate` returned beyond the samples already handed out."""
         if waveform is not None:
-            self._send(waveform[self.sent_samples :])
+            self._send(waveform[sum(len(piece) for piece in self.sent) :])
