@@ -15,11 +15,15 @@ expert), and the three ways it runs its experts:
 
 Two features depend on this: the faster paths (every block, every expert) and expert
 parallelism (one rank's share of the experts, plus an all-reduce), so it lives here,
-imported by both. Under ZeRO-3 each rank stacks its 1/N of every expert's weights, and the
+imported by both. Experts are numbered as the block's router numbers them; under expert
+parallelism the router numbers this rank's experts first (`ExpertParallelMoeBlock`), so a slot
+whose expert is numbered `len(experts)` or more is another rank's and counts zero here. Under ZeRO-3 each rank stacks its 1/N of every expert's weights, and the
 experts a step runs are all-gathered by device indices (`GatheredStackedExperts`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import mindspore as ms
 import mindspore.ops.auto_generate as generated_ops  # grouped_matmul_v4, looked up when called (CPU stand-in)
@@ -72,12 +76,11 @@ def as_dtype(tensor, dtype):
     return tensor if tensor.dtype == dtype else tensor.astype(dtype)
 
 
-def dispatch_experts(experts, hidden_states, weights, selected, first_expert: int = 0):
+def dispatch_experts(experts, hidden_states, weights, selected):
     """Run every chosen expert once on its tokens and combine the results.
 
-    `experts` are a block's experts numbered from `first_expert`: all of them, or one
-    rank's share under expert parallelism, where slots routed to other ranks' experts
-    contribute zeros. mindone loops over experts with two host synchronisations each
+    `experts` are a block's experts: all of them, or one rank's share under expert
+    parallelism, where slots routed to other ranks' experts contribute zeros. mindone loops over experts with two host synchronisations each
     (`.item()` and a nonzero) and accumulates with `index_add_`. Here the routing is read
     to the host once; the rest is gathers and adds whose indices come from that one read.
     Each token's contributions are added in ascending expert order, the order mindone's
@@ -85,8 +88,8 @@ def dispatch_experts(experts, hidden_states, weights, selected, first_expert: in
     """
     chosen = selected.asnumpy()  # (tokens, k): the one host synchronisation
     tokens, k = chosen.shape
-    slots = chosen.reshape(-1) - first_expert
-    local_slots = np.flatnonzero((slots >= 0) & (slots < len(experts)))
+    slots = chosen.reshape(-1)
+    local_slots = np.flatnonzero(slots < len(experts))
     if len(local_slots) == 0:
         return mint.zeros((tokens, hidden_states.shape[-1]), dtype=hidden_states.dtype)
     by_expert = local_slots[np.argsort(slots[local_slots], kind="stable")]  # grouped by expert, tokens in order
@@ -157,26 +160,6 @@ class StackedExperts(nn.Cell):
         inner = self.gated(mint.bmm(x.unsqueeze(1), gate_up))  # (slots, 1, inner)
         return mint.bmm(inner, down).squeeze(1)
 
-    def local_numbers(self, first_expert: int, total: int):
-        """(total,) int32: each of the router's experts by its number among these (numbered from `first_expert`),
-        every other expert `len(self)`. Built once, on the device."""
-        return self._table(
-            "numbers", first_expert, total, lambda mine, local: np.where(mine, local, len(self)), ms.int32
-        )
-
-    def local_mask(self, first_expert: int, total: int, dtype):
-        """(total,) of `dtype`: 1 for the router's experts among these, 0 for the others. Built once."""
-        return self._table("mask", first_expert, total, lambda mine, local: mine, dtype)
-
-    def _table(self, kind, first_expert, total, values, dtype):
-        key = (kind, first_expert, total, dtype)
-        tables = self.__dict__.setdefault("_tables", {})  # a plain dict, not a parameter or a sub-cell
-        if key not in tables:
-            local = np.arange(total) - first_expert
-            mine = (local >= 0) & (local < len(self))
-            tables[key] = ms.Tensor(values(mine, local)).astype(dtype)
-        return tables[key]
-
 
 class GatheredStackedExperts(StackedExperts):
     """ZeRO-3's experts, stacked: each rank holds its 1/N of every expert's weights, split along the
@@ -230,16 +213,15 @@ def split_by_zero3(cell) -> bool:
     return bool(getattr(wrapper, "need_rewrite", False))
 
 
-def dispatch_on_device(experts: StackedExperts, hidden_states, weights, selected, first_expert: int = 0):
+def dispatch_on_device(experts: StackedExperts, hidden_states, weights, selected):
     """Every (token, chosen expert) slot run from device indices, and combined per token in
     ascending expert order, as mindone adds them. Slots routed to another rank's experts
     (expert parallelism) count zero."""
     tokens, k = selected.shape
     ascending, order = mint.sort(selected, dim=1)
     slot_weights = mint.gather(weights, 1, order)
-    local = ascending - first_expert
-    mine = mint.logical_and(local >= 0, local < len(experts))
-    index = mint.where(mine, local, mint.zeros_like(local)).reshape(-1)
+    mine = ascending < len(experts)
+    index = mint.where(mine, ascending, mint.zeros_like(ascending)).reshape(-1)
     rows = hidden_states.unsqueeze(1).broadcast_to((tokens, k, hidden_states.shape[-1])).reshape(tokens * k, -1)
     outputs = experts.slots(rows, index) * (slot_weights * mine.astype(slot_weights.dtype)).reshape(-1, 1)
     outputs = outputs.reshape(tokens, k, -1)
@@ -249,42 +231,43 @@ def dispatch_on_device(experts: StackedExperts, hidden_states, weights, selected
     return combined
 
 
-def dispatch_grouped(experts: StackedExperts, hidden_states, weights, selected, first_expert: int = 0, total: int = 0):
+def dispatch_grouped(experts: StackedExperts, hidden_states, weights, selected, routed: int = 0):
     """Every chosen expert once on its tokens, with no host read, in Ascend's MoE kernels as vllm-mindspore
     runs them: the (token, expert) slots sorted by expert, each slot's token row copied, and each expert's slots
     counted (`moe_init_routing_v2`); the gate-and-up product grouped over the stacked experts, SwiGLU, the down
     product grouped (`grouped_matmul_v4`, groups given by their sizes); the slots weighted by their routing
     weights and added into their tokens (`moe_token_unpermute`, in top-k order).
 
-    `total`: the router's expert count when `experts` are one rank's share, numbered from `first_expert`
-    (expert parallelism). Other ranks' slots then sort after this rank's, outside every group, where the
-    grouped products leave their rows unspecified: NaN is made zero, and those slots are weighted zero."""
+    `routed`: the router's expert count when `experts` are one rank's share (expert parallelism), whose
+    router numbers them first. Other ranks' slots then sort after this rank's, past every group, where the
+    grouped products leave their rows unspecified (on the device, whatever the memory held, NaN included):
+    those rows are set to zero, by position, before they are weighted."""
     count = len(experts)
-    elsewhere = total > 0
-    index = selected
-    if elsewhere:  # this rank's experts numbered 0.., every other expert `count`
-        local = experts.local_numbers(first_expert, total)
-        index = mint.index_select(local, 0, selected.reshape(-1)).reshape(selected.shape)
-    # dropless (no active count, no capacity, no padding); flag 2: each expert's slot count
-    permuted, sorted_indices, sizes = ops.moe_init_routing_v2(
-        hidden_states, index, 0, 0, count + elsewhere, 0, 2, False
+    # dropless (no active count, no capacity, no padding); flag 1: where each expert's slots end
+    permuted, sorted_indices, ends = ops.moe_init_routing_v2(
+        hidden_states, selected, 0, 0, max(routed, count), 0, 1, False
     )
-    sizes = (sizes[:count] if elsewhere else sizes).astype(ms.int64)
+    ends = ends[:count].astype(ms.int64)
     gate_up, down = experts.stacks()
-    out = grouped_product(ops.swiglu(grouped_product(permuted, gate_up, sizes), -1), down, sizes)
-    if elsewhere:
-        out = mint.nan_to_num(out, 0.0, 0.0, 0.0)
-        mine = experts.local_mask(first_expert, total, weights.dtype)
-        weights = weights * mint.index_select(mine, 0, selected.reshape(-1)).reshape(selected.shape)
+    out = grouped_product(ops.swiglu(grouped_product(permuted, gate_up, ends), -1), down, ends)
+    if routed > count:
+        elsewhere = slot_positions(out.shape[0]) >= ends[count - 1 :]  # the slots past this rank's last group
+        out = out.masked_fill(elsewhere.reshape(-1, 1), 0.0)
     return ops.moe_token_unpermute(out, sorted_indices, weights)
 
 
-def grouped_product(x, stack, sizes):
-    """x's rows in consecutive groups of `sizes` rows, group e times stack[e] (experts, in, out)."""
+def grouped_product(x, stack, ends):
+    """x's rows in consecutive groups, group e ending before row ends[e], times stack[e] (experts, in, out)."""
     (out,) = generated_ops.grouped_matmul_v4(
-        [x], [stack], group_list=sizes, split_item=3, group_type=0, group_list_type=1
+        [x], [stack], group_list=ends, split_item=3, group_type=0, group_list_type=0
     )
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def slot_positions(slots: int):
+    """0, 1, .. slots - 1 (int64) on the device, made once per prompt length."""
+    return ms.Tensor(np.arange(slots, dtype=np.int64))
 
 
 def stack_experts(model: nn.Cell, zero3_world_size: int = 0) -> int:
@@ -318,24 +301,23 @@ def grouped_applies(experts, hidden_states) -> bool:
     )
 
 
-def sparse_moe_forward(block, hidden_states, first_expert: int = 0, all_reduce=None):
+def sparse_moe_forward(block, hidden_states, all_reduce=None):
     """A sparse MoE block's forward (the thinker's, or the talker's with its shared expert).
-    Under expert parallelism `block.experts` are this rank's share, numbered from
-    `first_expert`, and `all_reduce` adds up the ranks' partial outputs before the
-    replicated shared expert is added, once."""
+    Under expert parallelism `block.experts` are this rank's share, which its router numbers
+    first, and `all_reduce` adds up the ranks' partial outputs before the replicated shared
+    expert is added, once."""
     batch, length, hidden = hidden_states.shape
     flat = hidden_states.view(-1, hidden)
     decoding = length == 1 and flat.shape[0] * block.top_k <= DEVICE_DISPATCH_MAX_SLOTS  # one new token per row
     if isinstance(block.experts, StackedExperts) and decoding:
         router_logits, weights, selected = route(block, flat)
-        routed = dispatch_on_device(block.experts, flat, weights, selected, first_expert)
+        routed = dispatch_on_device(block.experts, flat, weights, selected)
     elif grouped_applies(block.experts, flat):
         router_logits, weights, selected = route_grouped(block, flat)
-        total = router_logits.shape[-1] if all_reduce is not None else 0  # expert parallelism: the router's count
-        routed = dispatch_grouped(block.experts, flat, weights, selected, first_expert, total)
+        routed = dispatch_grouped(block.experts, flat, weights, selected, router_logits.shape[-1])
     else:
         router_logits, weights, selected = route(block, flat)
-        routed = dispatch_experts(block.experts, flat, weights, selected, first_expert)
+        routed = dispatch_experts(block.experts, flat, weights, selected)
     if all_reduce is not None:
         routed = all_reduce(routed)
     shared_expert = getattr(block, "shared_expert", None)  # the talker's; the thinker has none

@@ -32,7 +32,8 @@ def test_rank_shares_add_up_to_the_whole_block(mindone_model, which, tokens, wor
     for rank in range(world_size):
         share = expert_range(block.num_experts, rank, world_size)
         experts = nn.CellList([block.experts[i] for i in share])
-        partials.append(dispatch_experts(experts, x, weights, selected, first_expert=share.start).asnumpy())
+        numbered = (selected - share.start) % block.num_experts  # as the rank's rolled router numbers them
+        partials.append(dispatch_experts(experts, x, weights, numbered).asnumpy())
     assert all(p.shape == whole.shape for p in partials)
     assert all(np.abs(p).sum() > 0 for p in partials[:1])
     # Two experts per token (the tiny checkpoint's top-k): each rank adds its part to exact zeros,
@@ -54,12 +55,14 @@ def test_a_rank_keeps_its_share_of_the_experts_and_nothing_else(tiny_checkpoint,
     np.testing.assert_array_equal(
         block.experts[0].gate_proj.weight.asnumpy(), original.experts[2].gate_proj.weight.asnumpy()
     )
-    np.testing.assert_array_equal(block.gate.weight.asnumpy(), original.gate.weight.asnumpy())  # the router stays whole
+    # the router stays whole, its rows rolled so that this rank's experts come first
+    np.testing.assert_array_equal(block.gate.weight.asnumpy(), np.roll(original.gate.weight.asnumpy(), -2, axis=0))
     every_block = [layer.mlp for stage in (mindone_model.thinker, mindone_model.talker) for layer in stage.model.layers]
     dropped = sum(parameter_bytes(b.experts[i]) for b in every_block for i in (0, 1))
     assert dropped > 0 and parameter_bytes(model) == whole_bytes - dropped
     names = {param.name for param in block.get_parameters()}
     assert "thinker.model.layers.0.mlp.experts.2.gate_proj.weight" in names  # checkpoint names kept
+    assert "thinker.model.layers.0.mlp.gate.weight" in names
 
 
 class StandInAllReduce:
@@ -127,6 +130,7 @@ def test_each_ranks_block_through_its_all_reduce_gives_the_whole_blocks_output(
         rank_block.all_reduce = all_reduce.summing(rank)
         output, logits = rank_block(x)
         np.testing.assert_allclose(output.asnumpy(), whole.asnumpy(), rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(logits.asnumpy(), whole_logits.asnumpy())
+        first = rank_block.local_experts.start  # the router's logits, this rank's experts first
+        np.testing.assert_array_equal(logits.asnumpy(), np.roll(whole_logits.asnumpy(), -first, axis=1))
     assert all_reduce.calls == [*range(world_size)] * 2
     assert sum(np.abs(partial).sum() > 0 for partial in all_reduce.partials.values()) >= 2  # the sum adds real parts

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from mindspore import ops
 
+from omni_helpers.parallel.expert_parallel import ExpertParallelMoeBlock
 from omni_helpers.parallel.sparse_moe import StackedExperts, dispatch_grouped, route, route_grouped, sparse_moe_forward
-from omni_helpers.request.parallel_modes import expert_range
 
 MODELING = "mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
 
@@ -153,15 +153,11 @@ def mindones_loop(block, hidden_states):
     return (out[0] if isinstance(out, tuple) else out).asnumpy()
 
 
-def grouped(block, hidden_states, first_expert=0, experts=None):
-    """The routed experts' part of the block, grouped: all of them, or one rank's share numbered from
-    `first_expert`."""
-    batch, length, hidden = hidden_states.shape
-    flat = hidden_states.reshape(-1, hidden)
-    _, weights, selected = route_grouped(block, flat)
-    stacked = StackedExperts(experts if experts is not None else block.experts)
-    total = len(block.experts) if experts is not None else 0
-    return dispatch_grouped(stacked, flat, weights, selected, first_expert, total).asnumpy()
+def grouped(block, hidden_states):
+    """The routed experts' part of the block (all of them, or one rank's share), grouped."""
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    router_logits, weights, selected = route_grouped(block, flat)
+    return dispatch_grouped(StackedExperts(block.experts), flat, weights, selected, router_logits.shape[-1]).asnumpy()
 
 
 def routed_part(block, hidden_states, out):
@@ -208,11 +204,7 @@ def test_each_ranks_share_adds_up_to_the_whole_block_and_other_ranks_slots_count
     block = block_with(mindone_model, "thinker", 128, 8)
     x = ms.Tensor(np.random.default_rng(5).standard_normal((1, 11, block.gate.weight.shape[1])).astype(np.float32))
     expected = mindones_loop(block, x).reshape(11, -1)
-    partials = []
-    for rank in range(2):
-        share = expert_range(128, rank, 2)
-        experts = [block.experts[i] for i in share]
-        partials.append(grouped(block, x, share.start, experts))
+    partials = [grouped(ExpertParallelMoeBlock(block, rank, 2), x) for rank in range(2)]
     assert all(np.abs(p).sum() > 0 for p in partials)
     np.testing.assert_allclose(partials[0] + partials[1], expected, rtol=1e-5, atol=1e-5)
 

@@ -581,9 +581,8 @@ def decoder_function(text_model, buffers: KVBuffers, tokens: int):
         slots = ops.cast(ascending, ms.int32).reshape(-1)
         top_k, count = weights["top_k"], x.shape[0]
         if weights["all_reduce"]:  # expert parallelism: this rank's experts run, the others' slots count nothing
-            local = slots - weights["first_expert"]
-            mine = ops.logical_and(local >= 0, local < weights["local_experts"])
-            slots = ops.select(mine, local, ops.zeros_like(local))
+            mine = slots < weights["local_experts"]  # the router numbers this rank's experts first
+            slots = ops.select(mine, slots, ops.zeros_like(slots))
             slot_weights = slot_weights * ops.cast(mine, dtype).reshape(count, top_k)
         gate_up_split, down_split = weights["experts_split"]
         inputs = ops.broadcast_to(x.reshape(count, 1, 1, -1), (count, top_k, 1, x.shape[-1])).reshape(
@@ -643,7 +642,6 @@ def layer_weights(layer) -> dict:
             normalize=bool(mlp.norm_topk_prob),
             experts_split=tuple(getattr(experts, "split", (False,) * 2)),
             all_reduce=not whole_block,
-            first_expert=0 if whole_block else mlp.local_experts.start,
             local_experts=len(experts),
         )
         linears["router"] = mlp.gate
