@@ -210,8 +210,8 @@ def test_each_ranks_share_adds_up_to_the_whole_block_and_other_ranks_slots_count
 
 
 @pytest.mark.parametrize("rank_share", [False, True], ids=["whole_block", "expert_rank"])
-def test_a_prompts_moe_layer_launches_at_most_12_operations(mindone_model, rank_share):
-    """The issue's bound, counted as the benchmark counts (MindSpore's profiler): 9 launches for the whole
+def test_a_prompts_moe_layer_launches_9_operations_whole_and_12_as_one_expert_ranks_share(mindone_model, rank_share):
+    """At most 12 launches per layer, counted as the benchmark counts them (MindSpore's profiler): 9 for the whole
     block; 11 for one rank's share, whose all-reduce (the 12th) is stood in for here by a Python function."""
     from scripts.benchmark import launches
 
