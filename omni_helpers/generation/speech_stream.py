@@ -9,8 +9,12 @@ loop gives it padding from there): its stream stops at that code, read once per 
 every due row. The rows of a batch are in step, so the rows due at a step decode their new
 frames as one code2wav batch, one call per emission whatever the batch size.
 
-Each emission decodes only the frames not handed out yet, behind a fixed left context of
-`STREAM_CONTEXT_FRAMES`, so its cost stays the same however long the answer grows; within
+Each emission decodes only the frames not handed out yet, behind a fixed left context, so its
+cost stays the same however long the answer grows. code2wav is a transformer (its attention
+reaches far back) and then a stack of causal convolutions that make 1920 samples of each frame
+(nearly all of its work at the released size: about 2 of its 2.1 GMAC per frame). The
+transformer takes `STREAM_CONTEXT_FRAMES` of context; the convolutions only
+`CONV_CONTEXT_FRAMES`, as far back as their receptive field reaches (`decode_frames`). Within
 each of `generate`'s 300-frame code2wav chunks the context reaches back no further than that
 chunk's own (25 frames before it, as mindone's `chunked_decode` decodes it). code2wav is causal:
 a sample depends on the frames before it, through its attention layers' 72-frame windows. With
@@ -37,7 +41,11 @@ import numpy as np
 from omni_helpers.mindone_changes.batched_speech import CHUNK_FRAMES, LEFT_CONTEXT_FRAMES  # generate's chunks
 
 SPEECH_SAMPLE_RATE = 24000  # code2wav's output rate
-STREAM_CONTEXT_FRAMES = 100  # frames decoded again before the new ones at each emission (see above)
+STREAM_CONTEXT_FRAMES = 100  # frames code2wav's transformer sees again before the new ones at each emission
+# Frames its convolutions see again: their receptive field ends within 8 frames (upsampling rates, kernels and
+# dilations are the same in every checkpoint; measured on random weights: samples past 6 frames of context 5e-6 from
+# the whole decode's, past 8 identical).
+CONV_CONTEXT_FRAMES = 10
 
 # on_audio(row, samples): float32 samples in [-1, 1], 24 kHz mono, each row's in order.
 AudioCallback = Callable[[int, np.ndarray], None]
@@ -73,18 +81,19 @@ class SpeechStreams:
         rows whose next span is the same frames (rows in step with each other, as a batch's rows are)."""
         end_at_end_codes(due)
         while True:
-            spans: dict[tuple[int, int], list[SpeechStream]] = {}
+            spans: dict[tuple[int, int, int], list[SpeechStream]] = {}
             for stream in due:
                 span = stream.next_span()
                 if span is not None:
                     spans.setdefault(span, []).append(stream)
             if not spans:
                 return
-            for (start, end), streams in spans.items():
-                samples = decode_frames(self.code2wav, [stream.frames[start:end] for stream in streams])
+            for (start, conv_start, end), streams in spans.items():
+                frames = [stream.frames[start:end] for stream in streams]
+                samples = decode_frames(self.code2wav, frames, conv_start - start)
                 self.decodes += 1
                 for stream, row_samples in zip(streams, samples):
-                    stream.take(row_samples, start, end)
+                    stream.take(row_samples, start, conv_start, end)
 
     def finish(self, waveforms: list) -> None:
         for stream, waveform in zip(self.rows, waveforms):
@@ -138,13 +147,25 @@ def end_at_end_codes(streams: list["SpeechStream"]) -> None:
             stream.ended = True
 
 
-def decode_frames(code2wav, rows_frames: list[list]) -> list[np.ndarray]:
-    """code2wav's samples of each row's frames (each row as many, (1, groups) codes each), decoded as one batch:
-    code2wav's rows are independent, so each row's samples are those it gets alone."""
+def decode_frames(code2wav, rows_frames: list[list], conv_skip: int = 0) -> list[np.ndarray]:
+    """code2wav's samples of each row's frames (each row as many, (1, groups) codes each) from the frame `conv_skip`
+    on, decoded as one batch: code2wav's rows are independent, so each row's samples are those it gets alone.
+    mindone's `Code2Wav.construct`, step by step, with the transformer over every frame and the convolutions over
+    the frames from `conv_skip` on: the frames before it are the transformer's context only."""
     from mindspore import mint
 
     codes = mint.cat([mint.stack(frames, dim=1) for frames in rows_frames]).transpose(1, 2)  # (rows, groups, frames)
-    return list(code2wav(codes).reshape(len(rows_frames), -1).float().asnumpy())
+    if codes.shape[1] != code2wav.config.num_quantizers:
+        raise ValueError(f"code2wav takes {code2wav.config.num_quantizers} codes per frame, not {codes.shape[1]}")
+    hidden = code2wav.code_embedding(codes + code2wav.code_offset).mean(1)
+    hidden = code2wav.pre_transformer(inputs_embeds=hidden).last_hidden_state
+    waveform = hidden[:, conv_skip:].permute(0, 2, 1)
+    for blocks in code2wav.upsample:
+        for block in blocks:
+            waveform = block(waveform)
+    for block in code2wav.decoder:
+        waveform = block(waveform)
+    return list(waveform.clamp(min=-1, max=1).reshape(len(rows_frames), -1).float().asnumpy())
 
 
 class SpeechStream:
@@ -159,6 +180,7 @@ class SpeechStream:
         self.sent: list[np.ndarray] = []  # the samples handed out, in order
         self.chunk_sent = 0  # of the current code2wav chunk
         self.frames_per_emission: list[int] = []  # frames each emission decoded, its context included
+        self.conv_frames_per_emission: list[int] = []  # of them, the frames through code2wav's convolutions
         self.step = 0  # the talker step of the latest frame
         self.first_audio_step: Optional[int] = None
         self.first_audio_time: Optional[float] = None
@@ -172,27 +194,31 @@ class SpeechStream:
         due = self.first_frames if self.decoded_frames == 0 else self.every_frames
         return len(self.frames) - self.decoded_frames >= due
 
-    def next_span(self) -> Optional[tuple[int, int]]:
-        """The frames [start, end) to decode next for the samples not handed out yet, one of `generate`'s code2wav
-        chunks at a time, behind at most `STREAM_CONTEXT_FRAMES` of context; None once all are handed out."""
+    def next_span(self) -> Optional[tuple[int, int, int]]:
+        """The frames to decode next for the samples not handed out yet, one of `generate`'s code2wav chunks at a
+        time: (start, conv_start, end), code2wav's transformer over [start, end), behind at most
+        `STREAM_CONTEXT_FRAMES` of context, and its convolutions over [conv_start, end), behind at most
+        `CONV_CONTEXT_FRAMES`; None once all are handed out."""
         if self.decoded_frames >= len(self.frames):
             return None
         chunk_start = self.decoded_frames // CHUNK_FRAMES * CHUNK_FRAMES
         chunk_end = min(chunk_start + CHUNK_FRAMES, len(self.frames))
         chunk_context = LEFT_CONTEXT_FRAMES if chunk_start - LEFT_CONTEXT_FRAMES > 0 else chunk_start
-        return max(chunk_start - chunk_context, self.decoded_frames - STREAM_CONTEXT_FRAMES), chunk_end
+        start = max(chunk_start - chunk_context, self.decoded_frames - STREAM_CONTEXT_FRAMES)
+        return start, max(start, self.decoded_frames - CONV_CONTEXT_FRAMES), chunk_end
 
-    def take(self, samples: np.ndarray, start: int, end: int) -> None:
-        """Hands out what `samples`, decoded from frame `start` to `end`, hold beyond what was sent. code2wav gives a
-        few samples fewer than its frames' (the last upsampling trims them), so positions are counted in samples
-        from the chunk's first frame on, as `chunked_decode` joins its chunks."""
+    def take(self, samples: np.ndarray, start: int, conv_start: int, end: int) -> None:
+        """Hands out what `samples`, the span's from frame `conv_start` to `end`, hold beyond what was sent. code2wav
+        gives a few samples fewer than its frames' (the last upsampling trims them), so positions are counted in
+        samples from the chunk's first frame on, as `chunked_decode` joins its chunks."""
         chunk_start = self.decoded_frames // CHUNK_FRAMES * CHUNK_FRAMES
         if self.decoded_frames == chunk_start:
             self.chunk_sent = 0  # samples of this chunk handed out
-        into_chunk = (chunk_start - start) * self.samples_per_frame
+        into_chunk = (chunk_start - conv_start) * self.samples_per_frame
         self._send(samples[into_chunk + self.chunk_sent :])
         self.chunk_sent = len(samples) - into_chunk
         self.frames_per_emission.append(end - start)
+        self.conv_frames_per_emission.append(end - conv_start)
         self.decoded_frames = end
 
     @property

@@ -75,7 +75,7 @@ def test_streamed_speech_past_a_code2wav_chunk_joins_to_the_whole_waveform(mindo
 
     import mindspore as ms
 
-    from omni_helpers.generation.speech_stream import STREAM_CONTEXT_FRAMES, SpeechStreams
+    from omni_helpers.generation.speech_stream import CONV_CONTEXT_FRAMES, STREAM_CONTEXT_FRAMES, SpeechStreams
 
     code2wav = mindone.model.code2wav
     groups, size = code2wav.config.num_quantizers, code2wav.config.codebook_size
@@ -99,6 +99,9 @@ def test_streamed_speech_past_a_code2wav_chunk_joins_to_the_whole_waveform(mindo
     np.testing.assert_allclose(joined, whole, atol=5e-5)  # one attention layer within the context: measured 3.0e-5
     assert max(stream.frames_per_emission) <= 40 + STREAM_CONTEXT_FRAMES  # not the 300 frames of a whole chunk
     assert stream.frames_per_emission[-1] <= 30 + 25  # the second chunk from its own left context, as generate
+    # the convolutions (nearly all of code2wav's work) see the new frames and no more context than they reach
+    assert max(stream.conv_frames_per_emission) == 40 + CONV_CONTEXT_FRAMES
+    assert stream.conv_frames_per_emission[-1] == 324 - 300 + CONV_CONTEXT_FRAMES  # the second chunk's first 24
 
 
 def test_rows_in_step_decode_each_emission_as_one_code2wav_batch(mindone):
