@@ -817,18 +817,20 @@ def start_stream_after(server, waiting: int) -> HangingUp:
 def check_speech_batching(server, media) -> None:
     """Three clients asking while another's answer is generated run as one batch, two for streamed speech (a
     greeting; image + audio) and one for text only (image + audio): each is streamed its own row's text and speech,
-    equal to what it is answered alone, and the text-only row gets no speech."""
+    equal to what it is answered alone, and the text-only row gets no speech: its answer ends as the thinker's does,
+    before the talker has finished speaking for the others."""
     questions = [[{"role": "user", "content": "Hi"}], None, None]  # None: image + audio
     speaks = [True, True, False]
     alone = [ask(server, media, False, speaks[i], messages=questions[i]) for i in range(len(questions))]
     occupier = start_stream(server, MOST_TOKENS)
     answers: dict[int, tuple] = {}
-    threads = [
-        threading.Thread(
-            target=lambda i=i: answers.__setitem__(i, ask(server, media, True, speaks[i], messages=questions[i]))
-        )
-        for i in range(len(questions))
-    ]
+    ended: dict[int, float] = {}
+
+    def asking(i: int) -> None:
+        answers[i] = ask(server, media, True, speaks[i], messages=questions[i])
+        ended[i] = time.perf_counter()
+
+    threads = [threading.Thread(target=asking, args=(i,)) for i in range(len(questions))]
     for thread in threads:
         thread.start()
     waiting_within(server, len(questions))
@@ -849,6 +851,7 @@ def check_speech_batching(server, media) -> None:
         assert len(chunks) > 1 and joined.shape == samples.shape and np.abs(joined - samples).max() <= 1e-3
         assert metrics["first_audio_step"] < metrics["talker_steps"]
     assert idle_within(server, 30)["largest_batch"] >= len(questions)
+    assert ended[2] < min(ended[0], ended[1])  # the text-only client was answered while the others' speech went on
 
 
 # ----------------------------------------------------------------------------- msrun

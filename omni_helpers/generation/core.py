@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -39,6 +39,11 @@ class Answer:
     metrics: dict[str, Any] = field(default_factory=dict)
     step_logits: Optional[np.ndarray] = None  # (tokens, vocab), with keep_logits=True
     first_token_at: Optional[float] = None  # seconds since the epoch
+
+
+# on_answer(row, answer): a row's whole answer, called once the row is done
+AnswerCallback = Callable[[int, Answer], None]
+DECODE = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}  # an answer's text from its tokens
 
 
 # ----------------------------------------------------------------------------- steps 1-3
@@ -134,20 +139,44 @@ def generate_from_inputs(
     on_audio: Optional[AudioCallback] = None,
     cancellation: Optional[Cancellation] = None,
     speaking_rows: Optional[list[int]] = None,
+    on_answer: Optional[AnswerCallback] = None,
 ) -> list[Answer]:
     """Generate for prepared inputs (every msrun rank calls this with the same inputs and settings,
     with `on_audio` on all of them or none: streamed speech runs code2wav as the talker goes, and
     with a `cancellation` on all of them or none). With `settings.return_audio`, the rows in
     `speaking_rows` speak (None: every row), the others answer in text only, in the same thinker
-    forward. Raises `errors.Cancelled` once cancelled."""
+    forward. With `on_text` and `on_answer`, a row that does not speak is answered as soon as the
+    thinker has finished, while the talker still speaks for the others (the same `Answer` is
+    returned at the end). Raises `errors.Cancelled` once cancelled."""
     if settings.seed is not None:
         seed_everything(settings.seed)
     rows, prompt_length = inputs["input_ids"].shape
     speaking = (list(range(rows)) if speaking_rows is None else speaking_rows) if settings.return_audio else []
     instruments = Instruments(model, processor.tokenizer, speaking, rows, on_text, on_audio, started)
+    early: dict[int, Answer] = {}  # the silent rows' answers, given as the thinker finished
+
+    def answer(row: int, text: str, waveform=None, step_logits=None, finished: Optional[float] = None) -> Answer:
+        prompt_tokens = int(inputs["attention_mask"][row].sum())
+        return Answer(
+            text=text,
+            waveform=waveform,
+            token_ids=instruments.thinker.tokens[row],
+            metrics=instruments.metrics(row, prompt_tokens, seconds_of(waveform), finished),
+            step_logits=step_logits,
+            first_token_at=instruments.thinker.first_token_at,
+        )
+
+    def answer_silent_rows() -> None:
+        silent = [row for row in range(rows) if row not in speaking]
+        texts = processor.batch_decode([instruments.thinker.tokens[row] for row in silent], **DECODE)
+        for row, text in zip(silent, texts):
+            early[row] = answer(row, text, finished=time.perf_counter())
+            on_answer(row, early[row])
 
     # 4. generate: the thinker's tokens, then (with speech) the talker's codes and code2wav's waveform
     with instruments:
+        if on_answer is not None and on_text is not None and 0 < len(speaking) < rows and not keep_logits:
+            instruments.thinker.on_end = answer_silent_rows  # the streamer's end: the thinker's tokens are all in
         asked = settings if speaking else settings.without_speech()  # `speaking_rows` may name none
         keywords = generate_keywords(asked, model.config, instruments.text_streamer, cancellation, keep_logits)
         if 0 < len(speaking) < rows:
@@ -158,18 +187,10 @@ def generate_from_inputs(
     # 5. decode every row's new tokens
     new_tokens = result.sequences.asnumpy()[:, prompt_length:]
     instruments.finish(new_tokens, waveforms)
-    texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    texts = processor.batch_decode(new_tokens, **DECODE)
     logits = np.stack([logit.asnumpy() for logit in result.logits], axis=1) if keep_logits else None
-
     return [
-        Answer(
-            text=texts[row],
-            waveform=waveforms[row],
-            token_ids=instruments.thinker.tokens[row],
-            metrics=instruments.metrics(row, int(inputs["attention_mask"][row].sum()), seconds_of(waveforms[row])),
-            step_logits=None if logits is None else logits[row],
-            first_token_at=instruments.thinker.first_token_at,
-        )
+        early.get(row) or answer(row, texts[row], waveforms[row], None if logits is None else logits[row])
         for row in range(rows)
     ]
 

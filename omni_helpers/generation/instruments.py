@@ -76,10 +76,13 @@ class Instruments:
             self.speech.finish([waveforms[row] for row in self.speaking_rows])
         self.finished = time.perf_counter()
 
-    def metrics(self, row: int, prompt_tokens: int, audio_seconds: float) -> dict[str, Any]:
-        """One answer's figures. Decode rates are per row: a batch of B rows decodes B times as many tokens."""
+    def metrics(
+        self, row: int, prompt_tokens: int, audio_seconds: float, finished: Optional[float] = None
+    ) -> dict[str, Any]:
+        """One answer's figures (`finished`: when the row's answer was done, if before the generation's end). Decode
+        rates are per row: a batch of B rows decodes B times as many tokens."""
         thinker, talker = self.thinker, self.talker
-        generate_seconds = self.finished - self.generating
+        generate_seconds = (finished or self.finished) - self.generating
         decoded = max(thinker.steps - 1, 0)  # steps after the first token
         speaks = row in self.speaking_rows
         frames = max(talker.steps - 1, 0) if speaks else 0  # the talker's last choice never becomes a frame

@@ -70,6 +70,7 @@ class StepStream:
         self.first_piece_step: Optional[int] = None  # the decoding step at which text first went out
         self.first_token_at: Optional[float] = None
         self.pieces = [TextPieces(tokenizer, row, self._hand_out) for row in range(rows)] if on_text else []
+        self.on_end: Optional[Callable[[], None]] = None  # called when the stage ends, after the last pieces
 
     def _hand_out(self, row: int, piece: str) -> None:
         if self.first_piece_step is None:
@@ -117,6 +118,8 @@ class StepStream:
     def end(self) -> None:
         for piece in self.pieces:
             piece.update(self.tokens[piece.row], final=True)
+        if self.on_end is not None:
+            self.on_end()
 
     # ------------------------------------------------------------------------- timings
 

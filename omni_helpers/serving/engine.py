@@ -210,6 +210,7 @@ class Engine:
         self.held: "collections.deque[Optional[Job]]" = collections.deque()  # taken from `jobs`, not yet batched
         self.lock = threading.Lock()
         self.waiting = 0
+        self.queued = 0  # requests queued since the start (the clients answered early come back during a generation)
         self.busy = False
         self.served = self.cancelled = self.failed = 0
         self.batches = self.largest_batch = 0
@@ -237,6 +238,7 @@ class Engine:
                     f"{self.waiting} requests are waiting already (--max_queue {self.max_queue}); try again shortly"
                 )
             self.waiting += 1
+            self.queued += 1
         job = Job(conversation, settings, names, stream_audio)
         self.jobs.put(job)
         return job
@@ -382,6 +384,14 @@ class Engine:
         self.largest_batch = max(self.largest_batch, len(batch))
         for job in batch:
             job.send("started")
+        early, queued = set(), self.queued  # the rows answered before the generation's end
+
+        def answer_early(row: int, answer: Answer) -> None:  # a silent row, while the talker speaks for the others
+            if row < len(batch):
+                early.add(row)
+                self.answer(batch[row], answer, len(batch), len(repeated))
+                batch[row].cancel()  # it needs nothing more: once the speaking rows' clients leave, the batch stops
+
         try:
             answers: list[Answer] = generate_from_inputs(
                 self.model,
@@ -393,30 +403,40 @@ class Engine:
                 on_audio=to_clients(batch, "audio") if stream_audio else None,
                 cancellation=BatchCancellation(batch),
                 speaking_rows=speaking_rows,
+                on_answer=answer_early,
             )
         except Cancelled as stopped:  # every rank stopped at the same step
-            self.cancelled += len(batch)
+            left = [job for row, job in enumerate(batch) if row not in early]
+            self.cancelled += len(left)
             print(f"a request was {stopped} (its client went away or pressed Stop)", file=sys.stderr, flush=True)
-            for job in batch:
+            for job in left:
                 job.events.put(("cancelled", None))
             return
         except Exception as error:
-            self.failed += len(batch)
-            for job in batch:
+            left = [job for row, job in enumerate(batch) if row not in early]
+            self.failed += len(left)
+            for job in left:
                 job.events.put(("error", GenerationFailed(fault_message(error))))
             if self.lockstep.runtime.distributed:  # the other ranks may be inside a collective: end, msrun stops them
                 raise
             traceback.print_exc(file=sys.stderr)
             return
-        self.expected, self.ended = self.waiting + len(batch), time.perf_counter()  # before any client hears
-        for job, answer in zip(batch, answers):  # the repeated rows' answers are let go
-            answer.metrics.update(batch_size=len(batch), repeated_rows=len(repeated))
-            if job.cancellation.cancelled:
-                self.cancelled += 1
-                job.events.put(("cancelled", None))
-            else:
-                self.served += 1
-                job.events.put(("done", answer))
+        # the clients to wait for: those answered now, and those answered early that have not asked again yet
+        not_back = max(0, len(early) - (self.queued - queued))
+        self.expected, self.ended = self.waiting + len(batch) - len(early) + not_back, time.perf_counter()
+        for row, (job, answer) in enumerate(zip(batch, answers)):  # the repeated rows' answers are let go
+            if row not in early:
+                self.answer(job, answer, len(batch), len(repeated))
+
+    def answer(self, job: Job, answer: Answer, batch_size: int, repeated_rows: int) -> None:
+        """A row's answer to its client (or its cancellation, if the client has gone)."""
+        answer.metrics.update(batch_size=batch_size, repeated_rows=repeated_rows)
+        if job.cancellation.cancelled:
+            self.cancelled += 1
+            job.events.put(("cancelled", None))
+        else:
+            self.served += 1
+            job.events.put(("done", answer))
 
     def health(self) -> dict[str, Any]:
         return {

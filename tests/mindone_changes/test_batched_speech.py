@@ -149,6 +149,10 @@ def test_rows_without_speech_share_the_thinker_and_the_talker_hears_only_the_spe
     speech = GenerationSettings(max_new_tokens=NEW_TOKENS, return_audio=True, talker_max_new_tokens=TALKER_FRAMES)
     speaks = [False, True, True]
     streamed = {0: [], 1: [], 2: []}
+    answered_early = {}  # row: (its answer, how many pieces of speech had gone out by then)
+
+    def answer_early(row, answer):
+        answered_early[row] = answer, sum(len(pieces) for pieces in streamed.values())
 
     def run(rows, settings, **kwargs):
         inputs = batch_inputs(tiny_checkpoint, [conversations[row] for row in rows], False)
@@ -157,7 +161,12 @@ def test_rows_without_speech_share_the_thinker_and_the_talker_hears_only_the_spe
     batch, batch_logits = talker_logits_of(
         mindone,
         lambda: run(
-            [0, 1, 2], speech, speaking_rows=[1, 2], on_audio=lambda row, samples: streamed[row].append(samples)
+            [0, 1, 2],
+            speech,
+            speaking_rows=[1, 2],
+            on_audio=lambda row, samples: streamed[row].append(samples),
+            on_text=lambda row, piece: None,
+            on_answer=answer_early,
         ),
     )
     alone = [run([row], speech if speaks[row] else speech.replace(return_audio=False))[0] for row in (0, 2)]
@@ -177,3 +186,8 @@ def test_rows_without_speech_share_the_thinker_and_the_talker_hears_only_the_spe
     assert batch_logits.shape[0] == 2
     steps = alone_1_logits.shape[1]
     assert np.abs(batch_logits[0, :steps] - alone_1_logits[0]).max() <= 1e-5
+    # the silent row was answered as the thinker finished, before any speech went out, with the answer returned
+    assert list(answered_early) == [0] and answered_early[0] == (batch[0], 0)
+    assert (
+        batch[0].text == alone[0].text and batch[0].metrics["generate_seconds"] < batch[1].metrics["generate_seconds"]
+    )
