@@ -312,18 +312,20 @@ def test_a_bad_request_gets_its_error_and_the_next_is_answered(
 
 
 def test_past_max_queue_a_request_gets_429(server, sample_media):
-    """--max_queue 1: one request runs, one waits, a third is refused, whatever the timing."""
-    long_request = body(max_tokens=64)
+    """--max_queue 1: while a generation runs (the engine takes no request meanwhile), one request waits and the
+    next is refused with 429; the waiting one is answered once the generation ends, and so is a later one. (Sent
+    all at once, the requests would join one batch instead: queueing is for requests that come during a generation.)"""
+    occupier = start_stream(server, MOST_TOKENS)
     codes = []
-    threads = [
-        threading.Thread(target=lambda: codes.append(server.post("/v1/chat/completions", long_request)[0]))
-        for _ in range(3)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(codes)[-1] == 429 and codes.count(200) >= 1
+    waiting = threading.Thread(target=lambda: codes.append(server.post("/v1/chat/completions", body())[0]))
+    waiting.start()
+    waiting_within(server, 1)
+    code, answer = server.post("/v1/chat/completions", body())
+    assert code == 429 and "--max_queue 1" in answer["error"]["message"]
+    occupier.sock.shutdown(socket.SHUT_RDWR)  # its generation is cancelled: the waiting request runs
+    occupier.close()
+    waiting.join(timeout=120)
+    assert codes == [200]
     code, answer = server.post("/v1/chat/completions", body())
     assert code == 200 and answer["choices"][0]["message"]["content"]
 
