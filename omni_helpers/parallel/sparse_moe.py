@@ -17,8 +17,9 @@ Two features depend on this: the faster paths (every block, every expert) and ex
 parallelism (one rank's share of the experts, plus an all-reduce), so it lives here,
 imported by both. Experts are numbered as the block's router numbers them; under expert
 parallelism the router numbers this rank's experts first (`ExpertParallelMoeBlock`), so a slot
-whose expert is numbered `len(experts)` or more is another rank's and counts zero here. Under ZeRO-3 each rank stacks its 1/N of every expert's weights, and the
-experts a step runs are all-gathered by device indices (`GatheredStackedExperts`).
+whose expert is numbered `len(experts)` or more is another rank's and counts zero here. Under
+ZeRO-3 each rank stacks its 1/N of every expert's weights, and the experts a step runs are
+all-gathered by device indices (`GatheredStackedExperts`).
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def dispatch_experts(experts, hidden_states, weights, selected):
     """Run every chosen expert once on its tokens and combine the results.
 
     `experts` are a block's experts: all of them, or one rank's share under expert
-    parallelism, where slots routed to other ranks' experts contribute zeros. mindone loops over experts with two host synchronisations each
-    (`.item()` and a nonzero) and accumulates with `index_add_`. Here the routing is read
+    parallelism, where slots routed to other ranks' experts contribute zeros. mindone loops
+    over experts with two host synchronisations each (`.item()` and a nonzero) and accumulates with `index_add_`. Here the routing is read
     to the host once; the rest is gathers and adds whose indices come from that one read.
     Each token's contributions are added in ascending expert order, the order mindone's
     accumulation adds them, so results match to the last bit.
@@ -233,10 +234,10 @@ def dispatch_on_device(experts: StackedExperts, hidden_states, weights, selected
 
 def dispatch_grouped(experts: StackedExperts, hidden_states, weights, selected, routed: int = 0):
     """Every chosen expert once on its tokens, with no host read, in Ascend's MoE kernels as vllm-mindspore
-    runs them: the (token, expert) slots sorted by expert, each slot's token row copied, and each expert's slots
-    counted (`moe_init_routing_v2`); the gate-and-up product grouped over the stacked experts, SwiGLU, the down
-    product grouped (`grouped_matmul_v4`, groups given by their sizes); the slots weighted by their routing
-    weights and added into their tokens (`moe_token_unpermute`, in top-k order).
+    runs them: the (token, expert) slots sorted by expert, each slot's token row copied, and where each expert's
+    slots end counted (`moe_init_routing_v2`); the gate-and-up product grouped over the stacked experts, SwiGLU,
+    the down product grouped (`grouped_matmul_v4`, groups given by where they end); the slots weighted by their
+    routing weights and added into their tokens (`moe_token_unpermute`, in top-k order).
 
     `routed`: the router's expert count when `experts` are one rank's share (expert parallelism), whose
     router numbers them first. Other ranks' slots then sort after this rank's, past every group, where the
