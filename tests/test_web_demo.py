@@ -322,8 +322,7 @@ def test_past_max_queue_a_request_gets_429(server, sample_media):
     waiting_within(server, 1)
     code, answer = server.post("/v1/chat/completions", body())
     assert code == 429 and "--max_queue 1" in answer["error"]["message"]
-    occupier.sock.shutdown(socket.SHUT_RDWR)  # its generation is cancelled: the waiting request runs
-    occupier.close()
+    hang_up(occupier)  # its generation is cancelled: the waiting request runs
     waiting.join(timeout=120)
     assert codes == [200]
     code, answer = server.post("/v1/chat/completions", body())
@@ -472,6 +471,12 @@ def start_stream(server, max_tokens: int):
     return connection
 
 
+def hang_up(connection) -> None:
+    """Close a streamed request's connection mid-answer, as a client that goes away does."""
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+
+
 def idle_within(server, seconds: float) -> dict:
     deadline = time.time() + seconds
     while (health := server.get("/health"))["busy"] or health["waiting"]:
@@ -493,8 +498,7 @@ def test_a_stream_closed_mid_answer_stops_its_generation_and_the_next_request_st
 ):
     before = server.get("/health")["requests_cancelled"]
     connection = start_stream(server, MOST_TOKENS)
-    connection.sock.shutdown(socket.SHUT_RDWR)
-    connection.close()
+    hang_up(connection)
     assert idle_within(server, 10)["requests_cancelled"] == before + 1
     assert cancelled_steps(server)[-1] < MOST_TOKENS // 4  # stopped within steps of the disconnect, not at its end
     started = time.time()
@@ -781,8 +785,7 @@ def check_batching(server) -> None:
         thread.start()
     waiting_within(server, len(PROMPTS))
     leaver = start_stream_after(server, len(PROMPTS))  # joins the waiting ones, hangs up once its row streams
-    occupier.sock.shutdown(socket.SHUT_RDWR)
-    occupier.close()
+    hang_up(occupier)
     leaver.read_some_and_hang_up()
     for thread in threads:
         thread.join(timeout=300)
@@ -805,8 +808,7 @@ class HangingUp:
 
     def read_some_and_hang_up(self) -> None:
         read_pieces(self.connection.getresponse(), 1)
-        self.connection.sock.shutdown(socket.SHUT_RDWR)
-        self.connection.close()
+        hang_up(self.connection)
 
 
 def start_stream_after(server, waiting: int) -> HangingUp:
@@ -836,8 +838,7 @@ def check_speech_batching(server, media) -> None:
     for thread in threads:
         thread.start()
     waiting_within(server, len(questions))
-    occupier.sock.shutdown(socket.SHUT_RDWR)
-    occupier.close()
+    hang_up(occupier)
     for thread in threads:
         thread.join(timeout=300)
     assert sorted(answers) == [0, 1, 2]
@@ -870,8 +871,7 @@ def test_msrun_two_workers_answer_as_the_reference(mode, tiny_checkpoint, sample
         assert code == 400  # refused on rank 0: the workers never hear of it ...
         assert ask(server, sample_media, stream=False, speech=False)[0] == expected[0]  # ... and stay in step
         connection = start_stream(server, MOST_TOKENS)  # a stream closed mid-answer: every rank stops at one step
-        connection.sock.shutdown(socket.SHUT_RDWR)
-        connection.close()
+        hang_up(connection)
         assert idle_within(server, 30)["requests_cancelled"] == 1
         assert cancelled_steps(server)[-1] < MOST_TOKENS // 4
         assert ask(server, sample_media, stream=False, speech=False)[0] == expected[0]  # still in step

@@ -392,6 +392,9 @@ class Engine:
                 self.answer(batch[row], answer, len(batch), len(repeated))
                 batch[row].cancel()  # it needs nothing more: once the speaking rows' clients leave, the batch stops
 
+        def unanswered() -> list[Job]:
+            return [job for row, job in enumerate(batch) if row not in early]
+
         try:
             answers: list[Answer] = generate_from_inputs(
                 self.model,
@@ -406,14 +409,14 @@ class Engine:
                 on_answer=answer_early,
             )
         except Cancelled as stopped:  # every rank stopped at the same step
-            left = [job for row, job in enumerate(batch) if row not in early]
+            left = unanswered()
             self.cancelled += len(left)
             print(f"a request was {stopped} (its client went away or pressed Stop)", file=sys.stderr, flush=True)
             for job in left:
                 job.events.put(("cancelled", None))
             return
         except Exception as error:
-            left = [job for row, job in enumerate(batch) if row not in early]
+            left = unanswered()
             self.failed += len(left)
             for job in left:
                 job.events.put(("error", GenerationFailed(fault_message(error))))
