@@ -6,6 +6,8 @@ and the model cannot even be built. `install_cpu_fallbacks()` puts a CPU impleme
 in place of each missing one, computed with the legacy `mindspore.ops` primitives (which
 have CPU kernels) or with numpy. Every replacement computes what the op it replaces
 computes, with the same dtypes, broadcasting and keyword arguments as mindone calls it.
+A few replace CPU kernels that exist but are too slow to use (a cast, a convolution's bias,
+code2wav's activation): each says what it measured.
 
 It is one step, called by the runtime setup only when the device is CPU; on Ascend the
 real kernels run. The list was found by running the thinker, the talker and code2wav
@@ -20,6 +22,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
+from omni_helpers.mindone_changes.library_names import MODELING
 from omni_helpers.patching import PatchSet
 
 CPU_FALLBACKS = PatchSet("CPU fallbacks", package="mindspore", written_for="2.7.1")
@@ -634,10 +637,16 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, spatial: int):
         primitive = ops.Conv3D(
             weight.shape[0], kernel, pad_mode=pad_mode, pad=pads, stride=stride, dilation=dilation, group=groups
         )
-    out = primitive(input, weight)
-    if bias is not None:
-        out = out + bias.reshape((1, -1) + (1,) * spatial)
-    return out
+    return _add_bias(primitive(input, weight), bias)
+
+
+def _add_bias(out, bias):
+    """`out` (rows, channels, ...) plus `bias` per channel, with BiasAdd: MindSpore 2.7.1's CPU add broadcast
+    along the channels took 2 ms on code2wav's last convolutions (4 rows of 2 channels by 30,000 samples), 15
+    times BiasAdd's, and code2wav makes about 30 such convolutions per decode."""
+    if bias is None:
+        return out
+    return ops.bias_add(out, bias)
 
 
 @replaces(
@@ -675,10 +684,31 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     out_w = (w - 1) * stride[1] - 2 * padding[1] + dilation[1] * (kernel[1] - 1) + output_padding[1] + 1
     pads = (padding[0], padding[0] + output_padding[0], padding[1], padding[1] + output_padding[1])
     primitive = ops.Conv2DTranspose(weight.shape[1], kernel, pad_mode="pad", pad=pads, stride=stride, dilation=dilation)
-    out = primitive(input, weight, (n, weight.shape[1], out_h, out_w))
-    if bias is not None:
-        out = out + bias.reshape(1, -1, 1, 1)
-    return out
+    return _add_bias(primitive(input, weight, (n, weight.shape[1], out_h, out_w)), bias)
+
+
+# ----------------------------------------------------------------------------- code2wav's activation
+
+
+SNAKE_BETA = f"{MODELING}.SnakeBeta:construct"
+
+
+@replaces(SNAKE_BETA)
+def snake_beta(self, hidden_states):
+    """code2wav's activation, x + sin(x * e^alpha)^2 / (e^beta + 1e-9) with alpha and beta per channel of
+    (rows, channels, samples), in numpy. MindSpore 2.7.1's CPU Sin kernel is not vectorised (2.7 ms for 4
+    rows of 2 channels by 30,000 samples; numpy 0.2 ms) and a multiply broadcast along the channels costs
+    30 times one of equal shapes, so mindone's form took 9 ms there and this one 0.4. code2wav applies it
+    29 times per decode (the tiny checkpoint too), at up to 1920 samples per frame and row: on CPU it was
+    most of a streamed emission's time, and grew with the batch's rows. Float32 only (numpy has no
+    bfloat16); other dtypes go to mindone's. Its parameters are whole on every rank under ZeRO-3, which
+    gathers only its parallel modules' weights."""
+    if hidden_states.dtype != ms.float32:
+        return original(SNAKE_BETA)(self, hidden_states)
+    x = hidden_states.asnumpy()
+    alpha = np.exp(self.alpha.asnumpy())[None, :, None]
+    inverse_beta = 1.0 / (np.exp(self.beta.asnumpy())[None, :, None] + np.float32(self.no_div_by_zero))
+    return _tensor(x + inverse_beta * np.square(np.sin(x * alpha)))
 
 
 # ----------------------------------------------------------------------------- Tensor methods

@@ -180,8 +180,9 @@ def test_conv2d_as_the_audio_encoder_calls_it():
 def test_conv3d_as_the_vision_patch_embed_calls_it():
     x = RNG.standard_normal((4, 3, 2, 4, 4)).astype(np.float32)
     w = RNG.standard_normal((5, 3, 2, 4, 4)).astype(np.float32)
-    out = fb.conv3d(t(x), t(w), None, stride=(2, 4, 4))
-    expected = np.einsum("ncthw,octhw->no", x, w)[:, :, None, None, None]
+    b = RNG.standard_normal(5).astype(np.float32)
+    out = fb.conv3d(t(x), t(w), t(b), stride=(2, 4, 4))
+    expected = (np.einsum("ncthw,octhw->no", x, w) + b)[:, :, None, None, None]
     np.testing.assert_allclose(out.asnumpy(), expected, atol=1e-4)
 
 
@@ -196,6 +197,21 @@ def test_conv_transpose2d_as_code2wav_calls_it():
         expected[:, :, 0, 2 * i : 2 * i + 4] += np.einsum("nc,cok->nok", x[:, :, 0, i], w[:, :, 0, :])
     expected += b[None, :, None, None]
     np.testing.assert_allclose(out.asnumpy(), expected, atol=1e-4)
+
+
+def test_code2wavs_activation_is_mindones_in_float32_and_mindones_own_in_bfloat16():
+    from mindone.transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import SnakeBeta
+
+    activation = SnakeBeta(3)
+    activation.alpha.set_data(t(RNG.standard_normal(3).astype(np.float32)))
+    activation.beta.set_data(t(RNG.standard_normal(3).astype(np.float32)))
+    x = t(3 * RNG.standard_normal((2, 3, 500)).astype(np.float32))
+    mindones = fb.original(fb.SNAKE_BETA)
+    np.testing.assert_allclose(fb.snake_beta(activation, x).asnumpy(), mindones(activation, x).asnumpy(), atol=1e-5)
+    half = x.astype(ms.bfloat16)
+    np.testing.assert_array_equal(
+        fb.snake_beta(activation, half).float().asnumpy(), mindones(activation, half).float().asnumpy()
+    )
 
 
 def test_tensor_methods():
