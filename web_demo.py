@@ -34,6 +34,8 @@ answers /health from the start ("ready": false while the model loads).
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import signal
 import socket
 import sys
@@ -191,8 +193,9 @@ def main(args: argparse.Namespace) -> None:
         args.batch_window_ms / 1000,
     )
     if runtime.is_main_process:
+        scratch = scratch_folder()
         server, thread = serve_in_background(
-            build_app(args, checkpoint, defaults, engine, runtime), args.host, args.port
+            build_app(args, checkpoint, defaults, engine, runtime, Path(scratch.name)), args.host, args.port
         )
         print(
             f"serving {args.model_name} at http://{args.host}:{args.port} (UI at /, API at /v1/chat/completions); "
@@ -213,23 +216,37 @@ def main(args: argparse.Namespace) -> None:
 
     # 7. Rank 0 answers the requests here: those waiting when a generation starts, together
     engine.attach(model, processor)
-    stop_on_signals(engine)
+    stop_on_signals(engine, Path(scratch.name))
     print(f"ready: {args.model_name} at http://{args.host}:{args.port}", flush=True)
     log(runtime, f"ready: --parallel {runtime.parallel} over {runtime.world_size} rank(s)")
     engine.serve_forever()  # until SIGINT or SIGTERM
     server.should_exit = True
     thread.join(timeout=10)
+    scratch.cleanup()
 
 
-def build_app(args: argparse.Namespace, checkpoint: Checkpoint, defaults: GenerationSettings, engine, runtime):
-    """The API's routes and the browser UI in one ASGI app; requests wait for `engine` to have the model."""
+def scratch_folder() -> tempfile.TemporaryDirectory:
+    """A folder of this run's own for what requests bring and what the browser is answered with (fetched
+    media, uploads, spoken answers), removed when the server stops: no user's media outlive the server.
+    Gradio keeps its uploads there too unless GRADIO_TEMP_DIR is set (it reads it when first imported)."""
+    scratch = tempfile.TemporaryDirectory(prefix="omni_server_")
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(scratch.name) / "uploads"))
+    return scratch
+
+
+def build_app(
+    args: argparse.Namespace, checkpoint: Checkpoint, defaults: GenerationSettings, engine, runtime, scratch: Path
+):
+    """The API's routes and the browser UI in one ASGI app; requests wait for `engine` to have the model. What
+    requests bring and what the browser is answered with goes under `scratch`."""
     import gradio as gr
 
     from omni_helpers.serving.http_api import ApiErrors, ChatCompletions, build_api
     from omni_helpers.serving.web_ui import build_ui
 
     allowed = Path(args.allowed_local_media_path).resolve() if args.allowed_local_media_path else None
-    media_root = Path(tempfile.mkdtemp(prefix="omni_requests_"))
+    media_root = scratch / "requests"
+    media_root.mkdir()
     chat = ChatCompletions(
         engine, checkpoint, args.model_name, defaults, media_root, allowed, checkpoint.config["im_end_token_id"]
     )
@@ -242,18 +259,20 @@ def build_app(args: argparse.Namespace, checkpoint: Checkpoint, defaults: Genera
         "world_size": runtime.world_size,
         "attn_implementation": resolve_precision(args.device_target, args.dtype, args.attn_implementation)[1],
     }
-    ui, speech_folder = build_ui(engine, checkpoint, defaults, f"Qwen3-Omni ({checkpoint.kind}) on MindSpore")
+    ui, speech_folder = build_ui(
+        engine, checkpoint, defaults, f"Qwen3-Omni ({checkpoint.kind}) on MindSpore", scratch / "speech"
+    )
     return ApiErrors(gr.mount_gradio_app(build_api(chat, health), ui, path="/", allowed_paths=[str(speech_folder)]))
 
 
-def stop_on_signals(engine) -> None:
-    """SIGINT or SIGTERM: an idle server tells every rank to stop and exits 0; a busy one exits at
-    once with 128 + the signal, and msrun then stops the other ranks."""
-    import os
+def stop_on_signals(engine, scratch: Path) -> None:
+    """SIGINT or SIGTERM: an idle server tells every rank to stop and exits 0; a busy one removes `scratch`
+    and exits at once with 128 + the signal, and msrun then stops the other ranks."""
 
     def stop(signum, frame):
         if engine.busy:
             print(f"stopping in the middle of a request (signal {signum})", file=sys.stderr, flush=True)
+            shutil.rmtree(scratch, ignore_errors=True)  # os._exit skips the clean-up at exit
             os._exit(128 + signum)
         engine.stop()
 

@@ -73,9 +73,10 @@ def start_server(
     msrun: bool = False,
     cluster_time_out: int = 60,
     while_loading: Optional[Callable[[Server, dict], None]] = None,
+    **env: str,
 ) -> Server:
-    """Start it and wait for /health to say "ready"; `while_loading(server, health)` is called once if /health
-    is seen answering while the model still loads."""
+    """Start it (`env`: variables of its environment) and wait for /health to say "ready"; `while_loading(server,
+    health)` is called once if /health is seen answering while the model still loads."""
     port = free_port()
     argv = [*args, "--port", str(port)]
     log = folder / "server.log"
@@ -85,7 +86,7 @@ def start_server(
     else:
         log_dir, command = None, [sys.executable, str(ROOT / "web_demo.py"), *argv]
     with open(log, "wb") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=script_env(), cwd=folder)
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=script_env(**env), cwd=folder)
     if msrun:
         calm_msrun(process, log_dir)
     server = Server(process, f"http://127.0.0.1:{port}", log, log_dir)

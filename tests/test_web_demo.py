@@ -148,9 +148,13 @@ def server(tiny_checkpoint, sample_media, tmp_path_factory):
     allowed = folder / "allowed"
     allowed.mkdir()
     (allowed / "image.png").write_bytes(sample_media["image"].read_bytes())
-    running = start_server(server_args(tiny_checkpoint, "--allowed_local_media_path", str(allowed), *LIMITS), folder)
+    scratch = folder / "tmp"  # the server's temporary folder: its requests' media, uploads, spoken answers
+    scratch.mkdir()
+    args = server_args(tiny_checkpoint, "--allowed_local_media_path", str(allowed), *LIMITS)
+    running = start_server(args, folder, TMPDIR=str(scratch))
     yield running
     assert running.stop() == 0  # SIGTERM to an idle server: every rank stops, exit 0
+    assert not list(scratch.iterdir())  # what users sent, and were answered with, does not outlive the server
 
 
 def test_health_and_models(server, tiny_checkpoint):
@@ -562,6 +566,20 @@ def test_speech_from_a_checkpoint_without_a_talker_is_refused(tiny_thinking, tmp
         assert code == 200 and answer["choices"][0]["message"]["content"]
     finally:
         assert thinking.stop() == 0
+
+
+def test_sigterm_mid_answer_exits_at_once_with_143_and_leaves_no_files(tiny_checkpoint, tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    server = start_server(server_args(tiny_checkpoint), tmp_path, TMPDIR=str(scratch))
+    try:
+        connection = start_stream(server, 2000)  # seconds of answer still to come
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 128 + signal.SIGTERM
+        connection.close()
+    finally:
+        server.stop()
+    assert not list(scratch.iterdir())
 
 
 # ----------------------------------------------------------------------------- a real browser

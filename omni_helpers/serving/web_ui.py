@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import mimetypes
 import queue
-import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -100,8 +99,9 @@ class Answering:
             job.cancel()
 
 
-def build_ui(engine: Engine, checkpoint: Checkpoint, defaults: GenerationSettings, title: str):
-    outputs = Path(tempfile.mkdtemp(prefix="omni_speech_"))
+def build_ui(engine: Engine, checkpoint: Checkpoint, defaults: GenerationSettings, title: str, outputs: Path):
+    """The chat, writing its spoken answers (and the media its turns fetch) under `outputs`."""
+    outputs.mkdir(exist_ok=True)
     answering = Answering()
 
     def accept(message, chat, request: gr.Request):
