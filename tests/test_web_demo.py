@@ -573,7 +573,7 @@ def test_sigterm_mid_answer_exits_at_once_with_143_and_leaves_no_files(tiny_chec
     scratch.mkdir()
     server = start_server(server_args(tiny_checkpoint), tmp_path, TMPDIR=str(scratch))
     try:
-        connection = start_stream(server, 2000)  # seconds of answer still to come
+        connection = start_stream(server, MOST_TOKENS)  # seconds of answer still to come
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=30) == 128 + signal.SIGTERM
         connection.close()
