@@ -41,6 +41,13 @@ def launched_by_msrun() -> bool:
     return os.environ.get("MS_ROLE") in ("MS_SCHED", "MS_WORKER")
 
 
+def msrun_scheduler() -> bool:
+    """Whether this process is msrun's scheduler. It runs the script up to `setup_runtime`, whose `init()`
+    coordinates the workers and then ends the process without Python's clean-up at exit: a temporary
+    folder it made would stay behind, so the scripts remove theirs first."""
+    return os.environ.get("MS_ROLE") == "MS_SCHED"
+
+
 def stdout_for_the_launcher() -> None:
     """Under the launchers (`scripts/msrun_launch.sh`), rank 0's stdout goes to the file they show on
     their own stdout (`OMNI_RANK0_STDOUT`), so that the console carries the answer alone; rank 0's stderr
