@@ -92,10 +92,16 @@ def test_single_process_streams_the_reference_answer_and_nothing_else(attention,
 def test_the_launcher_on_two_workers_prints_the_reference_answer_alone(
     argv, expected, tiny_plan, tiny_checkpoint, tmp_path
 ):
-    """scripts/run_omni_understanding.sh (msrun, 2 CPU workers, ZeRO-3): stdout is the answer, nothing else."""
-    run = run_launcher("run_omni_understanding.sh", argv, tmp_path / "out", MODEL_NAME=str(tiny_checkpoint))
+    """scripts/run_omni_understanding.sh (msrun, 2 CPU workers, ZeRO-3): stdout is the answer, nothing else, and
+    no process leaves a temporary folder behind (msrun's scheduler runs the script too)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    run = run_launcher(
+        "run_omni_understanding.sh", argv, tmp_path / "out", MODEL_NAME=str(tiny_checkpoint), TMPDIR=str(scratch)
+    )
     check_run(run, *expected)
     assert run.stdout == expected[0] + "\n" and run.stderr == ""
+    assert not list(scratch.iterdir())
     check_both_ranks_ran(run)
     check_parallel(run, tiny_plan, "zero3", with_talker=True)  # the default under msrun
 
