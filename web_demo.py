@@ -219,10 +219,12 @@ def main(args: argparse.Namespace) -> None:
     stop_on_signals(engine, Path(scratch.name))
     print(f"ready: {args.model_name} at http://{args.host}:{args.port}", flush=True)
     log(runtime, f"ready: --parallel {runtime.parallel} over {runtime.world_size} rank(s)")
-    engine.serve_forever()  # until SIGINT or SIGTERM
-    server.should_exit = True
-    thread.join(timeout=10)
-    scratch.cleanup()
+    try:
+        engine.serve_forever()  # until SIGINT or SIGTERM
+    finally:  # a fault under msrun too: MindSpore's exit then skips Python's clean-up
+        server.should_exit = True
+        thread.join(timeout=10)
+        scratch.cleanup()
 
 
 def scratch_folder() -> tempfile.TemporaryDirectory:
