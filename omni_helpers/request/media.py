@@ -226,22 +226,6 @@ def seconds_used(kind: str, item: dict, duration: Optional[float]) -> float:
     return max(0.0, min(duration, end if end is not None else duration) - start)
 
 
-def media_seconds(conversation: Conversation, use_audio_in_video: bool) -> dict[str, float]:
-    """Seconds of audio (videos' soundtracks included when heard) and of video a checked request holds."""
-    from omni_helpers.request.conversation import media_items
-
-    total = {"audio": 0.0, "video": 0.0}
-    for item in media_items(conversation):
-        if item["type"] == "image":
-            continue
-        path = local_path(item[item["type"]])
-        seconds = seconds_used(item["type"], item, (probe_audio if item["type"] == "audio" else probe)(path).duration)
-        total[item["type"]] += seconds
-        if item["type"] == "video" and use_audio_in_video:
-            total["audio"] += seconds
-    return total
-
-
 def probe_audio(path: Path) -> Probe:
     """An audio file's duration, read from its header in-process where libsndfile reads the format (WAV, FLAC,
     OGG, MP3: microseconds), else by `probe`. ffprobe is a process of its own: 70 ms per file here, and several
@@ -257,15 +241,18 @@ def probe_audio(path: Path) -> Probe:
     return Probe(("audio",), info.frames / info.samplerate, None)
 
 
-def check_audio(item: dict) -> None:
+def check_audio(item: dict) -> float:
+    """The seconds of the clip the item uses, once checked."""
     reference = item["audio"]
     found = probe_audio(readable_file("audio", reference))
     if "audio" not in found.streams:
         raise RequestError(f"audio {reference}: no decodable audio in it; give a WAV/FLAC/MP3 file")
     check_time_range("audio", reference, item, found.duration, None)
+    return seconds_used("audio", item, found.duration)
 
 
-def check_video(item: dict, use_audio_in_video: bool) -> None:
+def check_video(item: dict, use_audio_in_video: bool) -> float:
+    """The seconds of the clip the item uses, once checked."""
     reference = item["video"]
     found = probe(readable_file("video", reference))
     if "video" not in found.streams:
@@ -276,13 +263,17 @@ def check_video(item: dict, use_audio_in_video: bool) -> None:
             "use_audio_in_video",
         )
     check_time_range("video", reference, item, found.duration, found.video_fps)
+    return seconds_used("video", item, found.duration)
 
 
-def check_media(item: dict, use_audio_in_video: bool) -> None:
-    """One local media item: readable, decodable, and its time range inside the clip."""
+def check_media(item: dict, use_audio_in_video: bool) -> dict[str, float]:
+    """One local media item: readable, decodable, and its time range inside the clip. Returns the seconds of
+    audio and video it adds to its request (a video heard with its soundtrack adds as much audio), from the same
+    probe: a server checks them against its limits (`validation.check_request_seconds`)."""
     if item["type"] == "image":
         check_image(item)
-    elif item["type"] == "audio":
-        check_audio(item)
-    else:
-        check_video(item, use_audio_in_video)
+        return {}
+    if item["type"] == "audio":
+        return {"audio": check_audio(item)}
+    seconds = check_video(item, use_audio_in_video)
+    return {"video": seconds, "audio": seconds} if use_audio_in_video else {"video": seconds}

@@ -7,8 +7,9 @@ from the file's own folder, so a file and its media can move together.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from omni_helpers.request.conversation import Conversation, check_conversation, resolve_paths
 from omni_helpers.request.errors import RequestError
@@ -20,6 +21,7 @@ class Request:
 
     id: str
     conversation: Conversation
+    media_seconds: Optional[dict[str, float]] = field(default=None, compare=False)  # once checked (`check_requests`)
 
 
 def _read_text(path: str, flag: str) -> str:

@@ -97,7 +97,7 @@ def check_request_size(conversation: Conversation, limits: RequestLimits) -> Non
 
 
 def check_request_seconds(seconds: dict[str, float], limits: RequestLimits) -> None:
-    """The seconds of audio and video of a request (`media.media_seconds`) within the server's limits."""
+    """The seconds of audio and video of a request (`Request.media_seconds`, counted by `check_requests`) within the server's limits."""
     for kind in ("audio", "video"):
         if seconds[kind] > getattr(limits, f"{kind}_seconds"):
             raise beyond(limits, f"{kind}_seconds", f"{seconds[kind]:.1f} s of {kind} in this request")
@@ -202,12 +202,15 @@ def check_requests(
     needs: str = "a prompt or media",
 ) -> list[Request]:
     """Every request checked, its URLs fetched into `media_folder` and its media decoded;
-    returns the requests as they will run (pointing at the fetched copies)."""
+    returns the requests as they will run (pointing at the fetched copies), each with the
+    seconds of audio and video it holds."""
     checked = []
     for request in requests:
         check_conversation_for(request.conversation, checkpoint, needs)
         conversation = fetch_remote_media(request.conversation, media_folder)
+        seconds = {"audio": 0.0, "video": 0.0}
         for item in media_items(conversation):
-            check_media(item, settings.use_audio_in_video)
-        checked.append(Request(request.id, conversation))
+            for kind, used in check_media(item, settings.use_audio_in_video).items():
+                seconds[kind] += used
+        checked.append(Request(request.id, conversation, seconds))
     return checked

@@ -51,7 +51,6 @@ from omni_helpers.request.cancellation import Cancellation
 from omni_helpers.request.checkpoint import Checkpoint
 from omni_helpers.request.conversation import Conversation
 from omni_helpers.request.errors import Cancelled, RequestError
-from omni_helpers.request.media import media_seconds
 from omni_helpers.request.request_files import Request
 from omni_helpers.request.settings import FLAG_NAMES, GenerationSettings
 from omni_helpers.request.validation import (
@@ -261,7 +260,7 @@ class Engine:
         check_request_size(conversation, self.request_limits)  # before anything is fetched
         with self.arrival():
             (request,) = check_requests([Request("request", conversation)], self.checkpoint, settings, media_folder)
-            check_request_seconds(media_seconds(request.conversation, settings.use_audio_in_video), self.request_limits)
+            check_request_seconds(request.media_seconds, self.request_limits)
         return self.submit(request.conversation, settings, stream_audio, names)  # no longer arriving: queued
 
     @contextlib.contextmanager

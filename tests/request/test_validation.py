@@ -353,10 +353,26 @@ def test_under_msrun_the_first_rank_to_check_ends_the_job_with_code_2(media, che
     assert all("Traceback" not in log for log in logs)
 
 
-def test_a_requests_media_seconds_count_its_ranges_and_heard_soundtracks(sample_media):
-    """media.media_seconds: each clip's `<kind>_start`/`<kind>_end` range within it (the sample audio is 2.5 s,
-    the video 2 s); a video heard with its soundtrack counts as audio too."""
-    from omni_helpers.request.media import media_seconds
+def checked_seconds(conversation, checkpoint_path, folder, use_audio_in_video: bool) -> dict:
+    """The seconds of audio and video `check_requests` counts for one request."""
+    from omni_helpers.request.checkpoint import resolve_checkpoint
+    from omni_helpers.request.request_files import Request
+    from omni_helpers.request.settings import GenerationSettings
+    from omni_helpers.request.validation import check_requests
+
+    settings = GenerationSettings(use_audio_in_video=use_audio_in_video)
+    checkpoint = resolve_checkpoint(str(checkpoint_path))
+    (request,) = check_requests([Request("r", conversation)], checkpoint, settings, folder)
+    return request.media_seconds
+
+
+def test_a_requests_media_seconds_count_its_ranges_and_heard_soundtracks_each_clip_probed_once(
+    sample_media, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """check_requests: each clip's `<kind>_start`/`<kind>_end` range within it (the sample audio is 2.5 s, the video
+    2 s); a video heard with its soundtrack counts as audio too. The seconds come from the check's own probe: a
+    video is probed by ffprobe once (70 ms a file here), not again to count its seconds."""
+    from omni_helpers.request import media
 
     audio, video = str(sample_media["audio"]), str(sample_media["video"])
     conversation = [
@@ -366,12 +382,15 @@ def test_a_requests_media_seconds_count_its_ranges_and_heard_soundtracks(sample_
                 {"type": "audio", "audio": audio},
                 {"type": "audio", "audio": audio, "audio_start": 1.0},
                 {"type": "video", "video": video, "video_start": 0.5, "video_end": 9.0},
-                {"type": "image", "image": str(sample_media["image"])},
             ],
         }
     ]
-    assert media_seconds(conversation, use_audio_in_video=False) == pytest.approx({"audio": 4.0, "video": 1.5})
-    assert media_seconds(conversation, use_audio_in_video=True) == pytest.approx({"audio": 5.5, "video": 1.5})
+    probed = []
+    monkeypatch.setattr(media, "probe", lambda path, probe=media.probe: probed.append(path) or probe(path))
+    seconds = checked_seconds(conversation, tiny_checkpoint, tmp_path, use_audio_in_video=False)
+    assert seconds == pytest.approx({"audio": 4.0, "video": 1.5}) and [str(path) for path in probed] == [video]
+    seconds = checked_seconds(conversation, tiny_checkpoint, tmp_path, use_audio_in_video=True)
+    assert seconds == pytest.approx({"audio": 5.5, "video": 1.5})
 
 
 def test_the_servers_request_limits_are_checked_and_must_be_positive():
@@ -413,19 +432,18 @@ def test_a_broken_audio_file_is_probed_by_ffprobe_and_found_empty(media):
     assert probe_audio(Path(media["broken_wav"])).streams == ()
 
 
-def test_a_requests_audio_seconds_are_counted_without_ffprobe(sample_media, monkeypatch):
+def test_a_requests_audio_seconds_are_counted_without_ffprobe(sample_media, tiny_checkpoint, tmp_path, monkeypatch):
     """The server checks each request's audio seconds before queuing it: a WAV's are read in-process (ffprobe, a
     process of its own, took 70 ms a file there), so a server without ffprobe on its PATH still counts them."""
     import shutil as shutil_module
 
     from omni_helpers.request.errors import RequestError
-    from omni_helpers.request.media import media_seconds
 
     conversation = [
         {"role": "user", "content": [{"type": "audio", "audio": str(sample_media["audio"]), "audio_end": 2.0}]}
     ]
     monkeypatch.setattr(shutil_module, "which", lambda name: None)
-    assert media_seconds(conversation, use_audio_in_video=False) == {"audio": 2.0, "video": 0.0}
+    assert checked_seconds(conversation, tiny_checkpoint, tmp_path, False) == {"audio": 2.0, "video": 0.0}
     video = [{"role": "user", "content": [{"type": "video", "video": str(sample_media["video"])}]}]
     with pytest.raises(RequestError, match="ffprobe"):  # a video's are ffprobe's to read
-        media_seconds(video, use_audio_in_video=True)
+        checked_seconds(video, tiny_checkpoint, tmp_path, True)
