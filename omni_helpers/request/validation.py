@@ -97,7 +97,8 @@ def check_request_size(conversation: Conversation, limits: RequestLimits) -> Non
 
 
 def check_request_seconds(seconds: dict[str, float], limits: RequestLimits) -> None:
-    """The seconds of audio and video of a request (`Request.media_seconds`, counted by `check_requests`) within the server's limits."""
+    """The seconds of audio and video of a request (`Request.media_seconds`, counted by `check_requests`)
+    within the server's limits."""
     for kind in ("audio", "video"):
         if seconds[kind] > getattr(limits, f"{kind}_seconds"):
             raise beyond(limits, f"{kind}_seconds", f"{seconds[kind]:.1f} s of {kind} in this request")
