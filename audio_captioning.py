@@ -41,7 +41,7 @@ from omni_helpers.request.cli import (
 from omni_helpers.request.conversation import resolve_paths, user_turn, with_system_prompt
 from omni_helpers.request.errors import RequestError
 from omni_helpers.request.request_files import Request
-from omni_helpers.runtime import configure_openmp, msrun_scheduler, stdout_for_the_launcher
+from omni_helpers.runtime import configure_openmp, stdout_for_the_launcher
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Captioner"
 
@@ -93,9 +93,7 @@ def main(args: argparse.Namespace) -> dict:
     from omni_helpers.runtime import log, setup_runtime
 
     # 2. Device, msrun ranks, seeds
-    if msrun_scheduler():  # it ends inside setup_runtime, without the clean-up at exit
-        media_folder.cleanup()
-    runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose)
+    runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose, scratch=media_folder)
 
     # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs,
     #    faster paths (unless --no-fast_paths)

@@ -49,7 +49,7 @@ from omni_helpers.request.cli import (
 from omni_helpers.request.conversation import media_in, resolve_paths, user_turn, with_system_prompt
 from omni_helpers.request.errors import RequestError
 from omni_helpers.request.request_files import Request, load_conversation_file, load_requests_file
-from omni_helpers.runtime import configure_openmp, msrun_scheduler, stdout_for_the_launcher
+from omni_helpers.runtime import configure_openmp, stdout_for_the_launcher
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 
@@ -119,9 +119,7 @@ def main(args: argparse.Namespace):
     from omni_helpers.runtime import setup_runtime
 
     # 2. Device, msrun ranks, seeds
-    if msrun_scheduler():  # it ends inside setup_runtime, without the clean-up at exit
-        media_folder.cleanup()
-    runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose)
+    runtime = setup_runtime(args.device_target, args.seed, args.parallel, args.verbose, scratch=media_folder)
 
     # 3. Change how mindone runs: CPU kernels (CPU only), fixes for mindone's bugs,
     #    faster paths (unless --no-fast_paths)

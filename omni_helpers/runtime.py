@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -39,13 +40,6 @@ def launched_by_msrun() -> bool:
     """msrun runs the script in its scheduler (MS_ROLE=MS_SCHED) and in every worker
     (MS_ROLE=MS_WORKER); all of them must join the cluster. Plain python sets no role."""
     return os.environ.get("MS_ROLE") in ("MS_SCHED", "MS_WORKER")
-
-
-def msrun_scheduler() -> bool:
-    """Whether this process is msrun's scheduler. It runs the script up to `setup_runtime`, whose `init()`
-    coordinates the workers and then ends the process without Python's clean-up at exit: a temporary
-    folder it made would stay behind, so the scripts remove theirs first."""
-    return os.environ.get("MS_ROLE") == "MS_SCHED"
 
 
 def stdout_for_the_launcher() -> None:
@@ -150,12 +144,17 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_runtime(
-    device_target: str = "Ascend", seed: int = 0, parallel: Optional[str] = None, verbose: bool = False
+    device_target: str = "Ascend",
+    seed: int = 0,
+    parallel: Optional[str] = None,
+    verbose: bool = False,
+    scratch: Optional[tempfile.TemporaryDirectory] = None,
 ) -> Runtime:
     """Select the device, join the msrun job if there is one, seed every random stream.
 
     `parallel` is the --parallel flag (None: zero3 with several msrun workers, none otherwise);
-    `verbose` (--verbose) logs a line per decoding step with its time on stderr.
+    `verbose` (--verbose) logs a line per decoding step with its time on stderr; `scratch`, the
+    script's temporary folder, is removed first in msrun's scheduler (below).
     """
     import mindspore as ms
 
@@ -167,6 +166,10 @@ def setup_runtime(
     if launched_by_msrun():
         from mindspore.communication import get_group_size, get_rank, init
 
+        if scratch is not None and os.environ.get("MS_ROLE") == "MS_SCHED":
+            # msrun's scheduler runs the script up to here; its init() coordinates the workers and then ends
+            # the process without Python's clean-up at exit, which would leave the folder behind
+            scratch.cleanup()
         # HCCL on Ascend; on CPU init() picks MindSpore's own mccl backend.
         init("hccl" if device_target == "Ascend" else None)
         rank, world_size = get_rank(), get_group_size()

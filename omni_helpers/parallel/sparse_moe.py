@@ -82,8 +82,9 @@ def dispatch_experts(experts, hidden_states, weights, selected):
 
     `experts` are a block's experts: all of them, or one rank's share under expert
     parallelism, where slots routed to other ranks' experts contribute zeros. mindone loops
-    over experts with two host synchronisations each (`.item()` and a nonzero) and accumulates with `index_add_`. Here the routing is read
-    to the host once; the rest is gathers and adds whose indices come from that one read.
+    over experts with two host synchronisations each (`.item()` and a nonzero) and accumulates
+    with `index_add_`. Here the routing is read to the host once; the rest is gathers and adds
+    whose indices come from that one read.
     Each token's contributions are added in ascending expert order, the order mindone's
     accumulation adds them, so results match to the last bit.
     """
