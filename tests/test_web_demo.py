@@ -778,6 +778,7 @@ def test_requests_waiting_together_run_as_one_batch_each_answered_as_alone(tiny_
     try:
         check_batching(server)
         check_speech_batching(server, sample_media)
+        check_a_request_still_sending_joins_the_batch(server)
     finally:
         assert server.stop() == 0
 
@@ -816,6 +817,37 @@ def check_batching(server) -> None:
     assert health["largest_batch"] == len(PROMPTS) + 1 and health["batches"] == before["batches"] + 2
     assert health["requests_cancelled"] == before["requests_cancelled"] + 2  # the occupier and the leaver
     assert health["requests_served"] == before["requests_served"] + len(PROMPTS)
+
+
+def check_a_request_still_sending_joins_the_batch(server) -> None:
+    """Clients asking at once, one of them still sending its body (media inline make bodies large) when the other's
+    request is queued: the batch waits for it (up to --batch_window_ms, 200) and answers both as one batch of two."""
+    alone = [ask_text(server, prompt, stream=False) for prompt in PROMPTS[:2]]
+    bodies = [
+        json.dumps({"model": "any", "messages": [{"role": "user", "content": prompt}], "max_tokens": BATCH_TOKENS})
+        for prompt in PROMPTS[:2]
+    ]
+    sending = post_in_part(server, bodies[1].encode(), half=True)
+    time.sleep(0.5)  # its handler is reading the body
+    asking = post_in_part(server, bodies[0].encode())
+    time.sleep(0.1)  # the first request queued, its batch about to start
+    sending.send(bodies[1].encode()[len(bodies[1]) // 2 :])
+    answers = [json.loads(connection.getresponse().read()) for connection in (asking, sending)]
+    for (text, _), answer in zip(alone, answers):
+        assert answer["choices"][0]["message"]["content"] == text and answer["metrics"]["batch_size"] == 2
+
+
+def post_in_part(server, whole: bytes, half: bool = False):
+    """A POST to /v1/chat/completions on a raw connection, the whole body sent or its first half; the response not
+    read yet."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=120)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(len(whole)))
+    connection.endheaders(whole[: len(whole) // 2] if half else whole)
+    return connection
 
 
 class HangingUp:

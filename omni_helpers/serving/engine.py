@@ -182,6 +182,28 @@ def fault_message(error: BaseException) -> str:
     return f"the generation failed ({type(error).__name__}: {first})"
 
 
+class Arrival:
+    """A request counted in `Engine.arriving` from `__enter__` until `end` (at the latest, `__exit__`)."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine, self.counted = engine, False
+
+    def __enter__(self) -> "Arrival":
+        with self.engine.lock:
+            self.engine.arriving += 1
+            self.counted = True
+        return self
+
+    def end(self) -> None:
+        with self.engine.lock:
+            if self.counted:
+                self.engine.arriving -= 1
+                self.counted = False
+
+    def __exit__(self, *exception) -> None:
+        self.end()
+
+
 class Engine:
     """Made before the model loads (the HTTP server answers meanwhile, `ready` false); `attach` hands it the model."""
 
@@ -249,30 +271,26 @@ class Engine:
         media_folder: Path,
         names: dict[str, str],
         stream_audio: bool = False,
+        arrival: Optional["Arrival"] = None,
     ) -> Job:
         """Check a request against the checkpoint and the server's limits (`names`: how the caller spells each
-        setting), fetch and decode its media into `media_folder`, and queue it. Raises RequestError, QueueFull
-        or NotReady."""
+        setting), fetch and decode its media into `media_folder`, and queue it. `arrival`: the caller's, counted
+        since the request's first byte (else it counts from here). Raises RequestError, QueueFull or NotReady."""
         if not self.ready:
             raise NotReady('the model is still loading; try again when GET /health says "ready": true')
         check_server_limits(settings, self.limits, names)
         check_settings(settings, self.checkpoint, names=names)
         check_request_size(conversation, self.request_limits)  # before anything is fetched
-        with self.arrival():
+        with self.arrival() if arrival is None else contextlib.nullcontext(arrival) as arriving:
             (request,) = check_requests([Request("request", conversation)], self.checkpoint, settings, media_folder)
             check_request_seconds(request.media_seconds, self.request_limits)
-        return self.submit(request.conversation, settings, stream_audio, names)  # no longer arriving: queued
+            arriving.end()  # before it is queued: a batch that takes it must not wait for it
+            return self.submit(request.conversation, settings, stream_audio, names)
 
-    @contextlib.contextmanager
-    def arrival(self):
-        """While a request's media are fetched and checked, a batch about to start waits for it (`batch_with`)."""
-        with self.lock:
-            self.arriving += 1
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.arriving -= 1
+    def arrival(self) -> "Arrival":
+        """A request on its way in (its body read, its media fetched and checked): a batch about to start waits
+        for it (`wait_for_more`). Ends when it is queued or refused."""
+        return Arrival(self)
 
     def stop(self) -> None:
         """Let the engine finish the job it runs, tell the other ranks to stop, and return."""

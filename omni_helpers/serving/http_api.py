@@ -27,7 +27,7 @@ from omni_helpers.outputs.files import wav_bytes
 from omni_helpers.request.checkpoint import Checkpoint
 from omni_helpers.request.errors import RequestError
 from omni_helpers.request.settings import GenerationSettings
-from omni_helpers.serving.engine import Engine, GenerationFailed, Job, NotReady, QueueFull
+from omni_helpers.serving.engine import Arrival, Engine, GenerationFailed, Job, NotReady, QueueFull
 from omni_helpers.serving.openai_api import API_NAMES, chunk, completion, error_body, new_id, parse_chat_request, usage
 
 # The API's routes and their methods: anything else under them gets the API's own 404 or 405 (the browser UI,
@@ -72,8 +72,9 @@ class ChatCompletions:
         self.engine, self.checkpoint, self.model_name, self.defaults = engine, checkpoint, model_name, defaults
         self.media_root, self.allowed_local, self.eos_token_id = media_root, allowed_local, eos_token_id
 
-    def submit(self, body: Any) -> tuple[Job, bool, Path]:
-        """Check the request, fetch and check its media, queue it. Raises RequestError, QueueFull or NotReady."""
+    def submit(self, body: Any, arrival: Optional[Arrival] = None) -> tuple[Job, bool, Path]:
+        """Check the request, fetch and check its media, queue it (`arrival`: the request's, ended as it is
+        queued). Raises RequestError, QueueFull or NotReady."""
         folder = self.media_root / uuid.uuid4().hex
         try:
             chat = parse_chat_request(body, self.defaults, folder, self.allowed_local)
@@ -83,6 +84,7 @@ class ChatCompletions:
                 folder,
                 API_NAMES,
                 stream_audio=chat.stream and chat.settings.return_audio,
+                arrival=arrival,
             )
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -187,18 +189,21 @@ def build_api(chat: ChatCompletions, health: dict[str, Any]):
 
     @app.post("/v1/chat/completions")
     async def post_chat_completions(http: HttpRequest):
-        try:
-            body = json.loads(await http.body())
-        except ValueError as error:
-            return bad(RequestError(f"the body is not valid JSON ({error})"))
-        try:
-            job, stream, folder = await run_in_threadpool(chat.submit, body)
-        except RequestError as error:
-            return bad(error)
-        except QueueFull as error:
-            return bad(error, 429, "rate_limit_error")
-        except NotReady as error:
-            return bad(error, 503, "unavailable_error")
+        # counted as arriving from here, while its body (media inline, often) is read and decoded: clients asking
+        # at once are then answered in one batch, where one still sending would otherwise miss it
+        with chat.engine.arrival() as arrival:
+            try:
+                body = json.loads(await http.body())
+            except ValueError as error:
+                return bad(RequestError(f"the body is not valid JSON ({error})"))
+            try:
+                job, stream, folder = await run_in_threadpool(chat.submit, body, arrival)
+            except RequestError as error:
+                return bad(error)
+            except QueueFull as error:
+                return bad(error, 429, "rate_limit_error")
+            except NotReady as error:
+                return bad(error, 503, "unavailable_error")
         watcher = asyncio.create_task(cancel_on_disconnect(http, job))
         streaming = False
         try:
