@@ -3,11 +3,12 @@ output"; newer transformers releases speak every row). Called by `mindone_fixes.
 two rows or more; a single row keeps mindone's own `generate`.
 
 1. The thinker answers the batch as mindone runs it, keeping its hidden states.
-2. Each row's talker prompt is built as mindone builds it for a single row (`talker_prompt`): the row's
-   own tokens, its left padding and everything after its end-of-turn token left out.
-3. The prompts are left-padded into one batch (each row's text still to be spoken padded on the right
-   with the padding embedding, which is what a single row adds once its text has run out), and the talker
-   generates for all rows: each row stops at its own end code, the loop gives it padding after that.
+2. Each row's talker prompt is the one mindone builds for the row alone (`prompt_plan`): the row's own
+   tokens, its left padding and everything after its end-of-turn token left out. The prompts are built at
+   once, left-padded into one batch (`talker_prompts`: each row's text still to be spoken padded on the right
+   with the padding embedding, which is what a single row adds once its text has run out).
+3. The talker generates for all rows: each row stops at its own end code, the loop gives it padding after
+   that.
 4. The rows' codes go through code2wav as one batch, each row cut at its own end (code2wav is causal: what
    follows a row's end changes none of its samples): its waveform is its own length.
 
@@ -21,6 +22,7 @@ their media's shapes (`media_of_rows`), and the other rows' waveforms are None.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import mindspore as ms
@@ -63,22 +65,14 @@ def generate(
     if len(rows) < len(prompt_ids):
         talker_kwargs = media_of_rows(talker_kwargs, prompt_ids, rows, config, kwargs.get("use_audio_in_video", False))
     padding = (kwargs["attention_mask"].asnumpy() == 0).sum(1).tolist()
-    answer_lengths = row_lengths(thinker_result.sequences.asnumpy()[:, prompt_ids.shape[1] :], thinker_eos_token_id)
-    prompts = []
-    for row in rows:
-        pad, end = padding[row], prompt_ids.shape[1] + answer_lengths[row]  # the row's prompt and answer, no padding
-        prompts.append(
-            talker_prompt(
-                model,
-                prompt_ids[row, pad:],
-                thinker_result.sequences[row : row + 1, pad:end],
-                thinker_embed[row : row + 1, pad : end - 1],  # the last token never went through the thinker
-                thinker_hidden[row : row + 1, pad : end - 1],
-                speaker_id,
-                (tts_bos, tts_eos, tts_pad),
-            )
-        )
-    embeds, ids, mask, trailing = left_padded(prompts, tts_pad)
+    sequences = thinker_result.sequences.asnumpy()
+    ends = prompt_ids.shape[1] + np.array(row_lengths(sequences[:, prompt_ids.shape[1] :], thinker_eos_token_id))
+    plans = [  # each row's prompt and answer, without its padding
+        prompt_plan(config, prompt_ids[row, padding[row] :], sequences[row, padding[row] : ends[row]]) for row in rows
+    ]
+    embeds, ids, mask, trailing = talker_prompts(
+        model, plans, rows, padding, thinker_embed, thinker_hidden, speaker_id, (tts_bos, tts_eos, tts_pad)
+    )
     talker_result = model.talker.generate(
         inputs_embeds=embeds,
         attention_mask=mask,
@@ -142,55 +136,89 @@ def row_frames(first_codes: np.ndarray, eos_code: int, frames: int) -> list[int]
     return [min(int(np.argmax(row == eos_code)), frames) if (row == eos_code).any() else frames for row in first_codes]
 
 
-def talker_prompt(model, prompt_ids, sequence, thinker_embed, thinker_hidden, speaker_id, tts_embeds):
-    """One row's talker prompt, as mindone's `generate` builds it for a single row: (embeds (1, t, hidden),
-    ids (1, t), the text still to be spoken (1, n, hidden)). Of the conversation's turns, the talker hears the
-    user's (their words, and the thinker's states at their media) and speaks the last, the assistant's."""
-    config = model.config
-    tts_bos, tts_eos, tts_pad = tts_embeds
-    starts = np.flatnonzero(prompt_ids == config.im_start_token_id).tolist() + [int(sequence.shape[1])]
-    media = [config.thinker_config.audio_token_id, config.thinker_config.image_token_id]
-    media.append(config.thinker_config.video_token_id)
-    multimodal = ms.Tensor(np.isin(sequence.asnumpy(), media))
-    embeds, ids, trailing = [], [], None
+@dataclass
+class PromptPlan:
+    """Where one row's talker prompt comes from, by position in the row's own prompt and answer (no padding), as
+    mindone builds it for a single row: the user turns (a medium's positions from the thinker's hidden states
+    through the talker's `hidden_projection`, any other from its embeddings through `text_projection`), then the
+    assistant turn, the last (`text_projection` of its embeddings: three positions, four of padding, one of
+    text-begins and one more, with the codec's six special codes added to the last six; the rest of the answer
+    is the text still to be spoken, then text-ends)."""
+
+    ids: np.ndarray  # the talker's input ids: the user turns' tokens, then nine of padding
+    user: np.ndarray  # the user turns' positions, in order
+    heard: np.ndarray  # of them, those holding a medium
+    answer: np.ndarray  # the assistant turn's positions that went through the thinker (all but the last)
+
+
+def prompt_plan(config, prompt_ids: np.ndarray, sequence: np.ndarray) -> PromptPlan:
+    """A row's `PromptPlan` from its prompt's ids and its whole sequence (the prompt and the answer up to its end)."""
+    starts = np.flatnonzero(prompt_ids == config.im_start_token_id).tolist() + [len(sequence)]
+    user, answer = [], np.zeros(0, np.int64)
     for turn, (start, end) in enumerate(zip(starts[:-1], starts[1:])):
         role, last = prompt_ids[start + 1], turn == len(starts) - 2
-        start_at, end_at = ms.Tensor(start, ms.int64), ms.Tensor(end, ms.int64)
         if role == config.user_token_id:
-            embeds.append(model._get_talker_user_parts(start_at, end_at, multimodal, thinker_hidden, thinker_embed))
-            ids.append(sequence[:, start:end])
+            user.append(np.arange(start, end))
         elif role == config.assistant_token_id and last:
-            assistant_embeds, assistant_ids, trailing = model._get_talker_assistant_parts(
-                start_at, end_at, speaker_id, thinker_embed, tts_pad, tts_bos, tts_eos
-            )
-            embeds.append(assistant_embeds)
-            ids.append(assistant_ids)
+            answer = np.arange(start, len(sequence) - 1)  # the last token never went through the thinker
         elif role not in (config.system_token_id, config.assistant_token_id):
             raise AssertionError("expected a role after <|im_start|> (system, user or assistant)")
-    return mint.cat(embeds, dim=1), mint.cat([part.astype(ms.int32) for part in ids], dim=1), trailing
+    if len(answer) < 4:  # where mindone's single row adds its nine codec embeddings to nine positions
+        raise ValueError("the talker speaks an answer of two tokens or more")
+    user = np.concatenate(user) if user else np.zeros(0, np.int64)
+    thinker = config.thinker_config
+    heard = np.isin(sequence[user], [thinker.audio_token_id, thinker.image_token_id, thinker.video_token_id])
+    ids = np.concatenate([sequence[user], np.full(9, config.tts_pad_token_id)]).astype(np.int32)
+    return PromptPlan(ids, user, heard, answer)
 
 
-def left_padded(prompts, tts_pad):
-    """The rows' talker prompts as one batch: embeds and ids padded on the left (mask 0), the text still to be
-    spoken padded on the right with the padding embedding."""
-    longest = max(embeds.shape[1] for embeds, _, _ in prompts)
-    longest_text = max(text.shape[1] for _, _, text in prompts)
-    embeds, ids, masks, texts = [], [], [], []
-    for row_embeds, row_ids, text in prompts:
-        pad = longest - row_embeds.shape[1]
-        embeds.append(pad_left(row_embeds, pad))
-        ids.append(pad_left(row_ids, pad))
-        masks.append(pad_left(mint.ones(row_ids.shape, dtype=ms.int64), pad))
-        missing = longest_text - text.shape[1]
-        filler = [tts_pad.astype(text.dtype).broadcast_to((1, missing, text.shape[2]))] if missing else []
-        texts.append(mint.cat([text, *filler], dim=1))
-    return mint.cat(embeds, dim=0), mint.cat(ids, dim=0), mint.cat(masks, dim=0), mint.cat(texts, dim=0)
-
-
-def pad_left(tensor, pad: int):
-    """Zeros before the second axis of a (1, t) or (1, t, hidden) tensor."""
-    widths = (pad, 0) if tensor.ndim == 2 else (0, 0, pad, 0)
-    return mint.nn.functional.pad(tensor, widths) if pad else tensor
+def talker_prompts(model, plans, rows, padding, thinker_embed, thinker_hidden, speaker_id, tts_embeds):
+    """The talker prompts of `rows` (their `plans`) as one batch, each as mindone builds it for the row alone:
+    (embeds (rows, t, hidden) and ids (rows, t), padded on the left with zeros; the mask (rows, t); the text still
+    to be spoken (rows, n, hidden), padded on the right with the padding embedding). Every row's positions are
+    projected at once (the user turns' through both projections, the answers' through `text_projection`) into
+    one table of embeddings, and each prompt gathered from it by indices built on the host: mindone's own reads
+    the host several times per row (each turn's length, its media mask's `any` and counts)."""
+    talker, width = model.talker, thinker_embed.shape[1]
+    users = [row * width + padding[row] + plan.user for row, plan in zip(rows, plans)]  # in the states' rows
+    answers = [row * width + padding[row] + plan.answer for row, plan in zip(rows, plans)]
+    take = lambda states, at: mint.index_select(states.reshape(-1, states.shape[-1]), 0, ms.Tensor(np.concatenate(at)))  # noqa: E731
+    specials = [embed.reshape(1, -1) for embed in tts_embeds]  # text-begins, text-ends, padding
+    zeros = mint.zeros_like(specials[0])
+    table = mint.cat(
+        [
+            talker.text_projection(take(thinker_embed, users + answers)),
+            talker.hidden_projection(take(thinker_hidden, users)),
+            *specials,
+            zeros,
+        ]
+    )
+    user_count, answer_count = sum(map(len, users)), sum(map(len, answers))
+    user_at, answer_at = np.cumsum([0] + list(map(len, users))), user_count + np.cumsum([0] + list(map(len, answers)))
+    heard_at = user_count + answer_count  # the hidden states' projections
+    bos, eos, pad, zero = heard_at + user_count + np.arange(4)
+    prompts, spoken = [], []
+    for k, plan in enumerate(plans):
+        user = user_at[k] + np.arange(len(plan.user))
+        answer = answer_at[k] + np.arange(len(plan.answer))
+        prompts.append(
+            np.concatenate([np.where(plan.heard, user + heard_at, user), answer[:3], [pad] * 4, [bos], answer[3:4]])
+        )
+        spoken.append(np.concatenate([answer[4:], [eos]]))
+    longest, longest_spoken = max(map(len, prompts)), max(map(len, spoken))
+    prompts = np.stack([np.pad(row, (longest - len(row), 0), constant_values=zero) for row in prompts])
+    spoken = np.stack([np.pad(row, (0, longest_spoken - len(row)), constant_values=pad) for row in spoken])
+    config = model.config.talker_config
+    codes = [config.codec_nothink_id, config.codec_think_bos_id, config.codec_think_eos_id, speaker_id]
+    codes += [config.codec_pad_id, config.codec_bos_id]
+    codec = mint.cat([zeros, talker.get_input_embeddings()(ms.Tensor(codes, ms.int64))])
+    added = np.zeros_like(prompts)
+    added[:, -6:] = np.arange(1, 7)  # the six special codes, on the last six positions of every row's prompt
+    gather = lambda from_table, at: mint.index_select(from_table, 0, ms.Tensor(at.reshape(-1))).reshape(*at.shape, -1)  # noqa: E731
+    ids = np.stack([np.pad(plan.ids, (longest - len(plan.ids), 0)) for plan in plans])
+    mask = np.stack([np.pad(np.ones(len(plan.ids), np.int64), (longest - len(plan.ids), 0)) for plan in plans])
+    embeds = gather(table, prompts) + gather(codec, added)
+    return embeds, ms.Tensor(ids), ms.Tensor(mask), gather(table, spoken)
 
 
 def row_waveforms(code2wav, codes, frames: list[int]) -> tuple:

@@ -191,3 +191,66 @@ def test_rows_without_speech_share_the_thinker_and_the_talker_hears_only_the_spe
     assert (
         batch[0].text == alone[0].text and batch[0].metrics["generate_seconds"] < batch[1].metrics["generate_seconds"]
     )
+
+
+class TalkerPrompt(Exception):
+    """Raised in place of the talker's `generate`, carrying the prompt it was given."""
+
+
+def talker_prompts_of(mindone, checkpoint, conversations, settings, speaking_rows=None):
+    """The prompt mindone's `generate` hands the talker for `conversations` (embeddings, ids, mask, the text still
+    to be spoken), as numpy; the talker never runs."""
+    from omni_helpers.generation.core import generate_from_inputs
+
+    def stop(**keywords):
+        names = ("inputs_embeds", "talker_input_ids", "attention_mask", "trailing_text_hidden")
+        raise TalkerPrompt([None if keywords.get(name) is None else keywords[name].asnumpy() for name in names])
+
+    inputs = batch_inputs(checkpoint, conversations, False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mindone.model.talker, "generate", stop)
+        with pytest.raises(TalkerPrompt) as given:
+            generate_from_inputs(mindone.model, mindone.processor, inputs, settings, speaking_rows=speaking_rows)
+    return given.value.args[0]
+
+
+def padding_embedding(model) -> np.ndarray:
+    """The talker's embedding of the text-padding token, as mindone's `generate` projects it."""
+    import mindspore as ms
+
+    token = ms.Tensor([[model.config.tts_pad_token_id]], ms.int64)
+    return model.talker.text_projection(model.thinker.get_input_embeddings()(token)).asnumpy()[0, 0]
+
+
+def test_a_batchs_talker_prompts_are_those_mindone_builds_for_each_row_alone(mindone, tiny_checkpoint, sample_media):
+    """Built for every speaking row at once (one projection per kind, then a gather), each row's talker prompt is
+    the one mindone's own `generate` builds for the row alone, its left padding aside: media heard through the
+    hidden states, a system turn and an earlier answer left out, the codec's special codes on the assistant part,
+    and the text still to be spoken padded on the right with the padding embedding."""
+    history = [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Count to three."},
+    ]
+    silent = [{"role": "user", "content": "Name a colour."}]  # the batch's first row: the talker's rows are the others
+    conversations = [silent, request_conversation("image_audio", sample_media), [{"role": "user", "content": "Hi"}]]
+    conversations.append(history)
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, return_audio=True, talker_max_new_tokens=TALKER_FRAMES)
+    embeds, ids, mask, spoken = talker_prompts_of(mindone, tiny_checkpoint, conversations, settings, [1, 2, 3])
+    pad = padding_embedding(mindone.model)
+    lengths = []
+    for batch_row, row in enumerate([1, 2, 3]):
+        alone_embeds, alone_ids, _, alone_spoken = talker_prompts_of(
+            mindone, tiny_checkpoint, [conversations[row]], settings
+        )
+        length, spoken_length = alone_ids.shape[1], alone_spoken.shape[1]
+        assert mask[batch_row].sum() == length and not mask[batch_row, :-length].any()
+        assert np.array_equal(ids[batch_row, -length:], alone_ids[0]) and not ids[batch_row, :-length].any()
+        assert np.abs(embeds[batch_row, -length:] - alone_embeds[0]).max() <= 1e-6, row
+        assert not embeds[batch_row, :-length].any()  # left padding: zeros
+        assert np.abs(spoken[batch_row, :spoken_length] - alone_spoken[0]).max() <= 1e-6, row
+        assert np.abs(spoken[batch_row, spoken_length:] - pad).max(initial=0.0) <= 1e-6, row
+        lengths.append((length, spoken_length))
+    prompts, texts = zip(*lengths)
+    assert len(set(prompts)) > 1 and len(set(texts)) > 1  # some rows padded, on each side
