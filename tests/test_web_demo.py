@@ -83,8 +83,9 @@ def expected(tiny_checkpoint, sample_media, reference, runtime_cpu):
     return expected_answer(reference, tiny_checkpoint, conversation, NEW_TOKENS, TALKER_FRAMES)
 
 
-def ask(server, media, stream: bool, speech: bool = True, messages=None):
-    """One image + audio + text request (or `messages`) through the openai client: (text, samples, metrics)."""
+def ask(server, media, stream: bool, speech: bool = True, messages=None, max_tokens: int = NEW_TOKENS):
+    """One image + audio + text request (or `messages`) through the openai client: (text, samples, metrics);
+    streamed, (text pieces, speech chunks, metrics)."""
     options = (
         {
             "modalities": ["text", "audio"],
@@ -95,7 +96,7 @@ def ask(server, media, stream: bool, speech: bool = True, messages=None):
         else {}
     )
     messages = messages or image_audio_messages(media)
-    request = dict(model="any", messages=messages, max_tokens=NEW_TOKENS, **options)
+    request = dict(model="any", messages=messages, max_tokens=max_tokens, **options)
     if not stream:
         response = client(server).chat.completions.create(**request)
         audio = response.choices[0].message.audio
@@ -103,7 +104,8 @@ def ask(server, media, stream: bool, speech: bool = True, messages=None):
         if speech:
             samples, rate, channels = wav_samples(base64.b64decode(audio.data))
             assert (rate, channels) == (24000, 1)
-        assert response.usage.completion_tokens == NEW_TOKENS
+        if response.choices[0].finish_reason == "length":  # the parity requests' answers: none ends before
+            assert response.usage.completion_tokens == max_tokens
         return response.choices[0].message.content, samples, response.model_extra["metrics"]
     pieces, audio_chunks, metrics = [], [], None
     for chunk in client(server).chat.completions.create(**request, stream=True):
@@ -734,17 +736,10 @@ BATCH_TOKENS = 64  # long enough that a client hanging up after its first piece 
 
 
 def ask_text(server, prompt: str, stream: bool) -> tuple[str, dict]:
-    """A text question through the openai client: (the answer, its metrics); streamed pieces joined."""
-    request = dict(model="any", messages=[{"role": "user", "content": prompt}], max_tokens=BATCH_TOKENS)
-    if not stream:
-        response = client(server).chat.completions.create(**request)
-        return response.choices[0].message.content, response.model_extra["metrics"]
-    pieces, metrics = [], None
-    for chunk in client(server).chat.completions.create(**request, stream=True):
-        pieces.append(chunk.choices[0].delta.content or "")
-        if chunk.choices[0].finish_reason:
-            metrics = chunk.model_extra["metrics"]
-    return "".join(pieces), metrics
+    """A text question, no speech: (the answer, its metrics), streamed pieces joined."""
+    messages = [{"role": "user", "content": prompt}]
+    text, _, metrics = ask(server, None, stream, speech=False, messages=messages, max_tokens=BATCH_TOKENS)
+    return "".join(text), metrics
 
 
 def waiting_within(server, count: int, seconds: float = 60) -> None:
