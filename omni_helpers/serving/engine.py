@@ -13,7 +13,7 @@ Batches are formed when a generation starts, not joined while one decodes (stati
 the loop's compiled steps and KV buffers have the batch's shape for the whole generation. The
 clients a generation answered send their next requests a few milliseconds after it ends, so the
 next batch waits, up to --batch_window_ms after that end, for them and for those who were waiting
-already; and a batch waits as long for requests still being checked when it would start (clients
+already; and a batch waits as long for requests still on their way in when it would start (clients
 asking at once). A batch is padded to 1, 2, 4 or 8 rows by repeating one of its rows (`padding_rows`), so
 that the server compiles its graphs for a few shapes, once.
 Greedy rows answer as they would alone (the prompts are left-padded and masked); a request
@@ -223,7 +223,7 @@ class Engine:
         self.batch_window = batch_window
         self.expected = 0  # requests waiting when the last generation ended, plus the clients it answered
         self.ended = 0.0  # when the last generation ended (time.perf_counter, as `Job.submitted`)
-        self.arriving = 0  # requests being checked, about to be queued
+        self.arriving = 0  # requests on their way in (read, decoded, checked), about to be queued
         self.request_limits = request_limits  # what one request may hold: media seconds and items, turns
         self.context = Context.of(checkpoint.config)
         self.model = self.processor = None
@@ -362,7 +362,7 @@ class Engine:
         """How long a batch that has taken `taken` requests may still wait for the next (None: not at all), up to
         --batch_window_ms: after a generation's end, until as many have come as were waiting then plus the clients
         it answered (they ask again as their answers end, a few milliseconds later); after `first` came, while
-        other requests are being checked (clients asking at once)."""
+        other requests are on their way in (clients asking at once)."""
         deadlines = []
         if taken < self.expected:
             deadlines.append(self.ended + self.batch_window)
