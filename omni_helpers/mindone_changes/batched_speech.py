@@ -164,7 +164,7 @@ def prompt_plan(config, prompt_ids: np.ndarray, sequence: np.ndarray) -> PromptP
         elif role not in (config.system_token_id, config.assistant_token_id):
             raise AssertionError("expected a role after <|im_start|> (system, user or assistant)")
     if len(answer) < 4:  # where mindone's single row adds its nine codec embeddings to nine positions
-        raise ValueError("the talker speaks an answer of two tokens or more")
+        raise ValueError(f"an answer of {len(answer) - 2} token(s) is too short to speak: the talker needs two or more")
     user = np.concatenate(user) if user else np.zeros(0, np.int64)
     thinker = config.thinker_config
     heard = np.isin(sequence[user], [thinker.audio_token_id, thinker.image_token_id, thinker.video_token_id])
@@ -180,45 +180,54 @@ def talker_prompts(model, plans, rows, padding, thinker_embed, thinker_hidden, s
     one table of embeddings, and each prompt gathered from it by indices built on the host: mindone's own reads
     the host several times per row (each turn's length, its media mask's `any` and counts)."""
     talker, width = model.talker, thinker_embed.shape[1]
-    users = [row * width + padding[row] + plan.user for row, plan in zip(rows, plans)]  # in the states' rows
-    answers = [row * width + padding[row] + plan.answer for row, plan in zip(rows, plans)]
-    take = lambda states, at: mint.index_select(states.reshape(-1, states.shape[-1]), 0, ms.Tensor(np.concatenate(at)))  # noqa: E731
-    specials = [embed.reshape(1, -1) for embed in tts_embeds]  # text-begins, text-ends, padding
-    zeros = mint.zeros_like(specials[0])
-    table = mint.cat(
+    users = np.concatenate([row * width + padding[row] + plan.user for row, plan in zip(rows, plans)])
+    answers = np.concatenate([row * width + padding[row] + plan.answer for row, plan in zip(rows, plans)])
+    bos, eos, pad = (embed.reshape(1, -1) for embed in tts_embeds)
+    zeros = mint.zeros_like(pad)
+    table = mint.cat(  # the users' positions as text, the answers', the users' as media, the specials, zeros
         [
-            talker.text_projection(take(thinker_embed, users + answers)),
-            talker.hidden_projection(take(thinker_hidden, users)),
-            *specials,
+            talker.text_projection(positions_of(thinker_embed, np.concatenate([users, answers]))),
+            talker.hidden_projection(positions_of(thinker_hidden, users)),
+            bos,
+            eos,
+            pad,
             zeros,
         ]
     )
-    user_count, answer_count = sum(map(len, users)), sum(map(len, answers))
-    user_at, answer_at = np.cumsum([0] + list(map(len, users))), user_count + np.cumsum([0] + list(map(len, answers)))
-    heard_at = user_count + answer_count  # the hidden states' projections
-    bos, eos, pad, zero = heard_at + user_count + np.arange(4)
+    heard_at = len(users) + len(answers)  # where the users' positions as media start
+    bos_at, eos_at, pad_at, zero_at = heard_at + len(users) + np.arange(4)
+    user_at = np.cumsum([0] + [len(plan.user) for plan in plans])
+    answer_at = len(users) + np.cumsum([0] + [len(plan.answer) for plan in plans])
     prompts, spoken = [], []
     for k, plan in enumerate(plans):
         user = user_at[k] + np.arange(len(plan.user))
         answer = answer_at[k] + np.arange(len(plan.answer))
-        prompts.append(
-            np.concatenate([np.where(plan.heard, user + heard_at, user), answer[:3], [pad] * 4, [bos], answer[3:4]])
-        )
-        spoken.append(np.concatenate([answer[4:], [eos]]))
+        user = np.where(plan.heard, user + heard_at, user)
+        prompts.append(np.concatenate([user, answer[:3], [pad_at] * 4, [bos_at], answer[3:4]]))
+        spoken.append(np.concatenate([answer[4:], [eos_at]]))
     longest, longest_spoken = max(map(len, prompts)), max(map(len, spoken))
-    prompts = np.stack([np.pad(row, (longest - len(row), 0), constant_values=zero) for row in prompts])
-    spoken = np.stack([np.pad(row, (0, longest_spoken - len(row)), constant_values=pad) for row in spoken])
+    prompts = np.stack([np.pad(row, (longest - len(row), 0), constant_values=zero_at) for row in prompts])
+    spoken = np.stack([np.pad(row, (0, longest_spoken - len(row)), constant_values=pad_at) for row in spoken])
     config = model.config.talker_config
     codes = [config.codec_nothink_id, config.codec_think_bos_id, config.codec_think_eos_id, speaker_id]
     codes += [config.codec_pad_id, config.codec_bos_id]
     codec = mint.cat([zeros, talker.get_input_embeddings()(ms.Tensor(codes, ms.int64))])
     added = np.zeros_like(prompts)
     added[:, -6:] = np.arange(1, 7)  # the six special codes, on the last six positions of every row's prompt
-    gather = lambda from_table, at: mint.index_select(from_table, 0, ms.Tensor(at.reshape(-1))).reshape(*at.shape, -1)  # noqa: E731
     ids = np.stack([np.pad(plan.ids, (longest - len(plan.ids), 0)) for plan in plans])
     mask = np.stack([np.pad(np.ones(len(plan.ids), np.int64), (longest - len(plan.ids), 0)) for plan in plans])
-    embeds = gather(table, prompts) + gather(codec, added)
-    return embeds, ms.Tensor(ids), ms.Tensor(mask), gather(table, spoken)
+    embeds = entries_of(table, prompts) + entries_of(codec, added)
+    return embeds, ms.Tensor(ids), ms.Tensor(mask), entries_of(table, spoken)
+
+
+def positions_of(states, at: np.ndarray):
+    """The states (rows, t, hidden) at flat positions `at` (row * t + position): (len(at), hidden)."""
+    return mint.index_select(states.reshape(-1, states.shape[-1]), 0, ms.Tensor(at))
+
+
+def entries_of(table, at: np.ndarray):
+    """The table's rows at `at` (any shape), in that shape plus the table's width."""
+    return mint.index_select(table, 0, ms.Tensor(at.reshape(-1))).reshape(*at.shape, -1)
 
 
 def row_waveforms(code2wav, codes, frames: list[int]) -> tuple:
