@@ -83,9 +83,10 @@ def expected(tiny_checkpoint, sample_media, reference, runtime_cpu):
     return expected_answer(reference, tiny_checkpoint, conversation, NEW_TOKENS, TALKER_FRAMES)
 
 
-def ask(server, media, stream: bool, speech: bool = True, messages=None, max_tokens: int = NEW_TOKENS):
+def ask(server, media, stream: bool, speech: bool = True, messages=None, max_tokens: int = NEW_TOKENS, whole=True):
     """One image + audio + text request (or `messages`) through the openai client: (text, samples, metrics);
-    streamed, (text pieces, speech chunks, metrics)."""
+    streamed, (text pieces, speech chunks, metrics). `whole`: the answer runs to `max_tokens` (the random
+    weights never end the parity requests' answers early), which its usage must say."""
     options = (
         {
             "modalities": ["text", "audio"],
@@ -104,7 +105,7 @@ def ask(server, media, stream: bool, speech: bool = True, messages=None, max_tok
         if speech:
             samples, rate, channels = wav_samples(base64.b64decode(audio.data))
             assert (rate, channels) == (24000, 1)
-        if response.choices[0].finish_reason == "length":  # the parity requests' answers: none ends before
+        if whole:
             assert response.usage.completion_tokens == max_tokens
         return response.choices[0].message.content, samples, response.model_extra["metrics"]
     pieces, audio_chunks, metrics = [], [], None
@@ -449,15 +450,19 @@ def test_a_wrong_method_gets_405_and_an_unknown_route_404_in_the_apis_shape(meth
 
 def send_stream(server, max_tokens: int):
     """A streamed request sent on a raw connection, its response not read yet."""
+    return post_in_part(server, body(max_tokens=max_tokens, stream=True))
+
+
+def post_in_part(server, whole: bytes, half: bool = False):
+    """A POST to /v1/chat/completions on a raw connection, the whole body sent or its first half; the response not
+    read yet."""
     import http.client
 
     connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=120)
-    connection.request(
-        "POST",
-        "/v1/chat/completions",
-        body=body(max_tokens=max_tokens, stream=True),
-        headers={"Content-Type": "application/json"},
-    )
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(len(whole)))
+    connection.endheaders(whole[: len(whole) // 2] if half else whole)
     return connection
 
 
@@ -738,7 +743,7 @@ BATCH_TOKENS = 64  # long enough that a client hanging up after its first piece 
 def ask_text(server, prompt: str, stream: bool) -> tuple[str, dict]:
     """A text question, no speech: (the answer, its metrics), streamed pieces joined."""
     messages = [{"role": "user", "content": prompt}]
-    text, _, metrics = ask(server, None, stream, speech=False, messages=messages, max_tokens=BATCH_TOKENS)
+    text, _, metrics = ask(server, None, stream, False, messages, max_tokens=BATCH_TOKENS, whole=False)
     return "".join(text), metrics
 
 
@@ -818,31 +823,15 @@ def check_a_request_still_sending_joins_the_batch(server) -> None:
     """Clients asking at once, one of them still sending its body (media inline make bodies large) when the other's
     request is queued: the batch waits for it (up to --batch_window_ms, 200) and answers both as one batch of two."""
     alone = [ask_text(server, prompt, stream=False) for prompt in PROMPTS[:2]]
-    bodies = [
-        json.dumps({"model": "any", "messages": [{"role": "user", "content": prompt}], "max_tokens": BATCH_TOKENS})
-        for prompt in PROMPTS[:2]
-    ]
-    sending = post_in_part(server, bodies[1].encode(), half=True)
+    bodies = [body(messages=[{"role": "user", "content": prompt}], max_tokens=BATCH_TOKENS) for prompt in PROMPTS[:2]]
+    sending = post_in_part(server, bodies[1], half=True)
     time.sleep(0.5)  # its handler is reading the body
-    asking = post_in_part(server, bodies[0].encode())
+    asking = post_in_part(server, bodies[0])
     time.sleep(0.1)  # the first request queued, its batch about to start
-    sending.send(bodies[1].encode()[len(bodies[1]) // 2 :])
+    sending.send(bodies[1][len(bodies[1]) // 2 :])
     answers = [json.loads(connection.getresponse().read()) for connection in (asking, sending)]
     for (text, _), answer in zip(alone, answers):
         assert answer["choices"][0]["message"]["content"] == text and answer["metrics"]["batch_size"] == 2
-
-
-def post_in_part(server, whole: bytes, half: bool = False):
-    """A POST to /v1/chat/completions on a raw connection, the whole body sent or its first half; the response not
-    read yet."""
-    import http.client
-
-    connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=120)
-    connection.putrequest("POST", "/v1/chat/completions")
-    connection.putheader("Content-Type", "application/json")
-    connection.putheader("Content-Length", str(len(whole)))
-    connection.endheaders(whole[: len(whole) // 2] if half else whole)
-    return connection
 
 
 class HangingUp:

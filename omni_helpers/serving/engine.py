@@ -271,7 +271,7 @@ class Engine:
         media_folder: Path,
         names: dict[str, str],
         stream_audio: bool = False,
-        arrival: Optional["Arrival"] = None,
+        arrival: Optional[Arrival] = None,
     ) -> Job:
         """Check a request against the checkpoint and the server's limits (`names`: how the caller spells each
         setting), fetch and decode its media into `media_folder`, and queue it. `arrival`: the caller's, counted
@@ -287,7 +287,7 @@ class Engine:
             arriving.end()  # before it is queued: a batch that takes it must not wait for it
             return self.submit(request.conversation, settings, stream_audio, names)
 
-    def arrival(self) -> "Arrival":
+    def arrival(self) -> Arrival:
         """A request on its way in (its body read, its media fetched and checked): a batch about to start waits
         for it (`wait_for_more`). Ends when it is queued or refused."""
         return Arrival(self)
