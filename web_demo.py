@@ -89,6 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "way in; 0: never wait",
     )
     server.add_argument(
+        "--speech_window_ms",
+        type=float,
+        default=400,
+        help="how long a batch's speaking rows may wait, once their text is done, for the batches that follow (the "
+        "clients answered in text ask again) so that the rows of several batches speak as one talker batch, up to "
+        "--max_batch_size; 0: every batch speaks at once",
+    )
+    server.add_argument(
         "--graphs_kept",
         type=int,
         default=8,
@@ -128,6 +136,8 @@ def check(args: argparse.Namespace) -> tuple[Checkpoint, GenerationSettings]:
         raise RequestError(f"--graphs_kept {args.graphs_kept}: must be 1 or more")
     if args.batch_window_ms < 0:
         raise RequestError(f"--batch_window_ms {args.batch_window_ms:g}: must be 0 or more")
+    if args.speech_window_ms < 0:
+        raise RequestError(f"--speech_window_ms {args.speech_window_ms:g}: must be 0 or more")
     request_limits(args).check()
     if args.allowed_local_media_path and not Path(args.allowed_local_media_path).is_dir():
         raise RequestError(f"--allowed_local_media_path {args.allowed_local_media_path}: no such folder")
@@ -191,6 +201,7 @@ def main(args: argparse.Namespace) -> None:
         request_limits(args),
         args.max_batch_size,
         args.batch_window_ms / 1000,
+        args.speech_window_ms / 1000,
     )
     if runtime.is_main_process:
         scratch = scratch_folder()

@@ -854,41 +854,43 @@ def start_stream_after(server, waiting: int) -> HangingUp:
 
 def check_speech_batching(server, media) -> None:
     """Three clients asking while another's answer is generated run as one batch, two for streamed speech (a
-    greeting; image + audio) and one for text only (image + audio): each is streamed its own row's text and speech,
-    equal to what it is answered alone, and the text-only row gets no speech: its answer ends as the thinker's does,
-    before the talker has finished speaking for the others."""
-    questions = [[{"role": "user", "content": "Hi"}], None, None]  # None: image + audio
-    speaks = [True, True, False]
+    greeting; image + audio) and one for text only (image + audio), answered as the thinker ends. That client asks
+    again at once, with speech: the first batch's speech waits for it (--speech_window_ms), and the three speak as
+    one talker batch. Each is streamed its own row's text and speech, equal to what it is answered alone, and the
+    text-only row gets no speech."""
+    questions = [[{"role": "user", "content": "Hi"}], None, None, [{"role": "user", "content": "Hello"}]]
+    speaks = [True, True, False, True]  # None: image + audio
     alone = [ask(server, media, False, speaks[i], messages=questions[i]) for i in range(len(questions))]
     occupier = start_stream(server, MOST_TOKENS)
     answers: dict[int, tuple] = {}
-    busy_when_answered: dict[int, bool] = {}
+    answered_at: dict[int, float] = {}
 
     def asking(i: int) -> None:
         answers[i] = ask(server, media, True, speaks[i], messages=questions[i])
-        busy_when_answered[i] = server.get("/health")["busy"]
+        answered_at[i] = time.perf_counter()
+        if i == 2:  # answered in text: the client asks again
+            asking(3)
 
-    threads = [threading.Thread(target=asking, args=(i,)) for i in range(len(questions))]
+    threads = [threading.Thread(target=asking, args=(i,)) for i in range(3)]
     for thread in threads:
         thread.start()
-    waiting_within(server, len(questions))
+    waiting_within(server, 3)
     hang_up(occupier)
     for thread in threads:
         thread.join(timeout=300)
-    assert sorted(answers) == [0, 1, 2]
-    for i, ((text, samples, _), (pieces, chunks, metrics)) in enumerate(
-        zip(alone, (answers[0], answers[1], answers[2]))
-    ):
-        assert "".join(pieces) == text and metrics["batch_size"] == len(questions)
-        assert metrics["repeated_rows"] == 1  # 3 rows padded to 4: the repeated row's text and speech go nowhere
+    assert sorted(answers) == [0, 1, 2, 3]
+    for i, ((text, samples, _), (pieces, chunks, metrics)) in enumerate(zip(alone, [answers[i] for i in range(4)])):
+        assert "".join(pieces) == text
+        assert (metrics["batch_size"], metrics["repeated_rows"]) == ((3, 1) if i < 3 else (1, 0)), i  # 3 padded to 4
         if not speaks[i]:
             assert samples is None and chunks == [] and metrics["talker_codec_frames"] == 0
             continue
+        assert metrics["speech_batch_size"] == 3, i  # the speaking rows of both batches
         joined = np.concatenate(chunks)
         assert len(chunks) > 1 and joined.shape == samples.shape and np.abs(joined - samples).max() <= 1e-3
         assert metrics["first_audio_step"] < metrics["talker_steps"]
-    assert idle_within(server, 30)["largest_batch"] >= len(questions)
-    assert busy_when_answered[2]  # the text-only client was answered while the talker still spoke for the others
+    assert idle_within(server, 30)["largest_batch"] >= 3
+    assert answered_at[2] < min(answered_at[i] for i in (0, 1))  # the text-only client was answered before speech
 
 
 # ----------------------------------------------------------------------------- msrun

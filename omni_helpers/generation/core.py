@@ -13,6 +13,7 @@ Request errors raise `RequestError`; metrics come back in each `Answer`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -39,6 +40,17 @@ class Answer:
     metrics: dict[str, Any] = field(default_factory=dict)
     step_logits: Optional[np.ndarray] = None  # (tokens, vocab), with keep_logits=True
     first_token_at: Optional[float] = None  # seconds since the epoch
+    held: Optional["DeferredSpeech"] = None  # a speaking row's speech still to come (`hold_speech`), for `speak_held`
+
+
+@dataclass
+class DeferredSpeech:
+    """A speaking row's speech, deferred: what the talker needs of its thinker pass (`batched_speech.HeldSpeech`),
+    when that generation began and its clock started (time.perf_counter)."""
+
+    states: Any
+    generating: float
+    started: float
 
 
 # on_answer(row, answer): a row's whole answer, called once the row is done
@@ -140,6 +152,7 @@ def generate_from_inputs(
     cancellation: Optional[Cancellation] = None,
     speaking_rows: Optional[list[int]] = None,
     on_answer: Optional[AnswerCallback] = None,
+    hold_speech: bool = False,
 ) -> list[Answer]:
     """Generate for prepared inputs (every msrun rank calls this with the same inputs and settings,
     with `on_audio` on all of them or none: streamed speech runs code2wav as the talker goes, and
@@ -147,11 +160,15 @@ def generate_from_inputs(
     `speaking_rows` speak (None: every row), the others answer in text only, in the same thinker
     forward. With `on_text` and `on_answer`, a row that does not speak is answered as soon as the
     thinker has finished, while the talker still speaks for the others (the same `Answer` is
-    returned at the end). Raises `errors.Cancelled` once cancelled."""
+    returned at the end). With `hold_speech`, only the thinker runs: each speaking row's answer is its text, with
+    its speech to come (`Answer.held`) from `speak_held`, which may speak rows of several generations at once.
+    Raises `errors.Cancelled` once cancelled."""
     if settings.seed is not None:
         seed_everything(settings.seed)
     rows, prompt_length = inputs["input_ids"].shape
     speaking = (list(range(rows)) if speaking_rows is None else speaking_rows) if settings.return_audio else []
+    held = speaking if hold_speech else []  # the rows whose speech comes later
+    speaking = [] if hold_speech else speaking
     instruments = Instruments(model, processor.tokenizer, speaking, rows, on_text, on_audio, started)
     early: dict[int, Answer] = {}  # the silent rows' answers, given as the thinker finished
 
@@ -177,22 +194,69 @@ def generate_from_inputs(
     with instruments:
         if on_answer is not None and on_text is not None and 0 < len(speaking) < rows and not keep_logits:
             instruments.thinker.on_end = answer_silent_rows  # the streamer's end: the thinker's tokens are all in
-        asked = settings if speaking else settings.without_speech()  # `speaking_rows` may name none
+        asked = settings if speaking or held else settings.without_speech()  # `speaking_rows` may name none
         keywords = generate_keywords(asked, model.config, instruments.text_streamer, cancellation, keep_logits)
         if 0 < len(speaking) < rows:
             keywords["speaking_rows"] = speaking
+        if held:
+            keywords.update(hold_speech=True, speaking_rows=held)
         result, speech = model.generate(**to_mindspore(inputs, model.dtype), **keywords)
-    waveforms = row_waveforms(speech, rows)
+    waveforms = [None] * rows if held else row_waveforms(speech, rows)
 
     # 5. decode every row's new tokens
     new_tokens = result.sequences.asnumpy()[:, prompt_length:]
     instruments.finish(new_tokens, waveforms)
     texts = processor.batch_decode(new_tokens, **DECODE)
     logits = np.stack([logit.asnumpy() for logit in result.logits], axis=1) if keep_logits else None
-    return [
+    answers = [
         early.get(row) or answer(row, texts[row], waveforms[row], None if logits is None else logits[row])
         for row in range(rows)
     ]
+    for row, states in zip(held, speech if held else []):
+        answers[row].held = DeferredSpeech(states, instruments.generating, instruments.started)
+    return answers
+
+
+SPEECH_FIGURES = ("talker_codec_frames", "talker_frames_per_second", "audio_seconds", "talker_steps")
+SPEECH_FIGURES += ("first_audio_step",)
+
+
+def speak_held(
+    model,
+    processor,
+    answers: list[Answer],
+    settings: GenerationSettings,
+    on_audio: Optional[AudioCallback] = None,
+    cancellation: Optional[Cancellation] = None,
+) -> list[Answer]:
+    """The speech held by `answers` (`generate_from_inputs(..., hold_speech=True)`, from one generation or several),
+    in one talker batch with `settings`' speech settings (every msrun rank calls this with the same answers, and
+    `on_audio` on all of them or none): each answer with its waveform, and its figures to the speech's end.
+    `on_audio(k, samples)` streams the k-th answer's speech. Raises `errors.Cancelled` once cancelled."""
+    from omni_helpers.mindone_changes.mindone_fixes import speak_held as speak
+
+    rows = len(answers)
+    started = min(answer.held.started for answer in answers)
+    instruments = Instruments(model, processor.tokenizer, list(range(rows)), rows, None, on_audio, started)
+    keywords = generate_keywords(settings, model.config, None, cancellation)
+    talker = {key: value for key, value in keywords.items() if key.startswith("talker_") or key == "speaker"}
+    with instruments:
+        speech = speak(model, [answer.held.states for answer in answers], **talker)
+    waveforms = [waveform.reshape(-1).float().asnumpy() for waveform in speech]
+    instruments.finish(np.zeros((rows, 0), np.int64), waveforms)
+    spoken = []
+    for row, (answer, waveform) in enumerate(zip(answers, waveforms)):
+        figures = instruments.metrics(row, 0, seconds_of(waveform))
+        metrics = {**answer.metrics, **{key: figures.get(key) for key in SPEECH_FIGURES if key in figures}}
+        seconds, audio = instruments.finished - answer.held.generating, metrics["audio_seconds"]
+        metrics.update(
+            generate_seconds=round(seconds, 3), real_time_factor=round(seconds / audio, 3) if audio else None
+        )
+        first_audio = instruments.speech.rows[row].first_audio_time if instruments.speech else None
+        if first_audio is not None:
+            metrics["time_to_first_audio_seconds"] = round(first_audio - answer.held.started, 3)
+        spoken.append(dataclasses.replace(answer, waveform=waveform, metrics=metrics, held=None))
+    return spoken
 
 
 def row_waveforms(speech, rows: int) -> list[Optional[np.ndarray]]:

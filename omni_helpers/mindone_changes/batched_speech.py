@@ -3,7 +3,8 @@ output"; newer transformers releases speak every row). Called by `mindone_fixes.
 two rows or more; a single row keeps mindone's own `generate`.
 
 1. The thinker answers the batch as mindone runs it, keeping its hidden states.
-2. Each row's talker prompt is the one mindone builds for the row alone (`prompt_plan`): the row's own
+2. Each row's talker prompt is the one mindone builds for the row alone (`prompt_plan`, kept with the row's
+   states in a `HeldSpeech` by `think`, so that rows of several thinker passes can speak together): the row's own
    tokens, its left padding and everything after its end-of-turn token left out. The prompts are built at
    once, left-padded into one batch (`talker_prompts`: each row's text still to be spoken padded on the right
    with the padding embedding, which is what a single row adds once its text has run out).
@@ -17,7 +18,7 @@ ends early changes nothing for the others (tests/mindone_changes/test_batched_sp
 
 `speaking_rows` names the rows that speak when not all do (a server's batch mixes requests with and without
 speech): the thinker answers every row, the talker and code2wav run over the speaking rows only, with only
-their media's shapes (`media_of_rows`), and the other rows' waveforms are None.
+their media's shapes (`media_entries`), and the other rows' waveforms are None.
 """
 
 from __future__ import annotations
@@ -45,34 +46,75 @@ def generate(
     """(thinker result, one waveform (1, 1, samples) per row, None for a row not in `speaking_rows` (None: every
     row speaks)). `thinker_generate(**kwargs)` runs mindone's `generate` without speech; `talker_kwargs` are the
     talker's `generate` keywords as mindone builds them."""
+    thinker_result, held = think(
+        model, thinker_generate, input_ids, thinker_eos_token_id, talker_kwargs, speaking_rows, **kwargs
+    )
+    rows = list(range(input_ids.shape[0])) if speaking_rows is None else list(speaking_rows)
+    waveforms = dict(zip(rows, speak(model, held, speaker, talker_kwargs)))
+    return thinker_result, tuple(waveforms.get(row) for row in range(input_ids.shape[0]))
+
+
+@dataclass
+class HeldSpeech:
+    """What one speaking row's speech needs of its thinker pass, so that rows of several passes can speak in one
+    talker batch (`speak`): its talker prompt's plan, its thinker input embeddings and hidden states at the
+    talker's layer over its own positions (no padding), and its media's entries of the talker's keywords."""
+
+    plan: PromptPlan
+    embed: ms.Tensor  # (positions, hidden)
+    hidden: ms.Tensor  # (positions, hidden)
+    media: dict  # MEDIA_SHAPES keys: this row's entries
+
+
+def think(model, thinker_generate, input_ids, thinker_eos_token_id, talker_kwargs, speaking_rows=None, **kwargs):
+    """The thinker's pass over every row, as mindone runs it, keeping its hidden states: (thinker result, a
+    `HeldSpeech` for each row of `speaking_rows` (None: every row), in order)."""
     config = model.config
     keep_states = {"thinker_output_hidden_states": True, "thinker_return_dict_in_generate": True}
     thinker_result, _ = thinker_generate(
         input_ids=input_ids, return_audio=False, thinker_eos_token_id=thinker_eos_token_id, **{**kwargs, **keep_states}
     )
-    speaker_id = config.talker_config.speaker_id.get(speaker.lower())
     layers = list(zip(*thinker_result.hidden_states))  # per layer, the steps' states
     thinker_embed = mint.cat(layers[0], dim=1)
     thinker_hidden = mint.cat(layers[config.talker_config.accept_hidden_layer], dim=1)
-    tts_bos, tts_eos, tts_pad = model.talker.text_projection(
-        model.thinker.get_input_embeddings()(
-            ms.Tensor([[config.tts_bos_token_id, config.tts_eos_token_id, config.tts_pad_token_id]], input_ids.dtype)
-        )
-    ).chunk(3, dim=1)
-
     prompt_ids = input_ids.asnumpy()
     rows = list(range(len(prompt_ids))) if speaking_rows is None else list(speaking_rows)
-    if len(rows) < len(prompt_ids):
-        talker_kwargs = media_of_rows(talker_kwargs, prompt_ids, rows, config, kwargs.get("use_audio_in_video", False))
     padding = (kwargs["attention_mask"].asnumpy() == 0).sum(1).tolist()
     sequences = thinker_result.sequences.asnumpy()
     ends = prompt_ids.shape[1] + np.array(row_lengths(sequences[:, prompt_ids.shape[1] :], thinker_eos_token_id))
-    plans = [  # each row's prompt and answer, without its padding
-        prompt_plan(config, prompt_ids[row, padding[row] :], sequences[row, padding[row] : ends[row]]) for row in rows
+    counts = [media_counts(ids, config.thinker_config, kwargs.get("use_audio_in_video", False)) for ids in prompt_ids]
+    return thinker_result, [
+        HeldSpeech(
+            prompt_plan(config, prompt_ids[row, padding[row] :], sequences[row, padding[row] : ends[row]]),
+            thinker_embed[row, padding[row] :],
+            thinker_hidden[row, padding[row] :],
+            media_entries(talker_kwargs, counts, [row]),
+        )
+        for row in rows
     ]
+
+
+def speak(model, held: list[HeldSpeech], speaker: str, talker_kwargs: dict) -> tuple:
+    """The speech of `held` rows, from one thinker pass or several, as one talker batch: one waveform (1, 1,
+    samples) per row, each the one the row gets alone. `talker_kwargs`: the talker's `generate` keywords; the
+    media's shapes are the rows' own."""
+    config = model.config
+    speaker_id = config.talker_config.speaker_id.get(speaker.lower())
+    specials = [[config.tts_bos_token_id, config.tts_eos_token_id, config.tts_pad_token_id]]
+    tts_bos, tts_eos, tts_pad = model.talker.text_projection(
+        model.thinker.get_input_embeddings()(ms.Tensor(specials, ms.int64))
+    ).chunk(3, dim=1)
+    starts = np.cumsum([0] + [row.embed.shape[0] for row in held])[:-1]  # each row's first position in the stack
     embeds, ids, mask, trailing = talker_prompts(
-        model, plans, rows, padding, thinker_embed, thinker_hidden, speaker_id, (tts_bos, tts_eos, tts_pad)
+        model,
+        [row.plan for row in held],
+        starts,
+        mint.cat([row.embed for row in held]),
+        mint.cat([row.hidden for row in held]),
+        speaker_id,
+        (tts_bos, tts_eos, tts_pad),
     )
+    talker_kwargs = {key: value for key, value in talker_kwargs.items() if key not in MEDIA_SHAPES}
     talker_result = model.talker.generate(
         inputs_embeds=embeds,
         attention_mask=mask,
@@ -80,12 +122,12 @@ def generate(
         tts_pad_embed=tts_pad,
         talker_input_ids=ids,
         **talker_kwargs,
+        **joined_media(held),
     )
     codes = mint.stack([step[-1] for step in talker_result.hidden_states if step[-1] is not None], dim=1)
     codes = codes.transpose(1, 2)  # (rows, groups, frames)
     frames = row_frames(talker_result.sequences.asnumpy(), talker_kwargs["eos_token_id"], codes.shape[2])
-    waveforms = dict(zip(rows, row_waveforms(model.code2wav, codes, frames)))
-    return thinker_result, tuple(waveforms.get(row) for row in range(len(prompt_ids)))
+    return row_waveforms(model.code2wav, codes, frames)
 
 
 MEDIA_SHAPES = {  # the talker's keywords that hold one entry per medium, and the medium they count
@@ -96,21 +138,25 @@ MEDIA_SHAPES = {  # the talker's keywords that hold one entry per medium, and th
 }
 
 
-def media_of_rows(talker_kwargs: dict, prompt_ids: np.ndarray, rows: list[int], config, use_audio_in_video) -> dict:
-    """`talker_kwargs` with the media shapes of `rows` only. The talker's position index takes each row's media
-    from these lists in row order, so a row left out must take its entries along; a kind no kept row has is
-    left out, as a batch without it never had it."""
-    counts = [media_counts(ids, config.thinker_config, use_audio_in_video) for ids in prompt_ids]
-    kept = dict(talker_kwargs)
+def media_entries(talker_kwargs: dict, counts: list[dict[str, int]], rows: list[int]) -> dict:
+    """The entries of `rows` (their media `counts`, per row of the batch) in the talker's media keywords. The
+    talker's position index takes each row's media from these lists in row order, so a row takes its own entries
+    along; a kind none of `rows` has is left out, as a batch without it never had it."""
+    kept = {}
     for key, kind in MEDIA_SHAPES.items():
-        if key not in kept:
+        if key not in talker_kwargs:
             continue
         firsts = np.cumsum([0] + [count[kind] for count in counts])
         entries = [entry for row in rows for entry in range(firsts[row], firsts[row + 1])]
-        kept.pop(key)
         if entries:
             kept[key] = mint.index_select(talker_kwargs[key], 0, ms.Tensor(entries, ms.int32))
     return kept
+
+
+def joined_media(held: list[HeldSpeech]) -> dict:
+    """The talker's media keywords for `held` rows spoken together: each row's entries, in row order."""
+    keys = [key for key in MEDIA_SHAPES if any(key in row.media for row in held)]
+    return {key: mint.cat([row.media[key] for row in held if key in row.media]) for key in keys}
 
 
 def media_counts(ids: np.ndarray, thinker_config, use_audio_in_video: bool) -> dict[str, int]:
@@ -172,16 +218,17 @@ def prompt_plan(config, prompt_ids: np.ndarray, sequence: np.ndarray) -> PromptP
     return PromptPlan(ids, user, heard, answer)
 
 
-def talker_prompts(model, plans, rows, padding, thinker_embed, thinker_hidden, speaker_id, tts_embeds):
-    """The talker prompts of `rows` (their `plans`) as one batch, each as mindone builds it for the row alone:
+def talker_prompts(model, plans, starts, thinker_embed, thinker_hidden, speaker_id, tts_embeds):
+    """The talker prompts of rows (their `plans`) as one batch, each as mindone builds it for the row alone:
     (embeds (rows, t, hidden) and ids (rows, t), padded on the left with zeros; the mask (rows, t); the text still
-    to be spoken (rows, n, hidden), padded on the right with the padding embedding). Every row's positions are
-    projected at once (the user turns' through both projections, the answers' through `text_projection`) into
-    one table of embeddings, and each prompt gathered from it by indices built on the host: mindone's own reads
-    the host several times per row (each turn's length, its media mask's `any` and counts)."""
-    talker, width = model.talker, thinker_embed.shape[1]
-    users = np.concatenate([row * width + padding[row] + plan.user for row, plan in zip(rows, plans)])
-    answers = np.concatenate([row * width + padding[row] + plan.answer for row, plan in zip(rows, plans)])
+    to be spoken (rows, n, hidden), padded on the right with the padding embedding). `thinker_embed` and
+    `thinker_hidden` (positions, hidden) hold every row's positions, row after row, each from `starts`. Every row's
+    positions are projected at once (the user turns' through both projections, the answers' through
+    `text_projection`) into one table of embeddings, and each prompt gathered from it by indices built on the host:
+    mindone's own reads the host several times per row (each turn's length, its media mask's `any` and counts)."""
+    talker = model.talker
+    users = np.concatenate([start + plan.user for start, plan in zip(starts, plans)])
+    answers = np.concatenate([start + plan.answer for start, plan in zip(starts, plans)])
     bos, eos, pad = (embed.reshape(1, -1) for embed in tts_embeds)
     zeros = mint.zeros_like(pad)
     table = mint.cat(  # the users' positions as text, the answers', the users' as media, the specials, zeros
@@ -221,8 +268,8 @@ def talker_prompts(model, plans, rows, padding, thinker_embed, thinker_hidden, s
 
 
 def positions_of(states, at: np.ndarray):
-    """The states (rows, t, hidden) at flat positions `at` (row * t + position): (len(at), hidden)."""
-    return mint.index_select(states.reshape(-1, states.shape[-1]), 0, ms.Tensor(at))
+    """The states (positions, hidden) at `at`: (len(at), hidden)."""
+    return mint.index_select(states, 0, ms.Tensor(at))
 
 
 def entries_of(table, at: np.ndarray):

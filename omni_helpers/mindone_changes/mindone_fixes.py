@@ -286,12 +286,14 @@ def generate(
     talker_temperature: float = 0.9,
     talker_repetition_penalty: float = 1.05,
     speaking_rows=None,
+    hold_speech=False,
     **kwargs,
 ):
     """mindone's `generate` (its parameters and defaults, transformers'), with speech as released: while the
     talker samples, its code predictor samples too (`speech_sampling`); and speech for a batch of rows
     (`batched_speech`), which mindone refuses, or for some of them (`speaking_rows`, ours: None, every row).
-    One row keeps mindone's own path."""
+    One row keeps mindone's own path. With `hold_speech` (ours) only the thinker runs, and the speaking rows'
+    states come back in place of their speech, for `speak_held` to speak later (with other passes' rows)."""
     stock = MINDONE_FIXES.original(f"{FULL_MODEL}:generate")
     speaks = self.has_talker if return_audio is None else return_audio
     arguments = dict(
@@ -306,6 +308,19 @@ def generate(
         talker_repetition_penalty=talker_repetition_penalty,
         **kwargs,
     )
+    if hold_speech and speaks and self.has_talker:
+        thinker_arguments = {key: value for key, value in arguments.items() if not key.startswith("talker_")}
+        thinker_arguments.pop("speaker")
+        talker_kwargs = talker_generate_keywords(self.config, arguments)
+        return batched_speech.think(
+            self,
+            lambda **call: stock(self, **call),
+            input_ids,
+            thinker_eos_token_id,
+            talker_kwargs,
+            speaking_rows,
+            **thinker_arguments,
+        )
     with code_predictor_sampling(self, bool(speaks and talker_do_sample)):
         if not speaks or not self.has_talker or input_ids.shape[0] == 1:
             return stock(
@@ -324,6 +339,33 @@ def generate(
             speaking_rows,
             **thinker_arguments,
         )
+
+
+def speak_held(
+    model,
+    held: list,
+    speaker: str = "Ethan",
+    talker_max_new_tokens: int = 4096,
+    talker_do_sample: bool = True,
+    talker_top_k: int = 50,
+    talker_top_p: float = 1.0,
+    talker_temperature: float = 0.9,
+    talker_repetition_penalty: float = 1.05,
+    **talker_keywords,
+) -> tuple:
+    """The speech of rows whose thinker passes held it (`generate(..., hold_speech=True)`), in one talker batch, with
+    `generate`'s speech settings (and defaults) and any other `talker_*` keyword: one waveform (1, 1, samples) each."""
+    arguments = dict(
+        talker_max_new_tokens=talker_max_new_tokens,
+        talker_do_sample=talker_do_sample,
+        talker_top_k=talker_top_k,
+        talker_top_p=talker_top_p,
+        talker_temperature=talker_temperature,
+        talker_repetition_penalty=talker_repetition_penalty,
+        **talker_keywords,
+    )
+    with code_predictor_sampling(model, talker_do_sample):
+        return batched_speech.speak(model, held, speaker, talker_generate_keywords(model.config, arguments))
 
 
 def talker_generate_keywords(config, arguments: dict) -> dict:

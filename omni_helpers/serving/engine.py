@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omni_helpers.generation.core import Answer, generate_from_inputs, prepare_inputs
+from omni_helpers.generation.core import Answer, generate_from_inputs, prepare_inputs, speak_held
 from omni_helpers.request.cancellation import Cancellation
 from omni_helpers.request.checkpoint import Checkpoint
 from omni_helpers.request.conversation import Conversation
@@ -141,6 +141,12 @@ def padding_rows(batch: list[Job], speaking_rows: list[int], most: int) -> tuple
     return repeated + [lightest(range(len(batch)))] * (room - len(repeated)), speaking_rows
 
 
+def can_speak_with(waiting: Job, job: Job) -> bool:
+    """Whether `job`'s speech can be spoken in one talker batch with that of `waiting` (a row whose speech waits):
+    the same settings, streamed for both or neither (as `can_share` asks of a batch's speaking rows)."""
+    return job.settings == waiting.settings and job.stream_audio == waiting.stream_audio
+
+
 def to_clients(batch: list[Job], kind: str):
     """A row's streamed pieces of `kind` to its client; a repeated row's (past the batch's own) to nobody."""
 
@@ -216,11 +222,16 @@ class Engine:
         request_limits: RequestLimits = RequestLimits(),
         max_batch_size: int = 8,
         batch_window: float = 0.0,
+        speech_window: float = 0.0,
     ):
         self.checkpoint, self.lockstep, self.limits, self.max_queue = checkpoint, lockstep, limits, max_queue
         self.max_batch_size = max_batch_size  # rows of one generation at most
         # seconds after a generation's end that the next batch may wait for the requests it expects
         self.batch_window = batch_window
+        # seconds a batch's speaking rows may wait, once their text is done, for later batches' to speak with them
+        self.speech_window = speech_window
+        self.deferred: list[tuple[Job, Answer]] = []  # rows whose text is answered, their speech still to come
+        self.deferred_since = 0.0  # when the oldest of them had its text (time.perf_counter)
         self.expected = 0  # requests waiting when the last generation ended, plus the clients it answered
         self.ended = 0.0  # when the last generation ended (time.perf_counter, as `Job.submitted`)
         self.arriving = 0  # requests on their way in (read, decoded, checked), about to be queued
@@ -299,7 +310,18 @@ class Engine:
     def serve_forever(self) -> None:
         """Rank 0's main thread: answer the waiting jobs, oldest first, in batches, until `stop`."""
         while True:
-            job = self.next_job(wait=HEARTBEAT_SECONDS)
+            if self.deferred:  # rows wait to speak: a request that can come soon is thought for first
+                wait = self.wait_before_speaking()
+                job = None if wait is None else self.next_job(wait=wait)
+                if job is None:
+                    self.busy = True
+                    try:
+                        self.speak_deferred()
+                    finally:
+                        self.busy = False
+                    continue
+            else:
+                job = self.next_job(wait=HEARTBEAT_SECONDS)
             if job is None and self.stop_seen:
                 self.lockstep.send(STOP)
                 return
@@ -371,11 +393,27 @@ class Engine:
         wait = max(deadlines, default=0.0) - time.perf_counter()
         return wait if wait > 0 else None
 
+    def wait_before_speaking(self) -> Optional[float]:
+        """How long the rows waiting to speak may still wait for a request to think for first (None: speak now; 0:
+        take one that waits, if any): while requests are expected (the clients answered last, or requests on their
+        way in, as `wait_for_more` waits for them), up to --speech_window_ms after the oldest of the rows had its
+        text, and while fewer than --max_batch_size rows wait."""
+        now, last = time.perf_counter(), self.deferred_since + self.speech_window
+        if len(self.deferred) >= self.max_batch_size or now >= last:
+            return None
+        expecting = self.expected > 0 or self.arriving
+        return max(0.0, min(self.ended + self.batch_window if expecting else now, last) - now)
+
     def run(self, batch: list[Job]) -> None:
         """One generation for the batch's rows. A request the checks refuse once the prompts are known fails alone:
-        the others run without it."""
+        the others run without it. With --speech_window_ms, the speaking rows' speech waits (`deferred`), to be
+        spoken with later batches' in one talker batch (`speak_deferred`)."""
         settings, speaking_rows, stream_audio = batch_settings(batch)
-        repeated, speaking_rows = padding_rows(batch, speaking_rows, self.max_batch_size)
+        hold_speech = self.speech_window > 0 and bool(speaking_rows)
+        if hold_speech and self.deferred and not can_speak_with(self.deferred[0][0], batch[speaking_rows[0]]):
+            self.speak_deferred()  # those waiting have other speech settings: they speak first
+        repeated, padded_speaking = padding_rows(batch, speaking_rows, self.max_batch_size)
+        speaking_rows = speaking_rows if hold_speech else padded_speaking  # speech to come is padded when spoken
         conversations = [job.conversation for job in batch] + [batch[row].conversation for row in repeated]
         try:
             inputs = prepare_inputs(self.processor, conversations, settings)
@@ -394,9 +432,12 @@ class Engine:
                 "settings": dataclasses.asdict(settings),
                 "speaking_rows": speaking_rows,
                 "stream_audio": stream_audio,
+                "hold_speech": hold_speech,
+                "generation": self.batches,
                 "inputs": inputs,
             }
         )
+        generation = self.batches
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
         for job in batch:
@@ -420,33 +461,100 @@ class Engine:
                 settings,
                 started=min(job.submitted for job in batch),
                 on_text=to_clients(batch, "text"),
-                on_audio=to_clients(batch, "audio") if stream_audio else None,
+                on_audio=to_clients(batch, "audio") if stream_audio and not hold_speech else None,
                 cancellation=BatchCancellation(batch),
                 speaking_rows=speaking_rows,
                 on_answer=answer_early,
+                hold_speech=hold_speech,
             )
         except Cancelled as stopped:  # every rank stopped at the same step
-            left = unanswered()
-            self.cancelled += len(left)
-            print(f"a request was {stopped} (its client went away or pressed Stop)", file=sys.stderr, flush=True)
-            for job in left:
-                job.events.put(("cancelled", None))
+            self.cancel_all(unanswered(), stopped)
             return
         except Exception as error:
-            left = unanswered()
-            self.failed += len(left)
-            for job in left:
-                job.events.put(("error", GenerationFailed(fault_message(error))))
-            if self.lockstep.runtime.distributed:  # the other ranks may be inside a collective: end, msrun stops them
-                raise
-            traceback.print_exc(file=sys.stderr)
+            self.fail_all(unanswered(), error)
             return
+        now = [row for row in range(len(batch)) if row not in early and answers[row].held is None]
+        later = [(batch[row], answers[row], generation, row) for row in speaking_rows if answers[row].held is not None]
+        for _, answer, *_ in later:
+            answer.metrics.update(batch_size=len(batch), repeated_rows=len(repeated))
+        if later and not self.deferred:
+            self.deferred_since = time.perf_counter()
+        self.deferred += later
         # the clients to wait for: those answered now, and those answered early that have not asked again yet
         not_back = max(0, len(early) - (self.queued - queued))
-        self.expected, self.ended = self.waiting + len(batch) - len(early) + not_back, time.perf_counter()
-        for row, (job, answer) in enumerate(zip(batch, answers)):  # the repeated rows' answers are let go
-            if row not in early:
-                self.answer(job, answer, len(batch), len(repeated))
+        self.expected, self.ended = self.waiting + len(now) + not_back, time.perf_counter()
+        for row in now:  # the repeated rows' answers are let go
+            self.answer(batch[row], answers[row], len(batch), len(repeated))
+
+    def speak_deferred(self) -> None:
+        """The rows waiting to speak speak, up to --max_batch_size at once (padded to 1, 2, 4 or 8 rows as a batch is),
+        on every rank; the rows whose clients have gone are let go."""
+        waiting, self.deferred = self.deferred, []
+        gone = [entry for entry in waiting if entry[0].cancellation.cancelled]
+        waiting = [entry for entry in waiting if not entry[0].cancellation.cancelled]
+        for job, *_ in gone:
+            self.cancelled += 1
+            job.events.put(("cancelled", None))
+        forget = [[generation, row] for _, _, generation, row in gone]
+        if not waiting:
+            self.lockstep.send({"kind": "speak", "rows": [], "forget": forget})
+            return
+        for start in range(0, len(waiting), self.max_batch_size):
+            group = waiting[start : start + self.max_batch_size]
+            self.speak(group, forget if start == 0 else [])
+        self.expected, self.ended = self.waiting + len(waiting), time.perf_counter()
+
+    def speak(self, group: list[tuple[Job, Answer, int, int]], forget: list[list[int]]) -> None:
+        """One talker batch for `group` (rows that share their speech settings), each answered when spoken."""
+        jobs = [job for job, *_ in group]
+        settings, stream_audio = jobs[0].settings, jobs[0].stream_audio
+        shortest = min(range(len(group)), key=lambda k: group[k][1].held.states.embed.shape[0])
+        repeated, _ = padding_rows(jobs, [], self.max_batch_size)
+        rows = list(range(len(group))) + [shortest] * len(repeated)  # the shortest row repeated
+        self.lockstep.send(
+            {
+                "kind": "speak",
+                "settings": dataclasses.asdict(settings),
+                "rows": [group[k][2:] for k in rows],
+                "forget": forget,
+                "stream_audio": stream_audio,
+            }
+        )
+        try:
+            spoken = speak_held(
+                self.model,
+                self.processor,
+                [group[k][1] for k in rows],
+                settings,
+                on_audio=to_clients(jobs, "audio") if stream_audio else None,
+                cancellation=BatchCancellation(jobs),
+            )
+        except Cancelled as stopped:
+            self.cancel_all(jobs, stopped)
+            return
+        except Exception as error:
+            self.fail_all(jobs, error)
+            return
+        for job, answer in zip(jobs, spoken):
+            answer.metrics["speech_batch_size"] = len(group)
+            self.answer(job, answer, answer.metrics["batch_size"], answer.metrics["repeated_rows"])
+
+    def cancel_all(self, jobs: list[Job], stopped: Cancelled) -> None:
+        """Every rank stopped at the same step: the jobs' clients had all gone."""
+        self.cancelled += len(jobs)
+        print(f"a request was {stopped} (its client went away or pressed Stop)", file=sys.stderr, flush=True)
+        for job in jobs:
+            job.events.put(("cancelled", None))
+
+    def fail_all(self, jobs: list[Job], error: Exception) -> None:
+        """A fault inside a generation fails its jobs; under msrun the server ends (the other ranks may be inside a
+        collective, msrun stops them)."""
+        self.failed += len(jobs)
+        for job in jobs:
+            job.events.put(("error", GenerationFailed(fault_message(error))))
+        if self.lockstep.runtime.distributed:
+            raise error
+        traceback.print_exception(error, file=sys.stderr)
 
     def answer(self, job: Job, answer: Answer, batch_size: int, repeated_rows: int) -> None:
         """A row's answer to its client (or its cancellation, if the client has gone)."""
@@ -466,24 +574,37 @@ class Engine:
             "requests_cancelled": self.cancelled,
             "requests_failed": self.failed,
             "waiting": self.waiting,
-            "busy": self.busy,
+            "busy": self.busy or bool(self.deferred),  # generating, or rows wait to speak
             "batches": self.batches,  # generations run, each for one or more requests
             "largest_batch": self.largest_batch,
         }
 
 
 def follow(model, processor, lockstep: Lockstep) -> None:
-    """Every rank but 0: run the generations rank 0 sends, until it says stop."""
+    """Every rank but 0: run the generations rank 0 sends, until it says stop; the speech rank 0 defers waits here
+    too (`held`, by generation and row) until rank 0 says which rows speak together."""
+    held: dict[tuple[int, int], Answer] = {}
     while True:
         job = lockstep.receive()
         if job["kind"] == STOP["kind"]:
             return
         if job["kind"] == IDLE["kind"]:
             continue
+        for key in job.get("forget", []):  # rows whose clients went away before they spoke
+            held.pop(tuple(key), None)
+        if job["kind"] == "speak" and not job["rows"]:
+            continue
         settings = GenerationSettings(**job["settings"])
         on_audio = (lambda row, samples: None) if job["stream_audio"] else None  # code2wav in step with rank 0
         try:  # a cancellation of its own, never set: rank 0's travels in the loop's all-reduce
-            generate_from_inputs(
+            if job["kind"] == "speak":
+                keys = [tuple(key) for key in job["rows"]]
+                answers = [held[key] for key in keys]
+                for key in keys:
+                    held.pop(key, None)
+                speak_held(model, processor, answers, settings, on_audio=on_audio, cancellation=Cancellation())
+                continue
+            answers = generate_from_inputs(
                 model,
                 processor,
                 job["inputs"],
@@ -491,6 +612,9 @@ def follow(model, processor, lockstep: Lockstep) -> None:
                 on_audio=on_audio,
                 cancellation=Cancellation(),
                 speaking_rows=job["speaking_rows"],
+                hold_speech=job["hold_speech"],
             )
         except Cancelled:
             continue
+        for row in job["speaking_rows"] if job["hold_speech"] else []:
+            held[(job["generation"], row)] = answers[row]
