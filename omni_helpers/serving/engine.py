@@ -483,7 +483,10 @@ class Engine:
         # the clients to wait for: those answered now, and those answered early that have not asked again yet
         not_back = max(0, len(early) - (self.queued - queued))
         self.expected, self.ended = self.waiting + len(now) + not_back, time.perf_counter()
+        talker_rows = sum(row < len(batch) for row in speaking_rows)  # the talker's, those repeated left out
         for row in now:  # the repeated rows' answers are let go
+            if answers[row].waveform is not None:
+                answers[row].metrics["speech_batch_size"] = talker_rows
             self.answer(batch[row], answers[row], len(batch), len(repeated))
 
     def speak_deferred(self) -> None:

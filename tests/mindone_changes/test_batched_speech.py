@@ -254,3 +254,52 @@ def test_a_batchs_talker_prompts_are_those_mindone_builds_for_each_row_alone(min
         lengths.append((length, spoken_length))
     prompts, texts = zip(*lengths)
     assert len(set(prompts)) > 1 and len(set(texts)) > 1  # some rows padded, on each side
+
+
+def test_rows_of_separate_thinker_passes_speak_together_each_as_it_would_alone(mindone, tiny_checkpoint, sample_media):
+    """Speech deferred (`generate_from_inputs(..., hold_speech=True)`, then `speak_held`, as a server defers it):
+    the speaking rows of two thinker passes speak as one talker batch, each as it would alone. The first pass's
+    speaking row hears small media beside a silent row with large ones; the second pass's rows are a greeting
+    (left-padded in its pass) and full-size media: each row's talker logits, waveform and streamed speech are the
+    ones it gets alone, which only its own media's shapes and its own positions give."""
+    from omni_helpers.generation.core import generate_from_inputs, speak_held
+
+    small, full = (request_conversation("image_audio", sample_media) for _ in range(2))
+    small[0]["content"][0]["max_pixels"] = 56 * 56
+    small[0]["content"][1]["audio_end"] = 1.0
+    silent = request_conversation("image_audio", sample_media)  # larger media than the speaking row beside it
+    greeting = [{"role": "user", "content": "Hi"}]
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, return_audio=True, talker_max_new_tokens=TALKER_FRAMES)
+
+    def think(conversations, speaking_rows=None):
+        inputs = batch_inputs(tiny_checkpoint, conversations, False)
+        return generate_from_inputs(
+            mindone.model, mindone.processor, inputs, settings, speaking_rows=speaking_rows, hold_speech=True
+        )
+
+    first, second = think([silent, small], [1]), think([greeting, full])
+    assert first[0].held is None and first[0].waveform is None  # silent: answered whole by the thinker
+    assert all(answer.held is not None and answer.waveform is None for answer in (first[1], *second))
+    streamed = ([], [], [])
+    spoken, logits = talker_logits_of(
+        mindone,
+        lambda: speak_held(
+            mindone.model,
+            mindone.processor,
+            [first[1], *second],
+            settings,
+            on_audio=lambda row, samples: streamed[row].append(samples),
+        ),
+    )
+    for row, conversation in enumerate([small, greeting, full]):
+        inputs = batch_inputs(tiny_checkpoint, [conversation], False)
+        (alone,), alone_logits = talker_logits_of(
+            mindone, lambda: generate_from_inputs(mindone.model, mindone.processor, inputs, settings)
+        )
+        ours = spoken[row]
+        assert ours.token_ids == alone.token_ids and ours.text == alone.text, row
+        steps = alone_logits.shape[1]
+        assert np.abs(logits[row, :steps] - alone_logits[0]).max() <= 1e-5, row
+        assert len(ours.waveform) == len(alone.waveform) and np.abs(ours.waveform - alone.waveform).max() <= 1e-5, row
+        assert np.abs(np.concatenate(streamed[row]) - ours.waveform).max() <= 5e-5, row
+        assert ours.metrics["audio_seconds"] == alone.metrics["audio_seconds"] and ours.held is None
