@@ -95,6 +95,41 @@ IMAGE = [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "What i
 VIDEO = [{"type": "video", "video": "cat.mp4"}, {"type": "text", "text": "What is it?"}]
 
 
+# ----------------------------------------------------------------------------- speech deferred (Engine.wait_before_speaking)
+
+
+def deferred(engine, rows: int, since: float = 0.0) -> None:
+    """As generations leave `rows` speaking rows waiting to speak, the oldest since `since` seconds ago."""
+    engine.deferred = [(job("Hi", **SPOKEN), None, 0, row) for row in range(rows)]
+    engine.deferred_since = time.perf_counter() - since
+
+
+def test_speech_waits_for_the_clients_answered_in_text_within_both_windows(engine):
+    engine.batch_window, engine.speech_window = 0.2, 0.4
+    just_ended(engine, 2)  # two rows were answered in text: their clients ask again
+    deferred(engine, 2)
+    assert 0.15 < engine.wait_before_speaking() <= 0.2  # until the window for those clients ends
+    deferred(engine, 2, since=0.35)
+    assert 0 < engine.wait_before_speaking() <= 0.05  # the speech window ends first
+
+
+def test_speech_waits_for_nobody_when_nobody_is_expected(engine):
+    engine.speech_window = 0.4
+    just_ended(engine, 0)
+    deferred(engine, 2)
+    assert engine.wait_before_speaking() == 0.0  # a request that waits already is still thought for first
+
+
+def test_speech_waits_no_longer_than_its_window_nor_once_a_batch_is_full(engine):
+    engine.speech_window = 0.4
+    just_ended(engine, 3)
+    deferred(engine, 8)  # --max_batch_size rows wait
+    assert engine.wait_before_speaking() is None
+    deferred(engine, 2, since=0.5)
+    assert engine.wait_before_speaking() is None
+
+
+
 def test_rows_with_and_without_speech_share_a_batch_whose_speakers_agree():
     batch = [job("Hi", **SPOKEN), job("Hello")]
     assert can_share(batch, job(IMAGE)) and can_share(batch, job(IMAGE, **SPOKEN))
