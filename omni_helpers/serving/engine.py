@@ -21,6 +21,15 @@ with a seed runs alone, since its draws are reproducible only alone. Rows with a
 share the thinker's forward; the talker and code2wav run over the rows that speak, which share
 their speech settings and stream their speech all or none (code2wav runs as the talker goes).
 
+Speech waits for the batches that follow (--speech_window_ms): a speech chain (the talker's
+frames, each with its code predictor's steps, then code2wav) costs a batch of rows little more than
+one row, and several times a thinker pass. So a batch's speaking rows keep their thinker states
+(`Answer.held`) once their text is done, while the clients answered in text ask again and their
+requests are thought for, and the speaking rows of those batches speak with them as one talker
+batch (`speak_deferred`): once nobody more is expected, --max_batch_size rows wait, or the window
+since the oldest's text has passed. A lone request waits for nothing. Every rank keeps the same
+rows (`follow`) and speaks them when rank 0 says so.
+
 Admission comes before allocation: a request's tokens and frames are checked against the
 server's ceilings (its --max_new_tokens and --talker_max_new_tokens) and the model's context
 when it is submitted, and again with its prompt's length once the processor has run, before
@@ -308,17 +317,15 @@ class Engine:
         self.jobs.put(None)
 
     def serve_forever(self) -> None:
-        """Rank 0's main thread: answer the waiting jobs, oldest first, in batches, until `stop`."""
+        """Rank 0's main thread: answer the waiting jobs, oldest first, in batches, until `stop`; the rows waiting to
+        speak speak once no request is to be thought for first (`wait_before_speaking`)."""
         while True:
-            if self.deferred:  # rows wait to speak: a request that can come soon is thought for first
+            if self.deferred:
                 wait = self.wait_before_speaking()
                 job = None if wait is None else self.next_job(wait=wait)
                 if job is None:
-                    self.busy = True
-                    try:
+                    with self.working():
                         self.speak_deferred()
-                    finally:
-                        self.busy = False
                     continue
             else:
                 job = self.next_job(wait=HEARTBEAT_SECONDS)
@@ -329,11 +336,16 @@ class Engine:
                 self.lockstep.send(IDLE)  # the other ranks wait inside a broadcast: keep it short
                 continue
             batch = self.batch_with(job)
-            self.busy = True
-            try:
+            with self.working():
                 self.run(batch)
-            finally:
-                self.busy = False
+
+    @contextlib.contextmanager
+    def working(self):
+        self.busy = True
+        try:
+            yield
+        finally:
+            self.busy = False
 
     @property
     def stop_seen(self) -> bool:

@@ -129,7 +129,6 @@ def test_speech_waits_no_longer_than_its_window_nor_once_a_batch_is_full(engine)
     assert engine.wait_before_speaking() is None
 
 
-
 def test_rows_with_and_without_speech_share_a_batch_whose_speakers_agree():
     batch = [job("Hi", **SPOKEN), job("Hello")]
     assert can_share(batch, job(IMAGE)) and can_share(batch, job(IMAGE, **SPOKEN))
