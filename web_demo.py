@@ -24,7 +24,9 @@ requests waiting when a generation starts run together, as the rows of one batch
 share a batch; those with other settings, a seed, other speech settings than the batch's
 speaking rows, or images beside videos wait for the next; a batch waits up to --batch_window_ms
 for the requests it expects: the clients the last generation answered, those waiting then, and
-those still on their way in), each client streamed its own row; past --max_queue waiting ones a new request gets
+those still on their way in), each client streamed its own row; a batch's speaking rows wait up
+to --speech_window_ms, once their text is done, for the batches that follow, so that the rows of
+several batches speak as one talker batch; past --max_queue waiting ones a new request gets
 HTTP 429; a request past --max_audio_seconds, --max_video_seconds, --max_media_items or
 --max_turns gets HTTP 400 naming the flag. A client that disconnects (or presses Stop in the UI) cancels its request at the
 next decoding step. Local files are read only under --allowed_local_media_path. The server

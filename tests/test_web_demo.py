@@ -763,13 +763,12 @@ def test_a_batch_flag_below_one_is_refused_naming_it(flag, tiny_checkpoint):
         web_demo.check(args)
 
 
-def test_a_negative_batch_window_is_refused_naming_it(tiny_checkpoint):
+@pytest.mark.parametrize("flag", ["--batch_window_ms", "--speech_window_ms"])
+def test_a_negative_window_is_refused_naming_it(flag, tiny_checkpoint):
     import web_demo
 
-    args = web_demo.parse_args(
-        ["--device_target", "CPU", "--model_name", str(tiny_checkpoint), "--batch_window_ms", "-5"]
-    )
-    with pytest.raises(RequestError, match="^--batch_window_ms -5: must be 0 or more$"):
+    args = web_demo.parse_args(["--device_target", "CPU", "--model_name", str(tiny_checkpoint), flag, "-5"])
+    with pytest.raises(RequestError, match=f"^{flag} -5: must be 0 or more$"):
         web_demo.check(args)
 
 
@@ -778,6 +777,7 @@ def test_requests_waiting_together_run_as_one_batch_each_answered_as_alone(tiny_
     try:
         check_batching(server)
         check_speech_batching(server, sample_media)
+        check_a_speaker_gone_before_its_speech_is_let_go(server, sample_media)
         check_a_request_still_sending_joins_the_batch(server)
     finally:
         assert server.stop() == 0
@@ -893,6 +893,33 @@ def check_speech_batching(server, media) -> None:
     assert answered_at[2] < min(answered_at[i] for i in (0, 1))  # the text-only client was answered before speech
 
 
+def check_a_speaker_gone_before_its_speech_is_let_go(server, media) -> None:
+    """A client whose speech waits for the next batch's (its text streamed) hangs up while that batch runs: its
+    speech is let go unspoken, and the server, every rank in step, answers the next request as alone."""
+    greeting = [{"role": "user", "content": "Hi"}]
+    alone = ask(server, media, False, True, messages=greeting)
+    before = server.get("/health")
+    occupier = start_stream(server, MOST_TOKENS)
+    spoken = {"modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "wav"}}
+    speaker = post_in_part(server, body(messages=greeting, max_tokens=BATCH_TOKENS, stream=True, **spoken))
+    text_only = send_stream(server, BATCH_TOKENS)
+    waiting_within(server, 2)
+    hang_up(occupier)
+    text_only.getresponse().read()  # answered as the thinker ends; the speaker's speech waits for its next request
+    asking_again = send_stream(server, MOST_TOKENS).getresponse()
+    read_pieces(asking_again, 3)  # its batch runs
+    hang_up(speaker)
+    while b"[DONE]" not in asking_again.fp.readline():  # hundreds of steps: the hang-up is seen long before they end
+        pass
+    health = idle_within(server, 30)
+    assert health["requests_cancelled"] == before["requests_cancelled"] + 2  # the occupier and the speaker
+    assert health["requests_served"] == before["requests_served"] + 2
+    log = server.log.read_text(errors="replace") if server.log_dir is None else server.worker_log(0)
+    assert "1 request(s) let go unspoken" in log
+    text, samples, _ = ask(server, media, False, True, messages=greeting)
+    assert text == alone[0] and np.abs(samples - alone[1]).max() <= 1e-3
+
+
 # ----------------------------------------------------------------------------- msrun
 
 
@@ -913,6 +940,7 @@ def test_msrun_two_workers_answer_as_the_reference(mode, tiny_checkpoint, sample
         assert ask(server, sample_media, stream=False, speech=False)[0] == expected[0]  # still in step
         check_batching(server)  # every rank runs the batch, in step
         check_speech_batching(server, sample_media)
+        check_a_speaker_gone_before_its_speech_is_let_go(server, sample_media)
         assert server.get("/health")["loads"] == 1
     finally:
         returncode = server.stop()

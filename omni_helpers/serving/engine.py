@@ -510,6 +510,8 @@ class Engine:
         for job, *_ in gone:
             self.cancelled += 1
             job.events.put(("cancelled", None))
+        if gone:
+            print(f"{len(gone)} request(s) let go unspoken (their clients went away)", file=sys.stderr, flush=True)
         forget = [[generation, row] for _, _, generation, row in gone]
         if not waiting:
             self.lockstep.send({"kind": "speak", "rows": [], "forget": forget})
