@@ -53,7 +53,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from omni_helpers.generation.core import Answer, generate_from_inputs, prepare_inputs, speak_held
 from omni_helpers.request.cancellation import Cancellation
@@ -150,6 +150,16 @@ def padding_rows(batch: list[Job], speaking_rows: list[int], most: int) -> tuple
     return repeated + [lightest(range(len(batch)))] * (room - len(repeated)), speaking_rows
 
 
+class Deferred(NamedTuple):
+    """A row whose text is answered and whose speech waits (`Engine.deferred`): every rank keeps its thinker states
+    under (generation, row)."""
+
+    job: Job
+    answer: Answer
+    generation: int
+    row: int
+
+
 def can_speak_with(waiting: Job, job: Job) -> bool:
     """Whether `job`'s speech can be spoken in one talker batch with that of `waiting` (a row whose speech waits):
     the same settings, streamed for both or neither (as `can_share` asks of a batch's speaking rows)."""
@@ -239,7 +249,7 @@ class Engine:
         self.batch_window = batch_window
         # seconds a batch's speaking rows may wait, once their text is done, for later batches' to speak with them
         self.speech_window = speech_window
-        self.deferred: list[tuple[Job, Answer]] = []  # rows whose text is answered, their speech still to come
+        self.deferred: list[Deferred] = []  # rows whose text is answered, their speech still to come
         self.deferred_since = 0.0  # when the oldest of them had its text (time.perf_counter)
         self.expected = 0  # requests waiting when the last generation ended, plus the clients it answered
         self.ended = 0.0  # when the last generation ended (time.perf_counter, as `Job.submitted`)
@@ -421,8 +431,9 @@ class Engine:
         the others run without it. With --speech_window_ms, the speaking rows' speech waits (`deferred`), to be
         spoken with later batches' in one talker batch (`speak_deferred`)."""
         settings, speaking_rows, stream_audio = batch_settings(batch)
-        hold_speech = self.speech_window > 0 and bool(speaking_rows)
-        if hold_speech and self.deferred and not can_speak_with(self.deferred[0][0], batch[speaking_rows[0]]):
+        # a seeded request's draws are reproducible only alone: its speech does not wait for others'
+        hold_speech = self.speech_window > 0 and bool(speaking_rows) and settings.seed is None
+        if hold_speech and self.deferred and not can_speak_with(self.deferred[0].job, batch[speaking_rows[0]]):
             self.speak_deferred()  # those waiting have other speech settings: they speak first
         repeated, padded_speaking = padding_rows(batch, speaking_rows, self.max_batch_size)
         speaking_rows = speaking_rows if hold_speech else padded_speaking  # speech to come is padded when spoken
@@ -486,9 +497,9 @@ class Engine:
             self.fail_all(unanswered(), error)
             return
         now = [row for row in range(len(batch)) if row not in early and answers[row].held is None]
-        later = [(batch[row], answers[row], generation, row) for row in speaking_rows if answers[row].held is not None]
-        for _, answer, *_ in later:
-            answer.metrics.update(batch_size=len(batch), repeated_rows=len(repeated))
+        later = [Deferred(batch[row], answers[row], generation, row) for row in speaking_rows if answers[row].held]
+        for entry in later:
+            entry.answer.metrics.update(batch_size=len(batch), repeated_rows=len(repeated))
         if later and not self.deferred:
             self.deferred_since = time.perf_counter()
         self.deferred += later
@@ -505,14 +516,14 @@ class Engine:
         """The rows waiting to speak speak, up to --max_batch_size at once (padded to 1, 2, 4 or 8 rows as a batch is),
         on every rank; the rows whose clients have gone are let go."""
         waiting, self.deferred = self.deferred, []
-        gone = [entry for entry in waiting if entry[0].cancellation.cancelled]
-        waiting = [entry for entry in waiting if not entry[0].cancellation.cancelled]
-        for job, *_ in gone:
+        gone = [entry for entry in waiting if entry.job.cancellation.cancelled]
+        waiting = [entry for entry in waiting if not entry.job.cancellation.cancelled]
+        for entry in gone:
             self.cancelled += 1
-            job.events.put(("cancelled", None))
+            entry.job.events.put(("cancelled", None))
         if gone:
             print(f"{len(gone)} request(s) let go unspoken (their clients went away)", file=sys.stderr, flush=True)
-        forget = [[generation, row] for _, _, generation, row in gone]
+        forget = [[entry.generation, entry.row] for entry in gone]
         if not waiting:
             self.lockstep.send({"kind": "speak", "rows": [], "forget": forget})
             return
@@ -521,18 +532,18 @@ class Engine:
             self.speak(group, forget if start == 0 else [])
         self.expected, self.ended = self.waiting + len(waiting), time.perf_counter()
 
-    def speak(self, group: list[tuple[Job, Answer, int, int]], forget: list[list[int]]) -> None:
+    def speak(self, group: list[Deferred], forget: list[list[int]]) -> None:
         """One talker batch for `group` (rows that share their speech settings), each answered when spoken."""
-        jobs = [job for job, *_ in group]
+        jobs = [entry.job for entry in group]
         settings, stream_audio = jobs[0].settings, jobs[0].stream_audio
-        shortest = min(range(len(group)), key=lambda k: group[k][1].held.states.embed.shape[0])
+        shortest = min(range(len(group)), key=lambda k: group[k].answer.held.states.embed.shape[0])
         repeated, _ = padding_rows(jobs, [], self.max_batch_size)
         rows = list(range(len(group))) + [shortest] * len(repeated)  # the shortest row repeated
         self.lockstep.send(
             {
                 "kind": "speak",
                 "settings": dataclasses.asdict(settings),
-                "rows": [group[k][2:] for k in rows],
+                "rows": [[group[k].generation, group[k].row] for k in rows],
                 "forget": forget,
                 "stream_audio": stream_audio,
             }
@@ -541,7 +552,7 @@ class Engine:
             spoken = speak_held(
                 self.model,
                 self.processor,
-                [group[k][1] for k in rows],
+                [group[k].answer for k in rows],
                 settings,
                 on_audio=to_clients(jobs, "audio") if stream_audio else None,
                 cancellation=BatchCancellation(jobs),

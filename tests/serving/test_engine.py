@@ -10,7 +10,7 @@ import pytest
 
 from omni_helpers.request.checkpoint import resolve_checkpoint
 from omni_helpers.request.settings import GenerationSettings
-from omni_helpers.serving.engine import Engine, Job, batch_settings, can_share, padding_rows
+from omni_helpers.serving.engine import Deferred, Engine, Job, batch_settings, can_share, padding_rows
 
 SETTINGS = GenerationSettings(max_new_tokens=8)
 
@@ -100,7 +100,7 @@ VIDEO = [{"type": "video", "video": "cat.mp4"}, {"type": "text", "text": "What i
 
 def deferred(engine, rows: int, since: float = 0.0) -> None:
     """As generations leave `rows` speaking rows waiting to speak, the oldest since `since` seconds ago."""
-    engine.deferred = [(job("Hi", **SPOKEN), None, 0, row) for row in range(rows)]
+    engine.deferred = [Deferred(job("Hi", **SPOKEN), None, 0, row) for row in range(rows)]
     engine.deferred_since = time.perf_counter() - since
 
 
