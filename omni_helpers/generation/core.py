@@ -217,8 +217,14 @@ def generate_from_inputs(
     return answers
 
 
-SPEECH_FIGURES = ("talker_codec_frames", "talker_frames_per_second", "audio_seconds", "talker_steps")
-SPEECH_FIGURES += ("first_audio_step",)
+# an answer's figures that its speech gives, when spoken after its text (`speak_held`)
+SPEECH_FIGURES = (
+    "talker_codec_frames",
+    "talker_frames_per_second",
+    "audio_seconds",
+    "talker_steps",
+    "first_audio_step",
+)
 
 
 def speak_held(
@@ -233,7 +239,7 @@ def speak_held(
     in one talker batch with `settings`' speech settings (every msrun rank calls this with the same answers, and
     `on_audio` on all of them or none): each answer with its waveform, and its figures to the speech's end.
     `on_audio(k, samples)` streams the k-th answer's speech. Raises `errors.Cancelled` once cancelled."""
-    from omni_helpers.mindone_changes.mindone_fixes import speak_held as speak
+    from omni_helpers.mindone_changes.mindone_fixes import generate_held_speech
 
     rows = len(answers)
     started = min(answer.held.started for answer in answers)
@@ -241,7 +247,7 @@ def speak_held(
     keywords = generate_keywords(settings, model.config, None, cancellation)
     talker = {key: value for key, value in keywords.items() if key.startswith("talker_") or key == "speaker"}
     with instruments:
-        speech = speak(model, [answer.held.states for answer in answers], **talker)
+        speech = generate_held_speech(model, [answer.held.states for answer in answers], **talker)
     waveforms = [waveform.reshape(-1).float().asnumpy() for waveform in speech]
     instruments.finish(np.zeros((rows, 0), np.int64), waveforms)
     spoken = []

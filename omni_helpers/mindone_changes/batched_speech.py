@@ -1,7 +1,7 @@
 """Speech for every row of a batch (mindone 0.5.0 raises "does not support batched inference with audio
 output"; newer transformers releases speak every row). Called by `mindone_fixes.generate` for batches of
 two rows or more; a single row keeps mindone's own `generate`. A server defers speech (`think`, then
-`speak` once rows of later thinker passes can speak with them: `mindone_fixes.speak_held`), one row or many.
+`speak` once rows of later thinker passes can speak with them: `mindone_fixes.generate_held_speech`), one row or many.
 
 1. The thinker answers the batch as mindone runs it, keeping its hidden states.
 2. Each row's talker prompt is the one mindone builds for the row alone (`prompt_plan`, kept with the row's

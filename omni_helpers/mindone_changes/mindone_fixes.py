@@ -293,7 +293,7 @@ def generate(
     talker samples, its code predictor samples too (`speech_sampling`); and speech for a batch of rows
     (`batched_speech`), which mindone refuses, or for some of them (`speaking_rows`, ours: None, every row).
     One row keeps mindone's own path. With `hold_speech` (ours) only the thinker runs, and the speaking rows'
-    states come back in place of their speech, for `speak_held` to speak later (with other passes' rows)."""
+    states come back in place of their speech, for `generate_held_speech` to speak later (with other passes' rows)."""
     stock = MINDONE_FIXES.original(f"{FULL_MODEL}:generate")
     speaks = self.has_talker if return_audio is None else return_audio
     arguments = dict(
@@ -308,40 +308,29 @@ def generate(
         talker_repetition_penalty=talker_repetition_penalty,
         **kwargs,
     )
-    if hold_speech and speaks and self.has_talker:
-        thinker_arguments = {key: value for key, value in arguments.items() if not key.startswith("talker_")}
-        thinker_arguments.pop("speaker")
-        talker_kwargs = talker_generate_keywords(self.config, arguments)
-        return batched_speech.think(
-            self,
-            lambda **call: stock(self, **call),
-            input_ids,
-            thinker_eos_token_id,
-            talker_kwargs,
-            speaking_rows,
-            **thinker_arguments,
-        )
-    with code_predictor_sampling(self, bool(speaks and talker_do_sample)):
-        if not speaks or not self.has_talker or input_ids.shape[0] == 1:
+    if not speaks or not self.has_talker or (input_ids.shape[0] == 1 and not hold_speech):
+        with code_predictor_sampling(self, bool(speaks and talker_do_sample)):
             return stock(
                 self, input_ids, return_audio=return_audio, thinker_eos_token_id=thinker_eos_token_id, **arguments
             )
-        talker_kwargs = talker_generate_keywords(self.config, arguments)
-        thinker_arguments = {key: value for key, value in arguments.items() if not key.startswith("talker_")}
-        speaker = thinker_arguments.pop("speaker")
+    talker_kwargs = talker_generate_keywords(self.config, arguments)
+    thinker_arguments = {key: value for key, value in arguments.items() if not key.startswith("talker_")}
+    speaker = thinker_arguments.pop("speaker")
+
+    def thinker(**call):  # mindone's own generate, asked for the thinker alone
+        return stock(self, **call)
+
+    if hold_speech:
+        return batched_speech.think(
+            self, thinker, input_ids, thinker_eos_token_id, talker_kwargs, speaking_rows, **thinker_arguments
+        )
+    with code_predictor_sampling(self, talker_do_sample):
         return batched_speech.generate(
-            self,
-            lambda **call: stock(self, **call),
-            input_ids,
-            speaker,
-            thinker_eos_token_id,
-            talker_kwargs,
-            speaking_rows,
-            **thinker_arguments,
+            self, thinker, input_ids, speaker, thinker_eos_token_id, talker_kwargs, speaking_rows, **thinker_arguments
         )
 
 
-def speak_held(
+def generate_held_speech(
     model,
     held: list,
     speaker: str = "Ethan",
