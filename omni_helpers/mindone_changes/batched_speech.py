@@ -89,7 +89,7 @@ def think(model, thinker_generate, input_ids, thinker_eos_token_id, talker_kwarg
             prompt_plan(config, prompt_ids[row, padding[row] :], sequences[row, padding[row] : ends[row]]),
             thinker_embed[row, padding[row] :],
             thinker_hidden[row, padding[row] :],
-            media_entries(talker_kwargs, counts, [row]),
+            media_entries(talker_kwargs, counts, row),
         )
         for row in rows
     ]
@@ -139,18 +139,18 @@ MEDIA_SHAPES = {  # the talker's keywords that hold one entry per medium, and th
 }
 
 
-def media_entries(talker_kwargs: dict, counts: list[dict[str, int]], rows: list[int]) -> dict:
-    """The entries of `rows` (their media `counts`, per row of the batch) in the talker's media keywords. The
-    talker's position index takes each row's media from these lists in row order, so a row takes its own entries
-    along; a kind none of `rows` has is left out, as a batch without it never had it."""
+def media_entries(talker_kwargs: dict, counts: list[dict[str, int]], row: int) -> dict:
+    """`row`'s entries (`counts`: each row's media) in the batch's talker media keywords. The talker's position
+    index takes each row's media from these lists in row order, so a row takes its own entries along; a kind the
+    row lacks is left out, as a batch without it never had it."""
     kept = {}
     for key, kind in MEDIA_SHAPES.items():
         if key not in talker_kwargs:
             continue
-        firsts = np.cumsum([0] + [count[kind] for count in counts])
-        entries = [entry for row in rows for entry in range(firsts[row], firsts[row + 1])]
-        if entries:
-            kept[key] = mint.index_select(talker_kwargs[key], 0, ms.Tensor(entries, ms.int32))
+        first = sum(count[kind] for count in counts[:row])
+        if counts[row][kind]:
+            entries = ms.Tensor(list(range(first, first + counts[row][kind])), ms.int32)
+            kept[key] = mint.index_select(talker_kwargs[key], 0, entries)
     return kept
 
 

@@ -330,31 +330,12 @@ def generate(
         )
 
 
-def generate_held_speech(
-    model,
-    held: list,
-    speaker: str = "Ethan",
-    talker_max_new_tokens: int = 4096,
-    talker_do_sample: bool = True,
-    talker_top_k: int = 50,
-    talker_top_p: float = 1.0,
-    talker_temperature: float = 0.9,
-    talker_repetition_penalty: float = 1.05,
-    **talker_keywords,
-) -> tuple:
-    """The speech of rows whose thinker passes held it (`generate(..., hold_speech=True)`), in one talker batch, with
-    `generate`'s speech settings (and defaults) and any other `talker_*` keyword: one waveform (1, 1, samples) each."""
-    arguments = dict(
-        talker_max_new_tokens=talker_max_new_tokens,
-        talker_do_sample=talker_do_sample,
-        talker_top_k=talker_top_k,
-        talker_top_p=talker_top_p,
-        talker_temperature=talker_temperature,
-        talker_repetition_penalty=talker_repetition_penalty,
-        **talker_keywords,
-    )
-    with code_predictor_sampling(model, talker_do_sample):
-        return batched_speech.speak(model, held, speaker, talker_generate_keywords(model.config, arguments))
+def generate_held_speech(model, held: list, speaker: str, **talker_arguments) -> tuple:
+    """The speech of rows whose thinker passes held it (`generate(..., hold_speech=True)`), in one talker batch:
+    one waveform (1, 1, samples) each. `talker_arguments`: `generate`'s `talker_*` keywords, its named ones all
+    given (as `core.generate_keywords` gives them)."""
+    with code_predictor_sampling(model, talker_arguments["talker_do_sample"]):
+        return batched_speech.speak(model, held, speaker, talker_generate_keywords(model.config, talker_arguments))
 
 
 def talker_generate_keywords(config, arguments: dict) -> dict:
